@@ -1,0 +1,195 @@
+"""The one local training loop: any model family, with or without DP-SGD.
+
+Each iteration runs the family's :meth:`~shared_models.GenerativeModel.steps` in order.
+A private step draws its own Poisson batch (Abadi et al. 2016, with the sampling that the
+accountant's amplification assumes) and is clipped, noised and charged one accountant
+step; a non-private step never sees data. Before a round the site checks its ledger and
+takes only the steps its remaining budget affords (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from privacy.accounting import affordable_steps, calibrate_noise_multiplier
+from privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
+from privacy.ledger import SiteLedger
+from shared_models import Batch, GenerativeModel
+
+from .data import SiteData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local optimisation settings sent by the server each round."""
+
+    local_steps: int  # training iterations per round
+    batch_size: int  # expected batch size (Poisson: q = batch_size / N)
+    lr: float
+    proximal_mu: float = 0.0  # FedProx (Li et al. 2020, eq. 2); 0 = plain local SGD
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Example-level DP settings of the run (keyword-only use everywhere)."""
+
+    enabled: bool
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+    accountant: str = "rdp"
+    grad_sample_mode: str = "auto"  # "auto" = the family's fastest correct mode
+    planned_rounds: int = 1  # rounds the site expects to take part in (for calibration)
+
+
+@dataclass
+class RoundResult:
+    status: str  # "trained" | "budget_exhausted"
+    num_examples: int
+    iterations: int = 0
+    dp_steps: int = 0
+    train_loss: float = float("nan")
+    losses: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+def new_site_ledger(site: str, privacy: PrivacyConfig) -> SiteLedger:
+    return SiteLedger(site=site, accountant=privacy.accountant, delta=privacy.delta,
+                      target_epsilon=privacy.target_epsilon, max_grad_norm=privacy.max_grad_norm)
+
+
+def private_steps_per_iteration(model: GenerativeModel) -> int:
+    return sum(1 for s in model.steps() if s.private)
+
+
+def plan_dp_round(model: GenerativeModel, n: int, *, training: TrainingConfig, privacy: PrivacyConfig,
+                  ledger: SiteLedger) -> int:
+    """Calibrate sigma on the site's first round, then return how many iterations this
+    round's remaining budget affords (0 = the site must refuse)."""
+    per_iteration = private_steps_per_iteration(model)
+    q = min(1.0, training.batch_size / n)
+    if ledger.noise_multiplier is None:
+        planned = privacy.planned_rounds * training.local_steps * per_iteration
+        ledger.noise_multiplier = calibrate_noise_multiplier(
+            target_epsilon=privacy.target_epsilon, delta=privacy.delta, sample_rate=q,
+            steps=planned, accountant=privacy.accountant)
+        ledger.sample_rate = q
+        log.info("site %s: sigma=%.4g calibrated for eps=%g, q=%.4g, %d steps", ledger.site,
+                 ledger.noise_multiplier, privacy.target_epsilon, q, planned)
+    if ledger.sample_rate != q:  # the site's data changed size: account at the new rate
+        ledger.sample_rate = q
+    steps = affordable_steps(
+        ledger.accountant_history(), noise_multiplier=ledger.noise_multiplier, sample_rate=q,
+        wanted=training.local_steps * per_iteration, delta=ledger.delta,
+        target_epsilon=ledger.target_epsilon, accountant=ledger.accountant)
+    return steps // per_iteration
+
+
+def _uniform_batches(n: int, batch_size: int, generator: torch.Generator):
+    """Shuffled minibatches without replacement, epoch after epoch (non-DP training)."""
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            yield perm[start:start + batch_size]
+
+
+def run_local_round(
+    model: GenerativeModel,
+    data: SiteData,
+    *,
+    training: TrainingConfig,
+    privacy: PrivacyConfig,
+    ledger: SiteLedger | None,
+    server_round: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> RoundResult:
+    """Train ``model`` in place on ``data`` for one round; charge ``ledger`` under DP."""
+    n = len(data)
+    device = torch.device(device)
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # model-internal draws (z, t, noise, DP noise) reproducible by seed
+
+    iterations = training.local_steps
+    if privacy.enabled:
+        assert ledger is not None, "DP training needs the site's ledger"
+        getattr(model, "check_dp_compatible", lambda: None)()
+        iterations = plan_dp_round(model, n, training=training, privacy=privacy, ledger=ledger)
+        if iterations == 0:
+            return RoundResult(status="budget_exhausted", num_examples=n, message=(
+                f"site {ledger.site} refuses to train: one more step would exceed its target "
+                f"epsilon {ledger.target_epsilon} (spent {ledger.epsilon:.4g})"))
+
+    steps = model.steps()
+    q = min(1.0, training.batch_size / n)
+    mode = model.grad_sample_mode if privacy.grad_sample_mode == "auto" else privacy.grad_sample_mode
+    optimizers: list[torch.optim.Optimizer | PrivateStepOptimizer] = []
+    private_opts: list[PrivateStepOptimizer] = []
+    for step in steps:
+        opt = torch.optim.Adam(step.module.parameters(), lr=step.lr or training.lr, betas=step.betas)
+        if privacy.enabled and step.private:
+            opt = PrivateStepOptimizer(step.module, opt, settings=DPSettings(
+                noise_multiplier=ledger.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+                expected_batch_size=q * n, grad_sample_mode=mode))
+            private_opts.append(opt)
+        optimizers.append(opt)
+
+    anchor = [p.detach().clone() for p in model.parameters()] if training.proximal_mu > 0 else None
+    batches = _uniform_batches(n, training.batch_size, generator)
+    sums = {s.name: 0.0 for s in steps}
+    counts = {s.name: 0 for s in steps}
+    dp_steps = 0
+    try:
+        for _ in range(iterations):
+            for step, opt in zip(steps, optimizers):
+                model.zero_grad(set_to_none=True)
+                if step.private:
+                    idx = poisson_sample(n, q, generator) if privacy.enabled else next(batches)
+                    batch = Batch(x=data.x[idx].to(device),
+                                  y=None if data.y is None else data.y[idx].to(device), size=len(idx))
+                else:
+                    batch = Batch(x=None, y=None, size=training.batch_size)
+                others = [o for o in private_opts if o is not opt]
+                with paused_hooks(others) if others else nullcontext():
+                    losses = step.loss(batch)
+                    if isinstance(opt, PrivateStepOptimizer):
+                        opt.zero_grad()
+                        opt.backward(losses)
+                        opt.step()
+                        dp_steps += 1
+                    else:
+                        losses.mean().backward()
+                        opt.step()
+                if batch.size:
+                    sums[step.name] += float(losses.detach().sum())
+                    counts[step.name] += batch.size
+                if anchor is not None:
+                    _proximal_update(model, anchor, lr=step.lr or training.lr, mu=training.proximal_mu)
+    finally:
+        for opt in private_opts:
+            opt.close()
+
+    if privacy.enabled:
+        ledger.record_round(round=server_round, steps=dp_steps, noise_multiplier=ledger.noise_multiplier,
+                            sample_rate=q)
+    losses_mean = {k: sums[k] / counts[k] for k in sums if counts[k]}
+    first = steps[0].name
+    return RoundResult(status="trained", num_examples=n, iterations=iterations, dp_steps=dp_steps,
+                       train_loss=losses_mean.get(first, float("nan")), losses=losses_mean)
+
+
+@torch.no_grad()
+def _proximal_update(model: GenerativeModel, anchor: list[Tensor], *, lr: float, mu: float) -> None:
+    """Decoupled FedProx step w <- w - lr * mu * (w - w_global). It uses only the public
+    global weights, so under DP it is post-processing (no extra privacy cost)."""
+    for p, a in zip(model.parameters(), anchor):
+        p.sub_(lr * mu * (p - a))

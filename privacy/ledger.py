@@ -1,0 +1,178 @@
+"""The privacy ledger: what every site spent, round by round (DESIGN.md §5).
+
+A :class:`SiteLedger` lives at the site (``context.state`` in simulation, a file in the
+site's state directory in deployment) and travels to the server with every reply; the
+server's :class:`PrivacyLedger` collects them into ``privacy.json``. Epsilon is never
+stored as a source of truth: it is recomputed from the history by a fresh accountant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .accounting import HistoryEntry, epsilon_of
+
+
+@dataclass
+class RoundSpend:
+    """DP-SGD steps one site took in one round, at the (sigma, q) it used."""
+
+    round: int
+    steps: int
+    noise_multiplier: float
+    sample_rate: float
+    epsilon: float  # the site's cumulative epsilon after this round
+
+
+@dataclass
+class SiteLedger:
+    """One site's spend under example-level DP."""
+
+    site: str
+    accountant: str
+    delta: float
+    target_epsilon: float
+    max_grad_norm: float
+    noise_multiplier: float | None = None  # calibrated before the site's first round
+    sample_rate: float | None = None
+    history: list[RoundSpend] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return sum(h.steps for h in self.history)
+
+    def accountant_history(self) -> list[HistoryEntry]:
+        return [(h.noise_multiplier, h.sample_rate, h.steps) for h in self.history]
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon_of(self.accountant_history(), delta=self.delta, accountant=self.accountant)
+
+    def rounds(self) -> set[int]:
+        return {h.round for h in self.history}
+
+    def record_round(self, *, round: int, steps: int, noise_multiplier: float, sample_rate: float) -> RoundSpend:
+        """Append one round's spend. A round is recorded at most once, so a retried
+        message can never be charged twice or silently dropped."""
+        if round in self.rounds():
+            raise ValueError(f"site {self.site}: round {round} is already in the ledger")
+        entry = RoundSpend(round=round, steps=steps, noise_multiplier=noise_multiplier,
+                           sample_rate=sample_rate, epsilon=0.0)
+        self.history.append(entry)
+        entry.epsilon = self.epsilon
+        return entry
+
+    # -- serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "max_grad_norm": self.max_grad_norm,
+            "steps": self.steps,
+            "epsilon": self.epsilon,
+            "target_epsilon": self.target_epsilon,
+            "history": [asdict(h) for h in self.history],
+            # fields needed to rebuild the ledger (not part of the public contract)
+            "site": self.site,
+            "accountant": self.accountant,
+            "delta": self.delta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SiteLedger":
+        return cls(
+            site=str(d["site"]),
+            accountant=d["accountant"],
+            delta=float(d["delta"]),
+            target_epsilon=float(d["target_epsilon"]),
+            max_grad_norm=float(d["max_grad_norm"]),
+            noise_multiplier=d.get("noise_multiplier"),
+            sample_rate=d.get("sample_rate"),
+            history=[RoundSpend(**h) for h in d.get("history", [])],
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SiteLedger":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class PrivacyLedger:
+    """The run's ledger as written to ``privacy.json``."""
+
+    accountant: str
+    delta: float
+    target_epsilon: float | None
+    unit: str = "example"
+    sites: dict[str, SiteLedger] = field(default_factory=dict)
+    site_level: dict[str, Any] | None = None
+
+    def update_site(self, ledger: SiteLedger) -> None:
+        """Replace a site's entry with the newer copy it sent (histories only grow)."""
+        old = self.sites.get(ledger.site)
+        if old is not None and len(old.history) > len(ledger.history):
+            raise ValueError(f"site {ledger.site} sent a ledger shorter than the one on record")
+        self.sites[ledger.site] = ledger
+
+    @property
+    def epsilon(self) -> float:
+        """Example-level epsilon of the run: sites hold disjoint data, so the max over sites."""
+        return max((s.epsilon for s in self.sites.values()), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        def public(site: SiteLedger) -> dict[str, Any]:
+            d = site.to_dict()
+            for private_key in ("site", "accountant", "delta"):
+                d.pop(private_key)
+            return d
+
+        return {
+            "unit": self.unit,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "epsilon": self.epsilon,
+            "sites": {k: public(v) for k, v in sorted(self.sites.items(), key=lambda kv: _site_key(kv[0]))},
+            "site_level": self.site_level,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PrivacyLedger":
+        ledger = cls(accountant=d["accountant"], delta=float(d["delta"]),
+                     target_epsilon=d.get("target_epsilon"), unit=d.get("unit", "example"),
+                     site_level=d.get("site_level"))
+        for site, sd in d.get("sites", {}).items():
+            ledger.sites[site] = SiteLedger.from_dict(
+                {**sd, "site": site, "accountant": ledger.accountant, "delta": ledger.delta})
+        return ledger
+
+    def write(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+
+def _site_key(site: str) -> tuple[int, Any]:
+    return (0, int(site)) if site.isdigit() else (1, site)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,26 @@
+"""Generative model families behind one protocol (pure PyTorch: no Flower, no Opacus)."""
+
+from .protocol import Batch, GenerativeModel, TrainingStep
+from .registry import (
+    ModelConfigError,
+    UnknownModelError,
+    build_model,
+    list_models,
+    model_options,
+    register_model,
+)
+
+# One import line per family registers it.
+from . import vae  # noqa: F401,E402
+
+__all__ = [
+    "Batch",
+    "GenerativeModel",
+    "ModelConfigError",
+    "TrainingStep",
+    "UnknownModelError",
+    "build_model",
+    "list_models",
+    "model_options",
+    "register_model",
+]

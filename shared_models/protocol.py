@@ -1,0 +1,124 @@
+"""The contract every generative model family implements (DESIGN.md §2).
+
+A family is an ``nn.Module`` that exposes its training iteration as an ordered list of
+:class:`TrainingStep`. The one local training loop (``client/training.py``) runs those
+steps, with or without differential privacy, without knowing which family it trains.
+
+Privacy boundary: a step marked ``private=True`` receives a :class:`Batch` of real site
+examples and must return one loss per example (the DP-SGD clipping unit). A step marked
+``private=False`` receives a batch with ``x is None and y is None``: it literally cannot
+see site data, which is what makes its update post-processing (no noise, no charge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A minibatch handed to a step's loss.
+
+    ``x`` holds examples in data space and range (images in [0, 1], shape ``[B, *data_shape]``),
+    ``y`` integer class labels ``[B]`` for a conditional model. ``size`` is the number of
+    examples the loss must return losses for; for a non-private step it is the expected
+    batch size and ``x``/``y`` are ``None``.
+    """
+
+    x: Tensor | None
+    y: Tensor | None
+    size: int
+
+    @staticmethod
+    def of(x: Tensor, y: Tensor | None = None) -> "Batch":
+        return Batch(x=x, y=y, size=int(x.shape[0]))
+
+
+LossFn = Callable[[Batch], Tensor]
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    """One optimisation step of a training iteration.
+
+    Attributes:
+        name: short identifier, e.g. ``"elbo"``, ``"discriminator"``, ``"generator"``.
+        module: the sub-module whose parameters this step updates (wrapped by Opacus
+            when ``private``); must be ``model`` itself or one of its sub-modules.
+        loss: ``loss(batch) -> Tensor[B]``, per-example losses, mean-reduced by the loop.
+        private: whether the loss touches private examples. Private steps are clipped,
+            noised and charged to the site's privacy ledger.
+        lr: learning rate for this step's optimizer; ``None`` takes the training config's.
+        betas: Adam betas for this step (GANs commonly use ``(0.5, 0.999)``).
+    """
+
+    name: str
+    module: nn.Module
+    loss: LossFn
+    private: bool
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class GenerativeModel(nn.Module):
+    """Base class of all families: holds the data geometry and the conditioning.
+
+    Subclasses implement :meth:`steps` and :meth:`sample`; families with a tractable
+    likelihood also implement :meth:`log_likelihood`.
+    """
+
+    #: Opacus per-sample gradient mode that is fastest *and correct* for this family
+    #: ("ghost", "hooks" or "functorch"); the DP wiring may be told otherwise by config.
+    grad_sample_mode: str = "ghost"
+
+    def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None) -> None:
+        super().__init__()
+        self.data_shape = tuple(int(d) for d in data_shape)
+        self.num_classes = num_classes
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def steps(self) -> list[TrainingStep]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: Tensor | None = None) -> Tensor:  # pragma: no cover
+        """Draw ``n`` samples ``[n, *data_shape]`` in data range; ``labels`` ``[n]`` for
+        a conditional model (balanced over classes when omitted)."""
+        raise NotImplementedError
+
+    def log_likelihood(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Per-example log-likelihood (or a lower bound) in nats. Optional."""
+        raise NotImplementedError(f"{type(self).__name__} has no likelihood")
+
+    # -- helpers shared by the families -------------------------------------------
+    def balanced_labels(self, n: int) -> Tensor | None:
+        """Labels 0, 1, ..., K-1, 0, 1, ... for ``n`` samples, or ``None`` if unconditional."""
+        if self.num_classes is None:
+            return None
+        return torch.arange(n, device=self.device) % self.num_classes
+
+    def check_labels(self, n: int, labels: Tensor | None) -> Tensor | None:
+        """Validate / default the labels passed to :meth:`sample`."""
+        if self.num_classes is None:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional model (built without num_classes)")
+            return None
+        if labels is None:
+            return self.balanced_labels(n)
+        labels = torch.as_tensor(labels, device=self.device).long()
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}]")
+        return labels
