@@ -1,0 +1,53 @@
+"""The fedgen ClientApp (Flower Message API): decode, delegate to ``client.task``, reply."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .site import load_ledger, load_site_data, save_ledger, site_id
+from .task import TaskConfig, evaluate_site, train_site
+
+STATUS = {"trained": 0, "budget_exhausted": 1}
+
+app = ClientApp()
+
+
+def _task(msg: Message) -> TaskConfig:
+    config = msg.content["config"]
+    return TaskConfig.from_json(str(config["fedgen"]), proximal_mu=float(config.get("proximal-mu", 0.0)))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    task = _task(msg)
+    site = site_id(context)
+    run_dir = str(msg.content["config"].get("run-dir", ""))
+    data = load_site_data(context, conditional=task.num_classes is not None, run_dir=run_dir)
+    model, result, ledger = train_site(
+        task, data, msg.content["arrays"].to_torch_state_dict(), site=site,
+        server_round=int(msg.content["config"]["server-round"]), ledger=load_ledger(context, site, run_dir))
+    if ledger is not None:
+        save_ledger(context, ledger, run_dir)  # before the update leaves the site
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "status": STATUS[result.status],
+        "train-loss": result.train_loss if result.status == "trained" else 0.0,
+        "dp-steps": result.dp_steps,
+        "epsilon": ledger.epsilon if ledger is not None else 0.0,
+    })
+    site_rec = ConfigRecord({"id": site, "ledger": ledger.to_json() if ledger else "",
+                             "message": result.message})
+    content = RecordDict({"metrics": metrics, "site": site_rec})
+    if result.status == "trained":
+        content["arrays"] = ArrayRecord(model.state_dict())
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    task = _task(msg)
+    data = load_site_data(context, conditional=task.num_classes is not None,
+                          run_dir=str(msg.content["config"].get("run-dir", "")))
+    metrics = evaluate_site(task, data, msg.content["arrays"].to_torch_state_dict())
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,106 @@
+"""What a site does when the server asks it to train or evaluate (no Flower types in the
+training itself: ``client/app.py`` only translates messages)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared_models import GenerativeModel, build_model
+
+from .data import SiteData
+from .training import PrivacyConfig, RoundResult, TrainingConfig, new_site_ledger, run_local_round
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The server's instructions, decoded from the ``fedgen`` JSON of the train message."""
+
+    model: dict[str, Any]
+    data_shape: tuple[int, ...]
+    num_classes: int | None
+    training: TrainingConfig
+    privacy: PrivacyConfig
+    seed: int
+    device: str
+
+    @classmethod
+    def from_json(cls, text: str, proximal_mu: float = 0.0) -> "TaskConfig":
+        d = json.loads(text)
+        p = d["privacy"]
+        return cls(
+            model=d["model"], data_shape=tuple(d["data_shape"]), num_classes=d["num_classes"],
+            training=TrainingConfig(**d["training"], proximal_mu=proximal_mu),
+            privacy=PrivacyConfig(enabled=p["enabled"], target_epsilon=p["target_epsilon"], delta=p["delta"],
+                                  max_grad_norm=p["max_grad_norm"], accountant=p["accountant"],
+                                  grad_sample_mode=p["grad_sample_mode"], planned_rounds=p["planned_rounds"]),
+            seed=int(d["seed"]), device=d.get("device", "auto"))
+
+    def build_model(self) -> GenerativeModel:
+        options = {k: v for k, v in self.model.items() if k != "family"}
+        return build_model(self.model["family"], data_shape=self.data_shape, num_classes=self.num_classes,
+                           **options)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def round_seed(seed: int, site: str, server_round: int) -> int:
+    """A per (run seed, site, round) seed, stable across processes."""
+    return zlib.crc32(f"{seed}/{site}/{server_round}".encode())
+
+
+def check_data_matches(task: TaskConfig, data: SiteData) -> None:
+    from .errors import DataError
+
+    if tuple(data.shape) != tuple(task.data_shape):
+        raise DataError(f"{data.source}: examples have shape {data.shape}, the federation's model expects "
+                        f"{tuple(task.data_shape)}")
+    if task.num_classes is not None and data.y is not None and data.num_classes > task.num_classes:
+        raise DataError(f"{data.source}: labels reach {data.num_classes - 1}, the model knows "
+                        f"{task.num_classes} classes")
+
+
+def train_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.Tensor], *, site: str,
+               server_round: int, ledger) -> tuple[GenerativeModel, RoundResult, Any]:
+    """One round at one site: load the global weights, train, return the new ledger."""
+    check_data_matches(task, data)
+    if task.privacy.enabled and ledger is None:
+        ledger = new_site_ledger(site, task.privacy)
+    model = task.build_model()
+    model.load_state_dict(state_dict)
+    device = resolve_device(task.device)
+    result = run_local_round(model, data, training=task.training, privacy=task.privacy, ledger=ledger,
+                             server_round=server_round, seed=round_seed(task.seed, site, server_round),
+                             device=device)
+    model.to("cpu")
+    return model, result, ledger
+
+
+@torch.no_grad()
+def evaluate_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Federated evaluation: the global model's mean per-example training loss on this
+    site's data (a scalar computed on private data, outside the DP-SGD guarantee)."""
+    model = task.build_model()
+    model.load_state_dict(state_dict)
+    model.eval()
+    torch.manual_seed(task.seed)
+    step = next(s for s in model.steps() if s.private)
+    from shared_models import Batch
+
+    losses = []
+    for start in range(0, len(data), 512):
+        x = data.x[start:start + 512]
+        y = None if data.y is None else data.y[start:start + 512]
+        losses.append(step.loss(Batch.of(x, y)))
+    return {"eval-loss": float(torch.cat(losses).mean()), "num-examples": len(data)}

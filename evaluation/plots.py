@@ -1,0 +1,61 @@
+"""Figures: sample grids and per-round curves (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def sample_grid(x: torch.Tensor | np.ndarray, nrow: int = 10, pad: int = 1) -> np.ndarray:
+    """Tile images ``[N, C, H, W]`` in [0, 1] into one ``[H', W']`` or ``[H', W', 3]`` array."""
+    x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+    if x.ndim == 2:  # vectors: show as 1-row images
+        x = x[:, None, None, :]
+    n, c, h, w = x.shape
+    ncol = max(1, min(nrow, n))
+    rows = int(np.ceil(n / ncol))
+    grid = np.ones((c, rows * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    grid = np.clip(grid, 0, 1)
+    return grid[0] if c == 1 else np.transpose(grid[:3], (1, 2, 0))
+
+
+def save_sample_grid(x: torch.Tensor | np.ndarray, path: Path, nrow: int = 10) -> Path:
+    """Write a PNG grid of samples (column i of a conditional model's grid = class i)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = sample_grid(x, nrow=nrow)
+    scale = max(1, 240 // max(grid.shape[:2]))
+    grid = np.kron(grid, np.ones((scale, scale))) if grid.ndim == 2 else grid.repeat(scale, 0).repeat(scale, 1)
+    plt.imsave(path, grid, cmap="gray", vmin=0, vmax=1)
+    return path
+
+
+def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str = "") -> Path | None:
+    """One small panel per metric key vs round; skips keys never reported."""
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
+        ax.set_xlabel("round")
+        ax.set_title(key, fontsize=10)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,155 @@
+"""The ``fedgen`` command line. Every command has ``--help``; user errors print one line
+(``fedgen: error: ...``) and exit 2, a failed run exits 1, Ctrl-C exits 130."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from client.errors import DataError
+from privacy.errors import PrivacyError
+from server import rundir
+from shared_models import ModelConfigError, UnknownModelError
+
+from .errors import PartitionError, ScenarioError
+
+console = Console(stderr=True)
+USER_ERRORS = (ScenarioError, DataError, PartitionError, PrivacyError, ModelConfigError, UnknownModelError,
+               FileExistsError, FileNotFoundError)
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    console.print(f"[bold red]fedgen: error:[/] {msg}", highlight=False, soft_wrap=True)
+    return code
+
+
+# -- simulate -----------------------------------------------------------------------------
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .prepare import default_run_dir, write_run_dir
+    from .runner import run_simulation_dir
+    from .scenario import load_scenario, scenario_from_dict
+
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        if not (run_dir / rundir.SCENARIO).exists():
+            raise UserError(f"{run_dir}: not a fedgen run directory (no {rundir.SCENARIO}); give the folder "
+                            "that `fedgen simulate` created")
+        if args.scenario or args.set:
+            raise UserError("--resume continues a run with its own scenario.yaml; drop SCENARIO and --set")
+        scenario = scenario_from_dict(rundir.read_scenario(run_dir), source=str(run_dir / rundir.SCENARIO))
+    else:
+        if not args.scenario:
+            raise UserError("give a SCENARIO.yaml (or --resume RUN_DIR)")
+        scenario = load_scenario(args.scenario, args.set)
+        run_dir = Path(args.out).resolve() if args.out else default_run_dir(scenario, Path("runs"))
+        write_run_dir(scenario, run_dir)
+    console.print(f"run directory: [bold]{run_dir}[/]", highlight=False)
+    summary = run_simulation_dir(run_dir, scenario, console=console, verbose=args.verbose)
+    eps = summary.get("epsilon")
+    eps_txt = f", epsilon {eps:.3f} (delta {summary['delta']:g})" if eps is not None else ", no DP"
+    console.print(f"[green]done[/]: {summary['rounds_completed']} rounds ({summary['stopped_reason']})"
+                  f"{eps_txt}, {summary['wall_seconds']:.0f} s -> {run_dir}", highlight=False)
+    return 0
+
+
+# -- validate -----------------------------------------------------------------------------
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .prepare import check_scenario
+    from .scenario import load_scenario
+
+    scenario = load_scenario(args.scenario, args.set)
+    data, sites, holdout = check_scenario(scenario)
+    sizes = [len(s) for s in sites]
+    print(f"ok: {args.scenario}: {len(data)} examples of shape {data.shape} "
+          f"({'%d classes' % data.num_classes if data.num_classes else 'unlabelled'}), "
+          f"{len(sites)} sites of {min(sizes)}-{max(sizes)} examples, {len(holdout)} held out; "
+          f"model {scenario.model.family}, {scenario.federation.rounds} rounds, "
+          + (f"DP target epsilon {scenario.privacy.target_epsilon} at delta {scenario.privacy.delta:g}"
+             if scenario.privacy.enabled else "no DP"))
+    return 0
+
+
+# -- sample -------------------------------------------------------------------------------
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sampling import sample_run
+
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    out = sample_run(Path(args.run_dir), n=args.n, out=Path(args.out), labels=labels, seed=args.seed)
+    print(f"wrote {args.n} samples to {out}")
+    return 0
+
+
+# -- entry point --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedgen", description=(
+        "Federated, differentially private training and auditing of generative models."))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("simulate", help="run a scenario on Flower's simulation runtime",
+                       description="Run SCENARIO.yaml: many simulated sites on this machine, real Flower.")
+    p.add_argument("scenario", nargs="?", help="scenario YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a scenario value, e.g. --set privacy.target_epsilon=1 (repeatable)")
+    p.add_argument("--out", help="run directory to create (default runs/<name>-<timestamp>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("-v", "--verbose", action="store_true", help="stream Flower's log")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("validate", help="check a scenario and its data; trains nothing",
+                       description="Validate SCENARIO.yaml: schema, data files, partition, model.")
+    p.add_argument("scenario")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("sample", help="draw samples from a run's final model",
+                       description="Sample RUN_DIR's latest global model into FILE.npz (x, y) or FILE.png.")
+    p.add_argument("run_dir")
+    p.add_argument("-n", type=int, default=100, help="number of samples")
+    p.add_argument("--out", required=True, help="output .npz or .png")
+    p.add_argument("--labels", help="comma-separated class labels, cycled (default: balanced)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, handlers=[RichHandler(console=console, show_path=False)],
+                        format="%(message)s")
+    args = build_parser().parse_args(argv)
+    # SIGTERM ends a run like Ctrl-C does: Flower and Ray are stopped, nothing is orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return args.func(args)
+    except (UserError, *USER_ERRORS) as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: Flower processes stopped; resume with --resume RUN_DIR")
+        return 130
+    except Exception as err:  # a failed run (not a user error): one line, details in the run dir
+        from .flower_engine import FlowerRunError
+
+        if isinstance(err, FlowerRunError):
+            return _fail(str(err), code=1)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

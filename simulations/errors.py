@@ -1,0 +1,9 @@
+"""User-facing errors of the harness and CLI: one line naming the key/file, the problem and the fix."""
+
+
+class ScenarioError(ValueError):
+    """A scenario file or override that cannot be used."""
+
+
+class PartitionError(ValueError):
+    """Data that cannot be split as asked (e.g. fewer examples than sites)."""

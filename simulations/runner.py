@@ -1,0 +1,93 @@
+"""Run a prepared run directory on Flower, with a live per-round display."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from privacy.ledger import atomic_write_text
+from server import rundir
+
+from .flower_engine import FlowerRunError, FlowerSimulation
+from .scenario import Scenario
+
+
+def _describe(row: dict[str, Any]) -> str:
+    parts = [f"round {row['round']}", f"ok {row['clients_ok']}/{row['clients_sampled']}"]
+    if row.get("train_loss") is not None:
+        parts.append(f"loss {row['train_loss']:.3g}")
+    if row.get("epsilon") is not None:
+        parts.append(f"ε {row['epsilon']:.3f}")
+    for key in ("fid_domain", "heldout_nll_bits_per_dim"):
+        if row.get(key) is not None:
+            parts.append(f"{key} {row[key]:.3g}")
+    return ", ".join(parts)
+
+
+class _MetricsWatcher(threading.Thread):
+    """Tails metrics.jsonl (written by the ServerApp) into a rich progress bar."""
+
+    def __init__(self, run_dir: Path, progress: Progress, task: int) -> None:
+        super().__init__(daemon=True)
+        self.path = run_dir / rundir.METRICS
+        self.progress, self.task = progress, task
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        seen = 0
+        while not self.stop.wait(0.5):
+            rows = rundir.read_metrics(self.path.parent)
+            if len(rows) != seen:
+                seen = len(rows)
+                self.progress.update(self.task, completed=rows[-1]["round"], description=_describe(rows[-1]))
+
+
+def _mark_stopped(run_dir: Path, reason: str) -> None:
+    """Leave a consistent run directory when a run did not finish (summary says why)."""
+    if (run_dir / rundir.SUMMARY).exists():
+        return
+    rows = rundir.read_metrics(run_dir)
+    summary = {"rounds_completed": rows[-1]["round"] if rows else 0, "stopped_reason": reason,
+               "resumable": (run_dir / rundir.CHECKPOINTS / "latest.pt").exists()}
+    atomic_write_text(run_dir / rundir.SUMMARY, json.dumps(summary, indent=2))
+
+
+def run_simulation_dir(run_dir: Path, scenario: Scenario, *, console: Console, verbose: bool = False) -> dict:
+    (run_dir / rundir.SUMMARY).unlink(missing_ok=True)  # a resumed run writes a new one
+    sim_cfg = scenario.simulation
+    sim = FlowerSimulation(num_supernodes=scenario.federation.num_sites, client_cpus=sim_cfg.client_cpus,
+                           client_gpus=sim_cfg.client_gpus)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False)
+    on_line = (lambda line: console.print(line.rstrip(), markup=False, highlight=False)) if verbose else None
+    try:
+        with progress:
+            task = progress.add_task("starting Flower (SuperLink, Ray actors)", total=scenario.federation.rounds)
+            watcher = _MetricsWatcher(run_dir, progress, task)
+            watcher.start()
+            try:
+                sim.start()
+                sim.run({"run-dir": str(run_dir)}, on_line=on_line)
+            finally:
+                watcher.stop.set()
+                watcher.join()
+    except KeyboardInterrupt:
+        sim.shutdown()
+        _mark_stopped(run_dir, "interrupted")
+        raise
+    except FlowerRunError:
+        sim.shutdown()
+        _mark_stopped(run_dir, "failed")
+        raise
+    sim.shutdown()
+    summary_path = run_dir / rundir.SUMMARY
+    if not summary_path.exists():
+        _mark_stopped(run_dir, "failed")
+        raise FlowerRunError(f"the ServerApp finished without writing {summary_path}")
+    return json.loads(summary_path.read_text())

@@ -1,0 +1,55 @@
+"""``fedgen sample``: draw from a run's latest global model into .npz or .png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluation.plots import save_sample_grid
+from server import rundir
+from server.run import build_global_model
+
+from .errors import ScenarioError
+
+
+def load_run_model(run_dir: Path):
+    run_dir = Path(run_dir)
+    ckpt = run_dir / rundir.CHECKPOINTS / "latest.pt"
+    if not (run_dir / rundir.SCENARIO).exists():
+        raise ScenarioError(f"{run_dir}: not a fedgen run directory (no {rundir.SCENARIO})")
+    if not ckpt.exists():
+        raise ScenarioError(f"{run_dir}: no checkpoint yet (the run finished no round)")
+    model = build_global_model(rundir.read_scenario(run_dir), rundir.DataSpec.read(run_dir))
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+        model.load_state_dict(state)
+    except Exception as err:
+        raise ScenarioError(f"{ckpt}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+    return model.eval()
+
+
+def sample_run(run_dir: Path, *, n: int, out: Path, labels: list[int] | None = None, seed: int = 0) -> Path:
+    if n < 1:
+        raise ScenarioError(f"-n must be >= 1, got {n}")
+    if out.suffix not in (".npz", ".png"):
+        raise ScenarioError(f"{out}: output must end in .npz or .png")
+    model = load_run_model(run_dir)
+    torch.manual_seed(seed)
+    y = None
+    if model.conditional:
+        y = (torch.tensor(labels)[torch.arange(n) % len(labels)] if labels else model.balanced_labels(n))
+        if labels and (min(labels) < 0 or max(labels) >= model.num_classes):
+            raise ScenarioError(f"--labels must lie in 0..{model.num_classes - 1}")
+    elif labels:
+        raise ScenarioError("--labels given, but this run's model is unconditional")
+    with torch.no_grad():
+        x = model.sample(n, y)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
+        arrays = {"x": x.numpy()} | ({"y": y.numpy()} if y is not None else {})
+        np.savez(out, **arrays)
+    else:
+        save_sample_grid(x, out, nrow=model.num_classes or 10)
+    return out
