@@ -1,4 +1,10 @@
-"""Server-side evaluation of the global model against the reference (held-out) split."""
+"""Server-side evaluation of the global model against the reference (held-out) split.
+
+In simulation the reference is the held-out split no site trains on; in deployment it is
+a public reference set the operator provides. The domain feature extractor is fitted on
+it once per run (and cached on disk by data hash), then every evaluation round samples
+the model and scores the samples with :func:`evaluation.evaluate_samples`.
+"""
 
 from __future__ import annotations
 
@@ -9,36 +15,47 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation import DomainFeatureExtractor, evaluate_samples
+from evaluation.plots import save_sample_grid
 from shared_models import GenerativeModel
 
 
-@torch.no_grad()
-def evaluate_global(model: GenerativeModel, reference: tuple[np.ndarray, np.ndarray | None] | None, *,
-                    num_samples: int, seed: int, grid_path: Path) -> dict[str, Any]:
-    """Sample the model, save a sample grid, and score it against ``reference``."""
-    from evaluation.plots import save_sample_grid
+class GlobalEvaluator:
+    def __init__(self, reference: tuple[np.ndarray, np.ndarray | None] | None, *, seed: int) -> None:
+        self.seed = seed
+        self.ref_x = self.ref_y = None
+        self._extractor: DomainFeatureExtractor | None = None
+        if reference is not None:
+            self.ref_x = torch.from_numpy(reference[0]).float()
+            self.ref_y = None if reference[1] is None else torch.from_numpy(reference[1]).long()
 
-    model.eval()
-    torch.manual_seed(seed)
-    samples = model.sample(num_samples).cpu()
-    labels = model.balanced_labels(num_samples)
-    save_sample_grid(samples[: min(100, num_samples)], grid_path,
-                     nrow=model.num_classes or 10)
-    out: dict[str, Any] = {}
-    if reference is not None:
-        ref_x = torch.from_numpy(reference[0]).float()
-        ref_y = None if reference[1] is None or not model.conditional else torch.from_numpy(reference[1]).long()
-        try:
-            ll = model.log_likelihood(ref_x[:1000], None if ref_y is None else ref_y[:1000])
-            dims = math.prod(model.data_shape)
-            out["heldout_nll_bits_per_dim"] = float(-ll.mean() / (dims * math.log(2)))
-        except NotImplementedError:
-            pass
-        try:
-            from evaluation.suite import evaluate_samples
-        except ImportError:  # evaluation metrics not installed in this build
-            evaluate_samples = None
-        if evaluate_samples is not None:
-            out.update(evaluate_samples(samples, None if labels is None else labels.cpu(), ref_x, ref_y))
-    model.train()
-    return out
+    @property
+    def extractor(self) -> DomainFeatureExtractor:
+        if self._extractor is None:
+            self._extractor = DomainFeatureExtractor.fit(self.ref_x, self.ref_y, seed=self.seed)
+        return self._extractor
+
+    @torch.no_grad()
+    def __call__(self, model: GenerativeModel, *, num_samples: int, round_seed: int, grid_path: Path,
+                 tstr: bool = False) -> dict[str, Any]:
+        """Sample the model, save a sample grid, and score the samples."""
+        model.eval()
+        torch.manual_seed(round_seed)
+        labels = model.balanced_labels(num_samples)
+        samples = model.sample(num_samples, labels).cpu()
+        per_row = model.num_classes or 10
+        save_sample_grid(samples[: per_row * 10], grid_path, nrow=per_row)
+        out: dict[str, Any] = {}
+        if self.ref_x is not None:
+            cond_y = self.ref_y if model.conditional else None
+            try:
+                n = min(1000, len(self.ref_x))
+                ll = model.log_likelihood(self.ref_x[:n], None if cond_y is None else cond_y[:n])
+                out["heldout_nll_bits_per_dim"] = float(-ll.mean() / (math.prod(model.data_shape) * math.log(2)))
+            except NotImplementedError:
+                pass
+            out.update(evaluate_samples(samples, None if labels is None else labels.cpu(), self.ref_x,
+                                        self.ref_y, extractor=self.extractor, tstr=tstr and labels is not None,
+                                        seed=self.seed))
+        model.train()
+        return out

@@ -24,7 +24,7 @@ from privacy.ledger import PrivacyLedger, atomic_write_text
 from shared_models import GenerativeModel, build_model
 
 from . import rundir
-from .evaluate import evaluate_global
+from .evaluate import GlobalEvaluator
 from .strategies import build_strategy
 from .updates import sort_replies, weighted_mean
 
@@ -72,7 +72,7 @@ class FederatedRun:
         self.privacy_cfg = self.scenario["privacy"]
         self.model = build_global_model(self.scenario, self.spec)
         self.strategy = build_strategy(self.fed["strategy"], self.fed)
-        self.reference = rundir.read_reference(self.run_dir)
+        self.evaluator = GlobalEvaluator(rundir.read_reference(self.run_dir), seed=self.scenario["seed"])
         self.ledger = PrivacyLedger(accountant=self.privacy_cfg["accountant"], delta=self.privacy_cfg["delta"],
                                     target_epsilon=self.privacy_cfg["target_epsilon"]
                                     if self.privacy_cfg["enabled"] else None)
@@ -180,9 +180,10 @@ class FederatedRun:
         return self._finish(rounds_completed, stopped_reason, time.time() - t_start)
 
     def _evaluate(self, rnd: int) -> dict[str, Any]:
-        return evaluate_global(self.model, self.reference, num_samples=self.scenario["evaluation"]["num_samples"],
-                               seed=self.scenario["seed"] + rnd,
-                               grid_path=self.run_dir / rundir.SAMPLES / f"round-{rnd:04d}.png")
+        cfg = self.scenario["evaluation"]
+        return self.evaluator(self.model, num_samples=cfg["num_samples"], round_seed=self.scenario["seed"] + rnd,
+                              grid_path=self.run_dir / rundir.SAMPLES / f"round-{rnd:04d}.png",
+                              tstr=cfg["tstr"] and rnd == self.fed["rounds"])
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.run_dir / rundir.METRICS, "a") as fh:

@@ -94,6 +94,7 @@ class PrivacySection(_Section):
 class EvaluationConfig(_Section):
     every: int = Field(1, ge=0, description="evaluate every N rounds (0 = only at the end)")
     num_samples: int = Field(500, ge=1)
+    tstr: bool = Field(False, description="train-synthetic-test-real accuracy after the last round")
 
 
 class SimulationConfig(_Section):

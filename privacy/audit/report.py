@@ -1,0 +1,249 @@
+"""Turn an audit dict (``audit.json``) into verdicts in words and a self-contained HTML page.
+
+Everything here reads the JSON-ready dict that :func:`privacy.audit.run_audit` returns, so a
+report can be re-rendered from ``audit.json`` alone. Figures are drawn with matplotlib's
+object API (no pyplot state, no backend switch) and embedded as base64 PNGs.
+The only extra inputs are the synthetic and training arrays for the grid of closest
+pairs: the JSON holds their indices, never training records.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any, Iterable
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .results import jsonable
+
+OK, WARNING, VIOLATION, INFO = "ok", "warning", "violation", "info"
+
+
+def to_json(audit: dict) -> str:
+    """``audit`` as the text of ``audit.json`` (strict JSON: no NaN)."""
+    return json.dumps(jsonable(audit), indent=1, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------- verdicts
+
+def _p(p: float) -> str:
+    if p == 0:
+        return "< 1e-300"
+    return f"= {p:.2g}" if p >= 1e-3 else f"= {p:.1e}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _samples(n: int) -> str:
+    return f"{n} synthetic sample lies" if n == 1 else f"{n} synthetic samples lie"
+
+
+def memorization_verdicts(space: str, mem: dict, *, significance: float) -> list[dict]:
+    """Verdicts on the DCR share test and the near-copy count of one space."""
+    dcr, copies = mem["dcr"], mem["near_copies"]
+    share, p = dcr["share_closer_to_train"]["value"], dcr["p_value"]["value"]
+    if p < significance:
+        dcr_verdict = (WARNING, f"Evidence of memorisation ({space} space): {_pct(share)} of samples "
+                                f"are closer to training than to held-out data (p {_p(p)}; "
+                                f"50 % expected without memorisation).")
+    else:
+        dcr_verdict = (OK, f"No evidence of memorisation ({space} space): {_pct(share)} of samples "
+                           f"are closer to training than to held-out data (p {_p(p)}).")
+    n, expected = copies["n_flagged"]["value"], copies["expected_by_chance"]["value"]
+    tau, rule = copies["threshold"]["value"], copies["threshold"]["rule"]
+    where = f"within distance {tau:.3g} of a training record ({rule})"
+    if n == 0:
+        copy_verdict = (OK, f"No near-copies ({space} space): no synthetic sample lies {where}.")
+    elif copies["p_value"]["value"] < significance:
+        copy_verdict = (WARNING, f"Near-copies of training records ({space} space): {_samples(n)} "
+                                 f"{where}; {expected:.2g} expected by chance "
+                                 f"(p {_p(copies['p_value']['value'])}). Inspect the pairs.")
+    else:
+        copy_verdict = (OK, f"Near-copies ({space} space): {_samples(n)} {where}, "
+                            f"no more than the {expected:.2g} expected by chance.")
+    return [{"level": level, "topic": f"memorization/{space}", "text": text}
+            for level, text in (dcr_verdict, copy_verdict)]
+
+
+def membership_verdict(title: str, metrics: dict) -> dict:
+    """Verdict on one membership inference attack: above chance iff the AUC's CI lies above
+    0.5 or a TPR's CI lies above its FPR (only FPRs the non-member count can resolve)."""
+    auc = metrics["auc"]
+    lo, hi = auc["ci"]
+    first = metrics["tpr_at_fpr"][0]
+    resolved = [t for t in metrics["tpr_at_fpr"] if t["fpr"] >= metrics["fpr_resolution"]]
+    above = lo > 0.5 or any(t["ci"][0] > t["fpr"] for t in resolved)
+    text = (f"Membership inference, {title}: AUC {auc['value']:.3f} "
+            f"({auc['ci_level']:.0%} CI {lo:.3f}-{hi:.3f}; 0.5 is chance), "
+            f"TPR {_pct(first['value'])} at {_pct(first['fpr'])} FPR — "
+            + ("better than chance: the attack tells training records from new ones."
+               if above else "no better than chance."))
+    return {"level": WARNING if above else OK, "topic": f"membership/{title}", "text": text}
+
+
+def canary_verdict(canaries: dict, claimed_epsilon: float | None) -> dict:
+    """Verdict on the empirical eps lower bound; a violation iff it exceeds the claim."""
+    bound = canaries["epsilon_lower_bound"]
+    what = (f"empirical ε lower bound {bound['value']:.3g} ({100 * bound['confidence']:g} % confidence, "
+            f"δ = {bound['delta']:.2g}; {canaries['n_correct']['value']} of "
+            f"{canaries['n_guesses']} canary guesses correct, m = {canaries['m']})")
+    if claimed_epsilon is None:
+        return {"level": INFO, "topic": "canaries",
+                "text": f"The {what}; no claimed ε was given to compare it with."}
+    if bound["value"] > claimed_epsilon:
+        return {"level": VIOLATION, "topic": "canaries",
+                "text": f"The privacy accounting or implementation is broken: the {what} exceeds "
+                        f"the claimed ε = {claimed_epsilon:.3g}. Do not release data from this run."}
+    return {"level": OK, "topic": "canaries",
+            "text": f"The {what} does not exceed the claimed ε = {claimed_epsilon:.3g}: consistent "
+                    "with the privacy accounting (an audit can refute a claim, never prove it)."}
+
+
+# ---------------------------------------------------------------------------------- figures
+
+def _png(fig: Figure) -> str:
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def roc_figure(curves: dict[str, dict]) -> str:
+    """ROC curves (linear and log-log, where low FPR shows) of several attacks; base64 PNG."""
+    fig = Figure(figsize=(10, 4.2))
+    linear, loglog = fig.subplots(1, 2)
+    for key, metrics in curves.items():
+        title = metrics.get("attack", key)
+        fpr, tpr = np.asarray(metrics["roc"]["fpr"]), np.asarray(metrics["roc"]["tpr"])
+        label = f"{title} (AUC {metrics['auc']['value']:.3f})"
+        linear.plot(fpr, tpr, label=label)
+        loglog.loglog(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=label)
+    for ax, low in ((linear, 0.0), (loglog, 1e-4)):
+        ax.plot([max(low, 1e-5), 1], [max(low, 1e-5), 1], "k:", label="chance")
+        ax.set_xlim(low or 0, 1)
+        ax.set_ylim(low or 0, 1)
+        ax.set_xlabel("false positive rate (non-members flagged)")
+        ax.set_ylabel("true positive rate (members flagged)")
+    fig.legend(*linear.get_legend_handles_labels(), fontsize=7, loc="upper center",
+               bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False)
+    linear.set_title("ROC")
+    loglog.set_title("ROC, log-log (low-FPR regime)")
+    return _png(fig)
+
+
+def dcr_figure(mem: dict) -> str:
+    """Histograms of synthetic samples' distances to training vs held-out data; base64 PNG."""
+    dcr = mem["dcr"]
+    d_train = np.asarray(dcr["distance_to_train"]["value"], dtype=float)
+    d_holdout = np.asarray(dcr["distance_to_holdout"]["value"], dtype=float)
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    bins = np.histogram_bin_edges(np.r_[d_train, d_holdout], bins=50)
+    ax.hist(d_train, bins=bins, alpha=0.55, label="to nearest training record")
+    ax.hist(d_holdout, bins=bins, alpha=0.55, label="to nearest held-out record")
+    ax.axvline(mem["near_copies"]["threshold"]["value"], color="crimson", ls="--",
+               label="near-copy threshold")
+    ax.set_xlabel("distance of a synthetic sample to the nearest record (Euclidean)")
+    ax.set_ylabel("synthetic samples")
+    ax.set_title("Distance to closest record (size-matched sets)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def pairs_figure(pairs: dict, synthetic: np.ndarray, train: np.ndarray,
+                 image_shape: Iterable[int]) -> str:
+    """Closest (synthetic, training) pairs as an image grid: synthetic above, training
+    below, distance as the title; base64 PNG."""
+    shape = tuple(image_shape)
+    s_idx, t_idx, dist = pairs["synthetic_index"], pairs["train_index"], pairs["distance"]["value"]
+    fig = Figure(figsize=(1.1 * max(len(s_idx), 1), 2.6))
+    axes = np.atleast_2d(fig.subplots(2, max(len(s_idx), 1), squeeze=False))
+
+    shown = np.asarray([*synthetic[list(s_idx)], *train[list(t_idx)]], dtype=float)
+    low, span = shown.min(), float(np.ptp(shown)) or 1.0  # one grey scale for all images
+
+    def show(ax: Any, record: np.ndarray) -> None:
+        img = (np.asarray(record, dtype=float).reshape(shape) - low) / span
+        if img.ndim == 3:  # channels first -> last; one channel -> grey
+            img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
+        ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for col, (s, t, d) in enumerate(zip(s_idx, t_idx, dist)):
+        show(axes[0, col], synthetic[s])
+        show(axes[1, col], train[t])
+        axes[0, col].set_title(f"{d:.3g}", fontsize=7)
+    axes[0, 0].set_ylabel("synthetic", fontsize=7)
+    axes[1, 0].set_ylabel("training", fontsize=7)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------- HTML
+
+_CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+li.ok{color:#1a7f37} li.warning{color:#b35900} li.info{color:#333}
+li.violation,p.violation{color:#d00000;font-weight:bold}
+table{border-collapse:collapse;font-size:0.85em} td,th{border:1px solid #ccc;padding:2px 6px}
+.note{color:#666;font-size:0.85em}"""
+
+
+def _img(png: str, alt: str) -> str:
+    return f'<img src="data:image/png;base64,{png}" alt="{html.escape(alt)}">'
+
+
+def _metric_rows(metrics: dict) -> str:
+    title = metrics.get("attack", "")
+    auc = metrics["auc"]
+    rows = [(auc["name"], auc["value"], auc["ci"], auc["direction"], auc["units"])]
+    rows += [(t["name"], t["value"], t["ci"], t["direction"], t["units"]) for t in metrics["tpr_at_fpr"]]
+    return "".join(f"<tr><td>{html.escape(title)}</td><td>{n}</td><td>{v:.4g}</td>"
+                   f"<td>{c[0]:.4g} – {c[1]:.4g}</td><td>{d}</td><td>{u}</td></tr>"
+                   for n, v, c, d, u in rows)
+
+
+def render_html(audit: dict, *, synthetic: np.ndarray | None = None,
+                train: np.ndarray | None = None) -> str:
+    """The readable report (``audit.html``) of an audit dict. Pass the ``synthetic`` and
+    ``train`` arrays the audit ran on to include the grid of closest pairs (image data
+    only); the page then shows training records and must stay where they may be seen."""
+    audit = jsonable(audit)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fedgen privacy audit"
+             f"</title><style>{_CSS}</style></head><body><h1>Privacy audit of generated data</h1>"]
+    if audit.get("accounting_violation"):
+        parts.append("<p class='violation'>The privacy accounting or implementation is broken: "
+                     "an empirical ε lower bound exceeds the claimed ε.</p>")
+    parts.append("<h2>Verdicts</h2><ul>" + "".join(
+        f"<li class='{v['level']}'>{html.escape(v['text'])}</li>" for v in audit["verdicts"])
+        + "</ul><p class='note'>Each line is evidence, not a guarantee: an audit can show "
+          "leakage, never prove its absence.</p>")
+    image_shape = audit["settings"].get("image_shape")
+    for space, results in audit["spaces"].items():
+        parts.append(f"<h2>{html.escape(space)} space</h2>")
+        mem = results["memorization"]
+        parts.append(_img(dcr_figure(mem), f"DCR histogram, {space}"))
+        curves = dict(results["membership"])
+        if space == "data":
+            curves.update(audit.get("white_box") or {})
+        parts.append("<h3>Membership inference</h3>" + _img(roc_figure(curves), f"ROC, {space}"))
+        parts.append("<table><tr><th>attack</th><th>result</th><th>value</th><th>95 % CI</th>"
+                     "<th>direction</th><th>units</th></tr>"
+                     + "".join(_metric_rows(m) for m in curves.values()) + "</table>")
+        if space == "data" and image_shape and synthetic is not None and train is not None:
+            parts.append("<h3>Closest (synthetic, training) pairs</h3><p class='note'>Top: "
+                         "synthetic sample; bottom: its nearest training record; title: distance. "
+                         "This figure shows training records: keep this report at the site.</p>"
+                         + _img(pairs_figure(mem["closest_pairs"], np.asarray(synthetic),
+                                             np.asarray(train), image_shape), "closest pairs"))
+    parts.append("<h2>Inputs (sha256) and settings</h2><table>" + "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>"
+        for k, v in {**audit["inputs"], **audit["settings"]}.items()) + "</table>")
+    parts.append("<p class='note'>Every number is in audit.json.</p></body></html>")
+    return "".join(parts)
