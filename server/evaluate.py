@@ -35,14 +35,14 @@ class GlobalEvaluator:
             self._extractor = DomainFeatureExtractor.fit(self.ref_x, self.ref_y, seed=self.seed)
         return self._extractor
 
-    @torch.no_grad()
     def __call__(self, model: GenerativeModel, *, num_samples: int, round_seed: int, grid_path: Path,
                  tstr: bool = False) -> dict[str, Any]:
         """Sample the model, save a sample grid, and score the samples."""
         model.eval()
         torch.manual_seed(round_seed)
         labels = model.balanced_labels(num_samples)
-        samples = model.sample(num_samples, labels).cpu()
+        with torch.no_grad():
+            samples = model.sample(num_samples, labels).cpu()
         per_row = model.num_classes or 10
         save_sample_grid(samples[: per_row * 10], grid_path, nrow=per_row)
         out: dict[str, Any] = {}
@@ -50,7 +50,8 @@ class GlobalEvaluator:
             cond_y = self.ref_y if model.conditional else None
             try:
                 n = min(1000, len(self.ref_x))
-                ll = model.log_likelihood(self.ref_x[:n], None if cond_y is None else cond_y[:n])
+                with torch.no_grad():
+                    ll = model.log_likelihood(self.ref_x[:n], None if cond_y is None else cond_y[:n])
                 out["heldout_nll_bits_per_dim"] = float(-ll.mean() / (math.prod(model.data_shape) * math.log(2)))
             except NotImplementedError:
                 pass

@@ -26,7 +26,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-TAG_VAR = "FEDGEN_PROCESS_TAG"
+TAG_VAR = "FEDGEN_PROCESS_TAG"  # set on every process we start
+TAG_CHOICE_VAR = "FEDGEN_RUN_TAG"  # optional: lets a caller (e.g. a test) choose the tag
 APP_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -89,13 +90,13 @@ class FlowerSimulation:
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     app_dir: Path = APP_ROOT
-    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    tag: str = field(default_factory=lambda: os.environ.get(TAG_CHOICE_VAR) or uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="fedgen-"))
         self.port = free_port()
         self.env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != TAG_CHOICE_VAR},
             TAG_VAR: self.tag,
             "FLWR_HOME": str(self.tmp / "flwr"),  # outside the app dir (else it is bundled)
             "RAY_TMPDIR": str(self.tmp / "ray"),

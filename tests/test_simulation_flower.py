@@ -1,0 +1,138 @@
+"""End to end on Flower's real simulation runtime (SuperLink + Ray), via the CLI.
+
+Few, longer runs (each Flower start costs ~20 s here): one quickstart run shared by most
+assertions, one run at a tight budget, one interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from privacy.accounting import make_accountant
+from simulations.flower_engine import TAG_CHOICE_VAR, tagged_pids
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+TAG = f"pytest-{os.getpid()}"  # every Flower process our runs start carries it
+
+
+def _env():
+    return {**os.environ, TAG_CHOICE_VAR: TAG}
+
+
+def fedgen(*args, cwd, timeout=900):
+    return subprocess.run([sys.executable, "-m", "simulations.cli", *map(str, args)], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def fedgen_processes() -> list[int]:
+    """Live processes (SuperLink, SuperExec, flwr-simulation, Ray) started by our runs."""
+    return tagged_pids(TAG)
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("quickstart")
+    out = cwd / "run"
+    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_quickstart_writes_the_run_directory(quickstart_run):
+    for name in ("scenario.yaml", "metrics.jsonl", "privacy.json", "summary.json", "report.html",
+                 "checkpoints/latest.pt"):
+        assert (quickstart_run / name).exists(), name
+    summary = json.loads((quickstart_run / "summary.json").read_text())
+    assert summary["rounds_completed"] >= 3 and summary["stopped_reason"] == "completed"
+    assert 0 < summary["epsilon"] <= 10.0 and summary["delta"] == 1e-5
+    assert len(list((quickstart_run / "samples").glob("round-*.png"))) == summary["rounds_completed"]
+    html = (quickstart_run / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') >= 2
+
+
+def test_metrics_epsilon_strictly_increases(quickstart_run):
+    rows = [json.loads(l) for l in (quickstart_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(1, len(rows) + 1))
+    eps = [r["epsilon"] for r in rows]
+    assert all(b > a for a, b in zip(eps, eps[1:])), eps
+    assert all(r["clients_ok"] == 5 and r["clients_failed"] == 0 for r in rows)
+    assert all(np.isfinite(r["fid_domain"]) for r in rows)
+
+
+def test_privacy_ledger_recomputes_with_a_fresh_accountant(quickstart_run):
+    ledger = json.loads((quickstart_run / "privacy.json").read_text())
+    assert ledger["unit"] == "example" and ledger["accountant"] == "rdp" and ledger["site_level"] is None
+    assert set(ledger["sites"]) == {"0", "1", "2", "3", "4"}
+    for site in ledger["sites"].values():
+        history = site["history"]
+        assert [h["round"] for h in history] == list(range(1, len(history) + 1))
+        assert site["steps"] == sum(h["steps"] for h in history)
+        acc = make_accountant(ledger["accountant"])
+        acc.history = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in history]
+        assert site["epsilon"] == pytest.approx(acc.get_epsilon(delta=ledger["delta"]), rel=0.01)
+        assert site["epsilon"] <= ledger["target_epsilon"]
+    assert ledger["epsilon"] == pytest.approx(max(s["epsilon"] for s in ledger["sites"].values()))
+
+
+def test_sample_command_writes_data_in_range(quickstart_run, tmp_path):
+    res = fedgen("sample", quickstart_run, "-n", "30", "--out", tmp_path / "s.npz", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["x"].shape == (30, 1, 8, 8) and z["x"].min() >= 0 and z["x"].max() <= 1
+        assert np.bincount(z["y"]).tolist() == [3] * 10
+    res = fedgen("sample", quickstart_run, "-n", "20", "--labels", "7", "--out", tmp_path / "s.png", cwd=tmp_path)
+    assert res.returncode == 0 and (tmp_path / "s.png").stat().st_size > 100
+
+
+def test_no_flower_or_ray_process_survives(quickstart_run):
+    assert fedgen_processes() == []
+
+
+def test_tight_budget_is_never_overspent(tmp_path):
+    out = tmp_path / "run"
+    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, "--set", "privacy.target_epsilon=0.5",
+                 "--set", "federation.rounds=50", "--set", "evaluation.every=25", "--set", "evaluation.num_samples=100",
+                 cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["epsilon"] <= 0.5
+    eps = [json.loads(l)["epsilon"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(eps) <= 0.5
+    assert fedgen_processes() == []
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate",
+                             str(REPO / "scenarios" / "quickstart.yaml"), "--out", str(out),
+                             "--set", "federation.rounds=40"], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.5)
+        assert (out / "metrics.jsonl").exists(), "the run never finished a round"
+        assert fedgen_processes(), "expected Flower processes while the run is live"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert fedgen_processes() == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_reason"] == "interrupted" and summary["resumable"] is True
