@@ -111,6 +111,7 @@ def run_local_round(
     server_round: int,
     seed: int,
     device: torch.device | str = "cpu",
+    run: str | None = None,
 ) -> RoundResult:
     """Train ``model`` in place on ``data`` for one round; charge ``ledger`` under DP."""
     n = len(data)
@@ -132,16 +133,21 @@ def run_local_round(
     steps = model.steps()
     q = min(1.0, training.batch_size / n)
     mode = model.grad_sample_mode if privacy.grad_sample_mode == "auto" else privacy.grad_sample_mode
-    optimizers: list[torch.optim.Optimizer | PrivateStepOptimizer] = []
+    # One optimizer per distinct step: a family may list the same step several times
+    # (e.g. a GAN's discriminator step d_steps_per_g_step times per generator step).
+    by_step: dict[int, torch.optim.Optimizer | PrivateStepOptimizer] = {}
     private_opts: list[PrivateStepOptimizer] = []
     for step in steps:
+        if id(step) in by_step:
+            continue
         opt = torch.optim.Adam(step.module.parameters(), lr=step.lr or training.lr, betas=step.betas)
         if privacy.enabled and step.private:
             opt = PrivateStepOptimizer(step.module, opt, settings=DPSettings(
                 noise_multiplier=ledger.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
                 expected_batch_size=q * n, grad_sample_mode=mode))
             private_opts.append(opt)
-        optimizers.append(opt)
+        by_step[id(step)] = opt
+    optimizers = [by_step[id(step)] for step in steps]
 
     anchor = [p.detach().clone() for p in model.parameters()] if training.proximal_mu > 0 else None
     batches = _uniform_batches(n, training.batch_size, generator)
@@ -160,7 +166,8 @@ def run_local_round(
                     batch = Batch(x=None, y=None, size=training.batch_size)
                 others = [o for o in private_opts if o is not opt]
                 with paused_hooks(others) if others else nullcontext():
-                    losses = step.loss(batch)
+                    # an empty Poisson batch is a noise-only DP step: no forward pass
+                    losses = step.loss(batch) if batch.size else torch.zeros(0, device=device)
                     if isinstance(opt, PrivateStepOptimizer):
                         opt.zero_grad()
                         opt.backward(losses)
@@ -180,7 +187,7 @@ def run_local_round(
 
     if privacy.enabled:
         ledger.record_round(round=server_round, steps=dp_steps, noise_multiplier=ledger.noise_multiplier,
-                            sample_rate=q)
+                            sample_rate=q, run=run)
     losses_mean = {k: sums[k] / counts[k] for k in sums if counts[k]}
     first = steps[0].name
     return RoundResult(status="trained", num_examples=n, iterations=iterations, dp_steps=dp_steps,

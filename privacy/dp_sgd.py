@@ -108,6 +108,11 @@ class PrivateStepOptimizer:
             losses.mean().backward()
 
     def _empty_batch(self) -> None:
+        # A forward pass over the empty batch (if the caller ran one) left activations in
+        # Opacus' hooks that no backward will consume: drop them, or the next step breaks.
+        for module in self.gsm.modules():
+            if hasattr(module, "activations"):
+                module.activations = []
         for p in self.params:
             if self.mode == "ghost":
                 p.grad = torch.zeros_like(p)

@@ -12,6 +12,9 @@ from .registry import (
 
 # One import line per family registers it.
 from . import vae  # noqa: F401,E402
+from . import gan  # noqa: F401,E402
+from . import flow  # noqa: F401,E402
+from . import diffusion  # noqa: F401,E402
 
 __all__ = [
     "Batch",

@@ -101,6 +101,13 @@ class GenerativeModel(nn.Module):
         """Per-example log-likelihood (or a lower bound) in nats. Optional."""
         raise NotImplementedError(f"{type(self).__name__} has no likelihood")
 
+    def check_dp_compatible(self) -> None:
+        """Raise ``ValueError`` (saying why and what to use instead) if this model, as
+        configured, cannot be trained with DP-SGD. The training loop calls it when DP is
+        on, before the first step. The base class accepts every configuration (no-op);
+        a family overrides it for options whose per-example gradients Opacus cannot
+        compute (e.g. the GAN's WGAN-GP gradient penalty)."""
+
     # -- helpers shared by the families -------------------------------------------
     def balanced_labels(self, n: int) -> Tensor | None:
         """Labels 0, 1, ..., K-1, 0, 1, ... for ``n`` samples, or ``None`` if unconditional."""

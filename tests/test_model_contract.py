@@ -1,0 +1,135 @@
+"""One contract over every registered family (DESIGN.md §2): the registry picks a new
+family up with no change here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus.grad_sample import GradSampleModule
+
+from client.training import PrivacyConfig, TrainingConfig, new_site_ledger, run_local_round
+from shared_models import Batch, GenerativeModel, UnknownModelError, build_model, list_models
+
+FAMILIES = list_models()
+TINY = {"vae": dict(hidden=32), "gan": dict(hidden=32), "flow": dict(hidden=32), "diffusion": dict(hidden=32)}
+NO_DP = PrivacyConfig(enabled=False, target_epsilon=1.0, delta=1e-5, max_grad_norm=1.0)
+
+
+def _build(family: str, digits, conditional=True, **extra) -> GenerativeModel:
+    torch.manual_seed(0)
+    return build_model(family, data_shape=digits.shape, num_classes=10 if conditional else None,
+                       **{**TINY.get(family, {}), **extra})
+
+
+def _fixed_batch_loss(model: GenerativeModel, x, y) -> float:
+    step = next(s for s in model.steps() if s.private)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        return float(step.loss(Batch.of(x, y)).mean())
+
+
+def test_registry_lists_all_four_families():
+    assert {"vae", "gan", "flow", "diffusion"} <= set(FAMILIES)
+    with pytest.raises(UnknownModelError, match="registered families: .*vae"):
+        build_model("nope", data_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_protocol_shape(family, digits):
+    model = _build(family, digits)
+    steps = model.steps()
+    assert steps and any(s.private for s in steps)
+    x, y = digits.x[:6], digits.y[:6]
+    for s in steps:
+        assert any(s.module is m for m in model.modules())
+        losses = s.loss(Batch.of(x, y) if s.private else Batch(None, None, 6))
+        assert losses.shape == (6,) and torch.isfinite(losses).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trains_without_dp_and_loss_goes_down(family, digits):
+    data = digits.subset(range(400))
+    model = _build(family, digits)
+    x, y = digits.x[1000:1200], digits.y[1000:1200]
+    before = _fixed_batch_loss(model, x, y)
+    res = run_local_round(model, data, training=TrainingConfig(local_steps=20, batch_size=32, lr=2e-3),
+                          privacy=NO_DP, ledger=None, server_round=1, seed=0)
+    assert res.status == "trained" and res.iterations == 20 and res.dp_steps == 0
+    assert _fixed_batch_loss(model, x, y) < before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trains_20_dp_steps_and_charges_each(family, digits):
+    data = digits.subset(range(300))
+    model = _build(family, digits)
+    privacy = PrivacyConfig(enabled=True, target_epsilon=10.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=1)
+    ledger = new_site_ledger("0", privacy)
+    res = run_local_round(model, data, training=TrainingConfig(local_steps=20, batch_size=32, lr=1e-3),
+                          privacy=privacy, ledger=ledger, server_round=1, seed=0)
+    private_per_iter = sum(s.private for s in model.steps())
+    assert res.status == "trained" and res.dp_steps == 20 * private_per_iter == ledger.steps
+    assert 0 < ledger.epsilon <= 10.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("conditional", [True, False])
+def test_sample_shape_dtype_range(family, digits, conditional):
+    model = _build(family, digits, conditional=conditional).eval()
+    labels = torch.tensor([3, 1, 4, 1, 5]) if conditional else None
+    x = model.sample(5, labels)
+    assert x.shape == (5, *digits.shape) and x.dtype == torch.float32
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    if conditional:
+        with pytest.raises(ValueError):
+            model.sample(3, torch.tensor([0, 1]))
+    else:
+        with pytest.raises(ValueError):
+            model.sample(2, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_state_dict_round_trips(family, digits):
+    a, b = _build(family, digits), build_model(family, data_shape=digits.shape, num_classes=10, **TINY[family])
+    b.load_state_dict(a.state_dict())
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert _fixed_batch_loss(a, digits.x[:32], digits.y[:32]) == pytest.approx(
+        _fixed_batch_loss(b, digits.x[:32], digits.y[:32]), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_private_parameter_gets_a_per_sample_gradient(family, digits):
+    model = _build(family, digits)
+    for step in (s for s in model.steps() if s.private):
+        gsm = GradSampleModule(step.module, batch_first=True, loss_reduction="mean")
+        step.loss(Batch.of(digits.x[:5], digits.y[:5])).mean().backward()
+        for name, p in step.module.named_parameters():
+            if p.requires_grad:
+                assert p.grad_sample is not None, f"{family}: {name} has no per-sample gradient"
+                assert p.grad_sample.shape[0] == 5, f"{family}: {name} per-sample rows {p.grad_sample.shape[0]}"
+        gsm._close()
+        model.zero_grad(set_to_none=True)
+
+
+ITERATIONS = {"vae": 1500, "gan": 1500, "flow": 1500, "diffusion": 600}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conditional_sampling_honours_labels(family, digits):
+    """A classifier trained on real digits recognises the requested class well above chance."""
+    from evaluation import ClassifierConfig, fit_classifier
+
+    torch.manual_seed(0)
+    model = build_model(family, data_shape=digits.shape, num_classes=10)
+    run_local_round(model, digits.subset(range(1400)), privacy=NO_DP, ledger=None, server_round=1, seed=0,
+                    training=TrainingConfig(local_steps=ITERATIONS.get(family, 1000), batch_size=64, lr=2e-3))
+    clf = fit_classifier(digits.x[1400:], digits.y[1400:], 10, config=ClassifierConfig(), seed=0)
+    labels = torch.arange(200) % 10
+    with torch.no_grad():
+        x = model.eval().sample(200, labels)
+        accuracy = float((clf(x).argmax(1) == labels).float().mean())
+    assert accuracy > 0.5, f"{family}: {accuracy:.2f} of samples classified as the requested label"
