@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .site import load_ledger, load_site_data, save_ledger, site_id
+from .site import ledger_run, load_ledger, load_site_data, save_ledger, site_id, site_max_epsilon
 from .task import TaskConfig, evaluate_site, train_site
 
 STATUS = {"trained": 0, "budget_exhausted": 1}
@@ -18,15 +20,26 @@ def _task(msg: Message) -> TaskConfig:
     return TaskConfig.from_json(str(config["fedgen"]), proximal_mu=float(config.get("proximal-mu", 0.0)))
 
 
+def _with_site_cap(task: TaskConfig, context: Context) -> TaskConfig:
+    """The site's ``max-epsilon`` (node config) caps the server's target: the site's rule wins."""
+    cap = site_max_epsilon(context)
+    if cap is None or cap >= task.privacy.target_epsilon:
+        return task
+    return replace(task, privacy=replace(task.privacy, target_epsilon=cap))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    task = _task(msg)
+    task = _with_site_cap(_task(msg), context)
     site = site_id(context)
     run_dir = str(msg.content["config"].get("run-dir", ""))
     data = load_site_data(context, conditional=task.num_classes is not None, run_dir=run_dir)
+    ledger = load_ledger(context, site, run_dir)
+    if ledger is not None and task.privacy.enabled:
+        ledger.target_epsilon = task.privacy.target_epsilon  # this run's target, capped by the site
     model, result, ledger = train_site(
         task, data, msg.content["arrays"].to_torch_state_dict(), site=site,
-        server_round=int(msg.content["config"]["server-round"]), ledger=load_ledger(context, site, run_dir))
+        server_round=int(msg.content["config"]["server-round"]), ledger=ledger, run=ledger_run(context))
     if ledger is not None:
         save_ledger(context, ledger, run_dir)  # before the update leaves the site
     metrics = MetricRecord({

@@ -175,19 +175,196 @@ def read_npz(path: str | Path) -> SiteData:
     return validate_arrays(x, y, str(path))
 
 
+def _per_feature(value: object, d: int, name: str, source: str) -> np.ndarray:
+    """A scaling statistic from config: one number for every column, or one per column
+    (a list, or a comma-separated string as ``--node-config`` passes it)."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(";", ",").split(",") if v.strip()]
+    try:
+        arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise DataError(f"{source}: {name} must be a number or a list of {d} numbers, got {value!r}") from None
+    if arr.size == 1:
+        arr = np.full(d, float(arr[0]))
+    if arr.size != d:
+        raise DataError(f"{source}: {name} has {arr.size} values; the file has {d} feature columns")
+    return arr
+
+
+def read_csv(path: str | Path, *, label_column: str | int | None = None, feature_min: object = None,
+             feature_max: object = None, stats_file: str | Path | None = None, clip: bool = False) -> SiteData:
+    """Tabular data: a CSV with a header row of column names and numeric cells.
+
+    ``label_column`` (a header name or a 0-based index) holds integer class labels; every
+    other column is a feature. Features must end up in [0, 1]: either they already are, or
+    they are min-max scaled with statistics **fixed by configuration** -- ``feature_min`` /
+    ``feature_max`` (a number, or one per column) or a JSON ``stats_file`` with ``"min"`` and
+    ``"max"`` -- never computed from the private file itself (statistics of private data
+    that leave the site, or shape the released model, are outside the DP-SGD guarantee;
+    docs/deploy.md). ``clip`` clips scaled values into [0, 1] (data-independent, so free
+    under DP) instead of rejecting the file.
+    """
+    import csv
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: CSV file not found")
+    try:
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path}: cannot read as CSV ({err})") from None
+    if len(rows) < 2:
+        raise DataError(f"{path}: needs a header row and at least one data row")
+    header = [h.strip() for h in rows[0]]
+    label_idx = None
+    if label_column is not None and str(label_column) != "":
+        if str(label_column) in header:
+            label_idx = header.index(str(label_column))
+        elif str(label_column).lstrip("-").isdigit() and 0 <= int(label_column) < len(header):
+            label_idx = int(label_column)
+        else:
+            raise DataError(f"{path}: label column {label_column!r} not in the header ({', '.join(header)})")
+    values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
+    for i, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {i} has {len(row)} cells, the header has {len(header)}")
+        for j, cell in enumerate(row):
+            try:
+                values[i - 2, j] = float(cell)
+            except ValueError:
+                raise DataError(f"{path}: line {i}, column {header[j]!r}: {cell!r} is not a number "
+                                "(only numeric columns are supported; encode categories as numbers)") from None
+    features = [j for j in range(len(header)) if j != label_idx]
+    if not features:
+        raise DataError(f"{path}: no feature columns besides the label column")
+    x = values[:, features]
+    y = values[:, label_idx] if label_idx is not None else None
+    source = str(path)
+    if stats_file is not None:
+        try:
+            stats = json.loads(Path(stats_file).read_text())
+            feature_min, feature_max = stats["min"], stats["max"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{stats_file}: scaling statistics must be JSON with 'min' and 'max' ({err})") from None
+    if (feature_min is None) != (feature_max is None):
+        raise DataError(f"{source}: give both feature-min and feature-max (or a stats file), not one")
+    if feature_min is not None:
+        lo = _per_feature(feature_min, x.shape[1], "feature-min", source)
+        hi = _per_feature(feature_max, x.shape[1], "feature-max", source)
+        if np.any(hi <= lo):
+            raise DataError(f"{source}: feature-max must exceed feature-min for every column")
+        x = (x - lo) / (hi - lo)
+    if clip:
+        x = np.clip(x, 0.0, 1.0)
+    return validate_arrays(x.astype(np.float32), y, source)
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def read_image_folder(path: str | Path, *, classes: str | list[str] | None = None,
+                      mode: str | None = None) -> SiteData:
+    """A folder of PNG/JPEG images, all of one size: either the images themselves
+    (unlabelled) or one sub-folder per class.
+
+    Class labels: sub-folders named by integers use that integer (``0/``, ``1/``, ...);
+    otherwise ``classes`` (a list, or comma-separated names) fixes the order, else the
+    sorted folder names. Every site must use the same class names, so that a label means
+    the same class everywhere -- prefer integer folder names or an explicit ``classes``.
+    ``mode`` is ``"L"`` (grayscale) or ``"RGB"``; by default grayscale when every image is,
+    else RGB.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    top = _image_files(root)
+    if top and subdirs:
+        raise DataError(f"{root}: holds both images and sub-folders; use only class sub-folders, or only images")
+    files: list[tuple[Path, int | None]] = [(f, None) for f in top]
+    if subdirs:
+        names = [d.name for d in subdirs]
+        if isinstance(classes, str):
+            classes = [c.strip() for c in classes.split(",") if c.strip()]
+        if classes:
+            unknown = sorted(set(names) - set(classes))
+            if unknown:
+                raise DataError(f"{root}: class folder(s) {', '.join(unknown)} not in the configured classes "
+                                f"({', '.join(classes)})")
+            label_of = {c: i for i, c in enumerate(classes)}
+        elif all(n.isdigit() for n in names):
+            label_of = {n: int(n) for n in names}
+        else:
+            label_of = {n: i for i, n in enumerate(names)}
+        for d in subdirs:
+            files += [(f, label_of[d.name]) for f in _image_files(d)]
+    if not files:
+        raise DataError(f"{root}: no .png/.jpg/.jpeg images found")
+    if mode is None:
+        modes = set()
+        for f, _ in files:
+            try:
+                with Image.open(f) as im:
+                    modes.add(im.mode)
+            except (OSError, UnidentifiedImageError) as err:
+                raise DataError(f"{f}: cannot read image ({err})") from None
+        mode = "L" if modes <= {"1", "L", "I", "I;16", "F", "LA"} else "RGB"
+    if mode not in ("L", "RGB"):
+        raise DataError(f"{root}: image mode must be 'L' (grayscale) or 'RGB', got {mode!r}")
+    arrays, size = [], None
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                if im.mode in ("I", "I;16", "F"):  # 16-bit / float grayscale -> 8 bit
+                    im = im.point(lambda v: v / 256).convert("L") if im.mode != "F" else im.convert("L")
+                arr = np.asarray(im.convert(mode), dtype=np.uint8)
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"{f}: cannot read image ({err})") from None
+        if size is None:
+            size = arr.shape[:2]
+        elif arr.shape[:2] != size:
+            raise DataError(f"{f}: image is {arr.shape[1]}x{arr.shape[0]} (WxH), the first image "
+                            f"{files[0][0].name} is {size[1]}x{size[0]}; all images must share a size")
+        arrays.append(arr)
+    x = np.stack(arrays)
+    x = x[:, None] if x.ndim == 3 else np.transpose(x, (0, 3, 1, 2))  # -> [N, C, H, W] uint8
+    y = None if subdirs == [] else np.asarray([label for _, label in files], dtype=np.int64)
+    return validate_arrays(np.ascontiguousarray(x), y, str(root))
+
+
 READERS: dict[str, Callable[..., SiteData]] = {
     "digits": read_digits,
     "mnist": read_mnist,
     "npz": read_npz,
+    "csv": read_csv,
+    "images": read_image_folder,
 }
 
 
-def load_data(fmt: str, path: str | Path | None = None) -> SiteData:
-    """Read a dataset with the reader registered for ``fmt``."""
+def load_data(fmt: str, path: str | Path | None = None, options: dict | None = None) -> SiteData:
+    """Read a dataset with the reader registered for ``fmt``; ``options`` are that
+    reader's keyword arguments (kebab-case keys as ``--node-config`` gives them are fine)."""
     try:
         reader = READERS[fmt]
     except KeyError:
         raise DataError(f"unknown data format {fmt!r}; supported: {', '.join(sorted(READERS))}") from None
     if fmt != "digits" and not path:
         raise DataError(f"data format {fmt!r} needs a path (data.path)")
-    return reader(path) if path is not None else reader()
+    kwargs = {k.replace("-", "_"): v for k, v in (options or {}).items()}
+    if kwargs:
+        import inspect
+
+        accepted = {n for n, p in inspect.signature(reader).parameters.items() if p.kind == p.KEYWORD_ONLY}
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise DataError(f"data format {fmt!r} does not take option(s) {', '.join(unknown)}; "
+                            f"it takes: {', '.join(sorted(accepted)) or 'none'}")
+    return reader(path, **kwargs) if path is not None else reader(**kwargs)

@@ -4,6 +4,10 @@
   partition of the dataset the harness described in ``<run-dir>/inputs/``. Its state
   directory is ``<run-dir>/sites/<site>/``, so the ledger survives a resumed run (Flower's
   ``context.state`` only lives for one Flower run; we keep a copy there too).
+- Canaries (simulation only): when the scenario plants audit canaries, the harness
+  writes them to ``<run-dir>/inputs/canaries.npz`` (:func:`read_canaries`); the site they
+  belong to appends the *included* ones to its partition, so they are trained on exactly
+  like its other examples (DP-SGD clips and accounts them as ordinary records).
 - Deployment: the SuperNode's ``--node-config`` names ``data-path`` (and optionally
   ``data-format``, ``site-id``, ``state-dir``); with a ``state-dir`` the ledger is a file
   there, written atomically, so a restarted SuperNode never forgets what it spent.
@@ -12,28 +16,75 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context
 
 from privacy.ledger import SiteLedger, atomic_write_text
 
 from .data import SiteData, load_data
+from .errors import DataError
 
 _STATE_KEY = "fedgen"
 
 
 @lru_cache(maxsize=4)
-def _dataset(fmt: str, path: str | None) -> SiteData:
-    return load_data(fmt, path)  # cached: Ray actors live for the whole run
+def _dataset(fmt: str, path: str | None, options: tuple[tuple[str, object], ...] = ()) -> SiteData:
+    return load_data(fmt, path, dict(options))  # cached: Ray actors live for the whole run
+
+
+# --node-config keys that configure the site's reader (docs/deploy.md), -> reader option
+READER_NODE_KEYS = {"label-column": "label_column", "feature-min": "feature_min", "feature-max": "feature_max",
+                    "feature-stats": "stats_file", "feature-clip": "clip", "image-classes": "classes",
+                    "image-mode": "mode"}
 
 
 @lru_cache(maxsize=64)
 def _partition(partitions_file: str, site: int) -> np.ndarray:
     with np.load(partitions_file) as z:
         return z[f"site_{site}"]
+
+
+CANARIES = "inputs/canaries.npz"  # audit canaries planted by the harness (simulation only)
+
+
+@dataclass(frozen=True)
+class Canaries:
+    """The audit canaries of a run: all ``m`` records, which were included, and where."""
+
+    x: np.ndarray  # [m, *data_shape], float32 in [0, 1]
+    y: np.ndarray | None  # [m] int64 labels (conditional data) or None
+    included: np.ndarray  # [m] bool: trained on by ``site``
+    site: int
+    seed: int
+    kind: str  # how they were made (docs/audit.md)
+
+
+@lru_cache(maxsize=8)
+def read_canaries(run_dir: str | Path) -> Canaries | None:
+    """``<run_dir>/inputs/canaries.npz``, or ``None`` when the run plants no canaries."""
+    path = Path(run_dir) / CANARIES
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return Canaries(x=z["x"], y=z["y"] if "y" in z.files else None, included=z["included"].astype(bool),
+                        site=int(z["site"]), seed=int(z["seed"]), kind=str(z["kind"]))
+
+
+def with_canaries(data: SiteData, canaries: Canaries | None, site: int) -> SiteData:
+    """``data`` followed by the included canaries when they belong to ``site``."""
+    if canaries is None or canaries.site != site or not canaries.included.any():
+        return data
+    keep = canaries.included
+    if canaries.y is None:
+        data = data.without_labels()
+    y = None if canaries.y is None or data.y is None else torch.cat([data.y, torch.from_numpy(canaries.y[keep])])
+    return SiteData(torch.cat([data.x, torch.from_numpy(canaries.x[keep])]), y, data.num_classes,
+                    f"{data.source} + {int(keep.sum())} canaries")
 
 
 def site_id(context: Context) -> str:
@@ -49,14 +100,17 @@ def load_site_data(context: Context, *, conditional: bool, run_dir: str = "") ->
     cfg = context.node_config
     if "data-path" in cfg:  # deployment
         path = str(cfg["data-path"])
-        fmt = str(cfg.get("data-format") or ("npz" if path.endswith(".npz") else "mnist"))
-        data = _dataset(fmt, path)
+        fmt = str(cfg.get("data-format") or ("npz" if path.endswith(".npz") else
+                                             "csv" if path.endswith(".csv") else "mnist"))
+        data = _dataset(fmt, path, tuple(sorted((READER_NODE_KEYS[k], v) for k, v in cfg.items()
+                                                if k in READER_NODE_KEYS)))
     else:  # simulation
         run_dir = Path(run_dir or str(context.run_config.get("run-dir", "")))
         spec = json.loads((run_dir / "inputs" / "site_data.json").read_text())
         full = _dataset(spec["format"], spec["path"])
         idx = _partition(str(run_dir / "inputs" / "partitions.npz"), int(cfg["partition-id"]))
         data = full.subset(idx, source=f"{full.source} [site {cfg['partition-id']}]")
+        data = with_canaries(data, read_canaries(str(run_dir)), int(cfg["partition-id"]))
     return data if conditional else data.without_labels()
 
 
@@ -71,6 +125,9 @@ def _ledger_file(context: Context, site: str, run_dir: str = "") -> Path | None:
     state_dir = context.node_config.get("state-dir")
     if state_dir:
         return Path(str(state_dir)) / LEDGER_FILE
+    if "data-path" in context.node_config:  # deployment: the run dir is the server's, not ours
+        raise DataError("this SuperNode has data-path but no state-dir in --node-config: a deployed site "
+                        "must keep its privacy ledger on disk (add state-dir=\"/path/to/state\")")
     run_dir = run_dir or str(context.run_config.get("run-dir", ""))
     return simulation_state_dir(run_dir, site) / LEDGER_FILE if run_dir else None
 
@@ -92,3 +149,24 @@ def save_ledger(context: Context, ledger: SiteLedger, run_dir: str = "") -> None
     file = _ledger_file(context, ledger.site, run_dir)
     if file is not None:
         atomic_write_text(file, text)
+
+
+def ledger_run(context: Context) -> str | None:
+    """The run to record in a persistent (state-dir) ledger: it outlives Flower runs, and
+    each run numbers its rounds from 1. ``None`` in simulation (one run directory)."""
+    return str(context.run_id) if context.node_config.get("state-dir") else None
+
+
+def site_max_epsilon(context: Context) -> float | None:
+    """The site's own cap on its lifetime epsilon (``--node-config max-epsilon=...``).
+    The site's rule wins: the effective target is the lower of this and the server's."""
+    value = context.node_config.get("max-epsilon")
+    if value is None or str(value) == "":
+        return None
+    try:
+        cap = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"--node-config max-epsilon={value!r}: expected a positive number") from None
+    if cap <= 0:
+        raise DataError(f"--node-config max-epsilon={value!r}: expected a positive number")
+    return cap

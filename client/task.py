@@ -72,7 +72,7 @@ def check_data_matches(task: TaskConfig, data: SiteData) -> None:
 
 
 def train_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.Tensor], *, site: str,
-               server_round: int, ledger) -> tuple[GenerativeModel, RoundResult, Any]:
+               server_round: int, ledger, run: str | None = None) -> tuple[GenerativeModel, RoundResult, Any]:
     """One round at one site: load the global weights, train, return the new ledger."""
     check_data_matches(task, data)
     if task.privacy.enabled and ledger is None:
@@ -82,7 +82,7 @@ def train_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.Ten
     device = resolve_device(task.device)
     result = run_local_round(model, data, training=task.training, privacy=task.privacy, ledger=ledger,
                              server_round=server_round, seed=round_seed(task.seed, site, server_round),
-                             device=device)
+                             device=device, run=run)
     model.to("cpu")
     return model, result, ledger
 

@@ -54,6 +54,36 @@ def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str = "") 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_bars(values: list[float], path: Path, *, xlabel: str = "", ylabel: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    ax.bar(range(len(values)), values, color="#4477aa")
+    ax.set_xticks(range(len(values)))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_overlaid(series: dict[str, list[tuple[float, float]]], title: str, path: Path) -> Path | None:
+    """One line per run (``{run name: [(round, value), ...]}``); ``None`` if all empty."""
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+    ax.set_xlabel("round")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

@@ -1,51 +1,124 @@
-"""``report.html``: one self-contained page per run (config, curves, latest sample grid)."""
+"""HTML reports: ``report.html`` for one run and a side-by-side comparison of several.
+
+Self-contained pages (figures embedded as base64 PNG) built from a run directory's
+``summary.json``, ``metrics.jsonl``, ``scenario.yaml`` and sample grids.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import yaml
+from .plots import plot_bars, plot_curves, plot_overlaid
+from .suite import metric_directions
 
-from .plots import plot_curves
+CURVES = ["train_loss", "epsilon", "fid_domain", "precision", "recall", "coverage", "heldout_nll_bits_per_dim",
+          "federated_eval_loss"]
+TABLE_KEYS = ["rounds_completed", "stopped_reason", "epsilon", "delta", "fid_domain", "kid_domain", "precision",
+              "recall", "density", "coverage", "classes_covered", "collapsed", "label_agreement", "tstr_accuracy",
+              "trtr_accuracy", "heldout_nll_bits_per_dim", "wall_seconds"]
+_STYLE = ("body{font-family:sans-serif;max-width:1150px;margin:auto;padding:0 1em}table{border-collapse:collapse}"
+          "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}"
+          ".note{color:#555;font-size:90%}")
 
-_CURVES = ["train_loss", "epsilon", "fid_domain", "precision", "recall", "coverage",
-           "heldout_nll_bits_per_dim", "tstr_accuracy"]
+
+@dataclass
+class RunRecord:
+    """What a report needs from one run directory."""
+
+    path: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    scenario: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunRecord":
+        run_dir = Path(run_dir)
+        read = lambda name: (run_dir / name).read_text() if (run_dir / name).exists() else ""  # noqa: E731
+        rows = [json.loads(line) for line in read("metrics.jsonl").splitlines() if line.strip()]
+        return cls(run_dir, json.loads(read("summary.json") or "{}"), rows, read("scenario.yaml"))
+
+    def flat(self) -> dict[str, Any]:
+        """Summary values with the final metrics folded in (for tables)."""
+        return {**{k: v for k, v in self.summary.items() if k != "metrics"}, **self.summary.get("metrics", {})}
 
 
-def _img(path: Path) -> str:
+def _img(path: Path | None) -> str:
+    if path is None:
+        return ""
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+
+
+def _label(key: str) -> str:
+    direction = metric_directions().get(key)
+    return key + {"minimize": " (lower is better)", "maximize": " (higher is better)"}.get(direction, "")
+
+
+def _page(title: str, parts: list[str]) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body>" + "\n".join(parts) + "</body></html>")
 
 
 def write_run_report(run_dir: Path) -> Path:
-    run_dir = Path(run_dir)
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()] \
-        if (run_dir / "metrics.jsonl").exists() else []
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    scenario = (run_dir / "scenario.yaml").read_text() if (run_dir / "scenario.yaml").exists() else ""
-    parts = [f"<h1>fedgen run: {html.escape(run_dir.name)}</h1>"]
-    if summary:
-        cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v))}</td></tr>"
-                        for k, v in summary.items())
-        parts.append(f"<h2>Summary</h2><table>{cells}</table>")
-    with io.BytesIO():
-        curve_png = plot_curves(rows, _CURVES, run_dir / "samples" / "curves.png")
-    if curve_png:
-        parts.append(f"<h2>Per round</h2>{_img(curve_png)}")
-    grids = sorted((run_dir / "samples").glob("round-*.png"))
+    """Write ``run_dir/report.html``: summary, final metrics, curves, samples, scenario."""
+    run = RunRecord.load(run_dir)
+    figures = run.path / "samples"
+    parts = [f"<h1>fedgen run: {html.escape(run.name)}</h1>",
+             "<p class='note'>Quality scores use fedgen's domain feature extractor (a small classifier "
+             "trained on the held-out split), not Inception: compare them across fedgen runs only.</p>"]
+    flat = run.flat()
+    rows = "".join(f"<tr><th>{html.escape(_label(k))}</th><td>{_fmt(flat[k])}</td></tr>" for k in TABLE_KEYS if k in flat)
+    parts.append(f"<h2>Summary</h2><table>{rows}</table>")
+    parts.append(f"<h2>Per round</h2>{_img(plot_curves(run.rows, CURVES, figures / 'curves.png'))}")
+    grids = sorted(figures.glob("round-*.png"))
     if grids:
-        parts.append(f"<h2>Samples ({html.escape(grids[-1].stem)})</h2>"
-                     "<p>Column i of a conditional model's grid is class i.</p>" + _img(grids[-1]))
-    if scenario:
-        parts.append(f"<h2>Scenario</h2><pre>{html.escape(scenario)}</pre>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>fedgen report</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-            "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-            "img{max-width:100%}</style></head><body>" + "\n".join(parts) + "</body></html>")
-    out = run_dir / "report.html"
-    out.write_text(page)
+        parts.append(f"<h2>Samples after {html.escape(grids[-1].stem.replace('-', ' '))}</h2>"
+                     "<p class='note'>For a conditional model, column i holds class i.</p>" + _img(grids[-1]))
+    hist = next((r["class_histogram"] for r in reversed(run.rows) if r.get("class_histogram")), None)
+    if hist:
+        parts.append("<h2>Classes of the samples (domain classifier)</h2>"
+                     + _img(plot_bars(hist, figures / "class-histogram.png", xlabel="class", ylabel="samples")))
+    if run.scenario:
+        parts.append(f"<h2>Scenario</h2><pre>{html.escape(run.scenario)}</pre>")
+    out = run.path / "report.html"
+    out.write_text(_page(f"fedgen report: {run.name}", parts))
+    return out
+
+
+def write_comparison(run_dirs: list[Path], out_dir: Path) -> Path:
+    """Compare runs side by side: ``comparison.html`` (table + overlaid curves) and
+    ``comparison.md`` (the table) in ``out_dir``."""
+    runs = [RunRecord.load(d) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = [k for k in TABLE_KEYS if any(k in r.flat() for r in runs)]
+    head = "".join(f"<th>{html.escape(r.name)}</th>" for r in runs)
+    body = "".join(f"<tr><th>{html.escape(_label(k))}</th>" + "".join(f"<td>{_fmt(r.flat().get(k, ''))}</td>" for r in runs)
+                   + "</tr>" for k in keys)
+    parts = [f"<h1>fedgen comparison of {len(runs)} runs</h1>", f"<table><tr><th></th>{head}</tr>{body}</table>"]
+    for key in CURVES:
+        series = {r.name: [(row["round"], row[key]) for row in r.rows if row.get(key) is not None] for r in runs}
+        png = plot_overlaid(series, key, out_dir / f"compare-{key}.png")
+        if png is not None:
+            parts.append(f"<h2>{html.escape(_label(key))}</h2>{_img(png)}")
+    md = ["| metric | " + " | ".join(r.name for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    md += [f"| {k} | " + " | ".join(_fmt(r.flat().get(k, "")) for r in runs) + " |" for k in keys]
+    (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
+    out = out_dir / "comparison.html"
+    out.write_text(_page("fedgen comparison", parts))
     return out

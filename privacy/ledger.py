@@ -27,6 +27,10 @@ class RoundSpend:
     noise_multiplier: float
     sample_rate: float
     epsilon: float  # the site's cumulative epsilon after this round
+    # The Flower run that charged it (deployment: a site's ledger outlives runs, and every
+    # run numbers its rounds from 1). A string: Flower's run ids are uint64, beyond JSON's
+    # safe integers. None in simulation, where the ledger belongs to one run directory.
+    run: str | None = None
 
 
 @dataclass
@@ -53,16 +57,22 @@ class SiteLedger:
     def epsilon(self) -> float:
         return epsilon_of(self.accountant_history(), delta=self.delta, accountant=self.accountant)
 
-    def rounds(self) -> set[int]:
-        return {h.round for h in self.history}
+    def rounds(self, run: str | None = None) -> set[int]:
+        """Rounds recorded for ``run`` (``None``: entries without a run, i.e. simulation)."""
+        return {h.round for h in self.history if h.run == run}
 
-    def record_round(self, *, round: int, steps: int, noise_multiplier: float, sample_rate: float) -> RoundSpend:
-        """Append one round's spend. A round is recorded at most once, so a retried
-        message can never be charged twice or silently dropped."""
-        if round in self.rounds():
-            raise ValueError(f"site {self.site}: round {round} is already in the ledger")
+    def record_round(self, *, round: int, steps: int, noise_multiplier: float, sample_rate: float,
+                     run: str | int | None = None) -> RoundSpend:
+        """Append one round's spend. A (run, round) is recorded at most once, so a retried
+        message can never be charged twice or silently dropped; a later run of the same
+        federation starts its rounds at 1 again and adds to the same history (epsilon
+        composes over every entry, whatever its run)."""
+        run = None if run is None else str(run)
+        if round in self.rounds(run):
+            where = f"run {run}, round {round}" if run is not None else f"round {round}"
+            raise ValueError(f"site {self.site}: {where} is already in the ledger")
         entry = RoundSpend(round=round, steps=steps, noise_multiplier=noise_multiplier,
-                           sample_rate=sample_rate, epsilon=0.0)
+                           sample_rate=sample_rate, epsilon=0.0, run=run)
         self.history.append(entry)
         entry.epsilon = self.epsilon
         return entry
@@ -76,7 +86,7 @@ class SiteLedger:
             "steps": self.steps,
             "epsilon": self.epsilon,
             "target_epsilon": self.target_epsilon,
-            "history": [asdict(h) for h in self.history],
+            "history": [{k: v for k, v in asdict(h).items() if k != "run" or v is not None} for h in self.history],
             # fields needed to rebuild the ledger (not part of the public contract)
             "site": self.site,
             "accountant": self.accountant,

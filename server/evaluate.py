@@ -58,5 +58,8 @@ class GlobalEvaluator:
             out.update(evaluate_samples(samples, None if labels is None else labels.cpu(), self.ref_x,
                                         self.ref_y, extractor=self.extractor, tstr=tstr and labels is not None,
                                         seed=self.seed))
+            if self.extractor.has_classifier:  # which classes the samples look like (mode collapse)
+                predicted = self.extractor.embed(samples).predictions
+                out["class_histogram"] = np.bincount(predicted, minlength=self.extractor.num_classes).tolist()
         model.train()
         return out

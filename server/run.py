@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from privacy.ledger import PrivacyLedger, atomic_write_text
@@ -161,8 +161,16 @@ class FederatedRun:
                 "clients_refused": len(sorted_.refused),
                 "train_loss": weighted_mean(sorted_.ok, "train-loss"),
                 "epsilon": self.ledger.epsilon if self.privacy_cfg["enabled"] else None,
-                "failures": [{"site": s, "reason": r} for s, r in sorted_.failed],
+                "failures": [{"site": s, "reason": short_reason(r)} for s, r in sorted_.failed],
             }
+            if messages and not sorted_.ok and not sorted_.refused:
+                # Every sampled site failed: training cannot progress, and retrying the same
+                # round would most likely fail the same way. Stop and say why.
+                stopped_reason = "clients_failed"
+                row["seconds"] = time.time() - t_round
+                self._append_metrics(row)
+                log.error("round %d: every sampled site failed, e.g. %s", rnd, row["failures"][0]["reason"])
+                break
             if not sorted_.ok and len(self.exhausted) >= self.spec.num_sites:
                 stopped_reason = "budget_exhausted"
                 row["seconds"] = time.time() - t_round
@@ -172,18 +180,33 @@ class FederatedRun:
             rounds_completed = rnd
             every = self.scenario["evaluation"]["every"]
             if (every and rnd % every == 0) or rnd == rounds:
-                row.update(self._evaluate(rnd))
+                t_eval = time.time()
+                row.update(self._evaluate(rnd, arrays))
+                row["eval_seconds"] = time.time() - t_eval
             row["seconds"] = time.time() - t_round
             self._append_metrics(row)
             self.ledger.write(self.run_dir / rundir.PRIVACY)
             self._checkpoint(next_round=rnd + 1, wall=time.time() - t_start)
         return self._finish(rounds_completed, stopped_reason, time.time() - t_start)
 
-    def _evaluate(self, rnd: int) -> dict[str, Any]:
+    def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
         cfg = self.scenario["evaluation"]
+        if self.evaluator.ref_x is None:  # deployment without a public reference set
+            return self._federated_evaluation(rnd, arrays)
         return self.evaluator(self.model, num_samples=cfg["num_samples"], round_seed=self.scenario["seed"] + rnd,
                               grid_path=self.run_dir / rundir.SAMPLES / f"round-{rnd:04d}.png",
                               tstr=cfg["tstr"] and rnd == self.fed["rounds"])
+
+    def _federated_evaluation(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
+        """Each site scores the global model on its own data and returns scalars only; the
+        server averages them weighted by examples (outside the DP-SGD guarantee)."""
+        config = ConfigRecord({"fedgen": task_config(self.scenario, self.spec), "server-round": rnd})
+        messages = [Message(content=RecordDict({"arrays": arrays, "config": config}),
+                            message_type=MessageType.EVALUATE, dst_node_id=node)
+                    for node in self.grid.get_node_ids()]
+        replies = [r for r in self.grid.send_and_receive(messages, timeout=self.fed["round_timeout_s"])
+                   if not r.has_error()]
+        return {"federated_eval_loss": weighted_mean(replies, "eval-loss"), "federated_eval_sites": len(replies)}
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.run_dir / rundir.METRICS, "a") as fh:
@@ -203,6 +226,8 @@ class FederatedRun:
             "metrics": {k: v for k, v in last_eval.items() if k not in _ROUND_KEYS},
             "wall_seconds": wall,
         }
+        if stopped_reason == "clients_failed":
+            summary["failure"] = rows[-1]["failures"][0]["reason"] if rows and rows[-1]["failures"] else ""
         atomic_write_text(self.run_dir / rundir.SUMMARY, json.dumps(_jsonable(summary), indent=2))
         try:
             from evaluation.report import write_run_report
@@ -213,8 +238,16 @@ class FederatedRun:
         return summary
 
 
+def short_reason(reason: str) -> str:
+    """The informative line of a (possibly Ray-wrapped, multi-line) error reply."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    messages = [line.split("Message:", 1)[1].strip() for line in lines if "Message:" in line]
+    text = messages[-1] if messages else (lines[-1] if lines else reason)
+    return text.rstrip("'>")[:400]
+
+
 _ROUND_KEYS = {"round", "clients_sampled", "clients_ok", "clients_failed", "clients_refused", "train_loss",
-               "epsilon", "seconds", "failures"}
+               "epsilon", "seconds", "failures", "eval_seconds", "class_histogram"}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -2,7 +2,14 @@
 
 A reply is *ok* (an update to aggregate), *refused* (the site's budget is spent), or
 *failed* (an error reply, a missing reply, or an update that fails validation: NaN/Inf,
-wrong keys, shapes or dtypes). Failed and refused replies never reach the strategy.
+wrong keys, shapes or dtypes, or an update norm far beyond the round's others). Failed and
+refused replies never reach the strategy; the round continues with the rest.
+
+The norm check (:func:`norm_outliers`): with at least ``OUTLIER_MIN_REPLIES`` valid
+updates, one whose distance to the global model, ``||w_k - w||_2``, exceeds
+``OUTLIER_FACTOR`` times the median of the round's distances is rejected. The median is
+robust to a minority of bad replies; with fewer replies there is no reference to compare
+against, so nothing is rejected on norm alone.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ log = logging.getLogger(__name__)
 
 STATUS_TRAINED = 0
 STATUS_BUDGET_EXHAUSTED = 1
+OUTLIER_FACTOR = 10.0
+OUTLIER_MIN_REPLIES = 3
 
 
 @dataclass
@@ -54,8 +63,30 @@ def check_update(update: ArrayRecord, reference: ArrayRecord) -> str | None:
     return None
 
 
-def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sampled: int) -> RoundReplies:
+def update_norm(update: ArrayRecord, reference: ArrayRecord) -> float:
+    """``||update - reference||_2`` over every parameter (float64)."""
+    total = 0.0
+    for key, ref in reference.items():
+        diff = update[key].numpy().astype(np.float64) - ref.numpy().astype(np.float64)
+        total += float(np.sum(diff * diff))
+    return float(np.sqrt(total))
+
+
+def norm_outliers(norms: list[float], *, factor: float = OUTLIER_FACTOR,
+                  min_replies: int = OUTLIER_MIN_REPLIES) -> list[int]:
+    """Indices of norms above ``factor`` x the median (none with fewer than ``min_replies``)."""
+    if len(norms) < min_replies:
+        return []
+    median = float(np.median(norms))
+    return [i for i, n in enumerate(norms) if n > factor * median and n > 0.0]
+
+
+def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sampled: int, *,
+                 outlier_factor: float = OUTLIER_FACTOR, outlier_min_replies: int = OUTLIER_MIN_REPLIES
+                 ) -> RoundReplies:
     out = RoundReplies()
+    who: list[tuple[str, int]] = []  # (site label, node id) of each ok reply
+    norms: list[float] = []
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
@@ -77,10 +108,21 @@ def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sampled: in
         arrays = next(iter(msg.content.array_records.values()), None)
         problem = "reply without model update" if arrays is None else check_update(arrays, global_arrays)
         if problem:
-            log.warning("rejected update from %s: %s", label, problem)
+            log.warning("rejected update from %s (node %s): %s", label, node, problem)
             out.failed.append((label, problem))
             continue
         out.ok.append(msg)
+        who.append((label, node))
+        norms.append(update_norm(arrays, global_arrays))
+    outliers = set(norm_outliers(norms, factor=outlier_factor, min_replies=outlier_min_replies))
+    if outliers:
+        median = float(np.median(norms))
+        for i in sorted(outliers):
+            problem = (f"update norm {norms[i]:.4g} is more than {outlier_factor:g}x the round's median "
+                       f"{median:.4g}")
+            log.warning("rejected update from %s (node %s): %s", who[i][0], who[i][1], problem)
+            out.failed.append((who[i][0], problem))
+        out.ok = [m for i, m in enumerate(out.ok) if i not in outliers]
     missing = sampled - len(replies)
     out.failed.extend(("?", "no reply before the round timeout") for _ in range(max(0, missing)))
     return out

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import flat_dim, group_norm, is_image_shape, label_planes, mlp, one_hot
+from .layers import ConvUpsampler, flat_dim, group_norm, is_image_shape, label_planes, mlp, one_hot
 from .protocol import Batch, GenerativeModel, TrainingStep
 from .registry import register_model
 
@@ -36,26 +36,6 @@ class _ConvEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
-
-
-class _ConvDecoder(nn.Module):
-    """Linear to a (H/4, W/4) map, then two Upsample + Conv2d stages (no ConvTranspose2d)."""
-
-    def __init__(self, latent: int, channels: int, height: int, width: int, width_mult: int) -> None:
-        super().__init__()
-        c1, c2 = width_mult, 2 * width_mult
-        self.grid = (c2, height // 4, width // 4)
-        self.fc = nn.Linear(latent, flat_dim(self.grid))
-        self.body = nn.Sequential(
-            nn.SiLU(),
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(c2, c1, 3, padding=1), group_norm(c1), nn.SiLU(),
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(c1, channels, 3, padding=1),
-        )
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.body(self.fc(z).view(-1, *self.grid))
 
 
 @register_model("vae")
@@ -97,7 +77,7 @@ class VAE(GenerativeModel):
                 )
             c, h, w = self.data_shape
             self.encoder = _ConvEncoder(c + k, h, w, hidden, 2 * latent_dim)
-            self.decoder = _ConvDecoder(latent_dim + k, c, h, w, hidden)
+            self.decoder = ConvUpsampler(latent_dim + k, c, h, w, hidden)
             # Opacus' ghost clipping has no fast path for Conv2d: hooks are as fast here.
             self.grad_sample_mode = "hooks"
         else:

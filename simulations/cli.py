@@ -21,11 +21,13 @@ from privacy.errors import PrivacyError
 from server import rundir
 from shared_models import ModelConfigError, UnknownModelError
 
-from .errors import PartitionError, ScenarioError
+from .audit_cli import add_audit_parser
+from .deploy_cli import add_deploy_parsers
+from .errors import AuditError, PartitionError, ScenarioError
 
 console = Console(stderr=True)
 USER_ERRORS = (ScenarioError, DataError, PartitionError, PrivacyError, ModelConfigError, UnknownModelError,
-               FileExistsError, FileNotFoundError)
+               FileExistsError, FileNotFoundError, AuditError)
 
 
 class UserError(Exception):
@@ -60,6 +62,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         write_run_dir(scenario, run_dir)
     console.print(f"run directory: [bold]{run_dir}[/]", highlight=False)
     summary = run_simulation_dir(run_dir, scenario, console=console, verbose=args.verbose)
+    if summary["stopped_reason"] == "clients_failed":
+        return _fail(f"every site failed in round {summary['rounds_completed'] + 1}: {summary.get('failure', '')} "
+                     f"(details: {run_dir / rundir.METRICS})", code=1)
     eps = summary.get("epsilon")
     eps_txt = f", epsilon {eps:.3f} (delta {summary['delta']:g})" if eps is not None else ", no DP"
     console.print(f"[green]done[/]: {summary['rounds_completed']} rounds ({summary['stopped_reason']})"
@@ -96,6 +101,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- report -------------------------------------------------------------------------------
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evaluation.report import write_comparison, write_run_report
+
+    runs = [Path(d) for d in args.run_dirs]
+    for run in runs:
+        if not (run / rundir.SCENARIO).exists():
+            raise UserError(f"{run}: not a fedgen run directory (no {rundir.SCENARIO})")
+    if len(runs) == 1 and not args.out:
+        print(f"wrote {write_run_report(runs[0])}")
+    else:
+        out = write_comparison(runs, Path(args.out or "fedgen-comparison"))
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
 # -- entry point --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="comma-separated class labels, cycled (default: balanced)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("report", help="rebuild a run's report.html, or compare several runs",
+                       description="One RUN_DIR: rewrite its report.html. Several: comparison.html + .md in --out.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="folder for the comparison (default ./fedgen-comparison)")
+    p.set_defaults(func=cmd_report)
+
+    add_audit_parser(sub)
+    add_deploy_parsers(sub)
     return parser
 
 

@@ -7,3 +7,8 @@ class ScenarioError(ValueError):
 
 class PartitionError(ValueError):
     """Data that cannot be split as asked (e.g. fewer examples than sites)."""
+
+
+class AuditError(ValueError):
+    """Inputs that ``fedgen audit`` cannot audit: mismatched shapes, too few held-out
+    records, an unreadable checkpoint, a folder that is not a run directory."""

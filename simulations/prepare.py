@@ -10,15 +10,20 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import yaml
 
 from client.data import SiteData, load_data
+from client.site import CANARIES
+from privacy.audit import plan_canaries
 from server import rundir
 from server.run import build_global_model
 
+from .errors import ScenarioError
 from .partition import holdout_split, partition
 from .scenario import Scenario, load_scenario
 
@@ -47,7 +52,42 @@ def check_scenario(scenario: Scenario) -> tuple[SiteData, list[np.ndarray], np.n
     sites, holdout = split_sites(scenario, data)
     spec = _spec(scenario, data)
     build_global_model(scenario.resolved(), spec)
+    plant_canaries(scenario, data)  # checks privacy.canaries against the federation
     return data, sites, holdout
+
+
+CANARY_KIND = "random binary pattern"
+
+
+def plant_canaries(scenario: Scenario, data: SiteData) -> dict[str, np.ndarray] | None:
+    """The audit canaries of ``privacy.canaries`` as the arrays of ``inputs/canaries.npz``,
+    or ``None`` when the scenario plants none.
+
+    Each canary is an image (or row) of independent Bernoulli pixels, 0 or 1, with the
+    data's mean intensity as the probability, and a uniformly random label when the data
+    is labelled: in range and of the data's shape, so the site's validation and the model
+    accept it, but unlike any real record and unlike each other, so a model that
+    memorises training records memorises these too (the random "secret" canaries of
+    Carlini et al. 2019, "The Secret Sharer"). Each is included independently with
+    probability 1/2 (:func:`privacy.audit.plan_canaries`, the inclusion bits ``S_i`` of
+    Steinke, Nasr & Jagielski 2023); pixels and labels come from a stream of ``seed``
+    independent of the bits, so a canary's content says nothing about its inclusion.
+    """
+    cfg = scenario.privacy.canaries
+    if cfg is None:
+        return None
+    if cfg.site >= scenario.federation.num_sites:
+        raise ScenarioError(f"privacy.canaries.site: {cfg.site} is not a site (federation.num_sites is "
+                            f"{scenario.federation.num_sites}; sites are 0..{scenario.federation.num_sites - 1})")
+    plan = plan_canaries(cfg.count, cfg.seed)
+    rng = np.random.default_rng([cfg.seed, 1])  # a stream independent of plan_canaries' bits
+    density = float(np.clip(data.x.mean(), 0.05, 0.5))
+    arrays = {"x": (rng.random((cfg.count, *data.shape)) < density).astype(np.float32),
+              "included": plan.included, "site": np.int64(cfg.site), "seed": np.int64(cfg.seed),
+              "kind": np.str_(CANARY_KIND)}
+    if data.y is not None:
+        arrays["y"] = rng.integers(0, data.num_classes, cfg.count).astype(np.int64)
+    return arrays
 
 
 def _spec(scenario: Scenario, data: SiteData) -> rundir.DataSpec:
@@ -70,12 +110,7 @@ def write_run_dir(scenario: Scenario, run_dir: Path) -> Path:
     """Validate, then create ``run_dir`` atomically with the resolved scenario and inputs."""
     data, sites, holdout = check_scenario(scenario)
     run_dir = Path(run_dir).resolve()
-    if run_dir.exists():
-        raise FileExistsError(f"{run_dir}: already exists; choose another --out or use --resume")
-    tmp = run_dir.with_name(f".{run_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / rundir.INPUTS).mkdir(parents=True)
+    with assembling(run_dir) as tmp:
         (tmp / rundir.SCENARIO).write_text(yaml.safe_dump(scenario.resolved(), sort_keys=False))
         (tmp / rundir.SITE_DATA).write_text(_spec(scenario, data).to_json())
         np.savez(tmp / rundir.PARTITIONS, holdout=holdout, **{f"site_{i}": s for i, s in enumerate(sites)})
@@ -84,13 +119,62 @@ def write_run_dir(scenario: Scenario, run_dir: Path) -> Path:
         np.savez_compressed(tmp / rundir.REFERENCE, **ref_arrays)
         (tmp / "inputs" / "sites.json").write_text(json.dumps(
             {str(i): {"examples": int(len(s))} for i, s in enumerate(sites)}, indent=2))
-        tmp.rename(run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        canaries = plant_canaries(scenario, data)
+        if canaries is not None:
+            np.savez(tmp / CANARIES, **canaries)
     return run_dir
 
 
 def prepare_run(scenario_path: Path, out_root: Path, overrides: list[str] | None = None) -> Path:
     scenario = load_scenario(scenario_path, overrides)
     return write_run_dir(scenario, default_run_dir(scenario, out_root))
+
+
+def write_deployment_run_dir(scenario: Scenario, run_dir: Path) -> Path:
+    """The run directory for a deployed federation (the SuperLink's machine): the
+    resolved scenario and a data description from the ``deployment`` section. No data
+    and no partitions -- the sites hold their own. A public reference set, when the
+    scenario names one, is validated and copied for server-side evaluation; without it
+    the server only draws sample grids (no quality metrics)."""
+    from client.data import read_npz
+
+    dep = scenario.deployment
+    if dep is None:
+        raise ScenarioError("the scenario has no `deployment:` section (data_shape, num_classes, reference); "
+                            "`fedgen prepare` needs it because the server never sees the sites' data")
+    spec = rundir.DataSpec(format="deployment", path=None, shape=tuple(dep.data_shape), num_classes=dep.num_classes,
+                           num_sites=scenario.federation.num_sites)
+    build_global_model(scenario.resolved(), spec)  # the model must build for the declared shape
+    ref = None
+    if dep.reference:
+        ref = read_npz(dep.reference)
+        if ref.shape != spec.shape:
+            raise ScenarioError(f"deployment.reference {dep.reference}: examples have shape {ref.shape}, "
+                                f"deployment.data_shape says {spec.shape}")
+        if spec.num_classes is None or ref.y is None:
+            ref = ref.without_labels()
+    run_dir = Path(run_dir).resolve()
+    with assembling(run_dir) as tmp:
+        (tmp / rundir.SCENARIO).write_text(yaml.safe_dump(scenario.resolved(), sort_keys=False))
+        (tmp / rundir.SITE_DATA).write_text(spec.to_json())
+        if ref is not None:
+            np.savez_compressed(tmp / rundir.REFERENCE, x=ref.x.numpy(),
+                                **({"y": ref.y.numpy()} if ref.y is not None else {}))
+    return run_dir
+
+
+@contextmanager
+def assembling(run_dir: Path) -> Iterator[Path]:
+    """Build ``run_dir`` under a hidden temporary name (with ``inputs/``) and rename it
+    into place only when the block succeeds; on any error nothing is left behind."""
+    if run_dir.exists():
+        raise FileExistsError(f"{run_dir}: already exists; choose another --out or use --resume")
+    tmp = run_dir.with_name(f".{run_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / rundir.INPUTS).mkdir(parents=True)
+        yield tmp
+        tmp.rename(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -82,6 +82,16 @@ class TrainingConfigSection(_Section):
     lr: float = Field(1e-3, gt=0.0)
 
 
+class CanaryConfig(_Section):
+    """Canaries for the one-run privacy audit (Steinke, Nasr & Jagielski 2023): ``count``
+    random-pattern records, each added to site ``site``'s training data with probability
+    1/2 drawn from ``seed``; ``fedgen audit RUN_DIR`` scores them (docs/audit.md)."""
+
+    count: int = Field(..., ge=2, description="number of canaries m (each included with prob. 1/2)")
+    site: int = Field(0, ge=0, description="the site whose training data receives the canaries")
+    seed: int = Field(0, description="seed of the canaries' pixels, labels and inclusion bits")
+
+
 class PrivacySection(_Section):
     enabled: bool = True
     target_epsilon: float = Field(10.0, gt=0.0)
@@ -89,6 +99,7 @@ class PrivacySection(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["auto", "ghost", "hooks", "functorch"] = "auto"
+    canaries: CanaryConfig | None = Field(None, description="plant audit canaries (default: none)")
 
 
 class EvaluationConfig(_Section):
@@ -105,6 +116,22 @@ class SimulationConfig(_Section):
     max_actors: int | None = Field(None, ge=1, description="cap on concurrent Ray actors")
 
 
+class DeploymentConfig(_Section):
+    """A deployed federation: the server holds no private data, so the data's shape and
+    classes are declared here, and evaluation uses a public reference set (if any)."""
+
+    data_shape: list[int] = Field(..., min_length=1, description="shape of one example, e.g. [1, 8, 8]")
+    num_classes: int | None = Field(None, ge=2, description="classes of a conditional model; null = unconditional")
+    reference: str | None = Field(None, description="public reference .npz (x, optional y) for server-side "
+                                  "evaluation; null = no server-side quality metrics")
+
+    @model_validator(mode="after")
+    def _positive_shape(self) -> "DeploymentConfig":
+        if any(d < 1 for d in self.data_shape):
+            raise ValueError(f"data_shape entries must be >= 1, got {self.data_shape}")
+        return self
+
+
 class Scenario(_Section):
     name: str = Field("scenario", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -116,6 +143,7 @@ class Scenario(_Section):
     privacy: PrivacySection = PrivacySection()
     evaluation: EvaluationConfig = EvaluationConfig()
     simulation: SimulationConfig = SimulationConfig()
+    deployment: DeploymentConfig | None = None  # set for `fedgen prepare` (real SuperNodes)
 
     def resolved(self) -> dict[str, Any]:
         """Every key with its value, defaults included (what ``scenario.yaml`` records)."""

@@ -1,0 +1,251 @@
+"""A real deployment on loopback: one SuperLink with TLS and SuperNode authentication,
+SuperNodes started with ``flower-supernode`` (not simulation), each site with its own data
+and state directory, and ``flwr run`` against the SuperLink (docs/deploy.md).
+
+One SuperLink serves every check (each Flower start costs seconds); every process is
+started with the environment tag of ``simulations.flower_engine`` and the test asserts none
+is left afterwards, even when a check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from simulations.flower_engine import APP_ROOT, TAG_VAR, _bin, free_port, kill_tagged, tagged_pids
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+class LocalDeployment:
+    """A SuperLink (TLS + node auth) and SuperNodes on 127.0.0.1, all tagged."""
+
+    def __init__(self, tmp: Path) -> None:
+        from simulations.certs import write_federation_keys
+
+        self.tmp = tmp
+        self.tag = uuid.uuid4().hex[:12]
+        self.port = free_port()
+        self.keys = write_federation_keys(tmp / "keys", sites=["0", "1", "stranger"])
+        flwr_home = tmp / "flwr-home"
+        flwr_home.mkdir()
+        (flwr_home / "config.toml").write_text(
+            '[superlink]\ndefault = "deploy"\n\n'
+            f'[superlink.deploy]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.keys.ca_cert}"\n')
+        self.env = {**os.environ, TAG_VAR: self.tag, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    # -- processes ------------------------------------------------------------------------
+    def popen(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def start_superlink(self) -> None:
+        k = self.keys
+        self.popen("superlink", [
+            _bin("flower-superlink"), "--ssl-ca-certfile", str(k.ca_cert), "--ssl-certfile", str(k.server_cert),
+            "--ssl-keyfile", str(k.server_key), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)])
+        ctx = ssl.create_default_context(cafile=str(k.ca_cert))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert self.procs["superlink"].poll() is None, self.log("superlink")
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/health", timeout=1, context=ctx):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"SuperLink did not answer: {self.log('superlink')}")
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.tmp, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def register(self, site: str) -> int:
+        res = self.flwr("supernode", "register", str(self.keys.site_public_keys[site]), "deploy", "--format", "json")
+        assert res.returncode == 0, res.stdout + res.stderr
+        return int(json.loads(res.stdout[res.stdout.index("{"):])["node-id"])
+
+    def online(self) -> int:
+        res = self.flwr("supernode", "list", "deploy", "--format", "json")
+        nodes = json.loads(res.stdout[res.stdout.index("{"):])["nodes"]
+        return sum(n["status"] == "online" for n in nodes)
+
+    def wait_online(self, n: int, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.online() == n:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"expected {n} online SuperNodes, have {self.online()}")
+
+    def start_supernode(self, name: str, *, key: str | None, node_config: dict[str, object] | None = None,
+                        tls: bool = True, retries: int | None = None) -> subprocess.Popen:
+        cmd = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port())]
+        cmd += ["--root-certificates", str(self.keys.ca_cert)] if tls else ["--insecure"]
+        if key is not None:
+            cmd += ["--auth-supernode-private-key", str(self.keys.site_private_keys[key])]
+        if node_config:
+            cmd += ["--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())]
+        if retries is not None:
+            cmd += ["--max-retries", str(retries), "--max-wait-time", "15"]
+        return self.popen(name, cmd)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def run(self, run_dir: Path, timeout: float = 300) -> str:
+        """``flwr run`` the app against the SuperLink; returns Flower's final run status."""
+        res = subprocess.run([_bin("flwr"), "run", str(APP_ROOT), "deploy", "--run-config",
+                              f'run-dir="{run_dir}"', "--stream"], env=self.env, cwd=self.tmp,
+                             capture_output=True, text=True, timeout=timeout)
+        (self.tmp / f"flwr-run-{run_dir.name}.log").write_text(res.stdout + res.stderr)
+        m = re.search(r"started run (\d+)", res.stdout)
+        assert m, res.stdout + res.stderr
+        ls = self.flwr("ls", "deploy", "--run-id", m.group(1), "--format", "json")
+        return json.loads(ls.stdout[ls.stdout.index("{"):])["runs"][0]["status"]
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            try:
+                self.stop(name)
+            except Exception:
+                pass
+        kill_tagged(self.tag)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    dep = LocalDeployment(tmp_path_factory.mktemp("deploy"))
+    try:
+        dep.start_superlink()
+        yield dep
+    finally:
+        dep.close()
+        left = tagged_pids(dep.tag)
+        assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def sites(deployment, digits):
+    """Site 0: an .npz; site 1: a folder of 8x8 PNGs with class sub-folders."""
+    from PIL import Image
+
+    tmp = deployment.tmp
+    np.savez(tmp / "site0.npz", x=digits.x[:300].numpy(), y=digits.y[:300].numpy())
+    for i in range(300, 600):
+        folder = tmp / "site1" / str(int(digits.y[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.x[i, 0].numpy() * 255).round().astype(np.uint8)).save(folder / f"{i}.png")
+    return {
+        "0": {"data-path": str(tmp / "site0.npz"), "data-format": "npz", "site-id": "site0",
+              "state-dir": str(tmp / "state0")},
+        "1": {"data-path": str(tmp / "site1"), "data-format": "images", "site-id": "site1",
+              "state-dir": str(tmp / "state1")},
+    }
+
+
+def _run_dir(tmp: Path, name: str, *, rounds: int, num_sites: int, target_epsilon: float) -> Path:
+    from simulations.prepare import write_deployment_run_dir
+    from simulations.scenario import scenario_from_dict
+
+    scenario = scenario_from_dict({
+        "name": name, "seed": 0,
+        "federation": {"num_sites": num_sites, "rounds": rounds, "min_fit_sites": num_sites,
+                       "round_timeout_s": 120},
+        "model": {"family": "vae", "hidden": 64, "latent_dim": 4},
+        "training": {"local_steps": 3, "batch_size": 32, "lr": 0.002},
+        "privacy": {"enabled": True, "target_epsilon": target_epsilon},
+        "evaluation": {"every": 0, "num_samples": 20},
+        "simulation": {"device": "cpu"},
+        "deployment": {"data_shape": [1, 8, 8], "num_classes": None}})
+    return write_deployment_run_dir(scenario, tmp / name)
+
+
+def test_unregistered_key_and_plain_http_are_refused(deployment):
+    deployment.register("0")
+    deployment.register("1")  # "stranger" is never registered
+    stranger = deployment.start_supernode("stranger", key="stranger", retries=1)
+    plain = deployment.start_supernode("plain", key=None, tls=False, retries=1)
+    assert stranger.wait(timeout=90) != 0 and plain.wait(timeout=90) != 0
+    # the SuperLink refused the key, not the network
+    assert "Failed to activate SuperNode" in deployment.log("stranger")
+    assert "No SuperNode found with the given public key" in deployment.log("superlink")
+    # a plain-HTTP SuperNode never gets an answer from the TLS endpoint
+    assert "Server disconnected without sending a response" in deployment.log("plain")
+    assert deployment.online() == 0
+
+
+def test_two_sites_train_with_dp_then_a_restarted_site_keeps_its_history(deployment, sites):
+    deployment.start_supernode("site0", key="0", node_config=sites["0"])
+    deployment.start_supernode("site1", key="1", node_config=sites["1"])
+    deployment.wait_online(2)
+    run1 = _run_dir(deployment.tmp, "run1", rounds=2, num_sites=2, target_epsilon=5.0)
+    assert deployment.run(run1).startswith("finished:completed"), deployment.log("site0")
+    privacy = json.loads((run1 / "privacy.json").read_text())
+    assert sorted(privacy["sites"]) == ["site0", "site1"] and privacy["epsilon"] > 0
+    for site in privacy["sites"].values():
+        assert [h["round"] for h in site["history"]] == [1, 2] and 0 < site["epsilon"] <= 5.0
+        assert len({h["run"] for h in site["history"]}) == 1
+    on_disk = json.loads((Path(sites["0"]["state-dir"]) / "ledger.json").read_text())
+    assert on_disk["history"] == privacy["sites"]["site0"]["history"]  # the site's file is the source
+
+    # kill site 0 hard, restart it on the same state dir; a second run continues its ledger
+    # (the SuperLink refuses a second activation of a key it still sees online, so wait
+    # until the dead node misses its heartbeats: up to 2 x 30 s in flwr 1.42)
+    deployment.stop("site0", signal.SIGKILL)
+    deployment.wait_online(1, timeout=150)
+    deployment.start_supernode("site0", key="0", node_config=sites["0"])
+    deployment.wait_online(2)
+    run2 = _run_dir(deployment.tmp, "run2", rounds=1, num_sites=2, target_epsilon=8.0)
+    assert deployment.run(run2).startswith("finished:completed")
+    after = json.loads((run2 / "privacy.json").read_text())["sites"]["site0"]
+    assert after["history"][:2] == on_disk["history"]  # nothing forgotten
+    assert len(after["history"]) == 3 and after["history"][2]["round"] == 1
+    assert after["history"][2]["run"] != after["history"][0]["run"]
+    assert after["epsilon"] > on_disk["epsilon"]
+
+
+def test_a_site_whose_budget_is_spent_refuses(deployment, sites):
+    # site 0's ledger (state dir) already holds more than its own cap allows
+    spent = json.loads((Path(sites["0"]["state-dir"]) / "ledger.json").read_text())
+    assert spent["epsilon"] > 1.0
+    for name in ("site0", "site1"):
+        if name in deployment.procs:
+            deployment.stop(name)
+    deployment.wait_online(0, timeout=150)
+    deployment.start_supernode("site0", key="0", node_config={**sites["0"], "max-epsilon": 1.0})
+    deployment.wait_online(1)
+    run3 = _run_dir(deployment.tmp, "run3", rounds=2, num_sites=1, target_epsilon=8.0)
+    assert deployment.run(run3).startswith("finished:completed")
+    summary = json.loads((run3 / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run3 / "metrics.jsonl").read_text().splitlines()]
+    assert summary["stopped_reason"] == "budget_exhausted" and summary["rounds_completed"] == 0
+    assert rows[0]["clients_refused"] == 1 and rows[0]["clients_ok"] == 0
+    after = json.loads((Path(sites["0"]["state-dir"]) / "ledger.json").read_text())
+    assert after["history"] == spent["history"]  # not one more step was charged

@@ -1,0 +1,80 @@
+"""Server-side update validation on hand-made replies: NaN, wrong shape, wrong dtype and
+an outlier norm are rejected (logged with the node and site), and the round continues."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+from server.updates import norm_outliers, sort_replies, update_norm
+
+def _rec(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+GLOBAL = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
+
+
+def _reply(site: str, node: int, arrays: dict[str, np.ndarray] | None, status: int = 0) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "status": status, "train-loss": 1.0}),
+                          "site": ConfigRecord({"id": site, "ledger": "", "message": ""})})
+    if arrays is not None:
+        content["arrays"] = _rec(arrays)
+    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+                    group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    return Message(content=content, metadata=meta)  # a reply as the SuperLink delivers it
+
+
+def _update(scale: float, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (v + scale * rng.standard_normal(v.shape)).astype(np.float32) for k, v in GLOBAL.items()}
+
+
+@pytest.fixture
+def global_arrays() -> ArrayRecord:
+    return _rec(GLOBAL)
+
+
+def test_node_id_is_set_on_hand_made_replies():
+    assert _reply("a", 123, None).metadata.src_node_id == 123
+
+
+def test_bad_replies_are_rejected_and_the_round_continues(global_arrays, caplog):
+    nan = _update(0.1, 9)
+    nan["w"][0, 0] = np.nan
+    wrong_shape = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
+    wrong_dtype = {"w": np.zeros((3, 2), dtype=np.float64), "b": np.zeros(2, dtype=np.float32)}
+    replies = [_reply("good0", 10, _update(0.1, 0)), _reply("good1", 11, _update(0.1, 1)),
+               _reply("good2", 12, _update(0.1, 2)), _reply("outlier", 13, _update(50.0, 3)),
+               _reply("nan", 14, nan), _reply("shape", 15, wrong_shape), _reply("dtype", 16, wrong_dtype),
+               _reply("spent", 17, None, status=1)]
+    with caplog.at_level(logging.WARNING, logger="server.updates"):
+        out = sort_replies(replies, global_arrays, sampled=len(replies) + 1)
+    assert [m.metadata.src_node_id for m in out.ok] == [10, 11, 12]
+    reasons = dict(out.failed[:-1])
+    assert "NaN/Inf" in reasons["nan"]
+    assert "shape (2, 3) != (3, 2)" in reasons["shape"]
+    assert "dtype float64 != float32" in reasons["dtype"]
+    assert "more than 10x the round's median" in reasons["outlier"]
+    assert out.failed[-1] == ("?", "no reply before the round timeout")
+    assert out.refused == ["spent"]
+    log = caplog.text
+    assert "outlier (node 13)" in log and "nan (node 14)" in log and "shape (node 15)" in log
+
+
+def test_norm_check_needs_three_replies(global_arrays):
+    two = [_reply("a", 1, _update(0.1, 0)), _reply("b", 2, _update(50.0, 1))]
+    assert len(sort_replies(two, global_arrays, sampled=2).ok) == 2  # no reference to compare against
+
+
+def test_norm_helpers(global_arrays):
+    upd = _rec({"w": np.full((3, 2), 1.0, dtype=np.float32), "b": np.full(2, 1.0, dtype=np.float32)})
+    assert update_norm(upd, global_arrays) == pytest.approx(np.sqrt(8))
+    assert norm_outliers([1.0, 1.2, 0.9, 30.0]) == [3]
+    assert norm_outliers([1.0, 1.2, 9.0]) == []  # under 10x the median
+    assert norm_outliers([0.0, 0.0, 0.0]) == []
+    assert norm_outliers([1.0, 50.0]) == []
