@@ -33,7 +33,7 @@ def save_sample_grid(x: torch.Tensor | np.ndarray, path: Path, nrow: int = 10) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = sample_grid(x, nrow=nrow)
-    scale = max(1, 240 // max(grid.shape[:2]))
+    scale = max(1, 480 // max(grid.shape[:2]))
     grid = np.kron(grid, np.ones((scale, scale))) if grid.ndim == 2 else grid.repeat(scale, 0).repeat(scale, 1)
     plt.imsave(path, grid, cmap="gray", vmin=0, vmax=1)
     return path

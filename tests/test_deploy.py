@@ -214,6 +214,9 @@ def test_two_sites_train_with_dp_then_a_restarted_site_keeps_its_history(deploym
         assert len({h["run"] for h in site["history"]}) == 1
     on_disk = json.loads((Path(sites["0"]["state-dir"]) / "ledger.json").read_text())
     assert on_disk["history"] == privacy["sites"]["site0"]["history"]  # the site's file is the source
+    # no reference set at the server: the last round is evaluated federatedly (scalars only)
+    last = [json.loads(line) for line in (run1 / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["federated_eval_sites"] == 2 and last["federated_eval_loss"] > 0
 
     # kill site 0 hard, restart it on the same state dir; a second run continues its ledger
     # (the SuperLink refuses a second activation of a key it still sees online, so wait
