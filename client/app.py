@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from .faults import attack_update
 from .site import ledger_run, load_ledger, load_site_data, save_ledger, site_id, site_max_epsilon
-from .task import TaskConfig, evaluate_site, train_site
+from .task import TaskConfig, evaluate_site, round_seed, train_site
 
 STATUS = {"trained": 0, "budget_exhausted": 1}
 
@@ -53,8 +55,18 @@ def train(msg: Message, context: Context) -> Message:
                              "message": result.message})
     content = RecordDict({"metrics": metrics, "site": site_rec})
     if result.status == "trained":
-        content["arrays"] = ArrayRecord(model.state_dict())
+        content["arrays"] = ArrayRecord(_maybe_attack(msg, site, model.state_dict()))
     return Message(content=content, reply_to=msg)
+
+
+def _maybe_attack(msg: Message, site: str, state: dict) -> dict:
+    """Simulation only: a site the scenario made Byzantine corrupts its update."""
+    attack = json.loads(str(msg.content["config"]["fedgen"])).get("byzantine")
+    if not attack or site not in attack["sites"]:
+        return state
+    seed = round_seed(int(attack["seed"]), site, int(msg.content["config"]["server-round"]))
+    return attack_update(attack["attack"], state, msg.content["arrays"].to_torch_state_dict(),
+                         float(attack["scale"]), seed)
 
 
 @app.evaluate()

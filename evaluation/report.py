@@ -16,9 +16,10 @@ from typing import Any
 from .plots import plot_bars, plot_curves, plot_overlaid
 from .suite import metric_directions
 
-CURVES = ["train_loss", "epsilon", "fid_domain", "precision", "recall", "coverage", "heldout_nll_bits_per_dim",
+CURVES = ["train_loss", "epsilon", "site_level_epsilon", "fid_domain", "precision", "recall", "coverage", "heldout_nll_bits_per_dim",
           "federated_eval_loss"]
-TABLE_KEYS = ["rounds_completed", "stopped_reason", "epsilon", "delta", "fid_domain", "kid_domain", "precision",
+TABLE_KEYS = ["rounds_completed", "stopped_reason", "epsilon", "delta", "site_level_epsilon", "fid_domain",
+              "kid_domain", "precision",
               "recall", "density", "coverage", "classes_covered", "collapsed", "label_agreement", "tstr_accuracy",
               "trtr_accuracy", "heldout_nll_bits_per_dim", "wall_seconds"]
 _STYLE = ("body{font-family:sans-serif;max-width:1150px;margin:auto;padding:0 1em}table{border-collapse:collapse}"

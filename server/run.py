@@ -16,16 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from client.faults import byzantine_sites
 from privacy.ledger import PrivacyLedger, atomic_write_text
+from privacy.site_level import SiteLevelDP
 from shared_models import GenerativeModel, build_model
 
 from . import rundir
+from .aggregation import bound_update_norms, robust_report, site_label
 from .evaluate import GlobalEvaluator
-from .strategies import build_strategy
+from .strategies import ROBUST, build_strategy
 from .updates import sort_replies, weighted_mean
 
 log = logging.getLogger(__name__)
@@ -40,19 +44,49 @@ class RunState:
     exhausted_sites: list[str]
     python_random_state: Any
     wall_seconds: float
+    noise_rng_state: Any = None  # site-level DP noise generator (simulation only)
+
+
+def example_level(privacy: dict[str, Any]) -> bool:
+    """Whether sites run DP-SGD (example-level DP): ``unit`` is ``example`` or ``both``."""
+    return bool(privacy["enabled"]) and privacy.get("unit", "example") != "site"
+
+
+def site_level(privacy: dict[str, Any]) -> bool:
+    """Whether the server runs DP-FedAvg (site-level DP): ``unit`` is ``site`` or ``both``."""
+    return bool(privacy["enabled"]) and privacy.get("unit", "example") != "example"
 
 
 def task_config(scenario: dict[str, Any], spec: rundir.DataSpec) -> str:
     """The JSON the sites receive each round: how to build and train the model."""
-    return json.dumps({
+    privacy = {k: v for k, v in scenario["privacy"].items() if k not in ("unit", "site_level")}
+    task = {
         "model": scenario["model"],
         "data_shape": list(spec.shape),
         "num_classes": spec.num_classes,
         "training": scenario["training"],
-        "privacy": {**scenario["privacy"], "planned_rounds": scenario["federation"]["rounds"]},
+        "privacy": {**privacy, "enabled": example_level(scenario["privacy"]),
+                    "planned_rounds": scenario["federation"]["rounds"]},
         "seed": scenario["seed"],
         "device": scenario["simulation"]["device"],
-    })
+    }
+    attack = scenario["simulation"].get("byzantine")
+    if attack and not scenario.get("deployment"):
+        task["byzantine"] = {**attack, "sites": byzantine_sites(spec.num_sites, attack["fraction"], attack["seed"])}
+    return json.dumps(task)
+
+
+def site_level_mechanism(scenario: dict[str, Any], num_sites: int) -> SiteLevelDP | None:
+    """The server's DP-FedAvg mechanism, sigma calibrated before round 1 (None unless
+    ``privacy.unit`` is ``site`` or ``both``)."""
+    privacy = scenario["privacy"]
+    if not site_level(privacy):
+        return None
+    cfg = privacy["site_level"]
+    return SiteLevelDP.calibrated(target_epsilon=cfg["target_epsilon"], delta=cfg["delta"],
+                                  clip_norm=cfg["clip_norm"], sample_rate=cfg["sample_rate"], num_sites=num_sites,
+                                  planned_rounds=scenario["federation"]["rounds"], accountant=privacy["accountant"],
+                                  noise_multiplier=cfg["noise_multiplier"])
 
 
 def build_global_model(scenario: dict[str, Any], spec: rundir.DataSpec) -> GenerativeModel:
@@ -75,12 +109,27 @@ class FederatedRun:
         self.evaluator = GlobalEvaluator(rundir.read_reference(self.run_dir), seed=self.scenario["seed"])
         self.ledger = PrivacyLedger(accountant=self.privacy_cfg["accountant"], delta=self.privacy_cfg["delta"],
                                     target_epsilon=self.privacy_cfg["target_epsilon"]
-                                    if self.privacy_cfg["enabled"] else None)
+                                    if example_level(self.privacy_cfg) else None,
+                                    unit=self.privacy_cfg.get("unit", "example"))
+        self.site_dp = self._site_level_mechanism()
+        deployed = bool(self.scenario.get("deployment"))
+        # Site-level DP's amplification needs a sampling draw and noise the sites cannot
+        # predict: in deployment both come from the OS's entropy; a simulation is seeded.
+        self.sampling_rng: Any = random.SystemRandom() if deployed else random
+        self.noise_rng = np.random.default_rng(None if deployed else self.scenario["seed"])
+        self.byzantine = set(byzantine_sites(self.spec.num_sites, attack["fraction"], attack["seed"])) \
+            if (attack := self.scenario["simulation"].get("byzantine")) and not deployed else set()
         self.exhausted: set[str] = set()
         self.start_round = 1
         self.wall_before = 0.0
         random.seed(self.scenario["seed"])  # Flower's node sampling uses `random`
         self._maybe_resume()
+
+    def _site_level_mechanism(self) -> SiteLevelDP | None:
+        mech = site_level_mechanism(self.scenario, self.spec.num_sites)
+        if mech is not None:
+            self.ledger.site_level = mech.to_dict()
+        return mech
 
     # -- checkpoints --------------------------------------------------------------------
     @property
@@ -98,6 +147,10 @@ class FederatedRun:
         self.start_round = state.next_round
         self.wall_before = state.wall_seconds
         random.setstate(state.python_random_state)
+        if self.site_dp is not None and self.ledger.site_level:
+            self.site_dp = SiteLevelDP.from_dict(self.ledger.site_level)
+        if state.noise_rng_state is not None and not self.scenario.get("deployment"):
+            self.noise_rng.bit_generator.state = state.noise_rng_state
         if "strategy" in ckpt:
             self.strategy = ckpt["strategy"]
         self._restore_site_ledgers()
@@ -124,7 +177,8 @@ class FederatedRun:
         folder.mkdir(exist_ok=True)
         state = RunState(next_round=next_round, ledger=self.ledger.to_dict(),
                          exhausted_sites=sorted(self.exhausted),
-                         python_random_state=random.getstate(), wall_seconds=wall)
+                         python_random_state=random.getstate(), wall_seconds=wall,
+                         noise_rng_state=self.noise_rng.bit_generator.state)
         tmp = folder / ".latest.pt.tmp"
         torch.save({"model": self.model.state_dict(), "state": state, "strategy": self.strategy,
                     "scenario": self.scenario}, tmp)
@@ -141,18 +195,21 @@ class FederatedRun:
         rounds = self.fed["rounds"]
         for rnd in range(self.start_round, rounds + 1):
             t_round = time.time()
-            messages = list(self.strategy.configure_train(
-                rnd, arrays, ConfigRecord({"fedgen": config_json, "run-dir": str(self.run_dir)}), self.grid))
+            if self.site_dp is not None and not self.site_dp.can_release():
+                stopped_reason = "budget_exhausted"
+                log.info("round %d: the site-level budget is spent; stopping", rnd)
+                break
+            config = ConfigRecord({"fedgen": config_json, "run-dir": str(self.run_dir)})
+            messages = (self._poisson_sample(rnd, arrays, config) if self.site_dp is not None
+                        else list(self.strategy.configure_train(rnd, arrays, config, self.grid)))
             replies = list(self.grid.send_and_receive(messages, timeout=self.fed["round_timeout_s"]))
-            sorted_ = sort_replies(replies, arrays, sampled=len(messages))
+            # Under site-level DP clipping bounds every update; a rejection that depends on
+            # the other sites' norms would break that sensitivity bound, so it is off.
+            sorted_ = sort_replies(replies, arrays, sampled=len(messages),
+                                   outlier_factor=None if self.site_dp else self.fed["outlier_factor"])
             for site_ledger in sorted_.ledgers:
                 self.ledger.update_site(site_ledger)
             self.exhausted.update(sorted_.refused)
-            if sorted_.ok:
-                new_arrays, _ = self.strategy.aggregate_train(rnd, sorted_.ok)
-                if new_arrays is not None:
-                    arrays = new_arrays
-                    self.model.load_state_dict(arrays.to_torch_state_dict())
             row: dict[str, Any] = {
                 "round": rnd,
                 "clients_sampled": len(messages),
@@ -160,9 +217,11 @@ class FederatedRun:
                 "clients_failed": len(sorted_.failed),
                 "clients_refused": len(sorted_.refused),
                 "train_loss": weighted_mean(sorted_.ok, "train-loss"),
-                "epsilon": self.ledger.epsilon if self.privacy_cfg["enabled"] else None,
+                "epsilon": self.ledger.epsilon if example_level(self.privacy_cfg) else None,
                 "failures": [{"site": s, "reason": short_reason(r)} for s, r in sorted_.failed],
             }
+            if self.byzantine:
+                row["byzantine"] = sorted(site_label(m) for m in sorted_.ok if site_label(m) in self.byzantine)
             if messages and not sorted_.ok and not sorted_.refused:
                 # Every sampled site failed: training cannot progress, and retrying the same
                 # round would most likely fail the same way. Stop and say why.
@@ -177,6 +236,7 @@ class FederatedRun:
                 self._append_metrics(row)
                 log.info("round %d: every site's budget is spent; stopping", rnd)
                 break
+            arrays = self._aggregate(rnd, arrays, sorted_.ok, row)
             rounds_completed = rnd
             every = self.scenario["evaluation"]["every"]
             if (every and rnd % every == 0) or rnd == rounds:
@@ -188,6 +248,42 @@ class FederatedRun:
             self.ledger.write(self.run_dir / rundir.PRIVACY)
             self._checkpoint(next_round=rnd + 1, wall=time.time() - t_start)
         return self._finish(rounds_completed, stopped_reason, time.time() - t_start)
+
+    def _poisson_sample(self, rnd: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        """Site-level DP's sampling: every connected site independently with probability q."""
+        deadline = time.time() + self.fed["round_timeout_s"]
+        while len(nodes := list(self.grid.get_node_ids())) < self.fed["min_fit_sites"] and time.time() < deadline:
+            log.info("waiting for sites: %d connected, %d required", len(nodes), self.fed["min_fit_sites"])
+            time.sleep(1.0)
+        config["server-round"] = rnd
+        content = RecordDict({"arrays": arrays, "config": config})
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+                for node in self.site_dp.sample(nodes, self.sampling_rng)]
+
+    def _aggregate(self, rnd: int, arrays: ArrayRecord, ok: list[Message], row: dict[str, Any]) -> ArrayRecord:
+        """The round's new global model from the valid updates ``ok`` (``row`` gets what
+        the server did to them)."""
+        if self.site_dp is not None:  # DP-FedAvg: a noised release even when nobody replied
+            new, info = self.site_dp.release(
+                {k: v.numpy() for k, v in arrays.items()},
+                [{k: v.numpy() for k, v in next(iter(m.content.array_records.values())).items()} for m in ok],
+                self.noise_rng)
+            self.ledger.site_level = self.site_dp.to_dict()
+            norms = info.pop("site_update_norms")
+            row.update(info, site_update_norm_median=float(np.median(norms)) if norms else None)
+            self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in new.items()})
+            return ArrayRecord(self.model.state_dict())
+        if not ok:
+            return arrays
+        if self.fed["norm_bound"] is not None:
+            row["clients_norm_bounded"] = bound_update_norms(ok, arrays, self.fed["norm_bound"])
+        if self.fed["strategy"] in ROBUST:
+            row["robust"] = robust_report(self.fed["strategy"], self.fed, ok)
+        new_arrays, _ = self.strategy.aggregate_train(rnd, ok)
+        if new_arrays is None:
+            return arrays
+        self.model.load_state_dict(new_arrays.to_torch_state_dict())
+        return new_arrays
 
     def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
         cfg = self.scenario["evaluation"]
@@ -208,6 +304,20 @@ class FederatedRun:
                    if not r.has_error()]
         return {"federated_eval_loss": weighted_mean(replies, "eval-loss"), "federated_eval_sites": len(replies)}
 
+    def _guarantees(self) -> list[dict[str, Any]]:
+        """Each DP guarantee of the run in words: what it protects, at which (epsilon, delta)."""
+        out = []
+        if example_level(self.privacy_cfg):
+            out.append({"unit": "example", "epsilon": self.ledger.epsilon, "delta": self.privacy_cfg["delta"],
+                        "mechanism": "DP-SGD at every site (largest epsilon over sites)",
+                        "protects": "any single training record at a site"})
+        if self.site_dp is not None:
+            out.append({"unit": "site", "epsilon": self.site_dp.epsilon, "delta": self.site_dp.delta,
+                        "mechanism": "DP-FedAvg on the server (clipped site updates, Gaussian noise, "
+                                     "Poisson site sampling)",
+                        "protects": "whether any one site took part at all, all of its records together"})
+        return out
+
     def _append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.run_dir / rundir.METRICS, "a") as fh:
             fh.write(json.dumps(_jsonable(row)) + "\n")
@@ -220,9 +330,11 @@ class FederatedRun:
             "rounds_completed": rounds_completed,
             "stopped_reason": stopped_reason,
             "model": self.scenario["model"]["family"],
-            "epsilon": self.ledger.epsilon if self.privacy_cfg["enabled"] else None,
-            "delta": self.privacy_cfg["delta"] if self.privacy_cfg["enabled"] else None,
-            "privacy_unit": "example" if self.privacy_cfg["enabled"] else None,
+            "epsilon": self.ledger.epsilon if example_level(self.privacy_cfg) else None,
+            "delta": self.privacy_cfg["delta"] if example_level(self.privacy_cfg) else None,
+            "privacy_unit": self.privacy_cfg.get("unit", "example") if self.privacy_cfg["enabled"] else None,
+            "site_level_epsilon": self.site_dp.epsilon if self.site_dp is not None else None,
+            "guarantees": self._guarantees(),
             "metrics": {k: v for k, v in last_eval.items() if k not in _ROUND_KEYS},
             "wall_seconds": wall,
         }
@@ -247,7 +359,8 @@ def short_reason(reason: str) -> str:
 
 
 _ROUND_KEYS = {"round", "clients_sampled", "clients_ok", "clients_failed", "clients_refused", "train_loss",
-               "epsilon", "seconds", "failures", "eval_seconds", "class_histogram"}
+               "epsilon", "seconds", "failures", "eval_seconds", "class_histogram", "byzantine", "robust",
+               "clients_norm_bounded", "site_level_epsilon", "sites_clipped", "site_update_norm_median"}
 
 
 def _jsonable(obj: Any) -> Any:

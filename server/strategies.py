@@ -1,12 +1,18 @@
-"""Strategy registry over Flower's Message-API strategies (``flwr.serverapp.strategy``)."""
+"""Strategy registry over Flower's Message-API strategies (``flwr.serverapp.strategy``).
+
+Averaging: ``fedavg``, ``fedprox``, ``fedadam``. Robust to a minority of bad sites:
+``fedmedian`` (coordinate-wise median, Yin et al. 2018), ``fedtrimmedavg`` (coordinate-wise
+trimmed mean, Yin et al. 2018), ``krum`` and ``multikrum`` (Blanchard et al. 2017).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 _STRATEGIES: dict[str, Callable[..., Strategy]] = {}
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")
 
 
 def register_strategy(name: str) -> Callable[[Callable[..., Strategy]], Callable[..., Strategy]]:
@@ -44,6 +50,33 @@ def _fedprox(fed: dict[str, Any]) -> Strategy:
 def _fedadam(fed: dict[str, Any]) -> Strategy:
     """FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization")."""
     return FedAdam(eta=fed["server_lr"], **_sampling(fed))
+
+
+@register_strategy("fedmedian")
+def _fedmedian(fed: dict[str, Any]) -> Strategy:
+    """Coordinate-wise median of the updates (Yin et al. 2018, "Byzantine-Robust
+    Distributed Learning: Towards Optimal Statistical Rates")."""
+    return FedMedian(**_sampling(fed))
+
+
+@register_strategy("fedtrimmedavg")
+def _fedtrimmedavg(fed: dict[str, Any]) -> Strategy:
+    """Coordinate-wise mean after dropping the ``trim_fraction`` largest and smallest
+    values on each side (Yin et al. 2018)."""
+    return FedTrimmedAvg(beta=fed["trim_fraction"], **_sampling(fed))
+
+
+@register_strategy("krum")
+def _krum(fed: dict[str, Any]) -> Strategy:
+    """Krum (Blanchard et al. 2017): the one update closest to its n - f - 2 nearest others."""
+    return Krum(num_malicious_nodes=fed["byzantine_sites"], **_sampling(fed))
+
+
+@register_strategy("multikrum")
+def _multikrum(fed: dict[str, Any]) -> Strategy:
+    """Multi-Krum (Blanchard et al. 2017): the mean of the ``krum_select`` best-scored updates."""
+    return MultiKrum(num_malicious_nodes=fed["byzantine_sites"], num_nodes_to_select=fed["krum_select"],
+                     **_sampling(fed))
 
 
 def build_strategy(name: str, federation: dict[str, Any]) -> Strategy:

@@ -72,17 +72,18 @@ def update_norm(update: ArrayRecord, reference: ArrayRecord) -> float:
     return float(np.sqrt(total))
 
 
-def norm_outliers(norms: list[float], *, factor: float = OUTLIER_FACTOR,
+def norm_outliers(norms: list[float], *, factor: float | None = OUTLIER_FACTOR,
                   min_replies: int = OUTLIER_MIN_REPLIES) -> list[int]:
-    """Indices of norms above ``factor`` x the median (none with fewer than ``min_replies``)."""
-    if len(norms) < min_replies:
+    """Indices of norms above ``factor`` x the median (none with fewer than ``min_replies``,
+    none when ``factor`` is ``None``)."""
+    if factor is None or len(norms) < min_replies:
         return []
     median = float(np.median(norms))
     return [i for i, n in enumerate(norms) if n > factor * median and n > 0.0]
 
 
 def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sampled: int, *,
-                 outlier_factor: float = OUTLIER_FACTOR, outlier_min_replies: int = OUTLIER_MIN_REPLIES
+                 outlier_factor: float | None = OUTLIER_FACTOR, outlier_min_replies: int = OUTLIER_MIN_REPLIES
                  ) -> RoundReplies:
     out = RoundReplies()
     who: list[tuple[str, int]] = []  # (site label, node id) of each ok reply

@@ -65,8 +65,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if summary["stopped_reason"] == "clients_failed":
         return _fail(f"every site failed in round {summary['rounds_completed'] + 1}: {summary.get('failure', '')} "
                      f"(details: {run_dir / rundir.METRICS})", code=1)
-    eps = summary.get("epsilon")
-    eps_txt = f", epsilon {eps:.3f} (delta {summary['delta']:g})" if eps is not None else ", no DP"
+    guarantees = summary.get("guarantees") or []
+    eps_txt = "".join(f", {g['unit']}-level epsilon {g['epsilon']:.3f} (delta {g['delta']:g})"
+                      for g in guarantees) or ", no DP"
     console.print(f"[green]done[/]: {summary['rounds_completed']} rounds ({summary['stopped_reason']})"
                   f"{eps_txt}, {summary['wall_seconds']:.0f} s -> {run_dir}", highlight=False)
     return 0
@@ -85,9 +86,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
           f"({'%d classes' % data.num_classes if data.num_classes else 'unlabelled'}), "
           f"{len(sites)} sites of {min(sizes)}-{max(sizes)} examples, {len(holdout)} held out; "
           f"model {scenario.model.family}, {scenario.federation.rounds} rounds, "
-          + (f"DP target epsilon {scenario.privacy.target_epsilon} at delta {scenario.privacy.delta:g}"
-             if scenario.privacy.enabled else "no DP"))
+          + _privacy_line(scenario))
     return 0
+
+
+def _privacy_line(scenario) -> str:
+    p = scenario.privacy
+    if not p.enabled:
+        return "no DP"
+    parts = []
+    if p.unit != "site":
+        parts.append(f"example-level DP target epsilon {p.target_epsilon} at delta {p.delta:g}")
+    if p.unit != "example":
+        s = p.site_level
+        parts.append(f"site-level DP target epsilon {s.target_epsilon} at delta {s.delta:g} "
+                     f"(q {s.sample_rate:g}, clip {s.clip_norm:g})")
+    return "; ".join(parts)
 
 
 # -- sample -------------------------------------------------------------------------------

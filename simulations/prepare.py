@@ -21,7 +21,7 @@ from client.data import SiteData, load_data
 from client.site import CANARIES
 from privacy.audit import plan_canaries
 from server import rundir
-from server.run import build_global_model
+from server.run import build_global_model, site_level_mechanism
 
 from .errors import ScenarioError
 from .partition import holdout_split, partition
@@ -52,6 +52,7 @@ def check_scenario(scenario: Scenario) -> tuple[SiteData, list[np.ndarray], np.n
     sites, holdout = split_sites(scenario, data)
     spec = _spec(scenario, data)
     build_global_model(scenario.resolved(), spec)
+    site_level_mechanism(scenario.resolved(), spec.num_sites)  # a site-level budget that cannot be met fails here
     plant_canaries(scenario, data)  # checks privacy.canaries against the federation
     return data, sites, holdout
 

@@ -24,6 +24,8 @@ def _describe(row: dict[str, Any]) -> str:
         parts.append(f"loss {row['train_loss']:.3g}")
     if row.get("epsilon") is not None:
         parts.append(f"ε {row['epsilon']:.3f}")
+    if row.get("site_level_epsilon") is not None:
+        parts.append(f"site ε {row['site_level_epsilon']:.3f}")
     for key in ("fid_domain", "heldout_nll_bits_per_dim"):
         if row.get(key) is not None:
             parts.append(f"{key} {row[key]:.3g}")

@@ -48,9 +48,16 @@ class FederationConfig(_Section):
     rounds: int = Field(5, ge=1)
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0)
     min_fit_sites: int = Field(1, ge=1)
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx mu")
     server_lr: float = Field(0.01, gt=0.0, description="FedAdam eta")
+    trim_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="fedtrimmedavg: share cut on each side")
+    byzantine_sites: int = Field(0, ge=0, description="krum / multikrum: number f of Byzantine sites assumed")
+    krum_select: int = Field(2, ge=1, description="multikrum: updates averaged")
+    norm_bound: float | None = Field(None, gt=0.0, description="scale updates farther than this from the "
+                                     "global model back to it before aggregating; null = off")
+    outlier_factor: float | None = Field(10.0, gt=1.0, description="reject an update whose norm exceeds this "
+                                         "multiple of the round's median; null = off")
     round_timeout_s: float = Field(3600.0, gt=0.0)
 
 
@@ -92,14 +99,31 @@ class CanaryConfig(_Section):
     seed: int = Field(0, description="seed of the canaries' pixels, labels and inclusion bits")
 
 
+class SiteLevelConfig(_Section):
+    """DP-FedAvg on the server (McMahan et al. 2018), used when ``privacy.unit`` is
+    ``site`` or ``both``: each site's update is clipped to ``clip_norm``, sites are
+    Poisson-sampled with ``sample_rate`` each round, and Gaussian noise calibrated to
+    ``target_epsilon`` over the planned rounds is added to the sum (privacy/site_level.py)."""
+
+    target_epsilon: float = Field(10.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    clip_norm: float = Field(1.0, gt=0.0, description="L2 bound C on each site's update w_k - w")
+    sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="probability q that a site takes part in a round")
+    noise_multiplier: float | None = Field(None, gt=0.0, description="sigma; null = calibrate to target_epsilon")
+
+
 class PrivacySection(_Section):
     enabled: bool = True
+    unit: Literal["example", "site", "both"] = Field(
+        "example", description="what DP protects: one record (DP-SGD at the sites), one site (DP-FedAvg on "
+        "the server), or both")
     target_epsilon: float = Field(10.0, gt=0.0)
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["auto", "ghost", "hooks", "functorch"] = "auto"
     canaries: CanaryConfig | None = Field(None, description="plant audit canaries (default: none)")
+    site_level: SiteLevelConfig = SiteLevelConfig()
 
 
 class EvaluationConfig(_Section):
@@ -108,12 +132,22 @@ class EvaluationConfig(_Section):
     tstr: bool = Field(False, description="train-synthetic-test-real accuracy after the last round")
 
 
+class ByzantineConfig(_Section):
+    """Sites that send corrupted updates (simulation only; client/faults.py)."""
+
+    fraction: float = Field(..., gt=0.0, lt=1.0, description="share of the sites that attack")
+    attack: Literal["sign_flip", "scale", "gaussian"] = "sign_flip"
+    scale: float = Field(10.0, gt=0.0, description="factor (sign_flip, scale) or noise std (gaussian)")
+    seed: int = Field(0, description="which sites attack")
+
+
 class SimulationConfig(_Section):
     engine: Literal["flower"] = "flower"
     client_cpus: float = Field(1.0, gt=0.0)
     client_gpus: float = Field(0.0, ge=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_actors: int | None = Field(None, ge=1, description="cap on concurrent Ray actors")
+    byzantine: ByzantineConfig | None = Field(None, description="simulate attacking sites (default: none)")
 
 
 class DeploymentConfig(_Section):
@@ -145,6 +179,20 @@ class Scenario(_Section):
     simulation: SimulationConfig = SimulationConfig()
     deployment: DeploymentConfig | None = None  # set for `fedgen prepare` (real SuperNodes)
 
+    @model_validator(mode="after")
+    def _site_level_needs(self) -> "Scenario":
+        if self.privacy.unit == "example":
+            return self
+        if not self.privacy.enabled:
+            raise ValueError(f"privacy.unit: {self.privacy.unit!r} needs privacy.enabled: true")
+        if self.federation.strategy != "fedavg":
+            raise ValueError(f"federation.strategy: site-level DP (privacy.unit: {self.privacy.unit}) aggregates "
+                             f"with DP-FedAvg; set strategy: fedavg (got {self.federation.strategy!r})")
+        if self.federation.fraction_fit != 1.0:
+            raise ValueError("federation.fraction_fit: under site-level DP sites are Poisson-sampled with "
+                             "privacy.site_level.sample_rate; leave fraction_fit at 1.0")
+        return self
+
     def resolved(self) -> dict[str, Any]:
         """Every key with its value, defaults included (what ``scenario.yaml`` records)."""
         d = self.model_dump(mode="json")
@@ -163,6 +211,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
         msg = f"{msg} (got {first['input']!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    if not first["loc"]:  # a check across sections names its keys itself
+        return f"{source}: {msg}{more}"
     return f"{source}: {loc}: {msg}{more}"
 
 

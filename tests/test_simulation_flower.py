@@ -176,3 +176,30 @@ def test_resume_after_kill_gives_the_uninterrupted_ledger(tmp_path):
 
     assert ledger(out) == ledger(ref)
     assert fedgen_processes() == []
+
+
+def test_example_and_site_level_dp_are_both_reported(tmp_path):
+    out = tmp_path / "run"
+    res = fedgen("simulate", REPO / "scenarios" / "site-dp-digits.yaml", "--out", out, "--set", "federation.rounds=3",
+                 "--set", "training.local_steps=5", "--set", "evaluation.every=0", "--set", "evaluation.num_samples=100",
+                 cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy_unit"] == "both"
+    units = {g["unit"]: g for g in summary["guarantees"]}
+    assert set(units) == {"example", "site"}
+    assert 0 < units["example"]["epsilon"] <= 10.0 and 0 < units["site"]["epsilon"] <= 10.0
+    assert units["site"]["delta"] == 1e-3 and summary["site_level_epsilon"] == units["site"]["epsilon"]
+
+    block = json.loads((out / "privacy.json").read_text())["site_level"]
+    assert block["rounds"] == 3 and block["sample_rate"] == 0.5 and block["num_sites"] == 20
+    fresh = make_accountant("rdp", [(block["noise_multiplier"], 0.5, 3)]).get_epsilon(delta=1e-3)
+    assert block["epsilon"] == pytest.approx(fresh, rel=0.01)
+    assert block["noise_std"] == pytest.approx(block["noise_multiplier"] * 1.0 / (0.5 * 20))
+
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    site_eps = [r["site_level_epsilon"] for r in rows]
+    assert site_eps == sorted(site_eps) and site_eps[-1] == pytest.approx(block["epsilon"])
+    assert all(0 <= r["clients_sampled"] <= 20 for r in rows)
+    assert sum(r["clients_sampled"] for r in rows) not in (0, 60)  # Poisson, not "all" or "none"
+    assert fedgen_processes() == []
