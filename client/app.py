@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .faults import attack_update
+from .faults import RoundFaults, SimulatedCrash, attack_update, plan_faults
 from .site import ledger_run, load_ledger, load_site_data, save_ledger, site_id, site_max_epsilon
 from .task import TaskConfig, evaluate_site, round_seed, train_site
 
-STATUS = {"trained": 0, "budget_exhausted": 1}
+STATUS = {"trained": 0, "budget_exhausted": 1, "unavailable": 2}
 
 app = ClientApp()
 
@@ -34,6 +35,10 @@ def _with_site_cap(task: TaskConfig, context: Context) -> TaskConfig:
 def train(msg: Message, context: Context) -> Message:
     task = _with_site_cap(_task(msg), context)
     site = site_id(context)
+    faults = _simulated_faults(msg, site)
+    if faults.dropout:
+        return _reply(msg, site, {"num-examples": 0, "status": STATUS["unavailable"]},
+                      message="dropped out (simulated fault)")
     run_dir = str(msg.content["config"].get("run-dir", ""))
     data = load_site_data(context, conditional=task.num_classes is not None, run_dir=run_dir)
     ledger = load_ledger(context, site, run_dir)
@@ -44,19 +49,34 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(msg.content["config"]["server-round"]), ledger=ledger, run=ledger_run(context))
     if ledger is not None:
         save_ledger(context, ledger, run_dir)  # before the update leaves the site
-    metrics = MetricRecord({
+    if faults.crash:
+        raise SimulatedCrash(f"site {site} crashed after training (simulated fault)")
+    time.sleep(faults.delay_s)
+    metrics = {
         "num-examples": result.num_examples,
         "status": STATUS[result.status],
         "train-loss": result.train_loss if result.status == "trained" else 0.0,
         "dp-steps": result.dp_steps,
         "epsilon": ledger.epsilon if ledger is not None else 0.0,
-    })
-    site_rec = ConfigRecord({"id": site, "ledger": ledger.to_json() if ledger else "",
-                             "message": result.message})
-    content = RecordDict({"metrics": metrics, "site": site_rec})
-    if result.status == "trained":
-        content["arrays"] = ArrayRecord(_maybe_attack(msg, site, model.state_dict()))
+        "delay-s": faults.delay_s,
+    }
+    arrays = ArrayRecord(_maybe_attack(msg, site, model.state_dict())) if result.status == "trained" else None
+    return _reply(msg, site, metrics, ledger=ledger, message=result.message, arrays=arrays)
+
+
+def _reply(msg: Message, site: str, metrics: dict, *, ledger=None, message: str = "",
+           arrays: ArrayRecord | None = None) -> Message:
+    site_rec = ConfigRecord({"id": site, "ledger": ledger.to_json() if ledger else "", "message": message})
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": site_rec})
+    if arrays is not None:
+        content["arrays"] = arrays
     return Message(content=content, reply_to=msg)
+
+
+def _simulated_faults(msg: Message, site: str) -> RoundFaults:
+    """Simulation only: this round's dropout / crash / delay for this site (none by default)."""
+    cfg = json.loads(str(msg.content["config"]["fedgen"])).get("faults")
+    return plan_faults(cfg, site, int(msg.content["config"]["server-round"])) if cfg else RoundFaults()
 
 
 def _maybe_attack(msg: Message, site: str, state: dict) -> dict:

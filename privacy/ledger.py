@@ -150,7 +150,7 @@ class PrivacyLedger:
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "epsilon": self.epsilon,
-            "sites": {k: public(v) for k, v in sorted(self.sites.items(), key=lambda kv: _site_key(kv[0]))},
+            "sites": {k: public(v) for k, v in sorted(self.sites.items(), key=lambda kv: site_sort_key(kv[0]))},
             "site_level": self.site_level,
         }
 
@@ -168,7 +168,7 @@ class PrivacyLedger:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
 
-def _site_key(site: str) -> tuple[int, Any]:
+def site_sort_key(site: str) -> tuple[int, Any]:
     return (0, int(site)) if site.isdigit() else (1, site)
 
 

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from client.faults import byzantine_sites
-from privacy.ledger import PrivacyLedger, atomic_write_text
+from privacy.ledger import PrivacyLedger, SiteLedger, atomic_write_text, site_sort_key
 from privacy.site_level import SiteLevelDP
 from shared_models import GenerativeModel, build_model
 
@@ -70,9 +70,13 @@ def task_config(scenario: dict[str, Any], spec: rundir.DataSpec) -> str:
         "seed": scenario["seed"],
         "device": scenario["simulation"]["device"],
     }
-    attack = scenario["simulation"].get("byzantine")
-    if attack and not scenario.get("deployment"):
-        task["byzantine"] = {**attack, "sites": byzantine_sites(spec.num_sites, attack["fraction"], attack["seed"])}
+    if not scenario.get("deployment"):  # simulated faults never reach deployed sites
+        attack = scenario["simulation"].get("byzantine")
+        if attack:
+            task["byzantine"] = {**attack,
+                                 "sites": byzantine_sites(spec.num_sites, attack["fraction"], attack["seed"])}
+        if scenario["simulation"].get("faults"):
+            task["faults"] = scenario["simulation"]["faults"]
     return json.dumps(task)
 
 
@@ -120,6 +124,7 @@ class FederatedRun:
         self.byzantine = set(byzantine_sites(self.spec.num_sites, attack["fraction"], attack["seed"])) \
             if (attack := self.scenario["simulation"].get("byzantine")) and not deployed else set()
         self.exhausted: set[str] = set()
+        self.node_sites: dict[int, str] = {}  # learnt from replies; names error and missing replies
         self.start_round = 1
         self.wall_before = 0.0
         random.seed(self.scenario["seed"])  # Flower's node sampling uses `random`
@@ -205,10 +210,13 @@ class FederatedRun:
             replies = list(self.grid.send_and_receive(messages, timeout=self.fed["round_timeout_s"]))
             # Under site-level DP clipping bounds every update; a rejection that depends on
             # the other sites' norms would break that sensitivity bound, so it is off.
-            sorted_ = sort_replies(replies, arrays, sampled=len(messages),
+            sorted_ = sort_replies(replies, arrays, sent_to=[m.metadata.dst_node_id for m in messages],
+                                   known_sites=self.node_sites,
                                    outlier_factor=None if self.site_dp else self.fed["outlier_factor"])
+            self.node_sites.update(sorted_.site_of)
             for site_ledger in sorted_.ledgers:
                 self.ledger.update_site(site_ledger)
+            self._sync_simulated_site_ledgers()
             self.exhausted.update(sorted_.refused)
             row: dict[str, Any] = {
                 "round": rnd,
@@ -222,9 +230,15 @@ class FederatedRun:
             }
             if self.byzantine:
                 row["byzantine"] = sorted(site_label(m) for m in sorted_.ok if site_label(m) in self.byzantine)
-            if messages and not sorted_.ok and not sorted_.refused:
-                # Every sampled site failed: training cannot progress, and retrying the same
-                # round would most likely fail the same way. Stop and say why.
+            if self.scenario["simulation"].get("faults"):
+                row["faults"] = {"dropped_out": sorted(sorted_.unavailable, key=site_sort_key),
+                                 "errors": sorted(sorted_.errors, key=site_sort_key),
+                                 "late": sorted(sorted_.late, key=site_sort_key),
+                                 "delayed_s": {site_label(m): round(float(_metric(m, "delay-s")), 2)
+                                               for m in sorted_.ok if _metric(m, "delay-s")}}
+            if messages and not (sorted_.ok or sorted_.refused or sorted_.unavailable or sorted_.late):
+                # Every sampled site failed (error replies, invalid updates): training cannot
+                # progress, and retrying would most likely fail the same way. Stop, say why.
                 stopped_reason = "clients_failed"
                 row["seconds"] = time.time() - t_round
                 self._append_metrics(row)
@@ -248,6 +262,18 @@ class FederatedRun:
             self.ledger.write(self.run_dir / rundir.PRIVACY)
             self._checkpoint(next_round=rnd + 1, wall=time.time() - t_start)
         return self._finish(rounds_completed, stopped_reason, time.time() - t_start)
+
+    def _sync_simulated_site_ledgers(self) -> None:
+        """Simulation: a site that spent budget but whose reply never arrived (it crashed or
+        was late) has the spend in its own ledger file; fold it into ``privacy.json`` now,
+        so the run's ledger never understates what the sites spent."""
+        if self.scenario.get("deployment"):
+            return
+        for path in sorted((self.run_dir / "sites").glob("*/ledger.json")):
+            ledger = SiteLedger.from_json(path.read_text())
+            known = self.ledger.sites.get(ledger.site)
+            if known is None or len(ledger.history) > len(known.history):
+                self.ledger.update_site(ledger)
 
     def _poisson_sample(self, rnd: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
         """Site-level DP's sampling: every connected site independently with probability q."""
@@ -350,6 +376,11 @@ class FederatedRun:
         return summary
 
 
+def _metric(msg: Message, key: str, default: float = 0.0) -> float:
+    metrics = next(iter(msg.content.metric_records.values()))
+    return float(metrics[key]) if key in metrics else default
+
+
 def short_reason(reason: str) -> str:
     """The informative line of a (possibly Ray-wrapped, multi-line) error reply."""
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
@@ -360,7 +391,7 @@ def short_reason(reason: str) -> str:
 
 _ROUND_KEYS = {"round", "clients_sampled", "clients_ok", "clients_failed", "clients_refused", "train_loss",
                "epsilon", "seconds", "failures", "eval_seconds", "class_histogram", "byzantine", "robust",
-               "clients_norm_bounded", "site_level_epsilon", "sites_clipped", "site_update_norm_median"}
+               "clients_norm_bounded", "site_level_epsilon", "sites_clipped", "site_update_norm_median", "faults"}
 
 
 def _jsonable(obj: Any) -> Any:

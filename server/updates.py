@@ -1,9 +1,10 @@
 """Sorting and validating the replies of a training round.
 
-A reply is *ok* (an update to aggregate), *refused* (the site's budget is spent), or
-*failed* (an error reply, a missing reply, or an update that fails validation: NaN/Inf,
-wrong keys, shapes or dtypes, or an update norm far beyond the round's others). Failed and
-refused replies never reach the strategy; the round continues with the rest.
+A reply is *ok* (an update to aggregate), *refused* (the site's budget is spent),
+*unavailable* (the site could not take part this round), or *failed* (an error reply, a
+missing reply, or an update that fails validation: NaN/Inf, wrong keys, shapes or dtypes,
+or an update norm far beyond the round's others). Only ok replies reach the strategy; the
+round continues with them.
 
 The norm check (:func:`norm_outliers`): with at least ``OUTLIER_MIN_REPLIES`` valid
 updates, one whose distance to the global model, ``||w_k - w||_2``, exceeds
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 STATUS_TRAINED = 0
 STATUS_BUDGET_EXHAUSTED = 1
+STATUS_UNAVAILABLE = 2
 OUTLIER_FACTOR = 10.0
 OUTLIER_MIN_REPLIES = 3
 
@@ -35,7 +37,10 @@ OUTLIER_MIN_REPLIES = 3
 class RoundReplies:
     ok: list[Message] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # site ids
+    unavailable: list[str] = field(default_factory=list)  # site ids
     failed: list[tuple[str, str]] = field(default_factory=list)  # (node or site id, reason)
+    errors: list[str] = field(default_factory=list)  # sites (or nodes) that sent an error reply
+    late: list[str] = field(default_factory=list)  # sites (or nodes) with no reply by the timeout
     ledgers: list[SiteLedger] = field(default_factory=list)
     site_of: dict[int, str] = field(default_factory=dict)  # node id -> site id
 
@@ -82,16 +87,21 @@ def norm_outliers(norms: list[float], *, factor: float | None = OUTLIER_FACTOR,
     return [i for i, n in enumerate(norms) if n > factor * median and n > 0.0]
 
 
-def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sampled: int, *,
-                 outlier_factor: float | None = OUTLIER_FACTOR, outlier_min_replies: int = OUTLIER_MIN_REPLIES
-                 ) -> RoundReplies:
+def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sent_to: list[int], *,
+                 known_sites: dict[int, str] | None = None, outlier_factor: float | None = OUTLIER_FACTOR,
+                 outlier_min_replies: int = OUTLIER_MIN_REPLIES) -> RoundReplies:
+    """Sort the replies to the train messages sent to the nodes ``sent_to``; ``known_sites``
+    (node id -> site id, from earlier rounds) names the sites of error and missing replies."""
+    known_sites = known_sites or {}
     out = RoundReplies()
     who: list[tuple[str, int]] = []  # (site label, node id) of each ok reply
     norms: list[float] = []
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
-            out.failed.append((str(node), f"error reply: {msg.error.reason}"))
+            label = known_sites.get(node, str(node))
+            out.failed.append((label, f"error reply: {msg.error.reason}"))
+            out.errors.append(label)
             continue
         site, ledger = site_info(msg)
         label = site or f"node {node}"
@@ -103,8 +113,13 @@ def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sampled: in
         if metrics is None:
             out.failed.append((label, "reply without metrics"))
             continue
-        if int(metrics.get("status", STATUS_TRAINED)) == STATUS_BUDGET_EXHAUSTED:
+        status = int(metrics.get("status", STATUS_TRAINED))
+        if status == STATUS_BUDGET_EXHAUSTED:
             out.refused.append(label)
+            continue
+        if status == STATUS_UNAVAILABLE:
+            out.unavailable.append(label)
+            out.failed.append((label, str(msg.content.config_records["site"].get("message", "unavailable"))))
             continue
         arrays = next(iter(msg.content.array_records.values()), None)
         problem = "reply without model update" if arrays is None else check_update(arrays, global_arrays)
@@ -124,8 +139,12 @@ def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sampled: in
             log.warning("rejected update from %s (node %s): %s", who[i][0], who[i][1], problem)
             out.failed.append((who[i][0], problem))
         out.ok = [m for i, m in enumerate(out.ok) if i not in outliers]
-    missing = sampled - len(replies)
-    out.failed.extend(("?", "no reply before the round timeout") for _ in range(max(0, missing)))
+    replied = {msg.metadata.src_node_id for msg in replies}
+    for node in sent_to:
+        if node not in replied:
+            label = known_sites.get(node, f"node {node}")
+            out.late.append(label)
+            out.failed.append((label, "no reply before the round timeout"))
     return out
 
 

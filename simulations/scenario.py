@@ -58,7 +58,8 @@ class FederationConfig(_Section):
                                      "global model back to it before aggregating; null = off")
     outlier_factor: float | None = Field(10.0, gt=1.0, description="reject an update whose norm exceeds this "
                                          "multiple of the round's median; null = off")
-    round_timeout_s: float = Field(3600.0, gt=0.0)
+    round_timeout_s: float = Field(3600.0, gt=0.0, description="round deadline: the server aggregates the "
+                                   "replies that arrived by then and counts the rest as late")
 
 
 class ModelConfig(BaseModel):
@@ -141,6 +142,26 @@ class ByzantineConfig(_Section):
     seed: int = Field(0, description="which sites attack")
 
 
+class FaultsConfig(_Section):
+    """Unreliable sites (simulation only; client/faults.py), drawn per (seed, site, round)
+    and recorded in every round's ``faults`` entry of ``metrics.jsonl``."""
+
+    dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability a sampled site is unreachable")
+    crash: float = Field(0.0, ge=0.0, le=1.0, description="probability a site dies after training, before replying")
+    straggler: float = Field(0.0, ge=0.0, le=1.0, description="probability a site replies late")
+    straggler_delay_s: tuple[float, float] = Field((5.0, 30.0), description="a straggler's extra delay: uniform "
+                                                   "in [low, high] seconds; past federation.round_timeout_s the "
+                                                   "round is aggregated without it")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ordered_delay(self) -> "FaultsConfig":
+        low, high = self.straggler_delay_s
+        if not 0.0 <= low <= high:
+            raise ValueError(f"straggler_delay_s must be [low, high] with 0 <= low <= high, got [{low}, {high}]")
+        return self
+
+
 class SimulationConfig(_Section):
     engine: Literal["flower"] = "flower"
     client_cpus: float = Field(1.0, gt=0.0)
@@ -148,6 +169,7 @@ class SimulationConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_actors: int | None = Field(None, ge=1, description="cap on concurrent Ray actors")
     byzantine: ByzantineConfig | None = Field(None, description="simulate attacking sites (default: none)")
+    faults: FaultsConfig | None = Field(None, description="simulate dropouts, crashes, stragglers (default: none)")
 
 
 class DeploymentConfig(_Section):

@@ -203,3 +203,36 @@ def test_example_and_site_level_dp_are_both_reported(tmp_path):
     assert all(0 <= r["clients_sampled"] <= 20 for r in rows)
     assert sum(r["clients_sampled"] for r in rows) not in (0, 60)  # Poisson, not "all" or "none"
     assert fedgen_processes() == []
+
+
+def test_simulated_faults_are_seeded_recorded_and_charged(tmp_path):
+    from client.faults import plan_faults
+
+    out = tmp_path / "run"
+    faults = {"dropout": 0.25, "crash": 0.2, "straggler": 0.3, "straggler_delay_s": [0.5, 1.5], "seed": 4}
+    sets = [f"simulation.faults.{k}={v}" for k, v in faults.items() if k != "straggler_delay_s"]
+    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, "--set", "federation.rounds=3",
+                 "--set", "training.local_steps=5", "--set", "evaluation.every=0", "--set", "evaluation.num_samples=100",
+                 "--set", "simulation.faults.straggler_delay_s=[0.5, 1.5]", *[a for s in sets for a in ("--set", s)],
+                 cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    ledger = json.loads((out / "privacy.json").read_text())["sites"]
+    trained = {str(s): set() for s in range(5)}
+    for row in rows:
+        plan = {str(s): plan_faults(faults, str(s), row["round"]) for s in range(5)}
+        dropped = sorted(s for s, p in plan.items() if p.dropout)
+        crashed = [s for s, p in plan.items() if p.crash]
+        delayed = {s: p.delay_s for s, p in plan.items() if p.delay_s and not p.crash}
+        assert row["faults"]["dropped_out"] == dropped
+        assert len(row["faults"]["errors"]) == len(crashed) and row["faults"]["late"] == []
+        assert row["faults"]["delayed_s"] == {s: pytest.approx(d, abs=0.01) for s, d in delayed.items()}
+        assert row["clients_ok"] == 5 - len(dropped) - len(crashed)
+        for s, p in plan.items():
+            if not p.dropout:
+                trained[s].add(row["round"])
+    # a crashed site spent budget it never released: privacy.json still counts it
+    assert {s: {h["round"] for h in v["history"]} for s, v in ledger.items()} == \
+        {s: r for s, r in trained.items() if r}
+    assert fedgen_processes() == []

@@ -53,14 +53,14 @@ def test_bad_replies_are_rejected_and_the_round_continues(global_arrays, caplog)
                _reply("nan", 14, nan), _reply("shape", 15, wrong_shape), _reply("dtype", 16, wrong_dtype),
                _reply("spent", 17, None, status=1)]
     with caplog.at_level(logging.WARNING, logger="server.updates"):
-        out = sort_replies(replies, global_arrays, sampled=len(replies) + 1)
+        out = sort_replies(replies, global_arrays, sent_to=list(range(10, 19)), known_sites={18: "silent"})
     assert [m.metadata.src_node_id for m in out.ok] == [10, 11, 12]
     reasons = dict(out.failed[:-1])
     assert "NaN/Inf" in reasons["nan"]
     assert "shape (2, 3) != (3, 2)" in reasons["shape"]
     assert "dtype float64 != float32" in reasons["dtype"]
     assert "more than 10x the round's median" in reasons["outlier"]
-    assert out.failed[-1] == ("?", "no reply before the round timeout")
+    assert out.failed[-1] == ("silent", "no reply before the round timeout") and out.late == ["silent"]
     assert out.refused == ["spent"]
     log = caplog.text
     assert "outlier (node 13)" in log and "nan (node 14)" in log and "shape (node 15)" in log
@@ -68,7 +68,16 @@ def test_bad_replies_are_rejected_and_the_round_continues(global_arrays, caplog)
 
 def test_norm_check_needs_three_replies(global_arrays):
     two = [_reply("a", 1, _update(0.1, 0)), _reply("b", 2, _update(50.0, 1))]
-    assert len(sort_replies(two, global_arrays, sampled=2).ok) == 2  # no reference to compare against
+    assert len(sort_replies(two, global_arrays, sent_to=[1, 2]).ok) == 2  # no reference to compare against
+
+
+def test_unavailable_and_error_replies_are_named_by_site(global_arrays):
+    away = _reply("away", 3, None, status=2)
+    away.content.config_records["site"]["message"] = "dropped out (simulated fault)"
+    out = sort_replies([away, _reply("ok", 5, _update(0.1, 0))], global_arrays, sent_to=[3, 4, 5],
+                       known_sites={4: "four"})
+    assert out.unavailable == ["away"] and ("away", "dropped out (simulated fault)") in out.failed
+    assert out.late == ["four"] and [m.metadata.src_node_id for m in out.ok] == [5]
 
 
 def test_norm_helpers(global_arrays):
