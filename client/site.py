@@ -28,6 +28,7 @@ from privacy.ledger import SiteLedger, atomic_write_text
 
 from .data import SiteData, load_data
 from .errors import DataError
+from .feature_skew import read_site_skew, with_feature_skew
 
 _STATE_KEY = "fedgen"
 
@@ -110,6 +111,8 @@ def load_site_data(context: Context, *, conditional: bool, run_dir: str = "") ->
         full = _dataset(spec["format"], spec["path"])
         idx = _partition(str(run_dir / "inputs" / "partitions.npz"), int(cfg["partition-id"]))
         data = full.subset(idx, source=f"{full.source} [site {cfg['partition-id']}]")
+        # feature skew before canaries: the audit scores canaries exactly as recorded
+        data = with_feature_skew(data, read_site_skew(run_dir, int(cfg["partition-id"])))
         data = with_canaries(data, read_canaries(str(run_dir)), int(cfg["partition-id"]))
     return data if conditional else data.without_labels()
 

@@ -6,15 +6,29 @@
   Non-Identical Data Distribution for Federated Visual Classification").
 - ``shards``: sort by label, cut into ``num_sites * shards_per_site`` shards, deal each site
   ``shards_per_site`` of them (McMahan et al. 2017, "pathological non-IID").
+- ``quantity``: quantity skew; site sizes follow proportions drawn from Dirichlet(alpha)
+  over the sites, labels IID within each site (Li, Diao, Chen & He 2022, "Federated
+  Learning on Non-IID Data Silos: An Experimental Study", quantity-based skew).
+
+Feature skew (per-site input transforms) spreads one parameter over the sites with
+:func:`spread_over_sites`; the transforms themselves are the sites' (``client/feature_skew.py``).
+A computed split can be kept on disk (:func:`read_cached_split`, :func:`write_cached_split`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .errors import PartitionError
+
+log = logging.getLogger(__name__)
 
 Partitioner = Callable[..., list[np.ndarray]]
 _PARTITIONERS: dict[str, Partitioner] = {}
@@ -38,7 +52,7 @@ def partition(name: str, labels: np.ndarray | None, num_examples: int, num_sites
         raise PartitionError(f"unknown partitioner {name!r}; registered: {', '.join(list_partitioners())}")
     if num_examples < num_sites * min_examples:
         raise PartitionError(f"{num_examples} examples cannot give {num_sites} sites {min_examples} each; "
-                             "use fewer sites or more data")
+                             "use fewer sites, more data or a smaller partition.min_examples")
     if name in ("dirichlet", "shards") and labels is None:
         raise PartitionError(f"partitioner {name!r} needs labelled data; use partition.name: iid")
     rng = np.random.default_rng(seed)
@@ -85,8 +99,91 @@ def _shards(*, labels: np.ndarray, num_examples: int, num_sites: int, rng: np.ra
     return [np.concatenate([shards[s] for s in row]) for row in deal]
 
 
+@register_partitioner("quantity")
+def _quantity(*, num_examples: int, num_sites: int, rng: np.random.Generator, alpha: float = 0.5,
+              min_examples: int = 1, **_: object) -> list[np.ndarray]:
+    """Quantity skew (Li et al. 2022, "quantity skew"): proportions ``q ~ Dir_N(alpha)`` over
+    the ``N`` sites, site ``j`` gets a ``q_j`` share of the examples, drawn uniformly at
+    random (so labels are IID within a site). Small ``alpha`` gives a few large sites and
+    many small ones; large ``alpha`` near-equal sites. Li et al. redraw ``q`` until every
+    site is big enough; here each site first gets ``min_examples`` and ``q`` shares out the
+    rest, so a feasible ``min_examples`` never fails and the draw is one Dirichlet sample."""
+    if alpha <= 0:
+        raise PartitionError(f"partition.alpha must be > 0, got {alpha}")
+    spare = num_examples - num_sites * min_examples  # >= 0: partition() checked it
+    cuts = (np.cumsum(rng.dirichlet(np.full(num_sites, alpha)))[:-1] * spare).astype(int)
+    sizes = min_examples + np.diff(np.concatenate([[0], cuts, [spare]]))
+    return np.split(rng.permutation(num_examples), np.cumsum(sizes)[:-1])
+
+
+def spread_over_sites(low: float, high: float, num_sites: int, *, seed: int) -> np.ndarray:
+    """One transform parameter per site for feature skew: ``num_sites`` values evenly
+    spaced over ``[low, high]`` (the midpoint for a single site), dealt to the sites in a
+    seeded random order -- so every run spans the whole range (as the fixed angles of
+    Rotated MNIST do, Ghifary et al. 2015) while site ``i`` is not always the extreme."""
+    values = np.linspace(low, high, num_sites) if num_sites > 1 else np.array([(low + high) / 2])
+    return np.random.default_rng([seed, 4099]).permutation(values)
+
+
 def holdout_split(num_examples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, held-out indices): a seeded random split no site trains on."""
     perm = np.random.default_rng([seed, 7919]).permutation(num_examples)
     n_hold = max(1, int(round(fraction * num_examples)))
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+# -- on-disk cache of a computed split ------------------------------------------------------
+
+#: bump when a partitioner (or the holdout split) gives other indices for the same inputs
+CACHE_VERSION = 1
+
+
+def is_valid_split(sites: list[np.ndarray], holdout: np.ndarray, num_examples: int, min_examples: int) -> bool:
+    """Whether ``sites`` and ``holdout`` are 1-D integer arrays that together hold every
+    index of ``range(num_examples)`` exactly once, every site with >= ``min_examples``."""
+    arrays = [*sites, holdout]
+    if any(a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) for a in arrays):
+        return False
+    if len(holdout) == 0 or min(len(s) for s in sites) < min_examples:
+        return False
+    every = np.sort(np.concatenate(arrays))
+    return len(every) == num_examples and np.array_equal(every, np.arange(num_examples))
+
+
+def read_cached_split(path: Path, *, key: str, num_sites: int, num_examples: int,
+                      min_examples: int) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """The split cached at ``path``, or ``None`` when there is none or it cannot be
+    trusted: unreadable, written for another ``key``, or not a valid split of this data
+    (:func:`is_valid_split`). The caller recomputes (and rewrites) on ``None``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            sites, holdout = [z[f"site_{i}"] for i in range(num_sites)], z["holdout"]
+    except FileNotFoundError:
+        return None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        log.warning("partition cache %s unreadable (%s); recomputing", path, err)
+        return None
+    if not is_valid_split(sites, holdout, num_examples, min_examples):
+        log.warning("partition cache %s does not fit the data; recomputing", path)
+        return None
+    return [s.astype(np.int64) for s in sites], holdout.astype(np.int64)
+
+
+def write_cached_split(path: Path, sites: list[np.ndarray], holdout: np.ndarray, *, key: str) -> None:
+    """Store a split at ``path`` atomically (a temporary file in the same folder, then
+    ``os.replace``), so a reader never sees half a file. The cache only saves time: a
+    folder that cannot be written is logged and skipped."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp",
+                                         delete=False) as fh:
+            tmp = Path(fh.name)
+            np.savez(fh, key=np.str_(key), holdout=holdout, **{f"site_{i}": s for i, s in enumerate(sites)})
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("partition cache %s not written (%s)", path, err)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)

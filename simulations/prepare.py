@@ -7,7 +7,9 @@ into place only when complete, so a failed validation leaves nothing behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 import time
 from contextlib import contextmanager
@@ -18,14 +20,18 @@ import numpy as np
 import yaml
 
 from client.data import SiteData, load_data
+from client.feature_skew import SITES_FILE
 from client.site import CANARIES
+from evaluation.features import default_cache_dir
 from privacy.audit import plan_canaries
 from server import rundir
 from server.run import build_global_model, site_level_mechanism
 
-from .errors import ScenarioError
-from .partition import holdout_split, partition
+from .errors import PartitionError, ScenarioError
+from .partition import CACHE_VERSION, holdout_split, partition, read_cached_split, spread_over_sites, write_cached_split
 from .scenario import Scenario, load_scenario
+
+log = logging.getLogger(__name__)
 
 
 def load_scenario_data(scenario: Scenario) -> SiteData:
@@ -36,20 +42,65 @@ def load_scenario_data(scenario: Scenario) -> SiteData:
 
 
 def split_sites(scenario: Scenario, data: SiteData) -> tuple[list[np.ndarray], np.ndarray]:
-    """(per-site indices, held-out indices) into ``data``; validates the partition."""
+    """(per-site indices, held-out indices) into ``data``; validates the partition.
+
+    A split is computed once per (data content, partition settings, number of sites,
+    holdout fraction, seed) and kept in the partition cache (:func:`partition_cache_file`),
+    so sweeps and repeated runs over the same data skip re-partitioning. A cached entry is
+    used only if it holds every index of ``data`` exactly once with every site big enough;
+    otherwise it is recomputed and rewritten."""
+    p, num_sites = scenario.partition, scenario.federation.num_sites
+    key, path = partition_cache_file(scenario, data)
+    cached = read_cached_split(path, key=key, num_sites=num_sites, num_examples=len(data),
+                               min_examples=p.min_examples)
+    if cached is not None:
+        log.debug("partition cache hit: %s", path)
+        return cached
     train_idx, hold_idx = holdout_split(len(data), scenario.data.holdout_fraction, scenario.seed)
     labels = None if data.y is None else data.y.numpy()[train_idx]
-    p = scenario.partition
-    parts = partition(p.name, labels, len(train_idx), scenario.federation.num_sites, seed=scenario.seed,
+    parts = partition(p.name, labels, len(train_idx), num_sites, seed=scenario.seed,
                       min_examples=p.min_examples, alpha=p.alpha, shards_per_site=p.shards_per_site)
-    return [train_idx[part] for part in parts], hold_idx
+    sites = [train_idx[part] for part in parts]
+    write_cached_split(path, sites, hold_idx, key=key)
+    return sites, hold_idx
+
+
+def partition_cache_file(scenario: Scenario, data: SiteData) -> tuple[str, Path]:
+    """(key, file) of this scenario's split in the partition cache, ``partitions/`` next to
+    the evaluation feature cache (``$FEDGEN_CACHE``, else ``~/.cache/fedgen``). The key
+    hashes everything the indices depend on; ``feature_skew`` is left out (it transforms
+    the examples, not which site holds them)."""
+    settings = {"version": CACHE_VERSION, "numpy": np.__version__, "data": data.fingerprint(), "n": len(data),
+                "partition": scenario.partition.model_dump(mode="json", exclude={"feature_skew"}),
+                "num_sites": scenario.federation.num_sites, "holdout_fraction": scenario.data.holdout_fraction,
+                "seed": scenario.seed}
+    key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16).hexdigest()
+    return key, default_cache_dir().parent / "partitions" / f"{key}.npz"
+
+
+def site_feature_skew(scenario: Scenario, data: SiteData) -> list[dict[str, object] | None]:
+    """Each site's feature-skew transform, as recorded in ``inputs/sites.json`` and applied
+    by the site (``client/feature_skew.py``): the parameter of ``partition.feature_skew``
+    spread evenly over its range, dealt to the sites by seed. ``None`` per site when the
+    scenario has no feature skew; a one-line error when the data are not images."""
+    skew, num_sites = scenario.partition.feature_skew, scenario.federation.num_sites
+    if skew is None:
+        return [None] * num_sites
+    if len(data.shape) != 3:
+        raise PartitionError(f"partition.feature_skew: {skew.kind} transforms images, but {data.source} holds "
+                             f"vectors of shape {data.shape}; remove partition.feature_skew for tabular data")
+    low, high = skew.bounds()
+    values = spread_over_sites(low, high, num_sites, seed=scenario.seed)
+    return [{"kind": skew.kind, skew.parameter: round(float(v), 6)} for v in values]
 
 
 def check_scenario(scenario: Scenario) -> tuple[SiteData, list[np.ndarray], np.ndarray]:
     """Everything ``fedgen validate`` checks: data readable and valid, partition possible,
-    model buildable for the data. Trains nothing, writes nothing."""
+    feature skew applicable, model buildable for the data. Trains nothing; writes nothing
+    but the partition cache."""
     data = load_scenario_data(scenario)
     sites, holdout = split_sites(scenario, data)
+    site_feature_skew(scenario, data)  # feature skew on data that are not images fails here
     spec = _spec(scenario, data)
     build_global_model(scenario.resolved(), spec)
     site_level_mechanism(scenario.resolved(), spec.num_sites)  # a site-level budget that cannot be met fails here
@@ -118,8 +169,10 @@ def write_run_dir(scenario: Scenario, run_dir: Path) -> Path:
         ref = data.subset(holdout)
         ref_arrays = {"x": ref.x.numpy()} | ({"y": ref.y.numpy()} if ref.y is not None else {})
         np.savez_compressed(tmp / rundir.REFERENCE, **ref_arrays)
-        (tmp / "inputs" / "sites.json").write_text(json.dumps(
-            {str(i): {"examples": int(len(s))} for i, s in enumerate(sites)}, indent=2))
+        skews = site_feature_skew(scenario, data)
+        (tmp / SITES_FILE).write_text(json.dumps(
+            {str(i): {"examples": int(len(s))} | ({"feature_skew": k} if k else {})
+             for i, (s, k) in enumerate(zip(sites, skews))}, indent=2))
         canaries = plant_canaries(scenario, data)
         if canaries is not None:
             np.savez(tmp / CANARIES, **canaries)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from shared_models import list_models, model_options
 
@@ -36,11 +36,55 @@ class DataConfig(_Section):
         return self
 
 
+class RotationSkew(_Section):
+    """Feature skew: each site's images rotated by its own angle, the angles evenly spread
+    over [-max_degrees, max_degrees] (client/feature_skew.py)."""
+
+    kind: Literal["rotation"]
+    max_degrees: float = Field(30.0, gt=0.0, le=180.0, description="largest rotation either way, in degrees")
+    parameter: ClassVar[str] = "degrees"
+
+    def bounds(self) -> tuple[float, float]:
+        return -self.max_degrees, self.max_degrees
+
+
+class ContrastSkew(_Section):
+    """Feature skew: each site's images with their contrast scaled by its own factor, the
+    factors evenly spread over [min, max] (client/feature_skew.py)."""
+
+    kind: Literal["contrast"]
+    min: float = Field(0.5, gt=0.0, description="smallest contrast factor (1 = unchanged)")
+    max: float = Field(1.5, gt=0.0, description="largest contrast factor")
+    parameter: ClassVar[str] = "factor"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ContrastSkew":
+        if self.min > self.max:
+            raise ValueError(f"min must be <= max, got min {self.min} > max {self.max}")
+        return self
+
+    def bounds(self) -> tuple[float, float]:
+        return self.min, self.max
+
+
+def _skew_kind(value: Any) -> str | None:
+    return value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+
+
+FeatureSkew = Annotated[
+    Union[Annotated[RotationSkew, Tag("rotation")], Annotated[ContrastSkew, Tag("contrast")]],
+    Discriminator(_skew_kind, custom_error_type="feature_skew_kind",
+                  custom_error_message="needs kind: rotation or kind: contrast")]
+
+
 class PartitionConfig(_Section):
-    name: Literal["iid", "dirichlet", "shards"] = "iid"
-    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (label skew)")
+    name: Literal["iid", "dirichlet", "shards", "quantity"] = "iid"
+    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration: label skew (dirichlet) or site "
+                         "sizes (quantity); smaller = more skewed")
     shards_per_site: int = Field(2, ge=1)
     min_examples: int = Field(1, ge=1)
+    feature_skew: FeatureSkew | None = Field(None, description="per-site image transform (simulation): "
+                                             "{kind: rotation, max_degrees} or {kind: contrast, min, max}")
 
 
 class FederationConfig(_Section):

@@ -11,7 +11,8 @@ from simulations.partition import holdout_split, partition
 LABELS = np.random.default_rng(0).integers(0, 10, 1000)
 
 
-@pytest.mark.parametrize("name, opts", [("iid", {}), ("dirichlet", {"alpha": 0.5}), ("shards", {"shards_per_site": 2})])
+@pytest.mark.parametrize("name, opts", [("iid", {}), ("dirichlet", {"alpha": 0.5}), ("shards", {"shards_per_site": 2}),
+                                        ("quantity", {"alpha": 0.5})])
 def test_partition_is_a_deterministic_cover(name, opts):
     a = partition(name, LABELS, 1000, 10, seed=3, **opts)
     b = partition(name, LABELS, 1000, 10, seed=3, **opts)
@@ -42,7 +43,7 @@ def test_errors_say_why():
         partition("dirichlet", LABELS, 1000, 10, seed=0, alpha=0.0)
     with pytest.raises(PartitionError, match="needs labelled data"):
         partition("dirichlet", None, 1000, 10, seed=0)
-    with pytest.raises(PartitionError, match="registered: dirichlet, iid, shards"):
+    with pytest.raises(PartitionError, match="registered: dirichlet, iid, quantity, shards"):
         partition("nope", LABELS, 1000, 10, seed=0)
     with pytest.raises(PartitionError, match="raise partition.alpha"):
         partition("dirichlet", LABELS[:30], 30, 10, seed=0, alpha=0.01, min_examples=3)
