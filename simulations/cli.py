@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.logging import RichHandler
 
 from client.errors import DataError
@@ -35,7 +36,7 @@ class UserError(Exception):
 
 
 def _fail(msg: str, code: int = 2) -> int:
-    console.print(f"[bold red]fedgen: error:[/] {msg}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]fedgen: error:[/] {rich_escape(msg)}", highlight=False, soft_wrap=True)
     return code
 
 
@@ -132,6 +133,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sweep --------------------------------------------------------------------------------
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep, overrides=args.set, out=args.out)
+    try:
+        outcome = run_sweep(sweep, console=console, verbose=args.verbose)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: Flower processes stopped; run the same `fedgen sweep` again to "
+                      "resume (finished runs are skipped)", highlight=False)
+        return 130
+    print(outcome.table)
+    plot = f", {outcome.plot.name}" if outcome.plot else f" (no {sweep.spec.metric} to plot)"
+    console.print(f"wrote comparison.csv, comparison.md{plot} -> {sweep.out_dir}", highlight=False)
+    if outcome.failed:
+        return _fail(f"{len(outcome.failed)} of {len(outcome.rows)} runs did not finish: {', '.join(outcome.failed)} "
+                     "(see their metrics.jsonl; run the sweep again to retry them)", code=1)
+    return 0
+
+
 # -- entry point --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="folder for the comparison (default ./fedgen-comparison)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sweep", help="run a grid of scenarios and compare them",
+                       description="Run every combination of SWEEP.yaml's grid and variants (docs/sweeps.md), "
+                       "skipping finished runs, then write comparison.csv/.md and privacy_utility.png.")
+    p.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file (docs/sweeps.md)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a scenario value in every run (repeatable)")
+    p.add_argument("--out", help="sweep folder (default: the file's `out`, else runs/sweeps/<name>)")
+    p.add_argument("-v", "--verbose", action="store_true", help="stream Flower's log")
+    p.set_defaults(func=cmd_sweep)
 
     add_audit_parser(sub)
     add_deploy_parsers(sub)

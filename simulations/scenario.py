@@ -273,7 +273,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see scenarios/README or `fedgen validate --help`)"
+        msg = "unknown key (check the spelling; every key, its type and default: simulations/scenario.py)"
     elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
         msg = f"{msg} (got {first['input']!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
