@@ -120,6 +120,9 @@ def run_local_round(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # model-internal draws (z, t, noise, DP noise) reproducible by seed
 
+    if model.training_mode == "release":
+        return _release_round(model, data, privacy=privacy, ledger=ledger, server_round=server_round,
+                              generator=generator, run=run)
     iterations = training.local_steps
     if privacy.enabled:
         assert ledger is not None, "DP training needs the site's ledger"
@@ -192,6 +195,36 @@ def run_local_round(
     first = steps[0].name
     return RoundResult(status="trained", num_examples=n, iterations=iterations, dp_steps=dp_steps,
                        train_loss=losses_mean.get(first, float("nan")), losses=losses_mean)
+
+
+@torch.no_grad()
+def _release_round(model: GenerativeModel, data: SiteData, *, privacy: PrivacyConfig, ledger: SiteLedger | None,
+                   server_round: int, generator: torch.Generator, run: str | None) -> RoundResult:
+    """A release family's round: the site's sum of unit-norm per-record vectors plus
+    ``N(0, sigma^2 I)`` -- one Gaussian mechanism with sensitivity 1, charged as one
+    accountant step at sampling rate 1 (sigma calibrated to the whole budget on the
+    site's first round; a site that has released refuses from then on)."""
+    n = len(data)
+    if privacy.enabled:
+        assert ledger is not None, "a DP release needs the site's ledger"
+        if ledger.noise_multiplier is None:
+            ledger.noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=privacy.target_epsilon, delta=privacy.delta, sample_rate=1.0, steps=1,
+                accountant=privacy.accountant)
+            ledger.sample_rate = 1.0
+        if affordable_steps(ledger.accountant_history(), noise_multiplier=ledger.noise_multiplier, sample_rate=1.0,
+                            wanted=1, delta=ledger.delta, target_epsilon=ledger.target_epsilon,
+                            accountant=ledger.accountant) == 0:
+            return RoundResult(status="budget_exhausted", num_examples=n, message=(
+                f"site {ledger.site} refuses to release again: one more release would exceed its target "
+                f"epsilon {ledger.target_epsilon} (spent {ledger.epsilon:.4g})"))
+    total = model.statistic_sum(data.x, data.y)
+    if privacy.enabled:
+        total += ledger.noise_multiplier * torch.randn(total.shape, generator=generator).to(total.device)
+        ledger.record_round(round=server_round, steps=1, noise_multiplier=ledger.noise_multiplier,
+                            sample_rate=1.0, run=run)
+    model.set_release(total / n)
+    return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=int(privacy.enabled))
 
 
 @torch.no_grad()

@@ -298,7 +298,7 @@ class FederatedRun:
             norms = info.pop("site_update_norms")
             row.update(info, site_update_norm_median=float(np.median(norms)) if norms else None)
             self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in new.items()})
-            return ArrayRecord(self.model.state_dict())
+            return self._server_update(row)
         if not ok:
             return arrays
         if self.fed["norm_bound"] is not None:
@@ -309,7 +309,16 @@ class FederatedRun:
         if new_arrays is None:
             return arrays
         self.model.load_state_dict(new_arrays.to_torch_state_dict())
-        return new_arrays
+        return self._server_update(row)
+
+    def _server_update(self, row: dict[str, Any]) -> ArrayRecord:
+        """The family's server-side post-processing of the aggregate (e.g. fitting the mmd
+        generator to the released embedding); the new global model."""
+        t = time.time()
+        info = self.model.server_update()
+        if info:
+            row.update(info, server_update_seconds=time.time() - t)
+        return ArrayRecord(self.model.state_dict())
 
     def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
         cfg = self.scenario["evaluation"]
@@ -391,7 +400,8 @@ def short_reason(reason: str) -> str:
 
 _ROUND_KEYS = {"round", "clients_sampled", "clients_ok", "clients_failed", "clients_refused", "train_loss",
                "epsilon", "seconds", "failures", "eval_seconds", "class_histogram", "byzantine", "robust",
-               "clients_norm_bounded", "site_level_epsilon", "sites_clipped", "site_update_norm_median", "faults"}
+               "clients_norm_bounded", "site_level_epsilon", "sites_clipped", "site_update_norm_median", "faults",
+               "server_fit_mmd", "server_update_seconds"}
 
 
 def _jsonable(obj: Any) -> Any:

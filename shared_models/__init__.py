@@ -15,6 +15,7 @@ from . import vae  # noqa: F401,E402
 from . import gan  # noqa: F401,E402
 from . import flow  # noqa: F401,E402
 from . import diffusion  # noqa: F401,E402
+from . import mmd  # noqa: F401,E402
 
 __all__ = [
     "Batch",

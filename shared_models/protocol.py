@@ -75,6 +75,12 @@ class GenerativeModel(nn.Module):
     #: ("ghost", "hooks" or "functorch"); the DP wiring may be told otherwise by config.
     grad_sample_mode: str = "ghost"
 
+    #: How a site trains the family. ``"sgd"``: the :meth:`steps` run in the one local loop
+    #: (DP-SGD under DP). ``"release"``: the site publishes one noisy statistic of its data
+    #: (:meth:`statistic_sum`, every record contributing L2 norm <= 1, so one Gaussian
+    #: mechanism step) and the server fits the model to the aggregate (:meth:`server_update`).
+    training_mode: str = "sgd"
+
     def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None) -> None:
         super().__init__()
         self.data_shape = tuple(int(d) for d in data_shape)
@@ -100,6 +106,19 @@ class GenerativeModel(nn.Module):
     def log_likelihood(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Per-example log-likelihood (or a lower bound) in nats. Optional."""
         raise NotImplementedError(f"{type(self).__name__} has no likelihood")
+
+    def server_update(self) -> dict[str, float]:
+        """Post-processing on the server after each aggregation; it sees the aggregated
+        model only, never site data. Returns metrics for ``metrics.jsonl``. Default: none."""
+        return {}
+
+    def statistic_sum(self, x: Tensor, y: Tensor | None) -> Tensor:  # pragma: no cover - release families
+        """Release families: the sum over records of a per-record vector of L2 norm <= 1."""
+        raise NotImplementedError(f"{type(self).__name__} is not a release family")
+
+    def set_release(self, mean_statistic: Tensor) -> None:  # pragma: no cover - release families
+        """Release families: store the site's noisy mean statistic in the model's state."""
+        raise NotImplementedError(f"{type(self).__name__} is not a release family")
 
     def check_dp_compatible(self) -> None:
         """Raise ``ValueError`` (saying why and what to use instead) if this model, as

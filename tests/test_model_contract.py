@@ -11,9 +11,14 @@ from opacus.grad_sample import GradSampleModule
 
 from client.training import PrivacyConfig, TrainingConfig, new_site_ledger, run_local_round
 from shared_models import Batch, GenerativeModel, UnknownModelError, build_model, list_models
+from shared_models.registry import get_model_builder
 
 FAMILIES = list_models()
-TINY = {"vae": dict(hidden=32), "gan": dict(hidden=32), "flow": dict(hidden=32), "diffusion": dict(hidden=32)}
+# Families trained by DP-SGD steps; "release" families (one noisy statistic) have their own contract below.
+SGD_FAMILIES = [f for f in FAMILIES if getattr(get_model_builder(f), "training_mode", "sgd") == "sgd"]
+RELEASE_FAMILIES = [f for f in FAMILIES if f not in SGD_FAMILIES]
+TINY = {"vae": dict(hidden=32), "gan": dict(hidden=32), "flow": dict(hidden=32), "diffusion": dict(hidden=32),
+        "mmd": dict(hidden=32, num_features=200, fit_steps=30)}
 NO_DP = PrivacyConfig(enabled=False, target_epsilon=1.0, delta=1e-5, max_grad_norm=1.0)
 
 
@@ -36,7 +41,7 @@ def test_registry_lists_all_four_families():
         build_model("nope", data_shape=(1, 8, 8))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SGD_FAMILIES)
 def test_protocol_shape(family, digits):
     model = _build(family, digits)
     steps = model.steps()
@@ -48,7 +53,7 @@ def test_protocol_shape(family, digits):
         assert losses.shape == (6,) and torch.isfinite(losses).all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SGD_FAMILIES)
 def test_trains_without_dp_and_loss_goes_down(family, digits):
     data = digits.subset(range(400))
     model = _build(family, digits)
@@ -60,7 +65,7 @@ def test_trains_without_dp_and_loss_goes_down(family, digits):
     assert _fixed_batch_loss(model, x, y) < before
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SGD_FAMILIES)
 def test_trains_20_dp_steps_and_charges_each(family, digits):
     data = digits.subset(range(300))
     model = _build(family, digits)
@@ -90,7 +95,7 @@ def test_sample_shape_dtype_range(family, digits, conditional):
             model.sample(2, torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SGD_FAMILIES)
 def test_state_dict_round_trips(family, digits):
     a, b = _build(family, digits), build_model(family, data_shape=digits.shape, num_classes=10, **TINY[family])
     b.load_state_dict(a.state_dict())
@@ -100,7 +105,7 @@ def test_state_dict_round_trips(family, digits):
         _fixed_batch_loss(b, digits.x[:32], digits.y[:32]), rel=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SGD_FAMILIES)
 def test_every_private_parameter_gets_a_per_sample_gradient(family, digits):
     model = _build(family, digits)
     for step in (s for s in model.steps() if s.private):
@@ -127,9 +132,56 @@ def test_conditional_sampling_honours_labels(family, digits):
     model = build_model(family, data_shape=digits.shape, num_classes=10)
     run_local_round(model, digits.subset(range(1400)), privacy=NO_DP, ledger=None, server_round=1, seed=0,
                     training=TrainingConfig(local_steps=ITERATIONS.get(family, 1000), batch_size=64, lr=2e-3))
+    model.server_update()  # what the server does after aggregating (fits a release family's generator)
     clf = fit_classifier(digits.x[1400:], digits.y[1400:], 10, config=ClassifierConfig(), seed=0)
     labels = torch.arange(200) % 10
     with torch.no_grad():
         x = model.eval().sample(200, labels)
         accuracy = float((clf(x).argmax(1) == labels).float().mean())
     assert accuracy > 0.5, f"{family}: {accuracy:.2f} of samples classified as the requested label"
+
+
+# -- release families (one noisy statistic per site, fitted on the server) ---------------
+
+@pytest.mark.parametrize("family", RELEASE_FAMILIES)
+def test_every_record_contributes_unit_norm(family, digits):
+    model = _build(family, digits)
+    for i in range(5):  # a one-record sum is that record's contribution: the sensitivity
+        one = model.statistic_sum(digits.x[i:i + 1], digits.y[i:i + 1])
+        assert float(one.norm()) == pytest.approx(1.0, abs=1e-5)
+    noise = torch.rand(3, *digits.shape)  # any input in range, not only digits
+    assert float(model.statistic_sum(noise, torch.tensor([0, 1, 2])).norm(dim=1).max()) <= 1.0 + 1e-5
+
+
+@pytest.mark.parametrize("family", RELEASE_FAMILIES)
+def test_release_is_one_gaussian_step_then_the_site_refuses(family, digits):
+    data = digits.subset(range(300))
+    model = _build(family, digits)
+    privacy = PrivacyConfig(enabled=True, target_epsilon=2.0, delta=1e-5, max_grad_norm=1.0, accountant="prv")
+    ledger = new_site_ledger("0", privacy)
+    training = TrainingConfig(local_steps=20, batch_size=32, lr=1e-3)
+    res = run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=1, seed=0)
+    assert res.status == "trained" and res.dp_steps == 1 == ledger.steps
+    assert ledger.sample_rate == 1.0 and ledger.accountant_history() == [(ledger.noise_multiplier, 1.0, 1)]
+    assert 1.9 <= ledger.epsilon <= 2.0
+    exact = model.statistic_sum(data.x, data.y) / len(data)
+    noise = (model.embedding - exact) * len(data)  # the noise the site added to its sum
+    assert float(noise.std()) == pytest.approx(ledger.noise_multiplier, rel=0.1)
+    again = run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=2, seed=1)
+    assert again.status == "budget_exhausted" and ledger.steps == 1
+
+
+@pytest.mark.parametrize("family", RELEASE_FAMILIES)
+def test_server_fit_moves_the_generator_towards_the_release(family, digits):
+    data = digits.subset(range(600))
+    model = _build(family, digits, fit_steps=60)
+    run_local_round(model, data, training=TrainingConfig(local_steps=1, batch_size=32, lr=1e-3), privacy=NO_DP,
+                    ledger=None, server_round=1, seed=0)
+    assert torch.allclose(model.embedding, model.statistic_sum(data.x, data.y) / len(data))  # no noise without DP
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before = float(model.mmd_loss(500))
+    info = model.server_update()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert float(model.mmd_loss(500)) < 0.8 * before and info["server_fit_mmd"] < before

@@ -1,0 +1,153 @@
+"""Moment matching to a privately released random-feature mean embedding: DP-MERF
+(Harder, Adamczewski & Park, "DP-MERF: Differentially Private Mean Embeddings with
+Random Features for Practical Privacy-Preserving Data Generation", AISTATS 2021).
+
+A *release* family (``training_mode = "release"``): a site does not run DP-SGD. It
+computes, once, the sum over its records of
+
+    v(x, y) = [phi(x), 1] (x) e_y / sqrt(2)
+
+where ``phi`` are random Fourier features of a Gaussian kernel (Rahimi & Recht 2007,
+``phi(x) = [cos(W x), sin(W x)] / sqrt(F)`` with ``W ~ N(0, I / bandwidth^2)``, so
+``||phi(x)|| = 1``), ``e_y`` the one-hot label, and the constant feature carries class
+counts (DP-MERF §3.2). Every record's ``v`` has L2 norm exactly 1, so the sum has
+sensitivity 1 under add/remove-one and adding ``N(0, sigma^2 I)`` is one Gaussian
+mechanism: one accountant step at sampling rate 1 (``client/training.py``). The frequencies
+``W`` come from a public seed, never from data.
+
+The site stores its noisy mean ``S_k / n_k`` in the ``embedding`` buffer and returns the
+model; FedAvg's example-weighted average of the buffers is ``sum_k S_k / N``, the
+federation's noisy mean embedding. The server then fits the generator to it
+(:meth:`MMDGenerator.server_update`, eq. 4 of DP-MERF: ``||mu_P~ - mu_Q||^2``), which sees
+only the released aggregate: post-processing, no further privacy cost.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .layers import ConvUpsampler, flat_dim, is_image_shape, mlp, one_hot
+from .protocol import GenerativeModel
+from .registry import register_model
+
+
+@register_model("mmd")
+class MMDGenerator(GenerativeModel):
+    """A generator fitted to a DP random-feature mean embedding (DP-MERF).
+
+    Args:
+        data_shape: shape of one example; data in [0, 1].
+        num_classes: condition on labels (the embedding is per class).
+        architecture: the generator: ``"conv"`` (images with H, W divisible by 4: a DCGAN-shaped
+            upsampler, whose smoothness keeps the released noise out of the pixels) or ``"mlp"``.
+        num_features: F, the number of random Fourier features (F / 2 frequencies).
+        bandwidth: the Gaussian kernel's length scale in data space (pixels in [0, 1]).
+        latent_dim: size of the generator's noise input.
+        hidden: width of the generator's hidden layers.
+        fit_steps: generator steps per server update.
+        fit_batch: generated samples per generator step.
+        fit_lr: the generator's Adam learning rate.
+        feature_seed: public seed of the random frequencies (same at every site).
+    """
+
+    grad_sample_mode = "ghost"  # unused: nothing here is trained with DP-SGD
+    training_mode = "release"
+
+    def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None, *, architecture: str = "conv",
+                 num_features: int = 4000,
+                 bandwidth: float = 5.0, latent_dim: int = 10, hidden: int = 256, fit_steps: int = 2000,
+                 fit_batch: int = 500, fit_lr: float = 1e-3, feature_seed: int = 0) -> None:
+        super().__init__(data_shape, num_classes)
+        if num_features < 2 or num_features % 2:
+            raise ValueError(f"num_features must be an even number >= 2, got {num_features}")
+        self.latent_dim, self.fit_steps, self.fit_batch, self.fit_lr = latent_dim, fit_steps, fit_batch, fit_lr
+        self.dim = flat_dim(self.data_shape)
+        classes = num_classes or 1
+        gen = torch.Generator().manual_seed(feature_seed)
+        freqs = torch.randn(self.dim, num_features // 2, generator=gen) / bandwidth
+        self.register_buffer("frequencies", freqs, persistent=False)  # public, rebuilt from the seed
+        self.register_buffer("embedding", torch.zeros(classes, num_features + 1))  # the released noisy mean
+        inputs = latent_dim + (num_classes or 0)
+        if architecture == "conv":
+            if not (is_image_shape(self.data_shape) and self.data_shape[1] % 4 == 0 and self.data_shape[2] % 4 == 0):
+                raise ValueError(f"architecture 'conv' needs images with H and W divisible by 4, got {self.data_shape}; "
+                                 "use architecture: mlp")
+            self.generator = ConvUpsampler(inputs, *self.data_shape, width_mult=hidden // 8)
+        elif architecture == "mlp":
+            self.generator = mlp([inputs, hidden, 2 * hidden, self.dim], activation=nn.ReLU)
+        else:
+            raise ValueError(f"unknown architecture {architecture!r}; choose 'conv' or 'mlp'")
+
+    # -- the released statistic -------------------------------------------------------
+    def features(self, x: Tensor) -> Tensor:
+        """``[phi(x), 1] / sqrt(2)``: unit-norm random Fourier features plus a constant."""
+        proj = x.reshape(len(x), -1) @ self.frequencies
+        phi = torch.cat([proj.cos(), proj.sin()], dim=1) / math.sqrt(proj.shape[1])
+        return torch.cat([phi, torch.ones(len(x), 1, device=x.device)], dim=1) / math.sqrt(2.0)
+
+    @torch.no_grad()
+    def statistic_sum(self, x: Tensor, y: Tensor | None, chunk: int = 1000) -> Tensor:
+        """``sum_i v(x_i, y_i)`` as ``[classes, F + 1]``; each record contributes norm 1."""
+        total = torch.zeros_like(self.embedding)
+        for start in range(0, len(x), chunk):
+            xb = x[start:start + chunk].to(self.embedding.device)
+            labels = self._class_index(y[start:start + chunk] if y is not None else None, len(xb))
+            total.index_add_(0, labels, self.features(xb))
+        return total
+
+    def set_release(self, mean_embedding: Tensor) -> None:
+        self.embedding.copy_(mean_embedding)
+
+    def _class_index(self, y: Tensor | None, n: int) -> Tensor:
+        if self.num_classes is None or y is None:
+            return torch.zeros(n, dtype=torch.long, device=self.embedding.device)
+        return y.to(self.embedding.device).long()
+
+    # -- fitting the generator (server side, post-processing) --------------------------
+    def class_weights(self) -> Tensor:
+        """Class proportions read off the released constant feature (clipped at 0)."""
+        counts = (self.embedding[:, -1] * math.sqrt(2.0)).clamp_min(0.0)
+        return counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1.0 / len(counts))
+
+    def mmd_loss(self, n: int) -> Tensor:
+        """``||embedding - mu_G||^2`` with ``mu_G[c] = p_c * mean phi(G(z, c))`` (DP-MERF eq. 4)."""
+        weights = self.class_weights()
+        classes = len(weights)
+        labels = torch.arange(n, device=self.embedding.device) % classes
+        feats = self.features(self._generate(n, labels if self.num_classes else None))
+        per_class = torch.zeros_like(self.embedding).index_add_(0, labels, feats)
+        counts = torch.bincount(labels, minlength=classes).clamp_min(1).unsqueeze(1)
+        model_embedding = weights.unsqueeze(1) * per_class / counts
+        return ((self.embedding - model_embedding)[:, :-1] ** 2).sum()
+
+    def server_update(self) -> dict[str, float]:
+        """Fit the generator to the released embedding (``fit_steps`` Adam steps)."""
+        if not bool(self.embedding.abs().sum() > 0):
+            return {}
+        opt = torch.optim.Adam(self.generator.parameters(), lr=self.fit_lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.fit_steps)
+        for _ in range(self.fit_steps):
+            opt.zero_grad(set_to_none=True)
+            loss = self.mmd_loss(self.fit_batch)
+            loss.backward()
+            opt.step()
+            sched.step()
+        return {"server_fit_mmd": float(loss.detach())}
+
+    # -- sampling ---------------------------------------------------------------------
+    def _generate(self, n: int, labels: Tensor | None) -> Tensor:
+        z = torch.randn(n, self.latent_dim, device=self.embedding.device)
+        if self.num_classes is not None:
+            z = torch.cat([z, one_hot(labels, self.num_classes, n, z.device)], dim=1)
+        return torch.sigmoid(self.generator(z)).reshape(n, *self.data_shape)
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: Tensor | None = None) -> Tensor:
+        return self._generate(n, self.check_labels(n, labels))
+
+    def steps(self):
+        raise NotImplementedError("the mmd family is trained by one private release (training_mode 'release'), "
+                                  "not by DP-SGD steps")
