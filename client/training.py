@@ -10,7 +10,6 @@ takes only the steps its remaining budget affords (DESIGN.md §3).
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 

@@ -15,7 +15,6 @@ against, so nothing is rejected on norm alone.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 

@@ -4,14 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Callable
 
 from rich.console import Console
 from rich.markup import escape as rich_escape

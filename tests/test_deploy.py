@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from simulations.flower_engine import APP_ROOT, TAG_VAR, _bin, free_port, kill_tagged, tagged_pids
 

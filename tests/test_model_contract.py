@@ -3,7 +3,6 @@ family up with no change here."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

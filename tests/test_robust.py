@@ -85,3 +85,21 @@ def test_byzantine_sites_are_seeded():
     assert len(sites) == 2 and sites == byzantine_sites(10, 0.2, seed=3)
     assert all(0 <= int(s) < 10 for s in sites)
     assert len(byzantine_sites(10, 0.04, seed=3)) == 0
+
+
+def test_dropped_out_sites_are_left_out_and_the_rest_weighted_by_examples():
+    from server.updates import sort_replies
+
+    replies = []
+    for site, (examples, value) in enumerate([(10, 1.0), (30, 2.0), (60, 4.0)]):
+        upd = {k: (v + value).astype(np.float32) for k, v in GLOBAL.items()}
+        msg = _reply(str(site), 200 + site, upd)
+        msg.content.metric_records["metrics"]["num-examples"] = examples
+        replies.append(msg)
+    away = _reply("3", 203, None, status=2)  # a site that dropped out this round
+    out = sort_replies(replies + [away], _rec(GLOBAL), sent_to=[200, 201, 202, 203])
+    assert out.unavailable == ["3"] and len(out.ok) == 3
+    arrays, _ = build_strategy("fedavg", FED).aggregate_train(1, out.ok)
+    expected = (10 * 1.0 + 30 * 2.0 + 60 * 4.0) / 100
+    for value in arrays.to_torch_state_dict().values():
+        assert torch.allclose(value, torch.full_like(value, expected))

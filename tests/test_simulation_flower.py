@@ -209,7 +209,7 @@ def test_simulated_faults_are_seeded_recorded_and_charged(tmp_path):
     from client.faults import plan_faults
 
     out = tmp_path / "run"
-    faults = {"dropout": 0.25, "crash": 0.2, "straggler": 0.3, "straggler_delay_s": [0.5, 1.5], "seed": 4}
+    faults = {"dropout": 0.3, "crash": 0.2, "straggler": 0.3, "straggler_delay_s": [0.5, 1.5], "seed": 4}
     sets = [f"simulation.faults.{k}={v}" for k, v in faults.items() if k != "straggler_delay_s"]
     res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, "--set", "federation.rounds=3",
                  "--set", "training.local_steps=5", "--set", "evaluation.every=0", "--set", "evaluation.num_samples=100",
@@ -235,4 +235,27 @@ def test_simulated_faults_are_seeded_recorded_and_charged(tmp_path):
     # a crashed site spent budget it never released: privacy.json still counts it
     assert {s: {h["round"] for h in v["history"]} for s, v in ledger.items()} == \
         {s: r for s, r in trained.items() if r}
+    assert fedgen_processes() == []
+
+
+def test_a_straggler_past_the_deadline_is_left_out_of_its_round(tmp_path):
+    from client.faults import plan_faults
+
+    out = tmp_path / "run"
+    faults = {"dropout": 0.0, "crash": 0.0, "straggler": 0.25, "straggler_delay_s": [100.0, 100.0], "seed": 2}
+    plan = {r: [s for s in range(5) if plan_faults(faults, str(s), r).delay_s] for r in (1, 2)}
+    assert plan == {1: [4], 2: []}  # site 4 sleeps 100 s before replying in round 1 only
+    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, "--set", "federation.rounds=2",
+                 "--set", "federation.round_timeout_s=45", "--set", "training.local_steps=5",
+                 "--set", "evaluation.every=0", "--set", "evaluation.num_samples=100",
+                 "--set", "simulation.faults.straggler=0.25", "--set", "simulation.faults.straggler_delay_s=[100, 100]",
+                 "--set", "simulation.faults.seed=2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first, second = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert first["clients_ok"] == 4 and len(first["faults"]["late"]) == 1
+    assert [f["reason"] for f in first["failures"]] == ["no reply before the round timeout"]
+    assert second["clients_ok"] == 5 and second["faults"]["late"] == []
+    # the straggler spent budget in round 1 although its update was dropped: still in the ledger
+    history = json.loads((out / "privacy.json").read_text())["sites"]["4"]["history"]
+    assert [h["round"] for h in history] == [1, 2]
     assert fedgen_processes() == []

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -294,8 +293,8 @@ def fedgen_sweep(path: Path, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.integration
-def test_real_two_run_sweep_then_a_rerun_skips_both(tmp_path):
-    path = write_sweep(tmp_path, name="tiny", grid={"privacy.target_epsilon": [2, 10]},
+def test_real_2x2_sweep_then_a_rerun_skips_every_run(tmp_path):
+    path = write_sweep(tmp_path, name="tiny", grid={"privacy.target_epsilon": [2, 10], "training.lr": [0.01, 0.02]},
                        set={"federation.rounds": 1, "federation.num_sites": 2, "training.local_steps": 5,
                             "evaluation.num_samples": 100})
     res = fedgen_sweep(path, tmp_path)
@@ -303,7 +302,8 @@ def test_real_two_run_sweep_then_a_rerun_skips_both(tmp_path):
     out = tmp_path / "out"
     with open(out / "comparison.csv") as fh:
         table = list(csv.DictReader(fh))
-    assert [r["run"] for r in table] == ["privacy.target_epsilon=2", "privacy.target_epsilon=10"]
+    assert [r["run"] for r in table] == [f"privacy.target_epsilon={e}__training.lr={lr}"
+                                         for e in (2, 10) for lr in (0.01, 0.02)]
     for row in table:
         summary = json.loads((out / row["run"] / "summary.json").read_text())
         assert summary["stopped_reason"] == "completed" and summary["rounds_completed"] == 1
@@ -313,14 +313,14 @@ def test_real_two_run_sweep_then_a_rerun_skips_both(tmp_path):
             assert float(row[key]) == summary["metrics"][key], key
         assert float(row["wall_seconds"]) == summary["wall_seconds"]
     assert (out / "privacy_utility.png").stat().st_size > 1000
-    assert "| privacy.target_epsilon=2 |" in res.stdout and (out / "comparison.md").exists()
+    assert "| privacy.target_epsilon=2__training.lr=0.01 |" in res.stdout and (out / "comparison.md").exists()
     assert tagged_pids(TAG) == []
 
-    started = time.time()
+    metrics_before = {r["run"]: (out / r["run"] / "metrics.jsonl").read_text() for r in table}
     again = fedgen_sweep(path, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("skipped (completed)") == 2
-    assert time.time() - started < 90  # no Flower start (~20 s each) on a re-run
+    assert again.stderr.count("skipped (completed)") == 4
+    assert {r["run"]: (out / r["run"] / "metrics.jsonl").read_text() for r in table} == metrics_before
     with open(out / "comparison.csv") as fh:
         assert list(csv.DictReader(fh)) == table
     assert tagged_pids(TAG) == []
