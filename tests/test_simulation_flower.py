@@ -37,6 +37,19 @@ def fedgen(*args, cwd, timeout=900):
                           capture_output=True, text=True, timeout=timeout)
 
 
+QUICK = ["training.local_steps=5", "evaluation.every=0", "evaluation.num_samples=100"]
+
+
+def quick_run(tmp_path: Path, scenario: str, *overrides: str) -> Path:
+    """A short ``fedgen simulate`` of ``scenarios/<scenario>.yaml`` (5 local steps, no
+    evaluation before the end) with ``key=value`` overrides; returns the run directory."""
+    out = tmp_path / "run"
+    sets = [a for item in (*QUICK, *overrides) for a in ("--set", item)]
+    res = fedgen("simulate", REPO / "scenarios" / f"{scenario}.yaml", "--out", out, *sets, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
 def fedgen_processes() -> list[int]:
     """Live processes (SuperLink, SuperExec, flwr-simulation, Ray) started by our runs."""
     return tagged_pids(TAG)
@@ -179,11 +192,7 @@ def test_resume_after_kill_gives_the_uninterrupted_ledger(tmp_path):
 
 
 def test_example_and_site_level_dp_are_both_reported(tmp_path):
-    out = tmp_path / "run"
-    res = fedgen("simulate", REPO / "scenarios" / "site-dp-digits.yaml", "--out", out, "--set", "federation.rounds=3",
-                 "--set", "training.local_steps=5", "--set", "evaluation.every=0", "--set", "evaluation.num_samples=100",
-                 cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = quick_run(tmp_path, "site-dp-digits", "federation.rounds=3")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy_unit"] == "both"
     units = {g["unit"]: g for g in summary["guarantees"]}
@@ -208,14 +217,9 @@ def test_example_and_site_level_dp_are_both_reported(tmp_path):
 def test_simulated_faults_are_seeded_recorded_and_charged(tmp_path):
     from client.faults import plan_faults
 
-    out = tmp_path / "run"
     faults = {"dropout": 0.3, "crash": 0.2, "straggler": 0.3, "straggler_delay_s": [0.5, 1.5], "seed": 4}
-    sets = [f"simulation.faults.{k}={v}" for k, v in faults.items() if k != "straggler_delay_s"]
-    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, "--set", "federation.rounds=3",
-                 "--set", "training.local_steps=5", "--set", "evaluation.every=0", "--set", "evaluation.num_samples=100",
-                 "--set", "simulation.faults.straggler_delay_s=[0.5, 1.5]", *[a for s in sets for a in ("--set", s)],
-                 cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = quick_run(tmp_path, "quickstart", "federation.rounds=3",
+                    *[f"simulation.faults.{k}={v}" for k, v in faults.items()])
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
     ledger = json.loads((out / "privacy.json").read_text())["sites"]
@@ -241,16 +245,11 @@ def test_simulated_faults_are_seeded_recorded_and_charged(tmp_path):
 def test_a_straggler_past_the_deadline_is_left_out_of_its_round(tmp_path):
     from client.faults import plan_faults
 
-    out = tmp_path / "run"
     faults = {"dropout": 0.0, "crash": 0.0, "straggler": 0.25, "straggler_delay_s": [100.0, 100.0], "seed": 2}
     plan = {r: [s for s in range(5) if plan_faults(faults, str(s), r).delay_s] for r in (1, 2)}
     assert plan == {1: [4], 2: []}  # site 4 sleeps 100 s before replying in round 1 only
-    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, "--set", "federation.rounds=2",
-                 "--set", "federation.round_timeout_s=45", "--set", "training.local_steps=5",
-                 "--set", "evaluation.every=0", "--set", "evaluation.num_samples=100",
-                 "--set", "simulation.faults.straggler=0.25", "--set", "simulation.faults.straggler_delay_s=[100, 100]",
-                 "--set", "simulation.faults.seed=2", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = quick_run(tmp_path, "quickstart", "federation.rounds=2", "federation.round_timeout_s=45",
+                    *[f"simulation.faults.{k}={v}" for k, v in faults.items()])
     first, second = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert first["clients_ok"] == 4 and len(first["faults"]["late"]) == 1
     assert [f["reason"] for f in first["failures"]] == ["no reply before the round timeout"]
