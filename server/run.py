@@ -212,6 +212,7 @@ class FederatedRun:
             # the other sites' norms would break that sensitivity bound, so it is off.
             sorted_ = sort_replies(replies, arrays, sent_to=[m.metadata.dst_node_id for m in messages],
                                    known_sites=self.node_sites,
+                                   destinations={m.metadata.message_id: m.metadata.dst_node_id for m in messages},
                                    outlier_factor=None if self.site_dp else self.fed["outlier_factor"])
             self.node_sites.update(sorted_.site_of)
             for site_ledger in sorted_.ledgers:

@@ -87,16 +87,23 @@ def norm_outliers(norms: list[float], *, factor: float | None = OUTLIER_FACTOR,
 
 
 def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sent_to: list[int], *,
-                 known_sites: dict[int, str] | None = None, outlier_factor: float | None = OUTLIER_FACTOR,
+                 known_sites: dict[int, str] | None = None, destinations: dict[str, int] | None = None,
+                 outlier_factor: float | None = OUTLIER_FACTOR,
                  outlier_min_replies: int = OUTLIER_MIN_REPLIES) -> RoundReplies:
     """Sort the replies to the train messages sent to the nodes ``sent_to``; ``known_sites``
-    (node id -> site id, from earlier rounds) names the sites of error and missing replies."""
-    known_sites = known_sites or {}
+    (node id -> site id, from earlier rounds) names the sites of error and missing replies.
+
+    ``destinations`` maps each sent message's id to its node: an error reply the SuperLink
+    writes itself (e.g. "node unavailable" after a SuperNode died) comes *from* the
+    SuperLink, so it is attributed to the node the message was sent to."""
+    known_sites, destinations = known_sites or {}, destinations or {}
     out = RoundReplies()
     who: list[tuple[str, int]] = []  # (site label, node id) of each ok reply
     norms: list[float] = []
+    replied: set[int] = set()
     for msg in replies:
-        node = msg.metadata.src_node_id
+        node = destinations.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        replied.add(node)
         if msg.has_error():
             label = known_sites.get(node, str(node))
             out.failed.append((label, f"error reply: {msg.error.reason}"))
@@ -138,7 +145,6 @@ def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sent_to: li
             log.warning("rejected update from %s (node %s): %s", who[i][0], who[i][1], problem)
             out.failed.append((who[i][0], problem))
         out.ok = [m for i, m in enumerate(out.ok) if i not in outliers]
-    replied = {msg.metadata.src_node_id for msg in replies}
     for node in sent_to:
         if node not in replied:
             label = known_sites.get(node, f"node {node}")

@@ -118,16 +118,31 @@ class LocalDeployment:
             pass
         proc.wait(timeout=30)
 
+    def start_run(self, run_dir: Path) -> str:
+        """``flwr run --stream`` the app against the SuperLink in the background; its name."""
+        name = f"flwr-run-{run_dir.name}"
+        self.popen(name, [_bin("flwr"), "run", str(APP_ROOT), "deploy", "--run-config", f'run-dir="{run_dir}"',
+                          "--stream"])
+        return name
+
+    def wait_run(self, name: str, timeout: float = 300) -> tuple[str, str]:
+        """Wait for a ``start_run``; returns the Flower run id and its final status."""
+        self.procs[name].wait(timeout=timeout)
+        self.procs.pop(name)
+        m = re.search(r"started run (\d+)", self.log(name))
+        assert m, self.log(name)
+        ls = self.flwr("ls", "deploy", "--run-id", m.group(1), "--format", "json")
+        return m.group(1), json.loads(ls.stdout[ls.stdout.index("{"):])["runs"][0]["status"]
+
     def run(self, run_dir: Path, timeout: float = 300) -> str:
         """``flwr run`` the app against the SuperLink; returns Flower's final run status."""
-        res = subprocess.run([_bin("flwr"), "run", str(APP_ROOT), "deploy", "--run-config",
-                              f'run-dir="{run_dir}"', "--stream"], env=self.env, cwd=self.tmp,
-                             capture_output=True, text=True, timeout=timeout)
-        (self.tmp / f"flwr-run-{run_dir.name}.log").write_text(res.stdout + res.stderr)
-        m = re.search(r"started run (\d+)", res.stdout)
-        assert m, res.stdout + res.stderr
-        ls = self.flwr("ls", "deploy", "--run-id", m.group(1), "--format", "json")
-        return json.loads(ls.stdout[ls.stdout.index("{"):])["runs"][0]["status"]
+        return self.wait_run(self.start_run(run_dir), timeout)[1]
+
+    def stop_sites(self) -> None:
+        """SIGTERM every running SuperNode (their sites deactivate) and wait until none is online."""
+        for name in [n for n in self.procs if n.startswith("site")]:
+            self.stop(name)
+        self.wait_online(0, timeout=150)
 
     def close(self) -> None:
         for name in list(self.procs):
@@ -148,6 +163,12 @@ def deployment(tmp_path_factory):
         dep.close()
         left = tagged_pids(dep.tag)
         assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def registered(deployment) -> dict[str, int]:
+    """Sites 0 and 1 registered with the SuperLink ("stranger" never is); their node ids."""
+    return {site: deployment.register(site) for site in ("0", "1")}
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +207,7 @@ def _run_dir(tmp: Path, name: str, *, rounds: int, num_sites: int, target_epsilo
     return write_deployment_run_dir(scenario, tmp / name)
 
 
-def test_unregistered_key_and_plain_http_are_refused(deployment):
-    deployment.register("0")
-    deployment.register("1")  # "stranger" is never registered
+def test_unregistered_key_and_plain_http_are_refused(deployment, registered):
     stranger = deployment.start_supernode("stranger", key="stranger", retries=1)
     plain = deployment.start_supernode("plain", key=None, tls=False, retries=1)
     assert stranger.wait(timeout=90) != 0 and plain.wait(timeout=90) != 0
@@ -200,7 +219,7 @@ def test_unregistered_key_and_plain_http_are_refused(deployment):
     assert deployment.online() == 0
 
 
-def test_two_sites_train_with_dp_then_a_restarted_site_keeps_its_history(deployment, sites):
+def test_two_sites_train_with_dp_then_a_restarted_site_keeps_its_history(deployment, registered, sites):
     deployment.start_supernode("site0", key="0", node_config=sites["0"])
     deployment.start_supernode("site1", key="1", node_config=sites["1"])
     deployment.wait_online(2)
@@ -237,10 +256,7 @@ def test_a_site_whose_budget_is_spent_refuses(deployment, sites):
     # site 0's ledger (state dir) already holds more than its own cap allows
     spent = json.loads((Path(sites["0"]["state-dir"]) / "ledger.json").read_text())
     assert spent["epsilon"] > 1.0
-    for name in ("site0", "site1"):
-        if name in deployment.procs:
-            deployment.stop(name)
-    deployment.wait_online(0, timeout=150)
+    deployment.stop_sites()
     deployment.start_supernode("site0", key="0", node_config={**sites["0"], "max-epsilon": 1.0})
     deployment.wait_online(1)
     run3 = _run_dir(deployment.tmp, "run3", rounds=2, num_sites=1, target_epsilon=8.0)
@@ -251,3 +267,49 @@ def test_a_site_whose_budget_is_spent_refuses(deployment, sites):
     assert rows[0]["clients_refused"] == 1 and rows[0]["clients_ok"] == 0
     after = json.loads((Path(sites["0"]["state-dir"]) / "ledger.json").read_text())
     assert after["history"] == spent["history"]  # not one more step was charged
+
+
+def test_a_supernode_killed_mid_run_rejoins_and_its_ledger_continues(deployment, registered, sites):
+    """Site 0 is SIGKILLed once it has charged round 1 of a 3-round run and restarted with
+    the same key, node config and state dir: the run completes, and the site's ledger holds
+    every round it trained exactly once, all under this run's id."""
+    from privacy.accounting import make_accountant
+
+    deployment.stop_sites()  # earlier checks leave SuperNodes with other state dirs running
+    config = {k: {**cfg, "state-dir": str(deployment.tmp / f"restart-state{k}")} for k, cfg in sites.items()}
+    for k, cfg in config.items():
+        deployment.start_supernode(f"site{k}", key=k, node_config=cfg)
+    deployment.wait_online(2)
+    run_dir = _run_dir(deployment.tmp, "restart", rounds=3, num_sites=2, target_epsilon=8.0)
+    flwr_run = deployment.start_run(run_dir)
+
+    ledger_file = Path(config["0"]["state-dir"]) / "ledger.json"
+    deadline = time.time() + 300
+    while not (ledger_file.exists() and json.loads(ledger_file.read_text())["history"]):
+        assert time.time() < deadline and deployment.procs[flwr_run].poll() is None, deployment.log(flwr_run)
+        time.sleep(0.1)
+    before = json.loads(ledger_file.read_text())["history"]
+    assert [h["round"] for h in before] == [1]
+    deployment.stop("site0", signal.SIGKILL)
+    # The SuperLink refuses the key while it still counts the dead node online, i.e. until
+    # it misses its heartbeats (up to 2 x 30 s in flwr 1.42); a round sent to it meanwhile
+    # gets Flower's "Node Unavailable" error reply. Then the same key rejoins as the same node.
+    deployment.wait_online(1, timeout=150)
+    deployment.start_supernode("site0-restarted", key="0", node_config=config["0"])
+    deployment.wait_online(2)
+    run_id, status = deployment.wait_run(flwr_run, timeout=600)
+    assert status.startswith("finished:completed"), deployment.log(flwr_run)
+
+    ledger = json.loads(ledger_file.read_text())
+    rounds = [h["round"] for h in ledger["history"]]
+    assert ledger["history"][0] == before[0]  # round 1 as charged before the kill
+    assert rounds == sorted(set(rounds)) and rounds[0] == 1 and rounds[-1] == 3  # none twice; 3 after the restart
+    assert f"SuperNode ID: {registered['0']}" in deployment.log("site0-restarted")  # the same node again
+    assert {h["run"] for h in ledger["history"]} == {run_id}
+    fresh = make_accountant(ledger["accountant"], [(h["noise_multiplier"], h["sample_rate"], h["steps"])
+                                                   for h in ledger["history"]])
+    assert ledger["epsilon"] == pytest.approx(fresh.get_epsilon(delta=ledger["delta"]), rel=1e-9)
+    assert ledger["history"][-1]["epsilon"] == pytest.approx(ledger["epsilon"], rel=1e-9)
+    server = json.loads((run_dir / "privacy.json").read_text())["sites"]["site0"]
+    assert server["history"] == ledger["history"] and server["epsilon"] == ledger["epsilon"]
+    assert json.loads((run_dir / "summary.json").read_text())["rounds_completed"] == 3

@@ -87,3 +87,15 @@ def test_norm_helpers(global_arrays):
     assert norm_outliers([1.0, 1.2, 9.0]) == []  # under 10x the median
     assert norm_outliers([0.0, 0.0, 0.0]) == []
     assert norm_outliers([1.0, 50.0]) == []
+
+
+def test_an_error_written_by_the_superlink_is_blamed_on_the_node_that_was_asked(global_arrays):
+    from flwr.app import Error
+
+    dead = Message(Error(code=0, reason="Node Unavailable"), reply_to=_reply("x", 7, None))
+    dead.metadata.__dict__["_src_node_id"] = 1  # the SuperLink writes this reply itself
+    dead.metadata.__dict__["_reply_to_message_id"] = "sent-to-7"
+    out = sort_replies([dead, _reply("ok", 8, _update(0.1, 0))], global_arrays, sent_to=[7, 8],
+                       known_sites={7: "seven"}, destinations={"sent-to-7": 7, "sent-to-8": 8})
+    assert out.errors == ["seven"] and out.late == []
+    assert out.failed == [("seven", "error reply: Node Unavailable")]
