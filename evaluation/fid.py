@@ -16,11 +16,9 @@ comparable with published numbers.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 
 from .context import EvaluationContext
 from .protocol import register_metric
@@ -35,50 +33,37 @@ def gaussian_moments(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False, ddof=1).reshape(f.shape[1], f.shape[1])
 
 
-def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
-    """``(sigma1 sigma2)^{1/2}`` via ``scipy.linalg.sqrtm``, real part, checked.
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """``tr((sigma1 sigma2)^{1/2})`` for PSD ``sigma1``, ``sigma2``.
 
-    The product of two PSD matrices has non-negative real eigenvalues, so its principal
-    square root is real in exact arithmetic; round-off leaves tiny imaginary parts, which
-    are dropped when small relative to the real part (and rejected otherwise).
+    ``sigma1 sigma2`` has the same eigenvalues as the symmetric PSD matrix
+    ``sigma1^{1/2} sigma2 sigma1^{1/2}``, so the trace of its principal square root is the
+    sum of the square roots of those eigenvalues: two symmetric eigendecompositions instead
+    of a general (Schur) ``sqrtm`` of a non-symmetric matrix -- exact, and ~100x faster
+    for 128-dimensional features. Eigenvalues below 0 are round-off and clipped, which
+    also copes with singular covariances (fewer samples than dimensions).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "matrix is singular" for rank-deficient covs
-        root = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    root = np.asarray(root)
-    if np.iscomplexobj(root):
-        scale = max(1.0, float(np.abs(root.real).max()))
-        if float(np.abs(root.imag).max()) > 1e-3 * scale:
-            raise ValueError(
-                "sqrtm(S1 S2) has a large imaginary component: covariances are not PSD"
-            )
-        root = root.real
-    return root
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    middle = root1 @ sigma2 @ root1
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2.0)
+    return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
 
 
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *, eps: float = 1e-6
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6).
 
-    If the square root is not finite or does not square back to ``sigma1 sigma2``
-    (singular covariances, e.g. fewer samples than feature dimensions), both covariances
-    get ``eps * I`` added, as in the reference implementation of Heusel et al.
-    The result is clipped at 0 (it is a squared distance; negatives are round-off).
+    The cross term ``tr((sigma1 sigma2)^{1/2})`` comes from :func:`trace_sqrt_product`;
+    the result is clipped at 0 (it is a squared distance; negatives are round-off).
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"inconsistent shapes: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
-    product = s1 @ s2
-    root = _sqrtm_product(s1, s2)
-    residual = np.abs(root @ root - product).max() / max(1.0, np.abs(product).max())
-    if not np.isfinite(root).all() or residual > 1e-6:
-        offset = eps * np.eye(s1.shape[0])
-        s1, s2 = s1 + offset, s2 + offset
-        root = _sqrtm_product(s1, s2)
     diff = mu1 - mu2
-    value = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(root)
+    value = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2)
     return max(float(value), 0.0)
 
 

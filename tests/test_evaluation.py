@@ -351,3 +351,16 @@ def test_mnist_real_vs_noise_and_eval_speed(tmp_path):
     noise = evaluate_samples(torch.rand(1000, 1, 28, 28), None, ref_x, ref_y, extractor=ex)
     assert real["classes_covered"] == 10 and real["collapsed"] == 0 and real["label_agreement"] > 0.8
     assert noise["fid_domain"] > 10 * real["fid_domain"] and noise["collapsed"] == 1
+
+
+def test_trace_sqrt_product_equals_the_general_matrix_square_root():
+    import scipy.linalg
+
+    from evaluation.fid import trace_sqrt_product
+
+    rng = np.random.default_rng(0)
+    for d, n in [(8, 50), (32, 20)]:  # full rank, and singular (fewer samples than dimensions)
+        a, b = rng.standard_normal((n, d)), rng.standard_normal((n, d)) * 2.0
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        expected = float(np.trace(scipy.linalg.sqrtm(s1 @ s2)).real)
+        assert trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-6, abs=1e-8)
