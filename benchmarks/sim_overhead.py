@@ -1,0 +1,271 @@
+"""Flower's simulation engine vs a plain Python loop doing the same federated training
+(issue 8): cold start and steady-state seconds per round, measured side by side in one
+invocation.
+
+    python benchmarks/sim_overhead.py [--rounds 6] [--client-cpus 2 1] [--threads 1] [--set K=V] [--result NAME]
+
+Flower side: ``python -m simulations.cli simulate scenarios/quickstart.yaml --out RUN
+--set evaluation.every=0 --set federation.rounds=6 --set simulation.device=cpu --set
+simulation.client_cpus=C`` (no evaluation before the last round, whose evaluation time is
+subtracted, so training and aggregation are compared). ``client_cpus=2`` gives one Ray
+actor that trains the sites one after another, like the plain loop (the like-for-like
+comparison); ``client_cpus=1`` (the quickstart's own setting) gives two actors that train
+two sites at a time on the 2 cores. Every process runs with OMP_NUM_THREADS=1
+(``--threads``): one torch thread per process on both sides.
+
+Plain side: this script in its own process (``--plain RUN``) reads a run directory
+prepared as ``fedgen simulate`` prepares it (``simulations.prepare.write_run_dir``, done
+beforehand and not timed; its ``inputs/partitions.npz`` is checked equal to the Flower
+runs') and the same task configuration, and each round calls ``client.task.train_site``
+(the ClientApp's own training call, hence the same ``run_local_round``, model build, DP-SGD
+and calibration) for every site in turn, then averages the updates weighted by examples
+(FedAvg). The plain loop runs before, between and after the Flower runs; each Flower run
+is compared with the two plain runs around it.
+
+Definitions (times from process launch, ``time.time()`` just before ``Popen``):
+
+- round end: mtime of ``checkpoints/model-round-NNNN.pt`` (Flower) or the loop's clock;
+- cold start = Flower's round-1 end - the plain loop's round-1 end: what Flower adds
+  before the first round's result exists (Python and torch start-up are paid by both;
+  the CLI's run-directory preparation, ``prepare_run_dir_s``, only by Flower);
+- steady round = median ``seconds`` of rounds >= 2 (metrics.jsonl; the last round's
+  ``eval_seconds`` removed), and the same for the plain loop's rounds;
+- steady CPU = median CPU seconds per round, rounds >= 2 (Flower: the whole process tree
+  sampled from /proc between consecutive round ends, the evaluating last round left out;
+  plain: the loop's own ``process_time``). Less sensitive to other jobs on the machine.
+
+Writes benchmarks/results/<NAME>.json (``--result``, default sim_overhead). Targets: steady
+round <= 1.15x the plain loop, cold start <= 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import REPO, environment, load_average, run_sampled, run_simulation, \
+    training_seconds, write_result
+
+SCENARIO = REPO / "scenarios" / "quickstart.yaml"
+STEADY_TARGET = 1.15
+COLD_TARGET_S = 5.0
+
+
+# -- the plain loop (runs in its own process: ``--plain RUN_DIR``) --------------------------
+
+def site_datasets(run_dir: Path, conditional: bool) -> dict[str, Any]:
+    """Each site's examples, exactly as ``client.site.load_site_data`` selects them."""
+    import numpy as np
+
+    from client.data import load_data
+    from server import rundir
+
+    spec = rundir.DataSpec.read(run_dir)
+    full = load_data(spec.format, spec.path)
+    with np.load(run_dir / rundir.PARTITIONS) as parts:
+        sites = {str(i): full.subset(parts[f"site_{i}"]) for i in range(spec.num_sites)}
+    return sites if conditional else {k: v.without_labels() for k, v in sites.items()}
+
+
+def fedavg(updates: list[tuple[dict, int]]) -> dict:
+    """Example-weighted mean of state dicts (what Flower's FedAvg computes)."""
+    total = sum(n for _, n in updates)
+    return {key: sum(state[key].double() * (n / total) for state, n in updates).to(updates[0][0][key].dtype)
+            for key in updates[0][0]}
+
+
+def plain_loop(run_dir: Path, rounds: int) -> dict[str, Any]:
+    import torch
+
+    from client.task import TaskConfig, train_site
+    from server import rundir
+    from server.run import build_global_model, task_config
+
+    imported = time.time()
+    scenario, spec = rundir.read_scenario(run_dir), rundir.DataSpec.read(run_dir)
+    task = TaskConfig.from_json(task_config(scenario, spec))
+    sites = site_datasets(run_dir, conditional=task.num_classes is not None)
+    state = build_global_model(scenario, spec).state_dict()
+    ledgers: dict[str, Any] = {}
+    rows = []
+    for rnd in range(1, rounds + 1):
+        start, cpu_start = time.time(), time.process_time()
+        updates = []
+        for site, data in sites.items():
+            model, result, ledgers[site] = train_site(task, data, state, site=site, server_round=rnd,
+                                                      ledger=ledgers.get(site))
+            if result.status == "trained":
+                updates.append((model.state_dict(), result.num_examples))
+        trained = time.time()
+        state = fedavg(updates) if updates else state
+        rows.append({"round": rnd, "seconds": time.time() - start, "aggregate_seconds": time.time() - trained,
+                     "cpu_seconds": time.process_time() - cpu_start, "end": time.time(),
+                     "clients_ok": len(updates)})
+    return {"imports_done": imported, "torch_threads": torch.get_num_threads(), "rounds": rows,
+            "epsilon": max(ledger.epsilon for ledger in ledgers.values()) if ledgers else None}
+
+
+def run_plain(run_dir: Path, rounds: int, work: Path, index: int) -> dict[str, Any]:
+    """The plain loop in a fresh process, timed from launch like the Flower runs."""
+    out = work / f"plain-{index}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", str(run_dir), "--rounds", str(rounds),
+           "--plain-out", str(out)]
+    done = run_sampled(cmd, work / f"plain-{index}.log")
+    result = json.loads(out.read_text())
+    rows = result["rounds"]
+    return {"load_before": done.load_before, "load_after": done.load_after, "process_wall_s": round(done.wall_s, 2),
+            "imports_done_s": round(result["imports_done"] - done.launched, 2),
+            "round_end_s": [round(r["end"] - done.launched, 2) for r in rows],
+            "round_seconds": [round(r["seconds"], 3) for r in rows],
+            "round_cpu_s": [round(r["cpu_seconds"], 2) for r in rows],
+            "aggregate_seconds": [round(r["aggregate_seconds"], 4) for r in rows],
+            "clients_ok": [r["clients_ok"] for r in rows], "torch_threads": result["torch_threads"],
+            "epsilon": result["epsilon"], **done.sampler.summary()}
+
+
+# -- comparison ---------------------------------------------------------------------------
+
+def steady(run: dict[str, Any]) -> float:
+    """Median seconds of rounds >= 2 without evaluation."""
+    seconds = training_seconds(run) if "eval_seconds" in run else run["round_seconds"]
+    return statistics.median(seconds[1:])
+
+
+def compare(flower: dict[str, Any], plains: list[dict[str, Any]]) -> dict[str, Any]:
+    plain_steady = statistics.median(s for p in plains for s in p["round_seconds"][1:])
+    plain_cpu = statistics.median(c for p in plains for c in p["round_cpu_s"][1:])
+    flower_cpu = statistics.median(flower["round_cpu_s"][1:-1])  # the last round evaluates
+    plain_r1_end = statistics.median(p["round_end_s"][0] for p in plains)
+    plain_r1 = statistics.median(p["round_seconds"][0] for p in plains)
+    flower_steady = steady(flower)
+    flower_r1 = training_seconds(flower)[0]
+    cold = flower["round_end_s"][0] - plain_r1_end
+    return {
+        "steady_round_s": round(flower_steady, 3), "plain_steady_round_s": round(plain_steady, 3),
+        "steady_ratio": round(flower_steady / plain_steady, 3),
+        "steady_overhead_s": round(flower_steady - plain_steady, 3),
+        "steady_cpu_s": round(flower_cpu, 3), "plain_steady_cpu_s": round(plain_cpu, 3),
+        "steady_cpu_ratio": round(flower_cpu / plain_cpu, 3),
+        "round1_end_s": flower["round_end_s"][0], "plain_round1_end_s": round(plain_r1_end, 2),
+        "cold_start_s": round(cold, 2),
+        "cold_start_parts_s": {
+            "launch_to_round1_start": round(flower["round_end_s"][0] - flower["round_seconds"][0], 2),
+            "plain_launch_to_round1_start": round(plain_r1_end - plain_r1, 2),
+            "round1_minus_plain_round1": round(flower_r1 - plain_r1, 2)},
+        "steady_target_met": flower_steady / plain_steady <= STEADY_TARGET,
+        "cold_start_target_met": cold <= COLD_TARGET_S,
+    }
+
+
+IMPORTS = ["torch", "opacus", "ray", "flwr.serverapp", "flwr.simulation", "client.app", "server.app",
+           "simulations.cli"]
+
+
+def import_seconds(modules: list[str]) -> dict[str, float]:
+    """Seconds to import each module in a fresh interpreter (interpreter start excluded):
+    every Flower process (CLI, SuperLink, SuperExec, flwr-simulation, each Ray actor) pays
+    its share of these before it does anything."""
+    out = {}
+    for module in modules:
+        code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+        res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+        out[module] = round(float(res.stdout.strip().splitlines()[-1]), 2)
+    return out
+
+
+def prepare_inputs(run_dir: Path, overrides: list[str]) -> float:
+    """Write the run directory the plain loop reads -- what ``fedgen simulate`` writes before
+    Flower starts (deterministic by seed, so the Flower runs get the same partition;
+    checked) -- and return the seconds that took (imports excluded)."""
+    sys.path.insert(0, str(REPO))
+    from simulations.prepare import write_run_dir
+    from simulations.scenario import load_scenario
+
+    start = time.perf_counter()
+    write_run_dir(load_scenario(SCENARIO, overrides), run_dir)
+    return time.perf_counter() - start
+
+
+def same_partitions(a: Path, b: Path) -> bool:
+    import numpy as np
+
+    with np.load(a / "inputs" / "partitions.npz") as x, np.load(b / "inputs" / "partitions.npz") as y:
+        return sorted(x.files) == sorted(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--client-cpus", type=float, nargs="+", default=[2.0, 1.0],
+                        help="simulation.client_cpus of each Flower run (2: one actor; 1: two actors)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of every process (CLI, Ray actors, plain loop); 1 by default: two "
+                        "intra-op threads on a busy 2-core machine cost ~10x the CPU of one for this model")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="extra scenario override for every run (the plain loop follows the run dir)")
+    parser.add_argument("--result", default="sim_overhead", help="result file name in benchmarks/results/")
+    parser.add_argument("--keep", type=Path, help="keep the run directories and logs here")
+    parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)  # internal: run the plain loop
+    parser.add_argument("--plain-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain:
+        sys.path.insert(0, str(REPO))
+        args.plain_out.write_text(json.dumps(plain_loop(args.plain, args.rounds)))
+        return
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every process, Ray keeps it
+    work = Path(tempfile.mkdtemp(prefix="fedgen-bench-", dir=args.keep))
+    base = ["evaluation.every=0", f"federation.rounds={args.rounds}", "simulation.device=cpu", *args.set]
+    load_start = load_average()
+    inputs = work / "inputs-run"
+    prepare_s = prepare_inputs(inputs, base)
+    # plain, flower, plain, flower, plain: each Flower run is compared with the plain runs
+    # just before and after it, so a change in the machine's load hits both sides
+    plains = [run_plain(inputs, args.rounds, work, 0)]
+    print(f"plain loop: round 1 ends at {plains[0]['round_end_s'][0]:.1f} s", flush=True)
+    flower, comparison, partitions = {}, {}, {}
+    for i, cpus in enumerate(args.client_cpus):
+        name = f"client_cpus={cpus:g}"
+        flower[name] = run_simulation(SCENARIO, work / f"flower-{i}", [*base, f"simulation.client_cpus={cpus:g}"])
+        partitions[name] = same_partitions(inputs, work / f"flower-{i}")
+        plains.append(run_plain(inputs, args.rounds, work, i + 1))
+        comparison[name] = compare(flower[name], plains[-2:])
+        print(f"flower {name}: round 1 ends at {flower[name]['round_end_s'][0]:.1f} s, steady "
+              f"{comparison[name]['steady_round_s']:.2f} s/round vs plain "
+              f"{comparison[name]['plain_steady_round_s']:.2f}", flush=True)
+    result = {
+        "benchmark": "sim_overhead", "scenario": str(SCENARIO.relative_to(REPO)), "rounds": args.rounds,
+        "overrides": base, "targets": {"steady_ratio": STEADY_TARGET, "cold_start_s": COLD_TARGET_S},
+        "environment": environment(), "load_start": load_start, "load_end": load_average(),
+        "comparison": comparison, "same_partitions_as_plain": partitions,
+        "prepare_run_dir_s": round(prepare_s, 2), "import_seconds": import_seconds(IMPORTS),
+        "flower_runs": flower, "plain_runs": plains,
+    }
+    path = write_result(args.result, result)
+    report(result, path)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(result: dict[str, Any], path: Path) -> None:
+    print(f"\n{'flower run':18s} {'steady s':>9s} {'plain s':>8s} {'ratio':>6s} {'cpu ratio':>9s} "
+          f"{'cold start s':>13s}  targets: ratio <= {STEADY_TARGET}, cold <= {COLD_TARGET_S:g} s")
+    for name, c in result["comparison"].items():
+        print(f"{name:18s} {c['steady_round_s']:9.2f} {c['plain_steady_round_s']:8.2f} {c['steady_ratio']:6.2f} "
+              f"{c['steady_cpu_ratio']:9.2f} {c['cold_start_s']:13.1f}  "
+              f"ratio {'met' if c['steady_target_met'] else 'MISSED'}, "
+              f"cold start {'met' if c['cold_start_target_met'] else 'MISSED'}")
+    print(f"load average {result['load_start']} -> {result['load_end']}; -> {path}")
+
+
+if __name__ == "__main__":
+    main()
