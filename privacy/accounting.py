@@ -75,13 +75,16 @@ def epsilon_of(history: Iterable[HistoryEntry], *, delta: float, accountant: str
     return float(make_accountant(accountant, entries).get_epsilon(delta=delta))
 
 
+@lru_cache(maxsize=256)
 def calibrate_noise_multiplier(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
     """The smallest sigma (to Opacus' 1 % tolerance) with epsilon(sigma, q, steps) <= target.
 
     Uses ``opacus.accountants.utils.get_noise_multiplier``; the result is then checked,
-    since a budget must never be overspent by a tolerance.
+    since a budget must never be overspent by a tolerance. A pure function of its
+    arguments, memoised per process: many simulated sites with the same settings (and a
+    site's later rounds) reuse one calibration instead of seconds of search each.
     """
     if not (0.0 < sample_rate <= 1.0):
         raise PrivacyConfigError(f"sample rate must be in (0, 1], got {sample_rate}")
