@@ -217,6 +217,16 @@ def simulate_command(scenario: Path, out: Path, overrides: list[str]) -> list[st
             *[a for o in overrides for a in ("--set", o)]]
 
 
+def simulate(scenario: Path, out: Path, overrides: list[str], *, label: str) -> dict[str, Any]:
+    """Run ``fedgen simulate`` to completion (from the repository root) and return the
+    run's summary.json; a failed run stops the benchmark with Flower's last words."""
+    res = subprocess.run(simulate_command(scenario, out, overrides), cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{label}: fedgen simulate failed:\n{res.stderr[-2000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
 def round_end_times(run_dir: Path, rounds: int) -> list[float]:
     """time.time() at the end of each round: the ServerApp writes ``model-round-NNNN.pt``
     right after the round's ``metrics.jsonl`` row (and ``privacy.json``, ``latest.pt``)."""

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from _common import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "scenarios" / "byzantine-digits.yaml"
@@ -37,12 +37,7 @@ VARIANTS = {
 
 def run(name: str, overrides: list[str], rounds: int, tmp: Path) -> dict:
     out = tmp / name.replace(" ", "_").replace("(", "").replace(")", "")
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", str(SCENARIO), "--out", str(out),
-           "--set", f"federation.rounds={rounds}", *[a for o in overrides for a in ("--set", o)]]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{name}: fedgen simulate failed:\n{res.stderr[-2000:]}")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = simulate(SCENARIO, out, [f"federation.rounds={rounds}", *overrides], label=name)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"overrides": overrides, "heldout_nll_bits_per_dim": summary["metrics"]["heldout_nll_bits_per_dim"],
             "fid_domain": summary["metrics"]["fid_domain"], "epsilon": summary["epsilon"],

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from _common import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "scenarios" / "mnist-utility.yaml"
@@ -29,12 +29,7 @@ BASELINES = {10.0: {"dp-vae (ghost)": 0.697, "dp-merf (mlp)": 0.728}, 1.0: {"dp-
 
 def run(epsilon: float, overrides: list[str], folder: Path) -> dict:
     out = folder / f"eps{epsilon:g}"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", str(SCENARIO), "--out", str(out),
-           "--set", f"privacy.target_epsilon={epsilon}", *[a for o in overrides for a in ("--set", o)]]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"epsilon {epsilon}: fedgen simulate failed:\n{res.stderr[-2000:]}")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = simulate(SCENARIO, out, [f"privacy.target_epsilon={epsilon}", *overrides], label=f"epsilon {epsilon}")
     grids = sorted((out / "samples").glob("round-*.png"))
     img = ROOT / "docs" / "img" / f"mnist-utility-eps{epsilon:g}.png"
     img.parent.mkdir(parents=True, exist_ok=True)
