@@ -207,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, handlers=[RichHandler(console=console, show_path=False)],
                         format="%(message)s")
     args = build_parser().parse_args(argv)
-    # SIGTERM ends a run like Ctrl-C does: Flower and Ray are stopped, nothing is orphaned.
+    # Ctrl-C and SIGTERM end a run the same way: Flower and Ray are stopped, nothing is
+    # orphaned. SIGINT is set explicitly: a process started with SIGINT ignored (e.g. in
+    # the background of a non-interactive shell) would otherwise never see Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         return args.func(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ class _MetricsWatcher(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
+        # Leave SIGINT / SIGTERM to the main thread, so that they interrupt its blocking read
+        # of Flower's output instead of landing in this thread's sleep.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         seen = 0
         while not self.stop.wait(0.5):
             rows = rundir.read_metrics(self.path.parent)
