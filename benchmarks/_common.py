@@ -3,7 +3,7 @@
 Imported by path from a script in this folder (``from _common import ...``): never an
 installed package (Opacus already ships a top-level ``benchmarks``; DESIGN.md §1).
 
-- :func:`run_simulation` launches ``python -m simulations.cli simulate ...`` and, while it
+- :func:`run_sampled_simulation` launches ``python -m simulations.cli simulate ...`` and, while it
   runs, samples the whole process tree every ``interval`` seconds (the CLI, its
   descendants, and anything carrying the run's process tag: SuperLink, SuperExec,
   flwr-simulation, Ray) from /proc: summed RSS (and PSS at the peak), process count, CPU
@@ -267,7 +267,7 @@ def run_sampled(cmd: list[str], log: Path, *, env: dict[str, str] | None = None,
     return Finished(launched, wall, sampler, load_before, load_average())
 
 
-def run_simulation(scenario: Path, out: Path, overrides: list[str], *, interval: float = 0.2,
+def run_sampled_simulation(scenario: Path, out: Path, overrides: list[str], *, interval: float = 0.2,
                    timeout_s: float = 3600.0) -> dict[str, Any]:
     """Run ``fedgen simulate`` to completion while sampling its process tree; return the
     timings (relative to launch), the per-round rows and the memory peak."""

@@ -27,7 +27,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import REPO, environment, load_average, run_simulation, training_seconds, write_result
+from _common import REPO, environment, load_average, run_sampled_simulation, training_seconds, write_result
 
 SCENARIO = REPO / "scenarios" / "quickstart.yaml"
 MNIST = "../shared/data/mnist"  # relative to the repository root, where the CLI runs
@@ -71,7 +71,7 @@ def main() -> None:
     load_start = load_average()
     runs = {}
     for name in args.variants:
-        run = run_simulation(SCENARIO, work / name,
+        run = run_sampled_simulation(SCENARIO, work / name,
                              overrides(args.sites, args.fraction, args.rounds, [*VARIANTS[name], *args.set]))
         runs[name] = {"summary": summarise(run, args.sites, args.fraction), "run": run}
         report(name, runs[name]["summary"])

@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, environment, load_average, run_sampled, run_simulation, \
+from _common import REPO, environment, load_average, run_sampled, run_sampled_simulation, \
     training_seconds, write_result
 
 SCENARIO = REPO / "scenarios" / "quickstart.yaml"
@@ -235,7 +235,7 @@ def main() -> None:
     flower, comparison, partitions = {}, {}, {}
     for i, cpus in enumerate(args.client_cpus):
         name = f"client_cpus={cpus:g}"
-        flower[name] = run_simulation(SCENARIO, work / f"flower-{i}", [*base, f"simulation.client_cpus={cpus:g}"])
+        flower[name] = run_sampled_simulation(SCENARIO, work / f"flower-{i}", [*base, f"simulation.client_cpus={cpus:g}"])
         partitions[name] = same_partitions(inputs, work / f"flower-{i}")
         plains.append(run_plain(inputs, args.rounds, work, i + 1))
         comparison[name] = compare(flower[name], plains[-2:])
