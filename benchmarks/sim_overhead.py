@@ -235,7 +235,8 @@ def main() -> None:
     flower, comparison, partitions = {}, {}, {}
     for i, cpus in enumerate(args.client_cpus):
         name = f"client_cpus={cpus:g}"
-        flower[name] = run_sampled_simulation(SCENARIO, work / f"flower-{i}", [*base, f"simulation.client_cpus={cpus:g}"])
+        flower[name] = run_sampled_simulation(SCENARIO, work / f"flower-{i}",
+                                              [*base, f"simulation.client_cpus={cpus:g}"])
         partitions[name] = same_partitions(inputs, work / f"flower-{i}")
         plains.append(run_plain(inputs, args.rounds, work, i + 1))
         comparison[name] = compare(flower[name], plains[-2:])
