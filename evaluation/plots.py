@@ -28,8 +28,15 @@ def sample_grid(x: torch.Tensor | np.ndarray, nrow: int = 10, pad: int = 1) -> n
     return grid[0] if c == 1 else np.transpose(grid[:3], (1, 2, 0))
 
 
+def rows_by_class(x: torch.Tensor, labels: torch.Tensor, per_class: int) -> torch.Tensor:
+    """Reorder labelled samples class-major: the first ``per_class`` samples of the lowest
+    label, then of the next, ... -- tiled with ``nrow=per_class`` each class is one row."""
+    order = torch.cat([torch.nonzero(labels.cpu() == c).flatten()[:per_class] for c in labels.unique(sorted=True).cpu()])
+    return x[order]
+
+
 def save_sample_grid(x: torch.Tensor | np.ndarray, path: Path, nrow: int = 10) -> Path:
-    """Write a PNG grid of samples (column i of a conditional model's grid = class i)."""
+    """Write a PNG grid of samples, ``nrow`` per row (see :func:`rows_by_class`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = sample_grid(x, nrow=nrow)

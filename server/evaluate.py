@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from evaluation import DomainFeatureExtractor, evaluate_samples
-from evaluation.plots import save_sample_grid
+from evaluation.plots import rows_by_class, save_sample_grid
 from shared_models import GenerativeModel
 
 
@@ -43,8 +43,8 @@ class GlobalEvaluator:
         labels = model.balanced_labels(num_samples)
         with torch.no_grad():
             samples = model.sample(num_samples, labels).cpu()
-        per_row = model.num_classes or 10
-        save_sample_grid(samples[: per_row * 10], grid_path, nrow=per_row)
+        grid = samples[:100] if labels is None else rows_by_class(samples, labels.cpu(), per_class=10)
+        save_sample_grid(grid, grid_path, nrow=10)  # conditional: one row per class
         out: dict[str, Any] = {}
         if self.ref_x is not None:
             cond_y = self.ref_y if model.conditional else None

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.plots import save_sample_grid
+from evaluation.plots import rows_by_class, save_sample_grid
 from server import rundir
 from server.run import build_global_model
 
@@ -51,5 +51,6 @@ def sample_run(run_dir: Path, *, n: int, out: Path, labels: list[int] | None = N
         arrays = {"x": x.numpy()} | ({"y": y.numpy()} if y is not None else {})
         np.savez(out, **arrays)
     else:
-        save_sample_grid(x, out, nrow=model.num_classes or 10)
+        per_row = 10 if y is None else max(1, -(-n // len(y.unique())))  # conditional: one row per class
+        save_sample_grid(x if y is None else rows_by_class(x, y, per_row), out, nrow=per_row)
     return out

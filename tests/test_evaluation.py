@@ -364,3 +364,15 @@ def test_trace_sqrt_product_equals_the_general_matrix_square_root():
         s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
         expected = float(np.trace(scipy.linalg.sqrtm(s1 @ s2)).real)
         assert trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-6, abs=1e-8)
+
+
+def test_grid_rows_hold_one_class_each():
+    from evaluation.plots import rows_by_class, sample_grid
+
+    labels = torch.arange(40) % 4  # the order balanced_labels gives: 0 1 2 3 0 1 2 3 ...
+    x = labels.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2) / 3  # every image is its label's grey
+    grid = sample_grid(rows_by_class(x, labels, per_class=10), nrow=10, pad=1)
+    assert grid.shape == (4 * 3 + 1, 10 * 3 + 1)
+    for c in range(4):  # row c: ten images of grey c / 3
+        row = grid[1 + 3 * c: 3 + 3 * c]
+        np.testing.assert_allclose(row[:, 1::3], c / 3, atol=1e-6)
