@@ -5,12 +5,15 @@ Random Features for Practical Privacy-Preserving Data Generation", AISTATS 2021)
 A *release* family (``training_mode = "release"``): a site does not run DP-SGD. It
 computes, once, the sum over its records of
 
-    v(x, y) = [phi(x), 1] (x) e_y / sqrt(2)
+    v(x, y) = [sqrt(1 - w^2) phi(x), w] (x) e_y
 
 where ``phi`` are random Fourier features of a Gaussian kernel (Rahimi & Recht 2007,
 ``phi(x) = [cos(W x), sin(W x)] / sqrt(F)`` with ``W ~ N(0, I / bandwidth^2)``, so
-``||phi(x)|| = 1``), ``e_y`` the one-hot label, and the constant feature carries class
-counts (DP-MERF §3.2). Every record's ``v`` has L2 norm exactly 1, so the sum has
+``||phi(x)|| = 1``), ``e_y`` the one-hot label, and the constant feature ``w`` carries
+class counts (DP-MERF §3.2, which uses ``w = 1 / sqrt(2)``: half of the squared sensitivity
+goes to the counts). Counts need little precision -- they only weight the classes -- so a
+smaller ``count_weight`` hands most of the norm to ``phi``, the same as a ``1 / sqrt(2 (1 - w^2))``
+times smaller noise on the features for the same release. Every record's ``v`` has L2 norm exactly 1, so the sum has
 sensitivity 1 under add/remove-one and adding ``N(0, sigma^2 I)`` is one Gaussian
 mechanism: one accountant step at sampling rate 1 (``client/training.py``). The frequencies
 ``W`` come from a public seed, never from data.
@@ -28,6 +31,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .layers import ConvUpsampler, flat_dim, is_image_shape, mlp, one_hot
 from .protocol import GenerativeModel
@@ -43,14 +47,22 @@ class MMDGenerator(GenerativeModel):
         num_classes: condition on labels (the embedding is per class).
         architecture: the generator: ``"conv"`` (images with H, W divisible by 4: a DCGAN-shaped
             upsampler, whose smoothness keeps the released noise out of the pixels) or ``"mlp"``.
-        num_features: F, the number of random Fourier features (F / 2 frequencies).
+        num_features: F, the number of random Fourier features (F / 2 frequencies), shared
+            equally by the ``pool_sizes``.
         bandwidth: the Gaussian kernel's length scale in data space (pixels in [0, 1]).
+        pool_sizes: images only: one Gaussian kernel per entry ``p``, on the image average-
+            pooled by ``p`` with length scale ``bandwidth / p`` (pooling by ``p`` shrinks
+            distances between smooth images about ``p``-fold). The kernel is their mean -- a
+            sum of kernels is a kernel -- so ``||phi(x)||`` stays 1 and the release's
+            sensitivity is unchanged. Coarse scales match stroke layout with fewer,
+            larger-magnitude features, which survive the release noise better.
         latent_dim: size of the generator's noise input.
         hidden: width of the generator's hidden layers.
         fit_steps: generator steps per server update.
         fit_batch: generated samples per generator step.
         fit_lr: the generator's Adam learning rate.
         feature_seed: public seed of the random frequencies (same at every site).
+        count_weight: ``w``, the norm share of the class-count feature (see the module docstring).
     """
 
     grad_sample_mode = "ghost"  # unused: nothing here is trained with DP-SGD
@@ -59,16 +71,28 @@ class MMDGenerator(GenerativeModel):
     def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None, *, architecture: str = "conv",
                  num_features: int = 4000,
                  bandwidth: float = 5.0, latent_dim: int = 10, hidden: int = 256, fit_steps: int = 2000,
-                 fit_batch: int = 500, fit_lr: float = 1e-3, feature_seed: int = 0) -> None:
+                 fit_batch: int = 500, fit_lr: float = 1e-3, feature_seed: int = 0,
+                 pool_sizes: tuple[int, ...] = (1,), count_weight: float = 1 / math.sqrt(2.0)) -> None:
         super().__init__(data_shape, num_classes)
-        if num_features < 2 or num_features % 2:
-            raise ValueError(f"num_features must be an even number >= 2, got {num_features}")
+        pool_sizes = tuple(pool_sizes)
+        if not pool_sizes or num_features % (2 * len(pool_sizes)):
+            raise ValueError(f"num_features must be a multiple of 2 x len(pool_sizes) = {2 * len(pool_sizes)}, "
+                             f"got {num_features}")
+        if pool_sizes != (1,) and not (is_image_shape(self.data_shape)
+                                       and all(p >= 1 and self.data_shape[1] % p == 0 == self.data_shape[2] % p
+                                               for p in pool_sizes)):
+            raise ValueError(f"pool_sizes {list(pool_sizes)} need images whose H and W each pool size divides, "
+                             f"got shape {self.data_shape}; use pool_sizes: [1]")
+        if not 0.0 < count_weight < 1.0:
+            raise ValueError(f"count_weight must lie in (0, 1), got {count_weight}")
         self.latent_dim, self.fit_steps, self.fit_batch, self.fit_lr = latent_dim, fit_steps, fit_batch, fit_lr
+        self.pool_sizes, self.count_weight = pool_sizes, count_weight
         self.dim = flat_dim(self.data_shape)
         classes = num_classes or 1
         gen = torch.Generator().manual_seed(feature_seed)
-        freqs = torch.randn(self.dim, num_features // 2, generator=gen) / bandwidth
-        self.register_buffer("frequencies", freqs, persistent=False)  # public, rebuilt from the seed
+        for i, p in enumerate(pool_sizes):  # public frequencies, rebuilt from the seed
+            freqs = torch.randn(self.dim // (p * p), num_features // (2 * len(pool_sizes)), generator=gen)
+            self.register_buffer(f"frequencies_{i}", freqs * p / bandwidth, persistent=False)
         self.register_buffer("embedding", torch.zeros(classes, num_features + 1))  # the released noisy mean
         inputs = latent_dim + (num_classes or 0)
         if architecture == "conv":
@@ -83,10 +107,15 @@ class MMDGenerator(GenerativeModel):
 
     # -- the released statistic -------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:
-        """``[phi(x), 1] / sqrt(2)``: unit-norm random Fourier features plus a constant."""
-        proj = x.reshape(len(x), -1) @ self.frequencies
-        phi = torch.cat([proj.cos(), proj.sin()], dim=1) / math.sqrt(proj.shape[1])
-        return torch.cat([phi, torch.ones(len(x), 1, device=x.device)], dim=1) / math.sqrt(2.0)
+        """``[sqrt(1 - w^2) phi(x), w]``: unit-norm random Fourier features plus a constant."""
+        blocks = []
+        for i, p in enumerate(self.pool_sizes):
+            xp = x if p == 1 else F.avg_pool2d(x.reshape(len(x), *self.data_shape), p)
+            proj = xp.reshape(len(x), -1) @ getattr(self, f"frequencies_{i}")
+            # each scale's block has norm 1 / sqrt(#scales): phi has norm 1
+            blocks.append(torch.cat([proj.cos(), proj.sin()], dim=1) / math.sqrt(proj.shape[1] * len(self.pool_sizes)))
+        phi = torch.cat(blocks, dim=1) * math.sqrt(1.0 - self.count_weight ** 2)
+        return torch.cat([phi, torch.full((len(x), 1), self.count_weight, device=x.device)], dim=1)
 
     @torch.no_grad()
     def statistic_sum(self, x: Tensor, y: Tensor | None, chunk: int = 1000) -> Tensor:
@@ -109,7 +138,7 @@ class MMDGenerator(GenerativeModel):
     # -- fitting the generator (server side, post-processing) --------------------------
     def class_weights(self) -> Tensor:
         """Class proportions read off the released constant feature (clipped at 0)."""
-        counts = (self.embedding[:, -1] * math.sqrt(2.0)).clamp_min(0.0)
+        counts = (self.embedding[:, -1] / self.count_weight).clamp_min(0.0)
         return counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1.0 / len(counts))
 
     def mmd_loss(self, n: int) -> Tensor:

@@ -152,6 +152,33 @@ def test_every_record_contributes_unit_norm(family, digits):
     assert float(model.statistic_sum(noise, torch.tensor([0, 1, 2])).norm(dim=1).max()) <= 1.0 + 1e-5
 
 
+def test_multiscale_features_keep_unit_norm_and_see_coarse_structure(digits):
+    model = _build("mmd", digits, num_features=300, pool_sizes=[1, 2, 4])
+    one = model.statistic_sum(digits.x[:1], digits.y[:1])
+    assert float(one.norm()) == pytest.approx(1.0, abs=1e-5)  # sensitivity unchanged by the extra scales
+    assert model.features(digits.x[:1]).shape == (1, 300 + 1)
+    # the 4x4-pooled block depends on the image only through its pooled means
+    x = digits.x[:1].clone()
+    moved = x.clone()
+    moved[..., :4, :4] = x[..., :4, :4].flip(-1)  # same mean in the top-left 4x4 cell
+    coarse = slice(200, 300)
+    assert torch.allclose(model.features(x)[:, coarse], model.features(moved)[:, coarse], atol=1e-5)
+    assert not torch.allclose(model.features(x)[:, :100], model.features(moved)[:, :100], atol=1e-5)
+    with pytest.raises(ValueError, match="pool_sizes"):
+        _build("mmd", digits, num_features=300, pool_sizes=[3])
+
+
+@pytest.mark.parametrize("count_weight", [0.1, 0.5, 0.9])
+def test_count_weight_moves_norm_between_counts_and_features(digits, count_weight):
+    model = _build("mmd", digits, count_weight=count_weight)
+    feats = model.features(digits.x[:4])
+    assert torch.allclose(feats.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(feats[:, -1], torch.full((4,), count_weight))
+    model.set_release(model.statistic_sum(digits.x[:500], digits.y[:500]) / 500)  # noiseless release
+    expected = torch.bincount(digits.y[:500], minlength=10).float() / 500
+    assert torch.allclose(model.class_weights(), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", RELEASE_FAMILIES)
 def test_release_is_one_gaussian_step_then_the_site_refuses(family, digits):
     data = digits.subset(range(300))
