@@ -18,9 +18,11 @@ STATUS = {"trained": 0, "budget_exhausted": 1, "unavailable": 2}
 app = ClientApp()
 
 
-def _task(msg: Message) -> TaskConfig:
+def _task(msg: Message) -> tuple[TaskConfig, dict]:
+    """The round's task, and the raw ``fedgen`` config it came from (simulation-only keys)."""
     config = msg.content["config"]
-    return TaskConfig.from_json(str(config["fedgen"]), proximal_mu=float(config.get("proximal-mu", 0.0)))
+    raw = json.loads(str(config["fedgen"]))
+    return TaskConfig.from_dict(raw, proximal_mu=float(config.get("proximal-mu", 0.0))), raw
 
 
 def _with_site_cap(task: TaskConfig, context: Context) -> TaskConfig:
@@ -33,9 +35,11 @@ def _with_site_cap(task: TaskConfig, context: Context) -> TaskConfig:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    task = _with_site_cap(_task(msg), context)
+    task, raw = _task(msg)
+    task = _with_site_cap(task, context)
     site = site_id(context)
-    faults = _simulated_faults(msg, site)
+    server_round = int(msg.content["config"]["server-round"])
+    faults = plan_faults(raw["faults"], site, server_round) if raw.get("faults") else RoundFaults()
     if faults.dropout:
         return _reply(msg, site, {"num-examples": 0, "status": STATUS["unavailable"]},
                       message="dropped out (simulated fault)")
@@ -46,7 +50,7 @@ def train(msg: Message, context: Context) -> Message:
         ledger.target_epsilon = task.privacy.target_epsilon  # this run's target, capped by the site
     model, result, ledger = train_site(
         task, data, msg.content["arrays"].to_torch_state_dict(), site=site,
-        server_round=int(msg.content["config"]["server-round"]), ledger=ledger, run=ledger_run(context))
+        server_round=server_round, ledger=ledger, run=ledger_run(context))
     if ledger is not None:
         save_ledger(context, ledger, run_dir)  # before the update leaves the site
     if faults.crash:
@@ -60,7 +64,9 @@ def train(msg: Message, context: Context) -> Message:
         "epsilon": ledger.epsilon if ledger is not None else 0.0,
         "delay-s": faults.delay_s,
     }
-    arrays = ArrayRecord(_maybe_attack(msg, site, model.state_dict())) if result.status == "trained" else None
+    arrays = None
+    if result.status == "trained":
+        arrays = ArrayRecord(_maybe_attack(raw.get("byzantine"), msg, site, server_round, model.state_dict()))
     return _reply(msg, site, metrics, ledger=ledger, message=result.message, arrays=arrays)
 
 
@@ -73,25 +79,18 @@ def _reply(msg: Message, site: str, metrics: dict, *, ledger=None, message: str 
     return Message(content=content, reply_to=msg)
 
 
-def _simulated_faults(msg: Message, site: str) -> RoundFaults:
-    """Simulation only: this round's dropout / crash / delay for this site (none by default)."""
-    cfg = json.loads(str(msg.content["config"]["fedgen"])).get("faults")
-    return plan_faults(cfg, site, int(msg.content["config"]["server-round"])) if cfg else RoundFaults()
-
-
-def _maybe_attack(msg: Message, site: str, state: dict) -> dict:
+def _maybe_attack(attack: dict | None, msg: Message, site: str, server_round: int, state: dict) -> dict:
     """Simulation only: a site the scenario made Byzantine corrupts its update."""
-    attack = json.loads(str(msg.content["config"]["fedgen"])).get("byzantine")
     if not attack or site not in attack["sites"]:
         return state
-    seed = round_seed(int(attack["seed"]), site, int(msg.content["config"]["server-round"]))
+    seed = round_seed(int(attack["seed"]), site, server_round)
     return attack_update(attack["attack"], state, msg.content["arrays"].to_torch_state_dict(),
                          float(attack["scale"]), seed)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    task = _task(msg)
+    task, _ = _task(msg)
     data = load_site_data(context, conditional=task.num_classes is not None,
                           run_dir=str(msg.content["config"].get("run-dir", "")))
     metrics = evaluate_site(task, data, msg.content["arrays"].to_torch_state_dict())

@@ -33,7 +33,10 @@ class TaskConfig:
 
     @classmethod
     def from_json(cls, text: str, proximal_mu: float = 0.0) -> "TaskConfig":
-        d = json.loads(text)
+        return cls.from_dict(json.loads(text), proximal_mu)
+
+    @classmethod
+    def from_dict(cls, d: dict, proximal_mu: float = 0.0) -> "TaskConfig":
         p = d["privacy"]
         return cls(
             model=d["model"], data_shape=tuple(d["data_shape"]), num_classes=d["num_classes"],
