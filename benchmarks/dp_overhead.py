@@ -1,7 +1,8 @@
 """DP-SGD overhead per model family: time of one local training step with DP vs without,
-measured side by side in one process, for every Opacus per-sample-gradient mode.
+measured side by side in one process, for every per-example clipping mode (Opacus'
+ghost / hooks / functorch and Book-Keeping, privacy/book_keeping.py).
 
-    python benchmarks/dp_overhead.py [--data digits|mnist] [--batch 64] [--steps 30]
+    python benchmarks/dp_overhead.py [--data digits|mnist] [--batch 64] [--steps 30] [--modes bk ghost]
 
 Prints a table and writes benchmarks/results/dp_overhead-<data>.json. Ratios, not
 absolute times, are the result: both sides run interleaved on the same machine.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -51,7 +53,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--families", nargs="*", default=list_models())
+    parser.add_argument("--modes", nargs="*", choices=GRAD_SAMPLE_MODES, default=list(GRAD_SAMPLE_MODES))
     args = parser.parse_args()
+    load_start = [round(v, 2) for v in os.getloadavg()]
     torch.set_num_threads(1)
     data = load_data("digits") if args.data == "digits" else load_data("mnist", MNIST)
     data = data.subset(range(min(len(data), 2000)))
@@ -60,7 +64,7 @@ def main() -> None:
         default_mode = build_model(family, data_shape=data.shape, num_classes=data.num_classes).grad_sample_mode
         time_round(family, data, dp=False, mode="auto", steps=3, batch=args.batch)  # warm-up
         row = {"family": family, "default_mode": default_mode}
-        for mode in ("off", *GRAD_SAMPLE_MODES):
+        for mode in ("off", *args.modes):
             samples = []
             for _ in range(args.repeats):  # interleave DP and non-DP so machine noise hits both
                 base = time_round(family, data, dp=False, mode="auto", steps=args.steps, batch=args.batch)
@@ -82,7 +86,7 @@ def main() -> None:
         row["default_ratio"] = row.get(default_mode, {}).get("ratio")
         results.append(row)
         cells = "  ".join(f"{m} {row[m]['ratio']:.2f}x" if "ratio" in row.get(m, {}) else f"{m} n/a"
-                          for m in GRAD_SAMPLE_MODES)
+                          for m in args.modes)
         print(f"{family:10s} non-DP {row['non_dp_step_s'] * 1e3:7.1f} ms/step  {cells}  (default: {default_mode})",
               flush=True)
     out = Path(__file__).resolve().parent / "results" / f"dp_overhead-{args.data}.json"
@@ -90,7 +94,8 @@ def main() -> None:
     out.write_text(json.dumps({"data": args.data, "shape": list(data.shape), "batch_size": args.batch,
                                "steps": args.steps, "repeats": args.repeats, "torch": torch.__version__,
                                "machine": platform.processor() or platform.machine(),
-                               "threads": torch.get_num_threads(), "results": results}, indent=2))
+                               "threads": torch.get_num_threads(), "load_start": load_start,
+                               "load_end": [round(v, 2) for v in os.getloadavg()], "results": results}, indent=2))
     print(f"wrote {out}")
 
 

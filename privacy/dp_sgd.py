@@ -5,14 +5,19 @@ gradients are clipped to norm C, summed, Gaussian noise N(0, sigma^2 C^2) is add
 the sum is divided by the *expected* batch size q*N (Poisson sampling, so the batch size
 itself is random and must not be used to normalise).
 
-Per-example gradient norms come from Opacus in one of three modes:
-- ``"ghost"``: ghost clipping (Li et al. 2022; Bu et al. "Book-Keeping" 2023): norms from
-  activations and output gradients, then a second backward of the re-weighted loss.
+Per-example gradient norms come from one of four modes:
+- ``"ghost"``: Opacus' ghost clipping (Li et al. 2022, §4): norms from activations and
+  output gradients, then a second backward of the re-weighted loss.
   Fastest for linear layers; requires each layer to be applied once per example.
 - ``"hooks"``: materialised per-sample gradients from module hooks; handles layers that
   are applied several times per example (a GAN discriminator on real and fake, a
   denoiser on K noise draws) by summing their contributions for each example.
 - ``"functorch"``: per-sample gradients from ``torch.func`` for layers without a hook rule.
+- ``"bk"``: Book-Keeping (Bu et al., ICML 2023; privacy/book_keeping.py): one forward and
+  one backward pass for the layers' output gradients only, then ghost norms and the
+  clipped sum from the book-kept activations -- about the cost of a non-private step.
+  Handles layers applied several times per example; Linear, Conv2d, GroupNorm and
+  LayerNorm only (anything else with trainable parameters is refused).
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
+from .book_keeping import BookKeeping
 from .errors import PrivacyConfigError
 
-GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch")
+GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "bk")
 
 
 def poisson_sample(n: int, sample_rate: float, generator: torch.Generator) -> Tensor:
@@ -65,7 +71,7 @@ class PrivateStepOptimizer:
 
         opt.zero_grad(); opt.backward(per_example_losses); opt.step()
 
-    ``close()`` removes Opacus' hooks so the module is plain again (e.g. between rounds).
+    ``close()`` removes the hooks so the module is plain again (e.g. between rounds).
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, settings: DPSettings,
@@ -76,14 +82,19 @@ class PrivateStepOptimizer:
                 f"unknown grad_sample_mode {mode!r}; choose one of: {', '.join(GRAD_SAMPLE_MODES)}")
         check_privatizable(module)
         self.mode = mode
+        self.max_grad_norm = settings.max_grad_norm
         common = dict(noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
                       expected_batch_size=max(1, round(settings.expected_batch_size)),
                       loss_reduction="mean", generator=noise_generator)
+        self.gsm: GradSampleModule | BookKeeping
         if mode == "ghost":
             self.gsm = GradSampleModuleFastGradientClipping(
                 module, batch_first=True, loss_reduction="mean",
                 max_grad_norm=settings.max_grad_norm, use_ghost_clipping=True)
             self.optimizer: DPOptimizer = DPOptimizerFastGradientClipping(optimizer, **common)
+        elif mode == "bk":  # p.grad = the clipped sum, as after ghost clipping: same optimizer
+            self.gsm = BookKeeping(module)
+            self.optimizer = DPOptimizerFastGradientClipping(optimizer, **common)
         else:
             self.gsm = GradSampleModule(module, batch_first=True, loss_reduction="mean",
                                         force_functorch=(mode == "functorch"))
@@ -104,17 +115,22 @@ class PrivateStepOptimizer:
             return
         if self.mode == "ghost":
             DPTensorFastGradientClipping(self.gsm, self.optimizer, losses, "mean").backward()
+        elif self.mode == "bk":
+            self.gsm.clip_and_accumulate(losses, self.max_grad_norm)
         else:
             losses.mean().backward()
 
     def _empty_batch(self) -> None:
         # A forward pass over the empty batch (if the caller ran one) left activations in
-        # Opacus' hooks that no backward will consume: drop them, or the next step breaks.
-        for module in self.gsm.modules():
-            if hasattr(module, "activations"):
-                module.activations = []
+        # the hooks that no backward will consume: drop them, or the next step breaks.
+        if isinstance(self.gsm, BookKeeping):
+            self.gsm.clear()
+        else:
+            for module in self.gsm.modules():
+                if hasattr(module, "activations"):
+                    module.activations = []
         for p in self.params:
-            if self.mode == "ghost":
+            if self.mode in ("ghost", "bk"):
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
@@ -147,7 +163,7 @@ def clipped_gradient_reference(module: nn.Module, losses_fn, batch_size: int, ma
 
 
 class paused_hooks:
-    """Context manager: switch Opacus hooks off for the given private optimizers while a
+    """Context manager: switch the per-example hooks off for the given private optimizers while a
     non-private step runs (e.g. the GAN generator step back-propagating through D)."""
 
     def __init__(self, optimizers: list["PrivateStepOptimizer"]) -> None:

@@ -127,7 +127,7 @@ class Diffusion(GenerativeModel):
         ddim_eta: DDIM stochasticity eta (0 = deterministic DDIM, 1 = DDPM-like).
     """
 
-    grad_sample_mode = "hooks"  # the denoiser runs K times per example: hooks sum its K uses
+    grad_sample_mode = "bk"  # the denoiser runs K times per example: Book-Keeping sums its K uses
 
     def __init__(
         self,
@@ -183,8 +183,6 @@ class Diffusion(GenerativeModel):
         self.time_dim = hidden
         self.time_mlp = nn.Sequential(nn.Linear(hidden, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim))
         self.class_emb = nn.Linear(num_classes, self.emb_dim, bias=False) if num_classes else None
-        if architecture == "mlp" and noise_multiplicity == 1:
-            self.grad_sample_mode = "ghost"  # each Linear used once per example
 
     # -- the network ----------------------------------------------------------------
     def eps_model(self, x_t: Tensor, t: Tensor, y_onehot: Tensor | None) -> Tensor:

@@ -18,7 +18,7 @@ s = bound * tanh(s_raw / bound), so a noisy DP update can never make exp(s) expl
 the last layer of each coupling network starts at zero (the flow starts as identity).
 
 Every parameter lives in Linear / Conv2d / GroupNorm layers (no free ``nn.Parameter``),
-each used once per example, so all Opacus modes are correct; see ``grad_sample_mode``.
+each used once per example, so every clipping mode is correct; see ``grad_sample_mode``.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class RealNVP(GenerativeModel):
         dequantize: add uniform noise on the 256-level grid (set False for continuous data).
     """
 
-    grad_sample_mode = "ghost"  # set per architecture in __init__
+    grad_sample_mode = "bk"  # Book-Keeping (privacy/book_keeping.py): the fastest exact mode for both architectures
 
     def __init__(
         self,
@@ -180,14 +180,11 @@ class RealNVP(GenerativeModel):
                 for i in range(n):
                     self.stage2.append(_AffineCoupling(channel_mask(4 * c, i % 2 == 0),
                                                        _ConvCouplingNet(4 * c, k, hidden, blocks), scale_bound))
-            # conv layers: Opacus has no fast ghost path for Conv2d; hooks are exact and cheaper
-            self.grad_sample_mode = "hooks"
         else:
             d = flat_dim(self.data_shape)
             hidden = hidden or 128
             for i in range(coupling_layers or 8):
                 self.stage1.append(_AffineCoupling(vector_mask(d, i), _MLPCouplingNet(d, k, hidden, blocks), scale_bound))
-            self.grad_sample_mode = "ghost"  # Linear layers used once per example
 
     # -- bijection ------------------------------------------------------------------
     def _shape_for_flow(self, x: Tensor) -> Tensor:

@@ -154,10 +154,11 @@ class GAN(GenerativeModel):
         mode_seeking: weight of the mode-seeking regulariser (Mao et al. 2019), 0 = off.
     """
 
-    #: conv: D is applied twice per example (real, fake) and Opacus' hooks sum both uses
-    #: per example (ghost clipping refuses a layer used twice); mlp: the pair goes through
-    #: D in one pass, so ghost clipping applies (set in __init__)
-    grad_sample_mode = "hooks"
+    #: D is applied twice per example (real, fake) in the conv architecture: Book-Keeping
+    #: and Opacus' hooks both sum the two uses per example (ghost clipping refuses a layer
+    #: used twice). fedgen's spectral-norm layer has no Book-Keeping rule: hooks (conv) or
+    #: ghost (mlp, the pair goes through D in one pass) then (set in __init__).
+    grad_sample_mode = "bk"
 
     def __init__(
         self,
@@ -202,7 +203,8 @@ class GAN(GenerativeModel):
         k = num_classes or 0
         self.generator = _Generator(self.data_shape, latent_dim + k, architecture, hidden, depth)
         self.discriminator = _Discriminator(self.data_shape, num_classes, architecture, hidden, depth, spectral_norm)
-        self.grad_sample_mode = "ghost" if architecture == "mlp" else "hooks"
+        if spectral_norm:
+            self.grad_sample_mode = "ghost" if architecture == "mlp" else "hooks"
 
     # -- networks -------------------------------------------------------------------
     def generate(self, z: Tensor, y: Tensor | None) -> Tensor:

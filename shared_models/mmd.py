@@ -65,7 +65,7 @@ class MMDGenerator(GenerativeModel):
         count_weight: ``w``, the norm share of the class-count feature (see the module docstring).
     """
 
-    grad_sample_mode = "ghost"  # unused: nothing here is trained with DP-SGD
+    grad_sample_mode = "bk"  # unused: nothing here is trained with DP-SGD
     training_mode = "release"
 
     def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None, *, architecture: str = "conv",

@@ -71,9 +71,10 @@ class GenerativeModel(nn.Module):
     likelihood also implement :meth:`log_likelihood`.
     """
 
-    #: Opacus per-sample gradient mode that is fastest *and correct* for this family
-    #: ("ghost", "hooks" or "functorch"); the DP wiring may be told otherwise by config.
-    grad_sample_mode: str = "ghost"
+    #: Per-example clipping mode that is fastest *and correct* for this family: "bk"
+    #: (Book-Keeping, privacy/book_keeping.py) or Opacus' "ghost", "hooks", "functorch";
+    #: ``privacy.grad_sample_mode`` may override it.
+    grad_sample_mode: str = "bk"
 
     #: How a site trains the family. ``"sgd"``: the :meth:`steps` run in the one local loop
     #: (DP-SGD under DP). ``"release"``: the site publishes one noisy statistic of its data

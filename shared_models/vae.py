@@ -52,7 +52,7 @@ class VAE(GenerativeModel):
         depth: number of hidden layers of each MLP.
     """
 
-    grad_sample_mode = "ghost"
+    grad_sample_mode = "bk"  # Book-Keeping: exact per-example clipping at about one backward pass
 
     def __init__(
         self,
@@ -78,8 +78,6 @@ class VAE(GenerativeModel):
             c, h, w = self.data_shape
             self.encoder = _ConvEncoder(c + k, h, w, hidden, 2 * latent_dim)
             self.decoder = ConvUpsampler(latent_dim + k, c, h, w, hidden)
-            # Opacus' ghost clipping has no fast path for Conv2d: hooks are as fast here.
-            self.grad_sample_mode = "hooks"
         else:
             self.encoder = mlp([d + k] + [hidden] * depth + [2 * latent_dim])
             self.decoder = mlp([latent_dim + k] + [hidden] * depth + [d])

@@ -166,7 +166,7 @@ class PrivacySection(_Section):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     accountant: Literal["rdp", "prv"] = "rdp"
-    grad_sample_mode: Literal["auto", "ghost", "hooks", "functorch"] = "auto"
+    grad_sample_mode: Literal["auto", "ghost", "hooks", "functorch", "bk"] = "auto"
     canaries: CanaryConfig | None = Field(None, description="plant audit canaries (default: none)")
     site_level: SiteLevelConfig = SiteLevelConfig()
 
