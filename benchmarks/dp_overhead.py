@@ -4,7 +4,7 @@ ghost / hooks / functorch and Book-Keeping, privacy/book_keeping.py).
 
     python benchmarks/dp_overhead.py [--data digits|mnist] [--batch 64] [--steps 30] [--modes bk ghost]
 
-Prints a table and writes benchmarks/results/dp_overhead-<data>.json. Ratios, not
+Prints a table and writes benchmarks/results/dp_overhead-<data>[-b<batch>].json. Ratios, not
 absolute times, are the result: both sides run interleaved on the same machine.
 """
 
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--families", nargs="*", default=list_models())
     parser.add_argument("--modes", nargs="*", choices=GRAD_SAMPLE_MODES, default=list(GRAD_SAMPLE_MODES))
+    parser.add_argument("--result", default=None, help="results file stem (default dp_overhead-<data>[-b<batch>])")
     args = parser.parse_args()
     load_start = [round(v, 2) for v in os.getloadavg()]
     torch.set_num_threads(1)
@@ -89,7 +90,8 @@ def main() -> None:
                           for m in args.modes)
         print(f"{family:10s} non-DP {row['non_dp_step_s'] * 1e3:7.1f} ms/step  {cells}  (default: {default_mode})",
               flush=True)
-    out = Path(__file__).resolve().parent / "results" / f"dp_overhead-{args.data}.json"
+    stem = args.result or f"dp_overhead-{args.data}" + ("" if args.batch == 64 else f"-b{args.batch}")
+    out = Path(__file__).resolve().parent / "results" / f"{stem}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"data": args.data, "shape": list(data.shape), "batch_size": args.batch,
                                "steps": args.steps, "repeats": args.repeats, "torch": torch.__version__,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _generate_noise
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
@@ -52,6 +53,28 @@ def check_privatizable(module: nn.Module) -> None:
             f"{type(module).__name__} cannot be trained with DP-SGD: {details}. "
             "Use GroupNorm/LayerNorm instead of BatchNorm."
         )
+
+
+class _OneBatchClippedSumOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus' optimizer for a ``p.grad`` that already holds the clipped sum (ghost, bk),
+    without its per-step copies: Opacus deep-copies every ``p.grad`` into ``p.summed_grad``
+    (to accumulate several batches) and adds noise out of place. fedgen takes exactly one
+    Poisson batch per step, so the sum is aliased and the noise N(0, sigma^2 C^2) is added
+    in place -- the same update, one parameter-sized copy less per parameter per step."""
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            if p.summed_grad is not None:  # a skipped step left a sum behind: add to it
+                p.summed_grad.add_(p.grad)
+            else:
+                p.summed_grad = p.grad
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            p.summed_grad.add_(_generate_noise(std=std, reference=p.summed_grad, generator=self.generator,
+                                               secure_mode=self.secure_mode))
+            p.grad = p.summed_grad.view_as(p)
 
 
 @dataclass(frozen=True)
@@ -91,10 +114,10 @@ class PrivateStepOptimizer:
             self.gsm = GradSampleModuleFastGradientClipping(
                 module, batch_first=True, loss_reduction="mean",
                 max_grad_norm=settings.max_grad_norm, use_ghost_clipping=True)
-            self.optimizer: DPOptimizer = DPOptimizerFastGradientClipping(optimizer, **common)
+            self.optimizer: DPOptimizer = _OneBatchClippedSumOptimizer(optimizer, **common)
         elif mode == "bk":  # p.grad = the clipped sum, as after ghost clipping: same optimizer
             self.gsm = BookKeeping(module)
-            self.optimizer = DPOptimizerFastGradientClipping(optimizer, **common)
+            self.optimizer = _OneBatchClippedSumOptimizer(optimizer, **common)
         else:
             self.gsm = GradSampleModule(module, batch_first=True, loss_reduction="mean",
                                         force_functorch=(mode == "functorch"))
