@@ -9,6 +9,7 @@ is found and ended. See DESIGN.md §4 for why each setting is there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,9 +19,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +65,29 @@ def tagged_pids(tag: str) -> list[int]:
         except (OSError, IndexError):
             continue
     return pids
+
+
+class _Hurry(Exception):
+    """A second Ctrl-C / SIGTERM arrived while shutting down: stop being graceful."""
+
+
+@contextlib.contextmanager
+def _signals(handler) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``handler`` (``signal.SIG_IGN`` or a callable) for the
+    block; the main thread only (signal handlers cannot be set elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _hurry(signum: int, frame: object) -> None:
+    raise _Hurry
 
 
 def kill_tagged(tag: str, grace_s: float = 5.0) -> int:
@@ -181,22 +207,29 @@ class FlowerSimulation:
 
     def shutdown(self) -> None:
         """Stop an active run first (else flwr-simulation and Ray are orphaned), then the
-        SuperLink, then anything still carrying our tag."""
+        SuperLink, then anything still carrying our tag. A second Ctrl-C (or SIGTERM) during
+        the graceful part skips to the last step; the last step itself cannot be interrupted,
+        so an impatient user never leaves processes behind."""
         try:
-            if self.run_id is not None and not self.status().startswith("finished"):
-                self.stop_run()
-        except (subprocess.SubprocessError, OSError):
-            pass
-        if self.superlink is not None and self.superlink.poll() is None:
-            try:
-                os.killpg(self.superlink.pid, signal.SIGTERM)
-                self.superlink.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        left = kill_tagged(self.tag)
-        if left:
-            log.warning("%d Flower/Ray processes would not stop", left)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+            with _signals(_hurry):
+                try:
+                    if self.run_id is not None and not self.status().startswith("finished"):
+                        self.stop_run()
+                except (subprocess.SubprocessError, OSError):
+                    pass
+                if self.superlink is not None and self.superlink.poll() is None:
+                    try:
+                        os.killpg(self.superlink.pid, signal.SIGTERM)
+                        self.superlink.wait(timeout=10)
+                    except (ProcessLookupError, subprocess.TimeoutExpired):
+                        pass
+        except _Hurry:
+            log.info("interrupted again: killing the Flower processes without waiting for them")
+        with _signals(signal.SIG_IGN):
+            left = kill_tagged(self.tag)
+            if left:
+                log.warning("%d Flower/Ray processes would not stop", left)
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> "FlowerSimulation":
         self.start()

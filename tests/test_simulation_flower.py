@@ -127,7 +127,10 @@ def test_tight_budget_is_never_overspent(tmp_path):
     assert fedgen_processes() == []
 
 
-def test_ctrl_c_stops_every_process(tmp_path):
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_every_process(tmp_path, presses):
+    """Ctrl-C stops the run and every Flower/Ray process; so does pressing it twice (the
+    second press lands in the shutdown, which must still end every process)."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate",
                              str(REPO / "scenarios" / "quickstart.yaml"), "--out", str(out),
@@ -140,6 +143,9 @@ def test_ctrl_c_stops_every_process(tmp_path):
         assert (out / "metrics.jsonl").exists(), "the run never finished a round"
         assert fedgen_processes(), "expected Flower processes while the run is live"
         proc.send_signal(signal.SIGINT)
+        if presses == 2:
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
