@@ -214,8 +214,11 @@ def test_unregistered_key_and_plain_http_are_refused(deployment, registered):
     # the SuperLink refused the key, not the network
     assert "Failed to activate SuperNode" in deployment.log("stranger")
     assert "No SuperNode found with the given public key" in deployment.log("superlink")
-    # a plain-HTTP SuperNode never gets an answer from the TLS endpoint
-    assert "Server disconnected without sending a response" in deployment.log("plain")
+    # a plain-HTTP SuperNode never gets an answer from the TLS endpoint: Flower's exit code
+    # 305 (the underlying message varies with timing: "Server disconnected without sending
+    # a response" on an idle machine, another transport error under load)
+    plain_log = deployment.log("plain")
+    assert "Exit Code: 305" in plain_log and "could not establish a connection" in plain_log, plain_log[-1500:]
     assert deployment.online() == 0
 
 
