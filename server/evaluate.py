@@ -43,8 +43,11 @@ class GlobalEvaluator:
         labels = model.balanced_labels(num_samples)
         with torch.no_grad():
             samples = model.sample(num_samples, labels).cpu()
-        grid = samples[:100] if labels is None else rows_by_class(samples, labels.cpu(), per_class=10)
-        save_sample_grid(grid, grid_path, nrow=10)  # conditional: one row per class
+        if labels is None:
+            save_sample_grid(samples[:100], grid_path, nrow=10)
+        else:  # one row per class (balanced labels: every class has num_samples // K or more)
+            per_class = max(1, min(10, num_samples // model.num_classes))
+            save_sample_grid(rows_by_class(samples, labels.cpu(), per_class), grid_path, nrow=per_class)
         out: dict[str, Any] = {}
         if self.ref_x is not None:
             cond_y = self.ref_y if model.conditional else None
