@@ -12,8 +12,9 @@ where ``phi`` are random Fourier features of a Gaussian kernel (Rahimi & Recht 2
 ``||phi(x)|| = 1``), ``e_y`` the one-hot label, and the constant feature ``w`` carries
 class counts (DP-MERF §3.2, which uses ``w = 1 / sqrt(2)``: half of the squared sensitivity
 goes to the counts). Counts need little precision -- they only weight the classes -- so a
-smaller ``count_weight`` hands most of the norm to ``phi``, the same as a ``1 / sqrt(2 (1 - w^2))``
-times smaller noise on the features for the same release. Every record's ``v`` has L2 norm exactly 1, so the sum has
+smaller ``count_weight`` hands most of the norm to ``phi``, the same as a
+``1 / sqrt(2 (1 - w^2))`` times smaller noise on the features for the same release.
+Every record's ``v`` has L2 norm exactly 1, so the sum has
 sensitivity 1 under add/remove-one and adding ``N(0, sigma^2 I)`` is one Gaussian
 mechanism: one accountant step at sampling rate 1 (``client/training.py``). The frequencies
 ``W`` come from a public seed, never from data.
@@ -75,8 +76,8 @@ class MMDGenerator(GenerativeModel):
                  pool_sizes: tuple[int, ...] = (1,), count_weight: float = 1 / math.sqrt(2.0)) -> None:
         super().__init__(data_shape, num_classes)
         pool_sizes = tuple(pool_sizes)
-        if not pool_sizes or num_features % (2 * len(pool_sizes)):
-            raise ValueError(f"num_features must be a multiple of 2 x len(pool_sizes) = {2 * len(pool_sizes)}, "
+        if not pool_sizes or num_features < 2 * len(pool_sizes) or num_features % (2 * len(pool_sizes)):
+            raise ValueError(f"num_features must be a positive multiple of 2 x len(pool_sizes) = {2 * len(pool_sizes)}, "
                              f"got {num_features}")
         if pool_sizes != (1,) and not (is_image_shape(self.data_shape)
                                        and all(p >= 1 and self.data_shape[1] % p == 0 == self.data_shape[2] % p
