@@ -2,13 +2,17 @@
 Real NVP", ICLR 2017), optionally class-conditional (one-hot labels fed to every
 coupling network).
 
-Data pipeline (RealNVP §4.1), for data x in [0, 1] treated as 256 levels:
-    uniform dequantisation   x~ = (255 x + u) / 256,  u ~ U[0, 1)^D
+Data pipeline (RealNVP §4.1), for data x in [0, 1] on a grid of L levels (L = 256 for
+8-bit images, 17 for scikit-learn's digits, whose pixels are 0..16):
+    uniform dequantisation   x~ = ((L - 1) x + u) / L,  u ~ U[0, 1)^D
     logit pre-processing     h = logit(alpha + (1 - 2 alpha) x~)
     flow                     z = f(h),  z ~ N(0, I)
 Change of variables (RealNVP eq. 3): log p(x~) = log N(z; 0, I) + log|det dz/dh| + log|det dh/dx~|,
-a density on [0, 1]^D, so bits/dim = -log p(x~) / (D ln 2) + 8 is the usual discrete figure
-(each of the 256 bins has width 1/256).
+a density on [0, 1]^D whose bins have width 1/L. Dequantising on the data's own grid matters:
+with 256 bins on 17-level data the flow spends its capacity on spikes at the 17 values
+(and reports negative bits/dim). ``log_likelihood`` returns log p(x~) - D log L, the
+dequantisation lower bound on the log-probability of the discrete x (Theis, van den Oord
+& Bethge 2016, eq. 11), so bits/dim = -log_likelihood / (D ln 2) is the usual discrete figure.
 
 Affine coupling layer (RealNVP eqs. 7-9) with a binary mask b:
     y = b * x + (1 - b) * (x * exp(s(b * x)) + t(b * x)),   log|det| = sum (1 - b) * s
@@ -16,6 +20,13 @@ with checkerboard masks at full resolution and channel masks after a squeeze (§
 for images, alternating masks for vectors. The log-scale is soft-clamped,
 s = bound * tanh(s_raw / bound), so a noisy DP update can never make exp(s) explode, and
 the last layer of each coupling network starts at zero (the flow starts as identity).
+
+The base distribution is learned (Glow, Kingma & Dhariwal 2018, §5 and their
+class-conditional prior): p(z | y) = N(mu_y, diag(exp(2 s_y))) from one zero-initialised
+Linear layer of the one-hot label. Under DP this matters: a class's mean is a strong,
+low-dimensional gradient signal that survives the noise long before the coupling networks
+learn to use the label, so a noisy conditional flow still draws each class around its
+own digit.
 
 Every parameter lives in Linear / Conv2d / GroupNorm layers (no free ``nn.Parameter``),
 each used once per example, so every clipping mode is correct; see ``grad_sample_mode``.
@@ -77,6 +88,32 @@ class _MLPCouplingNet(nn.Module):
         return self.net(torch.cat([x_masked, cond], dim=1))
 
 
+class _GaussianPrior(nn.Module):
+    """Learned diagonal Gaussian base p(z | y) = N(mu_y, diag(exp(2 s_y))) (Glow §5): a
+    Linear layer of the one-hot label (of a constant 1 when unconditional), zero at
+    start, so the flow starts with the standard normal base of RealNVP."""
+
+    def __init__(self, dim: int, cond_dim: int, scale_bound: float) -> None:
+        super().__init__()
+        self.net = zero_init(nn.Linear(max(cond_dim, 1), 2 * dim))
+        self.scale_bound = scale_bound
+
+    def forward(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, log-scale s), each ``[B, D]``."""
+        inputs = cond if cond.shape[1] else torch.ones(len(cond), 1, device=cond.device)
+        mu, s = self.net(inputs).chunk(2, dim=1)
+        return mu, soft_clamp(s, self.scale_bound)
+
+    def log_prob(self, z: Tensor, cond: Tensor) -> Tensor:
+        mu, s = self(cond)
+        u = (z.flatten(1) - mu) * torch.exp(-s)
+        return (-0.5 * (u.pow(2) + math.log(2 * math.pi)) - s).sum(1)
+
+    def sample(self, cond: Tensor, shape: tuple[int, ...], temperature: float) -> Tensor:
+        mu, s = self(cond)
+        return (mu + torch.exp(s) * temperature * torch.randn_like(mu)).view(-1, *shape)
+
+
 class _AffineCoupling(nn.Module):
     """RealNVP affine coupling (eqs. 7-9) with a fixed binary mask (1 = passed through)."""
 
@@ -135,7 +172,11 @@ class RealNVP(GenerativeModel):
         blocks: residual blocks per conv coupling net / hidden layers per MLP coupling net.
         alpha: logit pre-processing constant (RealNVP §4.1).
         scale_bound: soft clamp of the coupling log-scales, |s| < scale_bound.
-        dequantize: add uniform noise on the 256-level grid (set False for continuous data).
+        dequantize: add uniform noise on the data's grid (set False for continuous data).
+        levels: L, the number of values a pixel / feature takes (256 for 8-bit images, 17
+            for scikit-learn's digits); sets the dequantisation bin width 1 / L.
+        temperature: default sampling temperature T, z ~ N(mu_y, T^2 diag(exp(2 s_y)));
+            T < 1 trades diversity for cleaner samples (Glow §5 shows T = 0.7).
     """
 
     grad_sample_mode = "bk"  # Book-Keeping (privacy/book_keeping.py): the fastest exact mode for both architectures
@@ -151,6 +192,8 @@ class RealNVP(GenerativeModel):
         alpha: float = 0.05,
         scale_bound: float = 2.0,
         dequantize: bool = True,
+        levels: int = 256,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__(data_shape, num_classes)
         image = is_image_shape(self.data_shape)
@@ -162,12 +205,19 @@ class RealNVP(GenerativeModel):
             raise ValueError(f"the conv flow needs images (C, H, W); got {self.data_shape}")
         if flat_dim(self.data_shape) < 2:
             raise ValueError("a coupling flow needs at least 2 dimensions")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0; got {temperature}")
+        if levels < 2:
+            raise ValueError(f"levels must be >= 2 (values a pixel takes); got {levels}")
         if not 0.0 < alpha < 0.5:
             raise ValueError(f"alpha must lie in (0, 0.5); got {alpha}")
         self.architecture = architecture
         self.alpha = alpha
         self.dequantize = dequantize
+        self.levels = levels
+        self.temperature = temperature
         k = num_classes or 0
+        self.prior = _GaussianPrior(flat_dim(self.data_shape), k, scale_bound)
         self.stage1 = nn.ModuleList()  # at data resolution
         self.stage2 = nn.ModuleList()  # after a 2x2 squeeze (conv only)
         if architecture == "conv":
@@ -226,19 +276,21 @@ class RealNVP(GenerativeModel):
     def _dequantize(self, x: Tensor) -> Tensor:
         if not self.dequantize:
             return x
-        return (x * 255.0 + torch.rand_like(x)) / 256.0  # uniform dequantisation (RealNVP §4.1)
+        return (x * (self.levels - 1) + torch.rand_like(x)) / self.levels  # uniform dequantisation (RealNVP §4.1)
 
     def _log_density(self, x: Tensor, y: Tensor | None) -> Tensor:
         z, logdet = self.to_latent(self._dequantize(x), y)
-        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(1).sum(1)
+        log_pz = self.prior.log_prob(z, one_hot(y, self.num_classes, x.shape[0], x.device))
         return log_pz + logdet  # change of variables, RealNVP eq. (3)
 
     # -- protocol -------------------------------------------------------------------
     @torch.no_grad()
     def log_likelihood(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Exact log-density of the dequantised data on [0, 1]^D, in nats per example
-        (one dequantisation draw); bits/dim = -ll / (D ln 2) + 8."""
-        return self._log_density(x, y)
+        """Log-probability of the discrete data in nats per example: the dequantisation
+        bound log p(x~) - D log L with one draw of u (exact density when ``dequantize`` is
+        off, then without the bin term); bits/dim = -ll / (D ln 2)."""
+        bins = flat_dim(self.data_shape) * math.log(self.levels) if self.dequantize else 0.0
+        return self._log_density(x, y) - bins
 
     def steps(self) -> list[TrainingStep]:
         d = flat_dim(self.data_shape)
@@ -250,7 +302,8 @@ class RealNVP(GenerativeModel):
         return [TrainingStep(name="nll", module=self, loss=nll_loss, private=True)]
 
     @torch.no_grad()
-    def sample(self, n: int, labels: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+    def sample(self, n: int, labels: Tensor | None = None, temperature: float | None = None) -> Tensor:
         labels = self.check_labels(n, labels)
-        z = torch.randn(n, *self.data_shape, device=self.device) * temperature
+        temperature = self.temperature if temperature is None else temperature
+        z = self.prior.sample(one_hot(labels, self.num_classes, n, self.device), self.data_shape, temperature)
         return self.from_latent(z, labels).clamp(0.0, 1.0)
