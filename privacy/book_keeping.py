@@ -187,19 +187,23 @@ class _LayerGrad:
 
 class _AffineGrad(_LayerGrad):
     """A Linear map over ``T`` positions per example: ``a [B, T, d_in]``, ``g [B, T, d_out]``
-    (a Linear layer, or a Conv2d over its unfolded patches; views, not copies)."""
+    (a Linear layer, or a Conv2d over its unfolded patches; views, not copies). A subclass
+    that has the Gram matrix ``a a^T [B, T, T]`` by a cheaper route passes ``a_gram`` (and
+    ``a=None``) for the ghost norm."""
 
-    def __init__(self, a: Tensor, g: Tensor, weight: bool, bias: bool) -> None:
-        t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
-        self.weight, self.bias = weight, bias
-        self.a, self.g = (a[:, 0], g[:, 0]) if t == 1 else (a, g)  # T = 1: plain [B, d]
+    def __init__(self, a: Tensor | None, g: Tensor, weight: bool, bias: bool, *, a_gram: Tensor | None = None) -> None:
+        t = g.shape[1]
+        self.weight, self.bias, self.a_gram = weight, bias, a_gram
+        if t == 1:  # plain [B, d]
+            a, g = (None if a is None else a[:, 0]), g[:, 0]
+        self.a, self.g = a, g
         self.per_example: Tensor | None = None
-        if weight and t > 1 and 2 * t * t >= d_in * d_out:  # mixed ghost norm rule: materialise G_i
-            self.per_example = torch.bmm(g.transpose(1, 2), a)  # [B, d_out, d_in]
+        if a is not None and weight and t > 1 and ghost_is_dearer(t, a.shape[2], g.shape[2]):
+            self.per_example = torch.bmm(g.transpose(1, 2), a)  # [B, d_out, d_in]: materialise G_i
 
     def norm_sq(self) -> Tensor:
         a, g = self.a, self.g
-        if a.dim() == 2:  # T = 1: |G_i|^2 = |g_i|^2 |a_i|^2 and |bias_i|^2 = |g_i|^2
+        if g.dim() == 2:  # T = 1: |G_i|^2 = |g_i|^2 |a_i|^2 and |bias_i|^2 = |g_i|^2
             g_sq = torch.linalg.vecdot(g, g)
             if not self.weight:
                 return g_sq
@@ -208,7 +212,8 @@ class _AffineGrad(_LayerGrad):
         if self.per_example is not None:
             out.append(self.per_example.flatten(1).pow(2).sum(1))
         elif self.weight:  # ghost norm, Li et al. 2022 §4: sum_{t,s} (a_t . a_s)(g_t . g_s)
-            out.append((torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)))
+            a_gram = self.a_gram if self.a_gram is not None else torch.bmm(a, a.transpose(1, 2))
+            out.append((a_gram * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)))
         if self.bias:
             g_sum = g.sum(1)
             out.append(torch.linalg.vecdot(g_sum, g_sum))
@@ -230,16 +235,29 @@ class _AffineGrad(_LayerGrad):
         return (self.g * clip[:, None, None]).flatten(0, 1).t() @ self.a.flatten(0, 1)
 
 
+def ghost_is_dearer(t: int, d_in: int, d_out: int) -> bool:
+    """The mixed ghost-norm rule (Bu et al. 2023, §3.2): the ghost norm costs ~2 T^2 per
+    example, the materialised gradient d_in d_out; take the cheaper."""
+    return 2 * t * t >= d_in * d_out
+
+
 class _ConvGrad(_AffineGrad):
-    """A Conv2d (over unfolded patches for the norms); its clipped weight sum is the
-    convolution's own weight gradient with ``c_i g_i`` as output gradient (no unfolding)."""
+    """A Conv2d. Its clipped weight sum is the convolution's own weight gradient with
+    ``c_i g_i`` as output gradient, and for the ghost norm the patch Gram matrix comes from
+    the pixel Gram matrix (:func:`_patch_gram`): neither unfolds the input. Only a layer
+    whose gradient is materialised (few channels, many positions) is unfolded (im2col)."""
 
     def __init__(self, conv: nn.Conv2d, inputs: list[Tensor], grads: list[Tensor], weight: bool,
                  bias: bool) -> None:
         self.conv, self.uses = conv, list(zip(inputs, grads))
-        a = _cat_uses([_unfold(conv, x) for x in inputs])  # [B, T, C kh kw]
         g = _cat_uses([y.flatten(2).transpose(1, 2) for y in grads])  # [B, T, C_out]
-        super().__init__(a, g, weight, bias)
+        t, d_in = g.shape[1], conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        same_size = len({x.shape for x in inputs}) == 1
+        if weight and t > 1 and same_size and not ghost_is_dearer(t, d_in, g.shape[2]):
+            super().__init__(None, g, weight, bias, a_gram=_patch_gram(conv, inputs))
+        else:
+            a = _cat_uses([_unfold(conv, x) for x in inputs]) if weight else None  # [B, T, C kh kw]
+            super().__init__(a, g, weight, bias)
 
     def _clipped_weight(self, clip: Tensor) -> Tensor:
         conv, total = self.conv, None
@@ -272,15 +290,50 @@ class _MaterialisedGrad(_LayerGrad):
         return {name: torch.einsum("b,b...->...", clip, g) for name, g in self.per_example.items()}
 
 
+def _padded(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """The input as the convolution sees it, zero padding included."""
+    if isinstance(conv.padding, str):  # "same" / "valid": pad as nn.Conv2d does
+        return F.pad(x, conv._reversed_padding_repeated_twice)
+    ph, pw = conv.padding
+    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+
+
 def _unfold(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """Conv2d input ``[B, C, H, W]`` -> patches ``[B, H_out W_out, C kh kw]`` (the conv is
     a Linear map over them, with the weight viewed as ``[C_out, C kh kw]``)."""
-    padding = conv.padding
-    if isinstance(padding, str):  # "same" / "valid": pad explicitly as nn.Conv2d does
-        x = F.pad(x, conv._reversed_padding_repeated_twice)
-        padding = 0
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    cols = F.unfold(_padded(conv, x), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
     return cols.transpose(1, 2)
+
+
+def _patch_gram(conv: nn.Conv2d, inputs: list[Tensor]) -> Tensor:
+    """``[B, T, T]``: Gram matrix of the conv's input patches over all uses (T = uses x output
+    positions, in :func:`_cat_uses` order), without unfolding. A patch is the padded input at
+    the kernel offsets k from its corner, so ``<patch_t, patch_s> = sum_k <x[t + k], x[s + k]>``:
+    one pixel Gram matrix ``[B, P, P]`` (P = uses x padded pixels, inner dimension C), summed
+    over the ``kh kw`` offsets by strided slices of it -- C inner products per pixel pair
+    instead of the ``C kh kw`` of im2col, and no ``kh kw``-fold copy of the input."""
+    xs = [_padded(conv, x) for x in inputs]
+    b, c, hp, wp = xs[0].shape
+    uses = len(xs)
+    pixels = torch.cat([x.flatten(2) for x in xs], dim=2)  # [B, C, U Hp Wp]
+    gram = torch.bmm(pixels.transpose(1, 2), pixels).view(b, uses, hp, wp, uses, hp, wp)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    # Shifting both pixels of a pair by a kernel offset is a diagonal step in (col, col') and
+    # (row, row'): sum over the column offsets first, then over the row offsets (separable:
+    # kw + kh strided additions instead of kw kh).
+    per_col = None
+    for j in range(kw):
+        cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+        part = gram[:, :, :, cols, :, :, cols]  # [B, U, Hp, Wo, U, Hp, Wo]
+        per_col = part if per_col is None else per_col + part
+    out = None
+    for i in range(kh):
+        rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+        part = per_col[:, :, rows, :, :, rows, :]  # [B, U, Ho, Wo, U, Ho, Wo]
+        out = part if out is None else out + part
+    t = uses * ho * wo
+    return out.reshape(b, t, t)
 
 
 def _layer_grad(module: nn.Module, params: dict[str, nn.Parameter], inputs: list[Tensor],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import privacy.book_keeping as book_keeping
 import privacy.dp_sgd as dp_sgd
 from client.training import PrivacyConfig, TrainingConfig, new_site_ledger, run_local_round
 from privacy.dp_sgd import DPSettings, PrivateStepOptimizer, clipped_gradient_reference
@@ -181,6 +182,24 @@ class _ConvNet(torch.nn.Module):
         h = torch.nn.functional.silu(self.norm(self.c1(x)))
         h = self.c3(torch.tanh(self.c2(h)))
         return self.head(torch.tanh(h).flatten(1)).squeeze(1) ** 2
+
+
+@pytest.mark.parametrize("conv", [
+    dict(in_channels=3, out_channels=4, kernel_size=3, padding=1),
+    dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1),
+    dict(in_channels=2, out_channels=4, kernel_size=(3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 1)),
+    dict(in_channels=2, out_channels=4, kernel_size=3, padding="same"),
+    dict(in_channels=2, out_channels=4, kernel_size=1),
+], ids=["pad1", "stride2", "asymmetric-dilated", "same", "1x1"])
+def test_bk_patch_gram_from_pixels_equals_im2col(conv):
+    """The ghost norm's patch Gram matrix from the pixel Gram (no unfolding) is the Gram of
+    the unfolded patches, across two uses of the layer (cross terms included)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(**conv)
+    uses = [torch.randn(3, layer.in_channels, 7, 6) for _ in range(2)]
+    patches = torch.cat([book_keeping._unfold(layer, x) for x in uses], dim=1)
+    torch.testing.assert_close(book_keeping._patch_gram(layer, uses), patches @ patches.transpose(1, 2),
+                               rtol=1e-5, atol=1e-4)
 
 
 def _bk_case(name):
