@@ -148,7 +148,7 @@ class PrivateStepOptimizer:
         # the hooks that no backward will consume: drop them. That is enough for bk; Opacus'
         # modes still fail on the next batch after such a forward (tests/test_dp_sgd.py), so
         # the training loop never runs one on an empty Poisson batch.
-        if isinstance(self.gsm, BookKeeping):
+        if self.mode == "bk":
             self.gsm.clear()
         else:
             for module in self.gsm.modules():
