@@ -6,7 +6,7 @@ Data pipeline (RealNVP §4.1), for data x in [0, 1] on a grid of L levels (L = 2
 8-bit images, 17 for scikit-learn's digits, whose pixels are 0..16):
     uniform dequantisation   x~ = ((L - 1) x + u) / L,  u ~ U[0, 1)^D
     logit pre-processing     h = logit(alpha + (1 - 2 alpha) x~)
-    flow                     z = f(h),  z ~ N(0, I)
+    flow                     z = f(h),  z ~ p(z | y), a learned Gaussian (below)
 Change of variables (RealNVP eq. 3): log p(x~) = log N(z; 0, I) + log|det dz/dh| + log|det dh/dx~|,
 a density on [0, 1]^D whose bins have width 1/L. Dequantising on the data's own grid matters:
 with 256 bins on 17-level data the flow spends its capacity on spikes at the 17 values
@@ -23,10 +23,9 @@ the last layer of each coupling network starts at zero (the flow starts as ident
 
 The base distribution is learned (Glow, Kingma & Dhariwal 2018, §5 and their
 class-conditional prior): p(z | y) = N(mu_y, diag(exp(2 s_y))) from one zero-initialised
-Linear layer of the one-hot label. Under DP this matters: a class's mean is a strong,
-low-dimensional gradient signal that survives the noise long before the coupling networks
-learn to use the label, so a noisy conditional flow still draws each class around its
-own digit.
+Linear layer of the one-hot label. Under DP it helps: a class's mean is a strong,
+low-dimensional gradient signal, which survives the noise sooner than the coupling
+networks learn to use the label (measured: docs/benchmarks.md).
 
 Every parameter lives in Linear / Conv2d / GroupNorm layers (no free ``nn.Parameter``),
 each used once per example, so every clipping mode is correct; see ``grad_sample_mode``.
