@@ -52,7 +52,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--families", nargs="*", default=list_models())
+    parser.add_argument("--families", nargs="*", default=None,
+                        help="default: every family trained by DP-SGD (release families such as mmd have no DP step)")
     parser.add_argument("--modes", nargs="*", choices=GRAD_SAMPLE_MODES, default=list(GRAD_SAMPLE_MODES))
     parser.add_argument("--result", default=None, help="results file stem (default dp_overhead-<data>[-b<batch>])")
     args = parser.parse_args()
@@ -60,8 +61,10 @@ def main() -> None:
     torch.set_num_threads(1)
     data = load_data("digits") if args.data == "digits" else load_data("mnist", MNIST)
     data = data.subset(range(min(len(data), 2000)))
+    families = args.families or [f for f in list_models()
+                                 if build_model(f, data_shape=data.shape, num_classes=data.num_classes).training_mode == "sgd"]
     results = []
-    for family in args.families:
+    for family in families:
         default_mode = build_model(family, data_shape=data.shape, num_classes=data.num_classes).grad_sample_mode
         time_round(family, data, dp=False, mode="auto", steps=3, batch=args.batch)  # warm-up
         row = {"family": family, "default_mode": default_mode}
