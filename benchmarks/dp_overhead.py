@@ -61,11 +61,12 @@ def main() -> None:
     torch.set_num_threads(1)
     data = load_data("digits") if args.data == "digits" else load_data("mnist", MNIST)
     data = data.subset(range(min(len(data), 2000)))
-    families = args.families or [f for f in list_models()
-                                 if build_model(f, data_shape=data.shape, num_classes=data.num_classes).training_mode == "sgd"]
+    models = {f: build_model(f, data_shape=data.shape, num_classes=data.num_classes)
+              for f in args.families or list_models()}
+    families = args.families or [f for f, m in models.items() if m.training_mode == "sgd"]
     results = []
     for family in families:
-        default_mode = build_model(family, data_shape=data.shape, num_classes=data.num_classes).grad_sample_mode
+        default_mode = models[family].grad_sample_mode
         time_round(family, data, dp=False, mode="auto", steps=3, batch=args.batch)  # warm-up
         row = {"family": family, "default_mode": default_mode}
         for mode in ("off", *args.modes):

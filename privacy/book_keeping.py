@@ -263,8 +263,8 @@ class _ConvGrad(_AffineGrad):
         conv, total = self.conv, None
         for x, gy in self.uses:
             padding = conv.padding
-            if isinstance(padding, str):
-                x, padding = F.pad(x, conv._reversed_padding_repeated_twice), (0, 0)
+            if isinstance(padding, str):  # "same" / "valid": pad explicitly, as for the norms
+                x, padding = _padded(conv, x), (0, 0)
             _, w, _ = torch.ops.aten.convolution_backward(
                 gy * clip[:, None, None, None], x, conv.weight, None, conv.stride, padding, conv.dilation,
                 False, [0, 0], 1, [False, True, False])
