@@ -30,7 +30,7 @@ from . import rundir
 from .aggregation import bound_update_norms, robust_report, site_label
 from .evaluate import GlobalEvaluator
 from .strategies import ROBUST, build_strategy
-from .updates import sort_replies, weighted_mean
+from .updates import release_noise_variance, sort_replies, weighted_mean
 
 log = logging.getLogger(__name__)
 
@@ -310,13 +310,16 @@ class FederatedRun:
         if new_arrays is None:
             return arrays
         self.model.load_state_dict(new_arrays.to_torch_state_dict())
-        return self._server_update(row)
+        # the noise in a FedAvg average of releases is known; robust rules and norm bounds reshape it
+        plain_mean = self.fed["strategy"] == "fedavg" and not row.get("clients_norm_bounded")
+        noise = release_noise_variance(ok, rnd) if self.model.training_mode == "release" and plain_mean else None
+        return self._server_update(row, release_noise_variance=noise)
 
-    def _server_update(self, row: dict[str, Any]) -> ArrayRecord:
+    def _server_update(self, row: dict[str, Any], release_noise_variance: float | None = None) -> ArrayRecord:
         """The family's server-side post-processing of the aggregate (e.g. fitting the mmd
         generator to the released embedding); the new global model."""
         t = time.time()
-        info = self.model.server_update()
+        info = self.model.server_update(release_noise_variance=release_noise_variance)
         if info:
             row.update(info, server_update_seconds=time.time() - t)
         return ArrayRecord(self.model.state_dict())
@@ -402,7 +405,7 @@ def short_reason(reason: str) -> str:
 _ROUND_KEYS = {"round", "clients_sampled", "clients_ok", "clients_failed", "clients_refused", "train_loss",
                "epsilon", "seconds", "failures", "eval_seconds", "class_histogram", "byzantine", "robust",
                "clients_norm_bounded", "site_level_epsilon", "sites_clipped", "site_update_norm_median", "faults",
-               "server_fit_mmd", "server_update_seconds"}
+               "server_fit_mmd", "server_fit_steps", "release_noise_energy", "server_update_seconds"}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -24,6 +24,17 @@ model; FedAvg's example-weighted average of the buffers is ``sum_k S_k / N``, th
 federation's noisy mean embedding. The server then fits the generator to it
 (:meth:`MMDGenerator.server_update`, eq. 4 of DP-MERF: ``||mu_P~ - mu_Q||^2``), which sees
 only the released aggregate: post-processing, no further privacy cost.
+
+How long to fit follows the noise (Morozov's discrepancy principle for noisy inverse
+problems). The target is ``e + n`` with ``n`` the average of the sites' Gaussian noise,
+whose expected energy ``E||n||^2 = v * classes * F`` the server knows from public
+quantities (``v = sum_k sigma_k^2 / N^2`` per coordinate: the sites' noise multipliers and
+record counts). A generator that matches ``e`` leaves a residual of about ``E||n||^2``;
+driving the loss below it fits the noise. The fit therefore stops once its smoothed loss
+reaches ``fit_tolerance * E||n||^2`` (measured on MNIST at epsilon 1: TSTR 73.6 % when
+stopped there, after 186 steps, against 70.8 % after 1 000 and 61.1 % after 2 000). At
+epsilon 10 the noise energy lies far below what the generator reaches, so the fit runs
+all ``fit_steps``.
 """
 
 from __future__ import annotations
@@ -37,6 +48,10 @@ from torch.nn import functional as F
 from .layers import ConvUpsampler, flat_dim, is_image_shape, mlp, one_hot
 from .protocol import GenerativeModel
 from .registry import register_model
+
+
+_SMOOTHING = 0.95  # of the fit loss's moving average (about the last 20 steps)
+_WARMUP_STEPS = 20  # steps before the moving average may stop the fit
 
 
 @register_model("mmd")
@@ -64,6 +79,9 @@ class MMDGenerator(GenerativeModel):
         fit_lr: the generator's Adam learning rate.
         feature_seed: public seed of the random frequencies (same at every site).
         count_weight: ``w``, the norm share of the class-count feature (see the module docstring).
+        fit_tolerance: stop the fit once its smoothed loss is at most this multiple of the
+            release's expected noise energy (the discrepancy principle, module docstring);
+            ``None`` always runs ``fit_steps``.
     """
 
     grad_sample_mode = "bk"  # unused: nothing here is trained with DP-SGD
@@ -73,7 +91,8 @@ class MMDGenerator(GenerativeModel):
                  num_features: int = 4000,
                  bandwidth: float = 5.0, latent_dim: int = 10, hidden: int = 256, fit_steps: int = 2000,
                  fit_batch: int = 500, fit_lr: float = 1e-3, feature_seed: int = 0,
-                 pool_sizes: tuple[int, ...] = (1,), count_weight: float = 1 / math.sqrt(2.0)) -> None:
+                 pool_sizes: tuple[int, ...] = (1,), count_weight: float = 1 / math.sqrt(2.0),
+                 fit_tolerance: float | None = 1.0) -> None:
         super().__init__(data_shape, num_classes)
         pool_sizes = tuple(pool_sizes)
         if not pool_sizes or num_features < 2 * len(pool_sizes) or num_features % (2 * len(pool_sizes)):
@@ -86,8 +105,10 @@ class MMDGenerator(GenerativeModel):
                              f"got shape {self.data_shape}; use pool_sizes: [1]")
         if not 0.0 < count_weight < 1.0:
             raise ValueError(f"count_weight must lie in (0, 1), got {count_weight}")
+        if fit_tolerance is not None and fit_tolerance <= 0:
+            raise ValueError(f"fit_tolerance must be positive (or null to always run fit_steps), got {fit_tolerance}")
         self.latent_dim, self.fit_steps, self.fit_batch, self.fit_lr = latent_dim, fit_steps, fit_batch, fit_lr
-        self.pool_sizes, self.count_weight = pool_sizes, count_weight
+        self.pool_sizes, self.count_weight, self.fit_tolerance = pool_sizes, count_weight, fit_tolerance
         self.dim = flat_dim(self.data_shape)
         classes = num_classes or 1
         gen = torch.Generator().manual_seed(feature_seed)
@@ -153,19 +174,28 @@ class MMDGenerator(GenerativeModel):
         model_embedding = weights.unsqueeze(1) * per_class / counts
         return ((self.embedding - model_embedding)[:, :-1] ** 2).sum()
 
-    def server_update(self) -> dict[str, float]:
-        """Fit the generator to the released embedding (``fit_steps`` Adam steps)."""
+    def server_update(self, release_noise_variance: float | None = None) -> dict[str, float]:
+        """Fit the generator to the released embedding: at most ``fit_steps`` Adam steps,
+        fewer once the fit reaches the release's noise level (module docstring)."""
         if not bool(self.embedding.abs().sum() > 0):
             return {}
+        noise_energy = (release_noise_variance or 0.0) * self.embedding[:, :-1].numel()
+        stop_below = self.fit_tolerance * noise_energy if self.fit_tolerance is not None else 0.0
         opt = torch.optim.Adam(self.generator.parameters(), lr=self.fit_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.fit_steps)
-        for _ in range(self.fit_steps):
+        smoothed = None
+        for step in range(1, self.fit_steps + 1):
             opt.zero_grad(set_to_none=True)
             loss = self.mmd_loss(self.fit_batch)
             loss.backward()
             opt.step()
             sched.step()
-        return {"server_fit_mmd": float(loss.detach())}
+            # an exponential moving average: one batch's loss carries the fit batch's sampling noise
+            value = float(loss.detach())
+            smoothed = value if smoothed is None else _SMOOTHING * smoothed + (1.0 - _SMOOTHING) * value
+            if step > _WARMUP_STEPS and smoothed <= stop_below:
+                break
+        return {"server_fit_mmd": value, "server_fit_steps": step, "release_noise_energy": noise_energy}
 
     # -- sampling ---------------------------------------------------------------------
     def _generate(self, n: int, labels: Tensor | None) -> Tensor:

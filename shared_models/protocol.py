@@ -108,9 +108,12 @@ class GenerativeModel(nn.Module):
         """Per-example log-likelihood (or a lower bound) in nats. Optional."""
         raise NotImplementedError(f"{type(self).__name__} has no likelihood")
 
-    def server_update(self) -> dict[str, float]:
+    def server_update(self, release_noise_variance: float | None = None) -> dict[str, float]:
         """Post-processing on the server after each aggregation; it sees the aggregated
-        model only, never site data. Returns metrics for ``metrics.jsonl``. Default: none."""
+        model only, never site data. ``release_noise_variance``: for release families
+        averaged by FedAvg, the per-coordinate variance of the Gaussian noise in the
+        aggregate (public: the sites' noise multipliers and counts), else ``None``.
+        Returns metrics for ``metrics.jsonl``. Default: none."""
         return {}
 
     def statistic_sum(self, x: Tensor, y: Tensor | None) -> Tensor:  # pragma: no cover - release families

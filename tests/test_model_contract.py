@@ -211,3 +211,20 @@ def test_server_fit_moves_the_generator_towards_the_release(family, digits):
     torch.manual_seed(0)
     with torch.no_grad():
         assert float(model.mmd_loss(500)) < 0.8 * before and info["server_fit_mmd"] < before
+
+
+def test_mmd_fit_stops_once_it_reaches_the_release_noise_level(digits):
+    from shared_models.mmd import _WARMUP_STEPS
+    data = digits.subset(range(600))
+    model = _build("mmd", digits, fit_steps=60)
+    run_local_round(model, data, training=TrainingConfig(local_steps=1, batch_size=32, lr=1e-3), privacy=NO_DP,
+                    ledger=None, server_round=1, seed=0)
+    # noise energy = variance x classes x features: 1.0 x 10 x 200 is far above any loss here
+    loud = model.server_update(release_noise_variance=1.0)
+    assert loud["release_noise_energy"] == pytest.approx(10 * 200)
+    assert loud["server_fit_steps"] == _WARMUP_STEPS + 1
+    assert model.server_update(release_noise_variance=0.0)["server_fit_steps"] == 60  # noiseless: fit fully
+    assert model.server_update()["server_fit_steps"] == 60  # noise unknown (e.g. a robust rule): fit fully
+    model.fit_tolerance = None  # the rule switched off
+    assert model.server_update(release_noise_variance=1.0)["server_fit_steps"] == 60
+

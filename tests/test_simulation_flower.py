@@ -264,3 +264,16 @@ def test_a_straggler_past_the_deadline_is_left_out_of_its_round(tmp_path):
     history = json.loads((out / "privacy.json").read_text())["sites"]["4"]["history"]
     assert [h["round"] for h in history] == [1, 2]
     assert fedgen_processes() == []
+
+
+def test_mmd_release_round_fits_to_the_known_noise_level(tmp_path, mnist_dir):
+    out = quick_run(tmp_path, "mnist-utility", f"data.path={mnist_dir}", "privacy.target_epsilon=1", "model.num_features=400",
+                    "model.hidden=32", "model.fit_steps=60", "evaluation.tstr=false")
+    (row,) = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    sites = json.loads((out / "privacy.json").read_text())["sites"]
+    assert row["clients_ok"] == len(sites) == 10 and 0.99 <= row["epsilon"] <= 1.0
+    sigmas = [s["noise_multiplier"] for s in sites.values()]
+    # FedAvg of the 10 noisy means carries sum_k sigma_k^2 / N^2 per coordinate (N = 8 000
+    # training images), over 10 classes x 400 features
+    assert row["release_noise_energy"] == pytest.approx(sum(s * s for s in sigmas) / 8000 ** 2 * 10 * 400, rel=1e-6)
+    assert 20 < row["server_fit_steps"] <= 60

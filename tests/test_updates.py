@@ -10,7 +10,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
-from server.updates import norm_outliers, sort_replies, update_norm
+from privacy.ledger import SiteLedger
+from server.updates import norm_outliers, release_noise_variance, sort_replies, update_norm
 
 def _rec(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
@@ -19,9 +20,10 @@ def _rec(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 GLOBAL = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
 
 
-def _reply(site: str, node: int, arrays: dict[str, np.ndarray] | None, status: int = 0) -> Message:
-    content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "status": status, "train-loss": 1.0}),
-                          "site": ConfigRecord({"id": site, "ledger": "", "message": ""})})
+def _reply(site: str, node: int, arrays: dict[str, np.ndarray] | None, status: int = 0, *, num_examples: int = 10,
+           ledger: str = "") -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples, "status": status, "train-loss": 1.0}),
+                          "site": ConfigRecord({"id": site, "ledger": ledger, "message": ""})})
     if arrays is not None:
         content["arrays"] = _rec(arrays)
     meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
@@ -99,3 +101,20 @@ def test_an_error_written_by_the_superlink_is_blamed_on_the_node_that_was_asked(
                        known_sites={7: "seven"}, destinations={"sent-to-7": 7, "sent-to-8": 8})
     assert out.errors == ["seven"] and out.late == []
     assert out.failed == [("seven", "error reply: Node Unavailable")]
+
+
+def test_release_noise_variance_is_each_sites_noise_over_the_total_count_squared():
+    def ledger(site: str, sigmas: dict[int, float]) -> str:
+        led = SiteLedger(site=site, accountant="rdp", delta=1e-5, target_epsilon=100.0, max_grad_norm=1.0)
+        for rnd, sigma in sigmas.items():
+            led.record_round(round=rnd, steps=1, noise_multiplier=sigma, sample_rate=1.0)
+        return led.to_json()
+
+    replies = [_reply("a", 1, GLOBAL, num_examples=100, ledger=ledger("a", {1: 2.0})),
+               _reply("b", 2, GLOBAL, num_examples=300, ledger=ledger("b", {1: 3.0, 2: 50.0})),
+               _reply("c", 3, GLOBAL, num_examples=100)]  # no DP: counts, adds no noise
+    # FedAvg of (S_k + n_k) / N_k weighted N_k / N carries sum_k n_k / N
+    assert release_noise_variance(replies, 1) == pytest.approx((2.0 ** 2 + 3.0 ** 2) / 500 ** 2)
+    assert release_noise_variance(replies, 2) == pytest.approx(50.0 ** 2 / 500 ** 2)  # the round's own spend
+    assert release_noise_variance([], 1) == 0.0
+
