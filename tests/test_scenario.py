@@ -49,3 +49,15 @@ def test_bad_override_and_bad_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ScenarioError, match="not valid YAML"):
         load_scenario(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "scenarios").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_scenario_loads_under_its_file_name(path):
+    assert load_scenario(path).name == path.stem
+
+
+def test_every_model_family_has_a_digits_scenario():
+    from shared_models.registry import list_models
+    families = {load_scenario(p).model.family for p in (REPO / "scenarios").glob("*-digits.yaml")}
+    families.add(load_scenario(REPO / "scenarios" / "quickstart.yaml").model.family)
+    assert families == set(list_models())
