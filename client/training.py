@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from privacy.accounting import affordable_steps, calibrate_noise_multiplier
+from privacy.accounting import affordable_steps, calibrate_after, calibrate_noise_multiplier
 from privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
 from privacy.ledger import SiteLedger
 from shared_models import Batch, GenerativeModel
@@ -76,10 +76,12 @@ def plan_dp_round(model: GenerativeModel, n: int, *, training: TrainingConfig, p
     per_iteration = private_steps_per_iteration(model)
     q = min(1.0, training.batch_size / n)
     if ledger.noise_multiplier is None:
-        planned = privacy.planned_rounds * training.local_steps * per_iteration
-        ledger.noise_multiplier = calibrate_noise_multiplier(
-            target_epsilon=privacy.target_epsilon, delta=privacy.delta, sample_rate=q,
-            steps=planned, accountant=privacy.accountant)
+        # a hybrid's release took its first round; sigma is calibrated to what it left
+        rounds = privacy.planned_rounds - int(model.release_epsilon is not None)
+        planned = max(1, rounds) * training.local_steps * per_iteration
+        ledger.noise_multiplier = calibrate_after(
+            ledger.accountant_history(), target_epsilon=privacy.target_epsilon, delta=privacy.delta,
+            sample_rate=q, steps=planned, accountant=privacy.accountant)
         ledger.sample_rate = q
         log.info("site %s: sigma=%.4g calibrated for eps=%g, q=%.4g, %d steps", ledger.site,
                  ledger.noise_multiplier, privacy.target_epsilon, q, planned)
@@ -199,19 +201,19 @@ def run_local_round(
 @torch.no_grad()
 def _release_round(model: GenerativeModel, data: SiteData, *, privacy: PrivacyConfig, ledger: SiteLedger | None,
                    server_round: int, generator: torch.Generator, run: str | None) -> RoundResult:
-    """A release family's round: the site's sum of unit-norm per-record vectors plus
-    ``N(0, sigma^2 I)`` -- one Gaussian mechanism with sensitivity 1, charged as one
-    accountant step at sampling rate 1 (sigma calibrated to the whole budget on the
-    site's first round; a site that has released refuses from then on)."""
+    """A release round: the site's sum of unit-norm per-record vectors plus ``N(0, sigma^2 I)``
+    -- one Gaussian mechanism with sensitivity 1, charged as one accountant step at
+    sampling rate 1, sigma calibrated to the release's epsilon (the whole budget for a pure
+    release family, which refuses from then on; a hybrid's ``release_epsilon`` share)."""
     n = len(data)
     if privacy.enabled:
         assert ledger is not None, "a DP release needs the site's ledger"
-        if ledger.noise_multiplier is None:
-            ledger.noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=privacy.target_epsilon, delta=privacy.delta, sample_rate=1.0, steps=1,
-                accountant=privacy.accountant)
-            ledger.sample_rate = 1.0
-        if affordable_steps(ledger.accountant_history(), noise_multiplier=ledger.noise_multiplier, sample_rate=1.0,
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=privacy.target_epsilon if model.release_epsilon is None else model.release_epsilon,
+            delta=privacy.delta, sample_rate=1.0, steps=1, accountant=privacy.accountant)
+        if model.release_epsilon is None and ledger.noise_multiplier is None:  # a hybrid's DP-SGD sigma comes later
+            ledger.noise_multiplier, ledger.sample_rate = sigma, 1.0
+        if affordable_steps(ledger.accountant_history(), noise_multiplier=sigma, sample_rate=1.0,
                             wanted=1, delta=ledger.delta, target_epsilon=ledger.target_epsilon,
                             accountant=ledger.accountant) == 0:
             return RoundResult(status="budget_exhausted", num_examples=n, message=(
@@ -219,9 +221,8 @@ def _release_round(model: GenerativeModel, data: SiteData, *, privacy: PrivacyCo
                 f"epsilon {ledger.target_epsilon} (spent {ledger.epsilon:.4g})"))
     total = model.statistic_sum(data.x, data.y)
     if privacy.enabled:
-        total += ledger.noise_multiplier * torch.randn(total.shape, generator=generator).to(total.device)
-        ledger.record_round(round=server_round, steps=1, noise_multiplier=ledger.noise_multiplier,
-                            sample_rate=1.0, run=run)
+        total += sigma * torch.randn(total.shape, generator=generator).to(total.device)
+        ledger.record_round(round=server_round, steps=1, noise_multiplier=sigma, sample_rate=1.0, run=run)
     model.set_release(total / n)
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=int(privacy.enabled))
 

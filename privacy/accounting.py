@@ -139,3 +139,35 @@ def affordable_steps(
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def calibrate_after(
+    history: list[HistoryEntry], *, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+    accountant: str, tolerance: float = 0.01,
+) -> float:
+    """The smallest sigma (to ``tolerance``, relative) such that ``history`` followed by
+    ``steps`` steps at (sigma, q) stays within ``target_epsilon``, composed by the
+    accountant. Bisection between the sigma that ignores ``history`` (too small) and the
+    one calibrated to what basic composition leaves (``target - epsilon(history)``:
+    enough, since the composed epsilon never exceeds the sum)."""
+    if not history:
+        return calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant=accountant)
+    spent = epsilon_of(history, delta=delta, accountant=accountant)
+    if spent >= target_epsilon:
+        raise PrivacyConfigError(f"epsilon {spent:.4g} is already spent of the target {target_epsilon}; "
+                                 "nothing is left to calibrate DP-SGD for")
+
+    def fits(sigma: float) -> bool:
+        return epsilon_of(history + [(sigma, sample_rate, steps)], delta=delta, accountant=accountant) <= target_epsilon
+
+    lo = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+                                    steps=steps, accountant=accountant)
+    hi = calibrate_noise_multiplier(target_epsilon=target_epsilon - spent, delta=delta, sample_rate=sample_rate,
+                                    steps=steps, accountant=accountant)
+    while not fits(hi):  # basic composition guarantees it; guard against the accountants' rounding
+        hi *= 1.01
+    while hi / lo > 1.0 + tolerance:
+        mid = (lo * hi) ** 0.5
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi

@@ -82,6 +82,12 @@ class GenerativeModel(nn.Module):
     #: mechanism step) and the server fits the model to the aggregate (:meth:`server_update`).
     training_mode: str = "sgd"
 
+    #: The part of a site's epsilon its release spends: ``None`` for a pure release family
+    #: (mmd: the whole budget). A hybrid (the flow's ``base_release_epsilon``) releases in
+    #: its first round and trains by DP-SGD afterwards, with sigma calibrated to the target
+    #: minus this share: by basic composition the site's epsilon stays within the target.
+    release_epsilon: float | None = None
+
     def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None) -> None:
         super().__init__()
         self.data_shape = tuple(int(d) for d in data_shape)

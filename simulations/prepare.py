@@ -102,7 +102,11 @@ def check_scenario(scenario: Scenario) -> tuple[SiteData, list[np.ndarray], np.n
     sites, holdout = split_sites(scenario, data)
     site_feature_skew(scenario, data)  # feature skew on data that are not images fails here
     spec = _spec(scenario, data)
-    build_global_model(scenario.resolved(), spec)
+    model = build_global_model(scenario.resolved(), spec)
+    release = model.release_epsilon
+    if scenario.privacy.enabled and release is not None and release >= scenario.privacy.target_epsilon:
+        raise ScenarioError(f"model.base_release_epsilon {release} must be below privacy.target_epsilon "
+                            f"{scenario.privacy.target_epsilon}: the rest of the budget trains by DP-SGD")
     site_level_mechanism(scenario.resolved(), spec.num_sites)  # a site-level budget that cannot be met fails here
     plant_canaries(scenario, data)  # checks privacy.canaries against the federation
     return data, sites, holdout

@@ -86,3 +86,20 @@ def test_site_refuses_once_budget_is_spent(digits):
     assert ledger.epsilon <= 1.0
     res = _site_round(model, data, ledger, privacy, 9)
     assert res.dp_steps == 0 and "refuses to train" in res.message
+
+
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_calibration_after_a_release_composes_to_the_target(kind):
+    from privacy.accounting import calibrate_after
+    release = [(calibrate_noise_multiplier(target_epsilon=4.0, delta=1e-5, sample_rate=1.0, steps=1,
+                                           accountant=kind), 1.0, 1)]
+    sigma = calibrate_after(release, target_epsilon=10.0, delta=1e-5, sample_rate=0.4, steps=600, accountant=kind)
+    assert epsilon_of(release + [(sigma, 0.4, 600)], delta=1e-5, accountant=kind) <= 10.0
+    assert epsilon_of(release + [(sigma / 1.02, 0.4, 600)], delta=1e-5, accountant=kind) > 10.0  # tight to ~1 %
+    # tighter than splitting the budget (basic composition: 10 - 4 left for DP-SGD)
+    split = calibrate_noise_multiplier(target_epsilon=6.0, delta=1e-5, sample_rate=0.4, steps=600, accountant=kind)
+    assert sigma < 0.95 * split
+    assert calibrate_after([], target_epsilon=10.0, delta=1e-5, sample_rate=0.4, steps=600, accountant=kind) == \
+        calibrate_noise_multiplier(target_epsilon=10.0, delta=1e-5, sample_rate=0.4, steps=600, accountant=kind)
+    with pytest.raises(PrivacyConfigError, match="already spent"):
+        calibrate_after(release, target_epsilon=3.0, delta=1e-5, sample_rate=0.4, steps=600, accountant=kind)

@@ -20,7 +20,8 @@ def fedgen(*args, cwd):
 def _scenario(tmp_path, **sections):
     base = yaml.safe_load((REPO / "scenarios" / "quickstart.yaml").read_text())
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        another_family = key == "model" and value.get("family", base["model"]["family"]) != base["model"]["family"]
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and not another_family:
             base[key].update(value)
         else:
             base[key] = value
@@ -41,6 +42,8 @@ CASES = {
     "wrong type": (dict(federation={"rounds": "two"}), "federation.rounds: Input should be a valid integer"),
     "missing data file": (dict(data={"format": "npz", "path": "/nonexistent/site.npz"}), "site.npz: file not found"),
     "alpha <= 0": (dict(partition={"name": "dirichlet", "alpha": 0}), "partition.alpha: Input should be greater than 0"),
+    "release over budget": (dict(model={"family": "flow", "levels": 17, "base_release_epsilon": 10.0}),
+                            "model.base_release_epsilon 10.0 must be below privacy.target_epsilon 10.0"),
 }
 
 

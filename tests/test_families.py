@@ -403,3 +403,56 @@ def test_bad_options_explain_themselves():
         build_model("diffusion", data_shape=(5,), schedule="quadratic")
     with pytest.raises(ValueError, match="noise_multiplicity"):
         build_model("diffusion", data_shape=(5,), noise_multiplicity=0)
+
+
+def _class_base_means(model, x, y):
+    """What the flow's base should hold after an exact (noiseless) release: each class's
+    mean pixel, mid-bin dequantised and logit-transformed like the data."""
+    rows = []
+    for c in range(10):
+        m = (x[y == c].flatten(1).mean(0) * (model.levels - 1) + 0.5) / model.levels
+        p = model.alpha + (1 - 2 * model.alpha) * m
+        rows.append(torch.log(p) - torch.log1p(-p))
+    return torch.stack(rows)
+
+
+def test_flow_base_release_sets_the_class_means_then_trains_by_dp_sgd_within_the_target(digits):
+    from client.training import PrivacyConfig, TrainingConfig, new_site_ledger, run_local_round
+    from privacy.accounting import calibrate_after, calibrate_noise_multiplier, epsilon_of
+    data = digits.subset(range(400))
+    training = TrainingConfig(local_steps=5, batch_size=64, lr=1e-3)
+
+    torch.manual_seed(0)
+    exact = build_model("flow", data_shape=digits.shape, num_classes=10, levels=17, hidden=16, base_release_epsilon=1.0)
+    assert exact.training_mode == "release"
+    for i in range(5):  # a one-record sum is that record's contribution: the sensitivity is 1
+        assert float(exact.statistic_sum(data.x[i:i + 1], data.y[i:i + 1]).norm()) <= 1.0 + 1e-6
+    extremes = torch.stack([torch.zeros(digits.shape), torch.ones(digits.shape)])
+    assert exact.statistic_sum(extremes, torch.tensor([0, 1])).norm(dim=1)[:2].tolist() == pytest.approx([1.0, 1.0])
+    no_dp = PrivacyConfig(enabled=False, target_epsilon=1.0, delta=1e-5, max_grad_norm=1.0)
+    run_local_round(exact, data, training=training, privacy=no_dp, ledger=None, server_round=1, seed=0)
+    assert exact.training_mode == "sgd"
+    assert torch.allclose(exact._base_means(), _class_base_means(exact, data.x, data.y), atol=1e-4)
+    z = exact.sample(20, torch.arange(20) % 10, temperature=1e-6)  # base at its mean, couplings at identity
+    assert torch.allclose(z, exact.from_latent(_class_base_means(exact, data.x, data.y)[torch.arange(20) % 10],
+                                               torch.arange(20) % 10).clamp(0, 1), atol=1e-3)
+
+    torch.manual_seed(0)
+    model = build_model("flow", data_shape=digits.shape, num_classes=10, levels=17, hidden=16, base_release_epsilon=1.0)
+    privacy = PrivacyConfig(enabled=True, target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, accountant="prv",
+                            planned_rounds=3)
+    ledger = new_site_ledger("0", privacy)
+    first = run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=1, seed=0)
+    sigma_release = calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sample_rate=1.0, steps=1, accountant="prv")
+    assert first.status == "trained" and ledger.accountant_history() == [(sigma_release, 1.0, 1)]
+    assert ledger.noise_multiplier is None and ledger.epsilon <= 1.0  # the DP-SGD sigma is not set by the release
+    noise = (model.statistic_sum(data.x, data.y) / len(data) - model.base_release) * len(data)
+    assert float(noise.std()) == pytest.approx(sigma_release, rel=0.1)
+    for rnd in (2, 3):
+        res = run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=rnd, seed=rnd)
+        assert res.status == "trained" and res.dp_steps == 5
+    q = 64 / len(data)
+    assert ledger.noise_multiplier == calibrate_after([(sigma_release, 1.0, 1)], target_epsilon=3.0, delta=1e-5,
+                                                      sample_rate=q, steps=2 * 5, accountant="prv")
+    assert ledger.epsilon == pytest.approx(epsilon_of(ledger.accountant_history(), delta=1e-5, accountant="prv"))
+    assert 2.9 <= ledger.epsilon <= 3.0  # the release and the 10 DP-SGD steps compose to the target
