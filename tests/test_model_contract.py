@@ -229,3 +229,18 @@ def test_mmd_fit_stops_once_it_reaches_the_release_noise_level(digits):
     model.fit_tolerance = None  # the rule switched off
     assert model.server_update(release_noise_variance=1.0)["server_fit_steps"] == 60
 
+
+
+def test_mmd_temperature_scales_the_latent_and_zero_spread_gives_one_sample_per_class(digits):
+    model = _build("mmd", digits, temperature=0.5)
+    labels = torch.arange(20) % 10
+    torch.manual_seed(0)
+    cold = model.sample(20, labels)  # the default temperature, 0.5
+    torch.manual_seed(0)
+    assert torch.equal(cold, model.sample(20, labels, temperature=0.5))
+    torch.manual_seed(0)
+    assert not torch.allclose(cold, model.sample(20, labels, temperature=1.0))
+    frozen = model.sample(20, labels, temperature=1e-8)  # z = 0: one image per class
+    assert torch.allclose(frozen[:10], frozen[10:], atol=1e-5) and not torch.allclose(frozen[0], frozen[1])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        _build("mmd", digits, temperature=0.0)
