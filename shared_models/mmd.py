@@ -87,7 +87,7 @@ class MMDGenerator(GenerativeModel):
             uses T = 1). T < 1 trades diversity for typical samples -- the truncation trick
             of BigGAN (Brock, Donahue & Simonyan 2019) in its simplest form. On MNIST at
             epsilon 1, T = 0.7 took FID from 35-37 to 22-25 and TSTR up 1-3 points; at
-            epsilon 10, FID 13.6 -> 6.8 and TSTR 86.3 -> 87.0 %.
+            epsilon 10 FID 17 -> 8, but TSTR moved -2.5 to +0.7 points (docs/benchmarks.md).
     """
 
     grad_sample_mode = "bk"  # unused: nothing here is trained with DP-SGD
