@@ -230,7 +230,6 @@ def test_mmd_fit_stops_once_it_reaches_the_release_noise_level(digits):
     assert model.server_update(release_noise_variance=1.0)["server_fit_steps"] == 60
 
 
-
 def test_mmd_temperature_scales_the_latent_and_zero_spread_gives_one_sample_per_class(digits):
     model = _build("mmd", digits, temperature=0.5)
     labels = torch.arange(20) % 10
