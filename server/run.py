@@ -347,8 +347,14 @@ class FederatedRun:
         """Each DP guarantee of the run in words: what it protects, at which (epsilon, delta)."""
         out = []
         if example_level(self.privacy_cfg):
+            if self.model.release_epsilon is not None:  # a hybrid: release round, then DP-SGD
+                mechanism = "a Gaussian release of per-class sums, then DP-SGD, at every site"
+            elif self.model.training_mode == "release":
+                mechanism = "one Gaussian release of a per-class statistic at every site"
+            else:
+                mechanism = "DP-SGD at every site"
             out.append({"unit": "example", "epsilon": self.ledger.epsilon, "delta": self.privacy_cfg["delta"],
-                        "mechanism": "DP-SGD at every site (largest epsilon over sites)",
+                        "mechanism": f"{mechanism} (largest epsilon over sites)",
                         "protects": "any single training record at a site"})
         if self.site_dp is not None:
             out.append({"unit": "site", "epsilon": self.site_dp.epsilon, "delta": self.site_dp.delta,

@@ -277,3 +277,5 @@ def test_mmd_release_round_fits_to_the_known_noise_level(tmp_path, mnist_dir):
     # training images), over 10 classes x 400 features
     assert row["release_noise_energy"] == pytest.approx(sum(s * s for s in sigmas) / 8000 ** 2 * 10 * 400, rel=1e-6)
     assert 20 < row["server_fit_steps"] <= 60
+    (guarantee,) = json.loads((out / "summary.json").read_text())["guarantees"]
+    assert guarantee["mechanism"].startswith("one Gaussian release")  # not "DP-SGD": no site ran it
