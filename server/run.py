@@ -30,7 +30,7 @@ from . import rundir
 from .aggregation import bound_update_norms, robust_report, site_label
 from .evaluate import GlobalEvaluator
 from .strategies import ROBUST, build_strategy
-from .updates import release_noise_variance, sort_replies, weighted_mean
+from .updates import site_releases, sort_replies, weighted_mean
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ class FederatedRun:
             return self._server_update(row)
         if not ok:
             return arrays
+        releasing = self.model.training_mode == "release"  # before loading: a hybrid's mode follows its buffer
         if self.fed["norm_bound"] is not None:
             row["clients_norm_bounded"] = bound_update_norms(ok, arrays, self.fed["norm_bound"])
         if self.fed["strategy"] in ROBUST:
@@ -310,9 +311,12 @@ class FederatedRun:
         if new_arrays is None:
             return arrays
         self.model.load_state_dict(new_arrays.to_torch_state_dict())
-        # the noise in a FedAvg average of releases is known; robust rules and norm bounds reshape it
-        plain_mean = self.fed["strategy"] == "fedavg" and not row.get("clients_norm_bounded")
-        noise = release_noise_variance(ok, rnd) if self.model.training_mode == "release" and plain_mean else None
+        # Releases under a plain mean: the family combines them itself and knows the noise
+        # that leaves (public: the sites' sums, counts and sigmas). Robust rules and norm
+        # bounds reshape the updates, so their aggregate stands as it is.
+        noise = None
+        if releasing and self.fed["strategy"] == "fedavg" and not row.get("clients_norm_bounded"):
+            noise = self.model.combine_releases(*site_releases(ok, rnd, self.model.release_buffer))
         return self._server_update(row, release_noise_variance=noise)
 
     def _server_update(self, row: dict[str, Any], release_noise_variance: float | None = None) -> ArrayRecord:

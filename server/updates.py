@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message
 
 from privacy.ledger import SiteLedger
@@ -164,19 +165,19 @@ def weighted_mean(messages: list[Message], key: str) -> float:
     return num / den if den else float("nan")
 
 
-def release_noise_variance(ok: list[Message], server_round: int) -> float:
-    """Per-coordinate variance of the noise in FedAvg's average of release-family updates.
-
-    Site ``k`` sends ``(S_k + n_k) / N_k`` with ``n_k ~ N(0, sigma_k^2 I)`` added to its
-    sum; FedAvg weights it by ``N_k / N``, so the average carries ``sum_k n_k / N``, of
-    variance ``sum_k sigma_k^2 / N^2``. Every term is public: each reply's example count
-    and the noise multiplier its ledger recorded for ``server_round`` (0 without DP)."""
-    total_examples, noise = 0.0, 0.0
+def site_releases(ok: list[Message], server_round: int, buffer: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The replies' releases for a release family's :meth:`combine_releases`: each site's
+    noisy sum ``S_k + n_k`` (its ``buffer`` holds the mean, ``(S_k + n_k) / N_k``) as
+    ``[K, ...]``, the noise multiplier its ledger recorded for ``server_round`` (0 without
+    DP) as ``[K]``, and the total record count ``N``. Every term is public: what the sites
+    sent and their ledgers."""
+    sums, sigmas, total_examples = [], [], 0.0
     for msg in ok:
-        total_examples += float(next(iter(msg.content.metric_records.values()))["num-examples"])
+        count = float(next(iter(msg.content.metric_records.values()))["num-examples"])
+        arrays = next(iter(msg.content.array_records.values()))
+        sums.append(torch.from_numpy(np.asarray(arrays[buffer].numpy(), dtype=np.float64)) * count)
         _, ledger = site_info(msg)
         spends = [h for h in (ledger.history if ledger else []) if h.round == server_round]
-        if spends:
-            noise += spends[-1].noise_multiplier ** 2
-    return noise / total_examples ** 2 if total_examples else 0.0
-
+        sigmas.append(spends[-1].noise_multiplier if spends else 0.0)
+        total_examples += count
+    return torch.stack(sums), torch.tensor(sigmas, dtype=torch.float64), total_examples

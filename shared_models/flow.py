@@ -192,6 +192,7 @@ class RealNVP(GenerativeModel):
     """
 
     grad_sample_mode = "bk"  # Book-Keeping (privacy/book_keeping.py): the fastest exact mode for both architectures
+    release_buffer = "base_release"  # the hybrid's (base_release_epsilon)
 
     def __init__(
         self,

@@ -88,6 +88,10 @@ class GenerativeModel(nn.Module):
     #: minus this share: by basic composition the site's epsilon stays within the target.
     release_epsilon: float | None = None
 
+    #: Release families: the name of the buffer :meth:`set_release` fills; the server reads
+    #: each site's release from it to combine them (:meth:`combine_releases`).
+    release_buffer: str | None = None
+
     def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None) -> None:
         super().__init__()
         self.data_shape = tuple(int(d) for d in data_shape)
@@ -116,9 +120,9 @@ class GenerativeModel(nn.Module):
 
     def server_update(self, release_noise_variance: float | None = None) -> dict[str, float]:
         """Post-processing on the server after each aggregation; it sees the aggregated
-        model only, never site data. ``release_noise_variance``: for release families
-        averaged by FedAvg, the per-coordinate variance of the Gaussian noise in the
-        aggregate (public: the sites' noise multipliers and counts), else ``None``.
+        model only, never site data. ``release_noise_variance``: after a release round under a
+        plain mean, the per-coordinate variance of the Gaussian noise in the combined release
+        (:meth:`combine_releases`; public: the sites' noise multipliers and counts), else ``None``.
         Returns metrics for ``metrics.jsonl``. Default: none."""
         return {}
 
@@ -129,6 +133,14 @@ class GenerativeModel(nn.Module):
     def set_release(self, mean_statistic: Tensor) -> None:  # pragma: no cover - release families
         """Release families: store the site's noisy mean statistic in the model's state."""
         raise NotImplementedError(f"{type(self).__name__} is not a release family")
+
+    def combine_releases(self, sums: Tensor, noise_multipliers: Tensor, total_examples: float) -> float:
+        """Release families, on the server: set the federation's statistic from the sites'
+        noisy sums ``[K, ...]`` (each site's release times its record count; ``sigma_k``
+        from its ledger) and return the per-coordinate variance of the noise it carries.
+        Default: FedAvg's average ``sum_k S~_k / N``, variance ``sum_k sigma_k^2 / N^2``."""
+        self.set_release(sums.sum(0) / total_examples)
+        return float((noise_multipliers.double() ** 2).sum()) / total_examples ** 2
 
     def check_dp_compatible(self) -> None:
         """Raise ``ValueError`` (saying why and what to use instead) if this model, as

@@ -273,9 +273,12 @@ def test_mmd_release_round_fits_to_the_known_noise_level(tmp_path, mnist_dir):
     sites = json.loads((out / "privacy.json").read_text())["sites"]
     assert row["clients_ok"] == len(sites) == 10 and 0.99 <= row["epsilon"] <= 1.0
     sigmas = [s["noise_multiplier"] for s in sites.values()]
-    # FedAvg of the 10 noisy means carries sum_k sigma_k^2 / N^2 per coordinate (N = 8 000
-    # training images), over 10 classes x 400 features
-    assert row["release_noise_energy"] == pytest.approx(sum(s * s for s in sigmas) / 8000 ** 2 * 10 * 400, rel=1e-6)
+    # FedAvg of the 10 noisy means would carry sum_k sigma_k^2 / N^2 per coordinate (N = 8 000
+    # training images), over 10 classes x 400 features; weighting each site's class means by
+    # their precision keeps the noise of sites that hardly hold a class out of it (label
+    # skew: 2.5x less on this partition)
+    fedavg_energy = sum(s * s for s in sigmas) / 8000 ** 2 * 10 * 400
+    assert 0.25 * fedavg_energy < row["release_noise_energy"] < 0.6 * fedavg_energy
     assert 20 < row["server_fit_steps"] <= 60
     (guarantee,) = json.loads((out / "summary.json").read_text())["guarantees"]
     assert guarantee["mechanism"].startswith("one Gaussian release")  # not "DP-SGD": no site ran it

@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from privacy.ledger import SiteLedger
-from server.updates import norm_outliers, release_noise_variance, sort_replies, update_norm
+from server.updates import norm_outliers, site_releases, sort_replies, update_norm
 
 def _rec(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
@@ -103,18 +103,21 @@ def test_an_error_written_by_the_superlink_is_blamed_on_the_node_that_was_asked(
     assert out.failed == [("seven", "error reply: Node Unavailable")]
 
 
-def test_release_noise_variance_is_each_sites_noise_over_the_total_count_squared():
+def test_site_releases_reads_each_sites_sum_and_the_sigma_its_ledger_recorded_for_the_round():
     def ledger(site: str, sigmas: dict[int, float]) -> str:
         led = SiteLedger(site=site, accountant="rdp", delta=1e-5, target_epsilon=100.0, max_grad_norm=1.0)
         for rnd, sigma in sigmas.items():
             led.record_round(round=rnd, steps=1, noise_multiplier=sigma, sample_rate=1.0)
         return led.to_json()
 
-    replies = [_reply("a", 1, GLOBAL, num_examples=100, ledger=ledger("a", {1: 2.0})),
-               _reply("b", 2, GLOBAL, num_examples=300, ledger=ledger("b", {1: 3.0, 2: 50.0})),
-               _reply("c", 3, GLOBAL, num_examples=100)]  # no DP: counts, adds no noise
-    # FedAvg of (S_k + n_k) / N_k weighted N_k / N carries sum_k n_k / N
-    assert release_noise_variance(replies, 1) == pytest.approx((2.0 ** 2 + 3.0 ** 2) / 500 ** 2)
-    assert release_noise_variance(replies, 2) == pytest.approx(50.0 ** 2 / 500 ** 2)  # the round's own spend
-    assert release_noise_variance([], 1) == 0.0
+    means = [_update(1.0, seed) for seed in range(3)]
+    replies = [_reply("a", 1, means[0], num_examples=100, ledger=ledger("a", {1: 2.0})),
+               _reply("b", 2, means[1], num_examples=300, ledger=ledger("b", {1: 3.0, 2: 50.0})),
+               _reply("c", 3, means[2], num_examples=100)]  # no DP: counts, adds no noise
+    sums, sigmas, total = site_releases(replies, 1, "w")
+    assert total == 500
+    assert sigmas.tolist() == [2.0, 3.0, 0.0]
+    np.testing.assert_allclose(sums.numpy(), np.stack([m["w"] * n for m, n in zip(means, (100, 300, 100))]), rtol=1e-6)
+    assert site_releases(replies, 2, "w")[1].tolist() == [0.0, 50.0, 0.0]  # the round's own spend
+
 
