@@ -317,6 +317,7 @@ class FederatedRun:
         noise = None
         if releasing and self.fed["strategy"] == "fedavg" and not row.get("clients_norm_bounded"):
             noise = self.model.combine_releases(*site_releases(ok, rnd, self.model.release_buffer))
+            row["release_noise_variance"] = noise
         return self._server_update(row, release_noise_variance=noise)
 
     def _server_update(self, row: dict[str, Any], release_noise_variance: float | None = None) -> ArrayRecord:
@@ -415,7 +416,8 @@ def short_reason(reason: str) -> str:
 _ROUND_KEYS = {"round", "clients_sampled", "clients_ok", "clients_failed", "clients_refused", "train_loss",
                "epsilon", "seconds", "failures", "eval_seconds", "class_histogram", "byzantine", "robust",
                "clients_norm_bounded", "site_level_epsilon", "sites_clipped", "site_update_norm_median", "faults",
-               "server_fit_mmd", "server_fit_steps", "release_noise_energy", "server_update_seconds"}
+               "server_fit_mmd", "server_fit_steps", "release_noise_variance", "release_noise_energy",
+               "server_update_seconds"}
 
 
 def _jsonable(obj: Any) -> Any:

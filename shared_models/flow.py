@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .layers import ResBlock, flat_dim, group_norm, is_image_shape, label_planes, mlp, one_hot, soft_clamp, zero_init
 from .protocol import Batch, GenerativeModel, TrainingStep
 from .registry import register_model
+from .release import precision_weighted_release
 
 
 def squeeze2x2(x: Tensor) -> Tensor:
@@ -185,7 +186,8 @@ class RealNVP(GenerativeModel):
         base_release_epsilon: a hybrid (``None``: plain DP-SGD). The site's first round is a
             release of its per-class pixel sums (each record's ``[sqrt(1 - w^2) (x - 1/2) /
             (sqrt(D) / 2), w]`` in its class's row: norm <= 1, one Gaussian mechanism at this
-            epsilon); the federation's noisy class means, in logit space, become the base's
+            epsilon); the federation's noisy class means (the sites' class means weighted by
+            their precision, :mod:`shared_models.release`), in logit space, become the base's
             means (the learned mean is added to them). Later rounds train by DP-SGD on the
             rest of the budget. Class means are a low-dimensional, strong signal that DP-SGD
             on ~300 records a site recovers only from epsilon ~ 40 (docs/benchmarks.md).
@@ -323,6 +325,13 @@ class RealNVP(GenerativeModel):
 
     def set_release(self, mean_statistic: Tensor) -> None:
         self.base_release.copy_(mean_statistic)
+
+    def combine_releases(self, sums: Tensor, noise_multipliers: Tensor, total_examples: float) -> float:
+        """Each class's site means weighted by their precision (:mod:`shared_models.release`)."""
+        release, noise_variance = precision_weighted_release(sums, noise_multipliers, total_examples,
+                                                             _BASE_COUNT_WEIGHT)
+        self.set_release(release)
+        return noise_variance
 
     def _base_means(self) -> Tensor | None:
         """The released class means mapped like the data (mid-bin dequantisation, logit):

@@ -279,6 +279,24 @@ def test_mmd_release_round_fits_to_the_known_noise_level(tmp_path, mnist_dir):
     # skew: 2.5x less on this partition)
     fedavg_energy = sum(s * s for s in sigmas) / 8000 ** 2 * 10 * 400
     assert 0.25 * fedavg_energy < row["release_noise_energy"] < 0.6 * fedavg_energy
+    assert row["release_noise_energy"] == pytest.approx(row["release_noise_variance"] * 10 * 400)
     assert 20 < row["server_fit_steps"] <= 60
     (guarantee,) = json.loads((out / "summary.json").read_text())["guarantees"]
     assert guarantee["mechanism"].startswith("one Gaussian release")  # not "DP-SGD": no site ran it
+
+
+def test_flow_hybrid_releases_class_means_then_trains_by_dp_sgd(tmp_path):
+    out = quick_run(tmp_path, "flow-digits", "federation.rounds=2", "model.hidden=8", "model.coupling_layers=2",
+                    "evaluation.num_samples=100")
+    first, second = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    sites = json.loads((out / "privacy.json").read_text())["sites"]
+    assert first["clients_ok"] == second["clients_ok"] == len(sites) == 5
+    # round 1: one release at q = 1 per site; the server combined them (their noise energy is
+    # known); round 2: DP-SGD, and the composed epsilon stays within the target
+    assert first["release_noise_variance"] > 0 and "release_noise_variance" not in second
+    for site in sites.values():
+        release, sgd = site["history"]
+        assert release["sample_rate"] == 1.0 and release["steps"] == 1 and sgd["sample_rate"] < 1.0
+        assert 4.0 < site["epsilon"] <= 10.0
+    (guarantee,) = json.loads((out / "summary.json").read_text())["guarantees"]
+    assert "release" in guarantee["mechanism"] and "DP-SGD" in guarantee["mechanism"]
