@@ -35,11 +35,11 @@ whose expected energy ``E||n||^2 = v * classes * F`` the server knows from publi
 quantities (``v`` per coordinate from the sites' noise multipliers and record counts:
 ``sum_k sigma_k^2 / N^2`` for FedAvg's average). A generator that matches ``e`` leaves a
 residual of about ``E||n||^2``; driving the loss below it fits the noise. The fit therefore stops once its smoothed loss
-reaches ``fit_tolerance * E||n||^2`` (MNIST at epsilon 1, one noise draw: stopped there
-after 186 steps, TSTR 73.6 % and FID 36, against 70.4 % and FID 46 after 1 000 steps and
-61.1 % after 2 000; over four draws the stopped fit gives 68-74 %, FID 34-37). At epsilon
-10 the noise energy lies far below what the generator reaches, so the fit runs all
-``fit_steps``.
+reaches ``fit_tolerance * E||n||^2`` (MNIST at epsilon 1 with FedAvg's average, one noise
+draw: stopped there after 186 steps, TSTR 73.6 % and FID 36, against 70.4 % and FID 46
+after 1 000 steps and 61.1 % after 2 000; with the precision weighting the seeded scenario
+stops after 377 steps at TSTR 78 %, FID 28). At epsilon 10 the noise energy lies far below
+what the generator reaches, so the fit runs all ``fit_steps``.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ class MMDGenerator(GenerativeModel):
             ``None`` always runs ``fit_steps``.
         temperature: default sampling temperature T, ``z ~ N(0, T^2 I)`` (the fit always
             uses T = 1). T < 1 trades diversity for typical samples -- the truncation trick
-            of BigGAN (Brock, Donahue & Simonyan 2019) in its simplest form. On MNIST at
-            epsilon 1, T = 0.7 took FID from 35-37 to 22-25 and TSTR up 1-3 points; at
+            of BigGAN (Brock, Donahue & Simonyan 2019) in its simplest form. On MNIST (FedAvg's
+            average) at epsilon 1, T = 0.7 took FID from 35-37 to 22-25 and TSTR up 1-3 points; at
             epsilon 10 FID 17 -> 8, but TSTR moved -2.5 to +0.7 points (docs/benchmarks.md).
         combine: how the server combines the sites' releases: ``"precision"`` weights each
             site's class means by their inverse variance (:mod:`shared_models.release`: under
