@@ -34,9 +34,9 @@ problems). The target is ``e + n`` with ``n`` the average of the sites' Gaussian
 whose expected energy ``E||n||^2 = v * classes * F`` the server knows from public
 quantities (``v`` per coordinate from the sites' noise multipliers and record counts:
 ``sum_k sigma_k^2 / N^2`` for FedAvg's average). A generator that matches ``e`` leaves a
-residual of about ``E||n||^2``; driving the loss below it fits the noise. The fit therefore stops once its smoothed loss
-reaches ``fit_tolerance * E||n||^2`` (MNIST at epsilon 1 with FedAvg's average, one noise
-draw: stopped there after 186 steps, TSTR 73.6 % and FID 36, against 70.4 % and FID 46
+residual of about ``E||n||^2``; driving the loss below it fits the noise. The fit
+therefore stops once its smoothed loss reaches ``fit_tolerance * E||n||^2`` (MNIST at
+epsilon 1 with FedAvg's average, one noise draw: stopped there after 186 steps, TSTR 73.6 % and FID 36, against 70.4 % and FID 46
 after 1 000 steps and 61.1 % after 2 000; with the precision weighting the seeded scenario
 stops after 377 steps at TSTR 78 %, FID 28). At epsilon 10 the noise energy lies far below
 what the generator reaches, so the fit runs all ``fit_steps``.

@@ -52,9 +52,10 @@ def precision_weighted_release(sums: Tensor, noise_multipliers: Tensor, total_ex
     counts = (sums[..., -1] / count_weight).clamp_min(0.0)  # [K, C], noisy
     record_variance = (1.0 - count_weight ** 2) / features
     weights = counts / (sigma2 + counts * record_variance).clamp_min(torch.finfo(torch.float64).tiny)
-    weighted_count = (weights * counts).sum(0)  # [C]
-    means = (weights.unsqueeze(-1) * sums[..., :-1]).sum(0) / weighted_count.clamp_min(1e-12).unsqueeze(-1)
-    class_share = (sums[..., -1].sum(0) / count_weight / total_examples).clamp_min(0.0)  # [C]
-    release = torch.cat([class_share.unsqueeze(-1) * means, (sums[..., -1].sum(0) / total_examples).unsqueeze(-1)], -1)
-    mean_variance = (weights ** 2 * sigma2).sum(0) / weighted_count.clamp_min(1e-12) ** 2  # [C]
+    weighted_count = (weights * counts).sum(0).clamp_min(1e-12)  # [C]
+    means = (weights.unsqueeze(-1) * sums[..., :-1]).sum(0) / weighted_count.unsqueeze(-1)
+    count_feature = sums[..., -1].sum(0) / total_examples  # [C]: w p_c, FedAvg's average of the count feature
+    class_share = (count_feature / count_weight).clamp_min(0.0)
+    release = torch.cat([class_share.unsqueeze(-1) * means, count_feature.unsqueeze(-1)], -1)
+    mean_variance = (weights ** 2 * sigma2).sum(0) / weighted_count ** 2  # [C]
     return release.float(), float((class_share ** 2 * mean_variance).mean())
