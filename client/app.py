@@ -1,19 +1,30 @@
-"""The fedgen ClientApp (Flower Message API): decode, delegate to ``client.task``, reply."""
+"""The fedgen ClientApp (Flower Message API): decode, apply the site's policy, delegate to
+``client.task``, reply.
+
+What leaves the site is the update, its ledger, scalar metrics, and one-line messages
+that never carry data values: an error at the site is logged there in full and answered
+with its kind only (docs/deploy.md, "Threat model").
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import replace
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .faults import RoundFaults, SimulatedCrash, attack_update, plan_faults
-from .site import ledger_run, load_ledger, load_site_data, save_ledger, site_id, site_max_epsilon
+from .policy import PolicyRefusal, SitePolicy
+from .site import ledger_lock, ledger_run, load_ledger, load_site_data, save_ledger, site_id
 from .task import TaskConfig, evaluate_site, round_seed, train_site
 
-STATUS = {"trained": 0, "budget_exhausted": 1, "unavailable": 2}
+log = logging.getLogger(__name__)
+
+STATUS = {"trained": 0, "budget_exhausted": 1, "unavailable": 2, "policy_refused": 3}
+SITE_ERROR_CODE = 1  # Flower error code of a reply whose training failed at the site
 
 app = ClientApp()
 
@@ -25,44 +36,50 @@ def _task(msg: Message) -> tuple[TaskConfig, dict]:
     return TaskConfig.from_dict(raw, proximal_mu=float(config.get("proximal-mu", 0.0))), raw
 
 
-def _with_site_cap(task: TaskConfig, context: Context) -> TaskConfig:
-    """The site's ``max-epsilon`` (node config) caps the server's target: the site's rule wins."""
-    cap = site_max_epsilon(context)
-    if cap is None or cap >= task.privacy.target_epsilon:
-        return task
-    return replace(task, privacy=replace(task.privacy, target_epsilon=cap))
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     task, raw = _task(msg)
-    task = _with_site_cap(task, context)
     site = site_id(context)
     server_round = int(msg.content["config"]["server-round"])
     faults = plan_faults(raw["faults"], site, server_round) if raw.get("faults") else RoundFaults()
     if faults.dropout:
         return _reply(msg, site, {"num-examples": 0, "status": STATUS["unavailable"]},
                       message="dropped out (simulated fault)")
-    run_dir = str(msg.content["config"].get("run-dir", ""))
-    data = load_site_data(context, conditional=task.num_classes is not None, run_dir=run_dir)
-    ledger = load_ledger(context, site, run_dir)
-    if ledger is not None and task.privacy.enabled:
-        ledger.target_epsilon = task.privacy.target_epsilon  # this run's target, capped by the site
-    model, result, ledger = train_site(
-        task, data, msg.content["arrays"].to_torch_state_dict(), site=site,
-        server_round=server_round, ledger=ledger, run=ledger_run(context))
-    if ledger is not None:
-        save_ledger(context, ledger, run_dir)  # before the update leaves the site
+    try:
+        reply = _train(msg, context, task, raw, site, server_round, delay_s=faults.delay_s)
+    except PolicyRefusal as refusal:
+        log.warning("site %s refuses the task: %s", site, refusal)
+        return _reply(msg, site, {"num-examples": 0, "status": STATUS["policy_refused"]}, message=str(refusal))
+    except Exception as err:  # noqa: BLE001 -- the whole reason stays at the site
+        return _error_reply(msg, site, err)
     if faults.crash:
         raise SimulatedCrash(f"site {site} crashed after training (simulated fault)")
     time.sleep(faults.delay_s)
+    return reply
+
+
+def _train(msg: Message, context: Context, task: TaskConfig, raw: dict, site: str, server_round: int, *,
+           delay_s: float) -> Message:
+    run_dir = str(msg.content["config"].get("run-dir", ""))
+    policy = SitePolicy.from_node_config(context.node_config)
+    with ledger_lock(context, site, run_dir):  # read, check, train, record: one round at a time
+        data = load_site_data(context, conditional=task.num_classes is not None, run_dir=run_dir)
+        task = replace(task, privacy=policy.apply(task.privacy, num_examples=len(data)))
+        ledger = load_ledger(context, site, run_dir)
+        if ledger is not None and task.privacy.enabled:
+            ledger.target_epsilon = task.privacy.target_epsilon  # this run's target, capped by the site
+        model, result, ledger = train_site(
+            task, data, msg.content["arrays"].to_torch_state_dict(), site=site,
+            server_round=server_round, ledger=ledger, run=ledger_run(context))
+        if ledger is not None:
+            save_ledger(context, ledger, run_dir)  # before the update leaves the site
     metrics = {
         "num-examples": result.num_examples,
         "status": STATUS[result.status],
         "train-loss": result.train_loss if result.status == "trained" else 0.0,
         "dp-steps": result.dp_steps,
         "epsilon": ledger.epsilon if ledger is not None else 0.0,
-        "delay-s": faults.delay_s,
+        "delay-s": delay_s,
     }
     arrays = None
     if result.status == "trained":
@@ -79,6 +96,15 @@ def _reply(msg: Message, site: str, metrics: dict, *, ledger=None, message: str 
     return Message(content=content, reply_to=msg)
 
 
+def _error_reply(msg: Message, site: str, err: Exception) -> Message:
+    """An error reply naming the kind of failure only: exception messages may quote the
+    site's data (a cell value, a value range), so the full text is logged here, at the site."""
+    log.exception("site %s: training failed", site)
+    reason = (f"site {site}: {type(err).__name__} at the site; the details are in the site's log "
+              "(no data values leave the site)")
+    return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
+
+
 def _maybe_attack(attack: dict | None, msg: Message, site: str, server_round: int, state: dict) -> dict:
     """Simulation only: a site the scenario made Byzantine corrupts its update."""
     if not attack or site not in attack["sites"]:
@@ -91,7 +117,10 @@ def _maybe_attack(attack: dict | None, msg: Message, site: str, server_round: in
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     task, _ = _task(msg)
-    data = load_site_data(context, conditional=task.num_classes is not None,
-                          run_dir=str(msg.content["config"].get("run-dir", "")))
-    metrics = evaluate_site(task, data, msg.content["arrays"].to_torch_state_dict())
+    try:
+        data = load_site_data(context, conditional=task.num_classes is not None,
+                              run_dir=str(msg.content["config"].get("run-dir", "")))
+        metrics = evaluate_site(task, data, msg.content["arrays"].to_torch_state_dict())
+    except Exception as err:  # noqa: BLE001 -- the whole reason stays at the site
+        return _error_reply(msg, site_id(context), err)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -210,6 +210,9 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None, feature
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: CSV file not found")
+    if path.stat().st_size > MAX_CSV_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB is over the CSV reader's "
+                        f"{MAX_CSV_BYTES // 2**20} MiB limit; store a table that large as .npz (x, optional y)")
     try:
         with open(path, newline="") as fh:
             rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
@@ -264,6 +267,26 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None, feature
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
+MAX_CSV_BYTES = 256 * 2**20  # the CSV reader holds the rows as Python lists: ~10x the file in memory
+MAX_IMAGE_PIXELS = 4096 * 4096  # a larger header is refused before any pixel is decoded
+
+
+def _open_image(f: Path):
+    """``Image.open`` that refuses a header larger than ``MAX_IMAGE_PIXELS`` (a decompression
+    bomb: a few KiB of file that claims gigabytes of pixels) before decoding, one-line errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(f)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise DataError(f"{f}: cannot read image ({err})") from None
+    if im.width * im.height > MAX_IMAGE_PIXELS:
+        im.close()
+        raise DataError(f"{f}: the image claims {im.width}x{im.height} pixels, over the limit of "
+                        f"{MAX_IMAGE_PIXELS} (4096x4096); resize the images first")
+    return im
+
+
 def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
 
@@ -280,7 +303,7 @@ def read_image_folder(path: str | Path, *, classes: str | list[str] | None = Non
     ``mode`` is ``"L"`` (grayscale) or ``"RGB"``; by default grayscale when every image is,
     else RGB.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     root = Path(path)
     if not root.is_dir():
@@ -311,18 +334,15 @@ def read_image_folder(path: str | Path, *, classes: str | list[str] | None = Non
     if mode is None:
         modes = set()
         for f, _ in files:
-            try:
-                with Image.open(f) as im:
-                    modes.add(im.mode)
-            except (OSError, UnidentifiedImageError) as err:
-                raise DataError(f"{f}: cannot read image ({err})") from None
+            with _open_image(f) as im:
+                modes.add(im.mode)
         mode = "L" if modes <= {"1", "L", "I", "I;16", "F", "LA"} else "RGB"
     if mode not in ("L", "RGB"):
         raise DataError(f"{root}: image mode must be 'L' (grayscale) or 'RGB', got {mode!r}")
     arrays, size = [], None
     for f, _ in files:
         try:
-            with Image.open(f) as im:
+            with _open_image(f) as im:
                 if im.mode in ("I", "I;16", "F"):  # 16-bit / float grayscale -> 8 bit
                     im = im.point(lambda v: v / 256).convert("L") if im.mode != "F" else im.convert("L")
                 arr = np.asarray(im.convert(mode), dtype=np.uint8)

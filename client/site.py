@@ -15,10 +15,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -118,6 +121,7 @@ def load_site_data(context: Context, *, conditional: bool, run_dir: str = "") ->
 
 
 LEDGER_FILE = "ledger.json"
+LOCK_FILE = "ledger.lock"
 
 
 def simulation_state_dir(run_dir: str | Path, site: str) -> Path:
@@ -146,6 +150,26 @@ def load_ledger(context: Context, site: str, run_dir: str = "") -> SiteLedger | 
     return None
 
 
+@contextmanager
+def ledger_lock(context: Context, site: str, run_dir: str = "") -> Iterator[None]:
+    """Hold the site's ledger exclusively for one round: read, check the budget, train,
+    record the spend and write it, before the update leaves. Two runs sharing a state-dir
+    (or a retried message) then see each other's spend: neither can pass the budget check
+    on a stale ledger, nor overwrite the other's entry (a read-modify-write race). The
+    lock is ``flock`` on ``ledger.lock`` beside the ledger; the OS drops it if the process dies."""
+    file = _ledger_file(context, site, run_dir)
+    if file is None:  # no file: the ledger lives in this node's context.state alone
+        yield
+        return
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file.parent / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def save_ledger(context: Context, ledger: SiteLedger, run_dir: str = "") -> None:
     text = ledger.to_json()
     context.state[_STATE_KEY] = ConfigRecord({"site-ledger": text})
@@ -158,18 +182,3 @@ def ledger_run(context: Context) -> str | None:
     """The run to record in a persistent (state-dir) ledger: it outlives Flower runs, and
     each run numbers its rounds from 1. ``None`` in simulation (one run directory)."""
     return str(context.run_id) if context.node_config.get("state-dir") else None
-
-
-def site_max_epsilon(context: Context) -> float | None:
-    """The site's own cap on its lifetime epsilon (``--node-config max-epsilon=...``).
-    The site's rule wins: the effective target is the lower of this and the server's."""
-    value = context.node_config.get("max-epsilon")
-    if value is None or str(value) == "":
-        return None
-    try:
-        cap = float(value)
-    except (TypeError, ValueError):
-        raise DataError(f"--node-config max-epsilon={value!r}: expected a positive number") from None
-    if cap <= 0:
-        raise DataError(f"--node-config max-epsilon={value!r}: expected a positive number")
-    return cap

@@ -43,7 +43,8 @@ class TaskConfig:
             training=TrainingConfig(**d["training"], proximal_mu=proximal_mu),
             privacy=PrivacyConfig(enabled=p["enabled"], target_epsilon=p["target_epsilon"], delta=p["delta"],
                                   max_grad_norm=p["max_grad_norm"], accountant=p["accountant"],
-                                  grad_sample_mode=p["grad_sample_mode"], planned_rounds=p["planned_rounds"]),
+                                  grad_sample_mode=p["grad_sample_mode"], planned_rounds=p["planned_rounds"],
+                                  seeded_noise=bool(p.get("seeded_noise", False))),
             seed=int(d["seed"]), device=d.get("device", "auto"))
 
     def build_model(self) -> GenerativeModel:

@@ -4,7 +4,12 @@ Each iteration runs the family's :meth:`~shared_models.GenerativeModel.steps` in
 A private step draws its own Poisson batch (Abadi et al. 2016, with the sampling that the
 accountant's amplification assumes) and is clipped, noised and charged one accountant
 step; a non-private step never sees data. Before a round the site checks its ledger and
-takes only the steps its remaining budget affords (DESIGN.md §3).
+takes only the steps its remaining budget affords (docs/architecture.md, "Privacy rules").
+
+The DP noise and the Poisson sampling come from generators seeded afresh from the OS's
+entropy every round (privacy/randomness.py): the server, which knows the scenario seed,
+cannot regenerate and subtract them. Only ``privacy.seeded_noise`` -- a simulation opt-in
+that a deployed site's policy refuses -- derives them from the round's seed.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor
 from privacy.accounting import affordable_steps, calibrate_after, calibrate_noise_multiplier
 from privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
 from privacy.ledger import SiteLedger
+from privacy.randomness import dp_generator
 from shared_models import Batch, GenerativeModel
 
 from .data import SiteData
@@ -47,6 +53,9 @@ class PrivacyConfig:
     accountant: str = "rdp"
     grad_sample_mode: str = "auto"  # "auto" = the family's fastest correct mode
     planned_rounds: int = 1  # rounds the site expects to take part in (for calibration)
+    # Simulation-only opt-in: DP noise and sampling from the round's seed (reproducible,
+    # and no guarantee against whoever knows the seed). Off: OS entropy every round.
+    seeded_noise: bool = False
 
 
 @dataclass
@@ -118,12 +127,16 @@ def run_local_round(
     n = len(data)
     device = torch.device(device)
     model.to(device).train()
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # model-internal draws (z, t, noise, DP noise) reproducible by seed
+    batch_order = torch.Generator().manual_seed(seed)  # non-private minibatch order
+    torch.manual_seed(seed)  # model-internal draws (z, t, diffusion noise): not DP randomness
+    if privacy.seeded_noise:  # simulation opt-in: sampling and noise from the round's seed
+        sampling, noise = batch_order, None  # None: Opacus draws from torch's (seeded) global RNG
+    else:  # secret: fresh OS entropy this round (privacy/randomness.py)
+        sampling, noise = dp_generator("cpu"), dp_generator(device)
 
     if model.training_mode == "release":
         return _release_round(model, data, privacy=privacy, ledger=ledger, server_round=server_round,
-                              generator=generator, run=run)
+                              noise_rng=sampling, device=device, run=run)
     iterations = training.local_steps
     if privacy.enabled:
         assert ledger is not None, "DP training needs the site's ledger"
@@ -148,13 +161,13 @@ def run_local_round(
         if privacy.enabled and step.private:
             opt = PrivateStepOptimizer(step.module, opt, settings=DPSettings(
                 noise_multiplier=ledger.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-                expected_batch_size=q * n, grad_sample_mode=mode))
+                expected_batch_size=q * n, grad_sample_mode=mode), noise_generator=noise)
             private_opts.append(opt)
         by_step[id(step)] = opt
     optimizers = [by_step[id(step)] for step in steps]
 
     anchor = [p.detach().clone() for p in model.parameters()] if training.proximal_mu > 0 else None
-    batches = _uniform_batches(n, training.batch_size, generator)
+    batches = _uniform_batches(n, training.batch_size, batch_order)
     sums = {s.name: 0.0 for s in steps}
     counts = {s.name: 0 for s in steps}
     dp_steps = 0
@@ -163,7 +176,7 @@ def run_local_round(
             for step, opt in zip(steps, optimizers):
                 model.zero_grad(set_to_none=True)
                 if step.private:
-                    idx = poisson_sample(n, q, generator) if privacy.enabled else next(batches)
+                    idx = poisson_sample(n, q, sampling) if privacy.enabled else next(batches)
                     batch = Batch(x=data.x[idx].to(device),
                                   y=None if data.y is None else data.y[idx].to(device), size=len(idx))
                 else:
@@ -200,7 +213,8 @@ def run_local_round(
 
 @torch.no_grad()
 def _release_round(model: GenerativeModel, data: SiteData, *, privacy: PrivacyConfig, ledger: SiteLedger | None,
-                   server_round: int, generator: torch.Generator, run: str | None) -> RoundResult:
+                   server_round: int, noise_rng: torch.Generator, device: torch.device,
+                   run: str | None) -> RoundResult:
     """A release round: the site's sum of unit-norm per-record vectors plus ``N(0, sigma^2 I)``
     -- one Gaussian mechanism with sensitivity 1, charged as one accountant step at
     sampling rate 1, sigma calibrated to the release's epsilon (the whole budget for a pure
@@ -219,9 +233,9 @@ def _release_round(model: GenerativeModel, data: SiteData, *, privacy: PrivacyCo
             return RoundResult(status="budget_exhausted", num_examples=n, message=(
                 f"site {ledger.site} refuses to release again: one more release would exceed its target "
                 f"epsilon {ledger.target_epsilon} (spent {ledger.epsilon:.4g})"))
-    total = model.statistic_sum(data.x, data.y)
-    if privacy.enabled:
-        total += sigma * torch.randn(total.shape, generator=generator).to(total.device)
+    total = model.statistic_sum(data.x.to(device), None if data.y is None else data.y.to(device))
+    if privacy.enabled:  # noise drawn on the CPU generator, then moved (same draws on any device)
+        total += sigma * torch.randn(total.shape, generator=noise_rng).to(total.device)
         ledger.record_round(round=server_round, steps=1, noise_multiplier=sigma, sample_rate=1.0, run=run)
     model.set_release(total / n)
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=int(privacy.enabled))

@@ -1,4 +1,4 @@
-"""The privacy ledger: what every site spent, round by round (DESIGN.md §5).
+"""The privacy ledger: what every site spent, round by round (docs/architecture.md, "Run directory").
 
 A :class:`SiteLedger` lives at the site (``context.state`` in simulation, a file in the
 site's state directory in deployment) and travels to the server with every reply; the
@@ -186,3 +186,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)  # the rename itself survives a power cut
+
+
+def fsync_directory(folder: Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

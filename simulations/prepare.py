@@ -107,9 +107,19 @@ def check_scenario(scenario: Scenario) -> tuple[SiteData, list[np.ndarray], np.n
     if scenario.privacy.enabled and release is not None and release >= scenario.privacy.target_epsilon:
         raise ScenarioError(f"model.base_release_epsilon {release} must be below privacy.target_epsilon "
                             f"{scenario.privacy.target_epsilon}: the rest of the budget trains by DP-SGD")
+    check_delta(scenario, max(len(s) for s in sites))
     site_level_mechanism(scenario.resolved(), spec.num_sites)  # a site-level budget that cannot be met fails here
     plant_canaries(scenario, data)  # checks privacy.canaries against the federation
     return data, sites, holdout
+
+
+def check_delta(scenario: Scenario, largest_site: int) -> None:
+    """delta must be below 1/n: at delta >= 1/n a mechanism that publishes one random
+    record outright is (0, delta)-DP (Dwork & Roth 2014, §2.3), so the pair promises nothing."""
+    delta = scenario.privacy.delta
+    if scenario.privacy.enabled and scenario.privacy.unit != "site" and delta >= 1.0 / largest_site:
+        raise ScenarioError(f"privacy.delta: {delta:g} is not below 1/n = 1/{largest_site} for the largest site; "
+                            "use a delta well below 1/n (e.g. 1e-5)")
 
 
 CANARY_KIND = "random binary pattern"

@@ -167,6 +167,10 @@ class PrivacySection(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["auto", "ghost", "hooks", "functorch", "bk"] = "auto"
+    seeded_noise: bool = Field(
+        False, description="simulation only: draw the sites' DP noise and Poisson sampling from the scenario "
+        "seed, so a run is reproducible -- and NOT a privacy guarantee to anyone who knows the seed (the run "
+        "says so); default: fresh OS entropy every round. Deployed sites refuse it")
     canaries: CanaryConfig | None = Field(None, description="plant audit canaries (default: none)")
     site_level: SiteLevelConfig = SiteLevelConfig()
 
@@ -246,6 +250,13 @@ class Scenario(_Section):
     deployment: DeploymentConfig | None = None  # set for `fedgen prepare` (real SuperNodes)
 
     @model_validator(mode="after")
+    def _seeded_noise_only_in_simulation(self) -> "Scenario":
+        if self.deployment is not None and self.privacy.seeded_noise:
+            raise ValueError("privacy.seeded_noise: a deployed federation's sites draw DP noise from their own OS "
+                             "entropy (a known seed would let the server subtract it); remove the key")
+        return self
+
+    @model_validator(mode="after")
     def _site_level_needs(self) -> "Scenario":
         if self.privacy.unit == "example":
             return self
@@ -322,8 +333,9 @@ def read_scenario_file(path: str | Path) -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ScenarioError(f"{path}: not valid YAML{where}") from None
-    if raw is None:
-        raw = {}
+    if not raw:
+        raise ScenarioError(f"{path}: the scenario is empty; start from scenarios/quickstart.yaml and change "
+                            "what differs (every key and its default: simulations/scenario.py)")
     if not isinstance(raw, dict):
         raise ScenarioError(f"{path}: a scenario must be a mapping of sections (data:, federation:, ...)")
     return raw

@@ -243,23 +243,23 @@ def test_ledger_rounds_are_unique_per_run():
 def test_site_cap_and_state_dir_rules(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from client.app import _with_site_cap
-    from client.site import ledger_run, load_ledger, site_max_epsilon
-    from client.task import TaskConfig
+    from client.policy import SitePolicy
+    from client.site import ledger_run, load_ledger
+    from client.training import PrivacyConfig
 
     def ctx(**node):
         return Context(run_id=42, node_id=7, node_config=node, state=RecordDict(), run_config={})
 
-    task = TaskConfig.from_json(json.dumps({
-        "model": {"family": "vae"}, "data_shape": [1, 8, 8], "num_classes": None,
-        "training": {"local_steps": 1, "batch_size": 8, "lr": 1e-3},
-        "privacy": {"enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0,
-                    "accountant": "rdp", "grad_sample_mode": "auto", "planned_rounds": 1}, "seed": 0}))
-    assert _with_site_cap(task, ctx(**{"max-epsilon": 2.5})).privacy.target_epsilon == 2.5
-    assert _with_site_cap(task, ctx(**{"max-epsilon": 20.0})).privacy.target_epsilon == 8.0  # lower wins
-    assert site_max_epsilon(ctx()) is None
+    privacy = PrivacyConfig(enabled=True, target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
+
+    def capped(**node):
+        return SitePolicy.from_node_config(node).apply(privacy, num_examples=1000).target_epsilon
+
+    assert capped(**{"max-epsilon": 2.5}) == 2.5
+    assert capped(**{"max-epsilon": 20.0}) == 8.0  # lower wins
+    assert capped() == 8.0
     with pytest.raises(DataError, match="max-epsilon"):
-        site_max_epsilon(ctx(**{"max-epsilon": "-1"}))
+        capped(**{"max-epsilon": "-1"})
     assert ledger_run(ctx(**{"state-dir": str(tmp_path)})) == "42" and ledger_run(ctx()) is None
     with pytest.raises(DataError, match="no state-dir"):
         load_ledger(ctx(**{"data-path": "x.npz"}), "a")
