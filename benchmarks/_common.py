@@ -1,7 +1,7 @@
 """Helpers shared by the Flower-run benchmarks (sim_overhead.py, scale.py).
 
 Imported by path from a script in this folder (``from _common import ...``): never an
-installed package (Opacus already ships a top-level ``benchmarks``; DESIGN.md §1).
+installed package (Opacus already ships a top-level ``benchmarks``; docs/architecture.md §1).
 
 - :func:`run_sampled_simulation` launches ``python -m simulations.cli simulate ...`` and, while it
   runs, samples the whole process tree every ``interval`` seconds (the CLI, its

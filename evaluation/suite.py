@@ -7,7 +7,7 @@ numbers. The reference embedding is memoised by the extractor (and the TRTR base
 
 Privacy note: the reference is held-out real data. Metrics computed on it and reported
 (e.g. ``trtr_accuracy``, or any metric in deployment where the reference is private)
-are outside the DP-SGD guarantee unless noised and charged; see DESIGN.md §6.
+are outside the DP-SGD guarantee unless noised and charged; see docs/architecture.md §6.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The run directory contract (DESIGN.md §5): file names and the small readers the
+"""The run directory contract (docs/architecture.md §5): file names and the small readers the
 server and the clients share. The harness (``simulations/``) writes the inputs."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 with DCGAN-style convolutional networks (Radford et al., "Unsupervised Representation
 Learning with Deep Convolutional GANs", 2016) or an MLP pair, trained the DP-GAN way.
 
-Two steps per iteration (DESIGN.md §3):
+Two steps per iteration (docs/architecture.md §3):
 - **discriminator** (``private=True``): example i's loss pairs real x_i with one fake
   G(z_i), ``l(D(x_i)) + l'(D(G(z_i)))`` -- one clipped gradient per real example; the
   fakes are drawn under ``no_grad`` (for a conditional model with the real label y_i).
@@ -224,7 +224,7 @@ class GAN(GenerativeModel):
 
     # -- the two steps ------------------------------------------------------------------
     def discriminator_losses(self, batch: Batch) -> Tensor:
-        """Per-example D loss: real x_i paired with fake G(z_i) (label y_i), DESIGN.md §3."""
+        """Per-example D loss: real x_i paired with fake G(z_i) (label y_i), docs/architecture.md §3."""
         assert batch.x is not None, "the discriminator step needs real data"
         x, y = batch.x, batch.y
         z = torch.randn(x.shape[0], self.latent_dim, device=x.device)

@@ -1,4 +1,4 @@
-"""The contract every generative model family implements (DESIGN.md §2).
+"""The contract every generative model family implements (docs/architecture.md §2).
 
 A family is an ``nn.Module`` that exposes its training iteration as an ordered list of
 :class:`TrainingStep`. The one local training loop (``client/training.py``) runs those

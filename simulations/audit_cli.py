@@ -17,7 +17,7 @@ White-box statistic (LOGAN, Hayes et al. 2019; loss threshold, Yeom et al. 2018)
 per-example loss of the model's first *private* training step -- the step whose loss
 touches training records, so the one membership can show in. VAE: the negative ELBO;
 flow: the negative log-likelihood; diffusion: the denoising loss; GAN: the
-discriminator's *pair* loss ``l(D(x_i)) + l'(D(G(z_i)))`` (DESIGN.md §3), whose fake
+discriminator's *pair* loss ``l(D(x_i)) + l'(D(G(z_i)))`` (docs/architecture.md §3), whose fake
 term does not depend on the record and only adds noise (averaged over ``draws``). Lower
 loss = more likely a member. Computed under ``torch.no_grad()`` in batches.
 

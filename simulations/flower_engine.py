@@ -4,7 +4,7 @@ The supported path (no deprecated ``run_simulation``): a private ``flower-superl
 --simulation`` on a free loopback port, ``flwr run <app> <connection> --stream`` against it,
 and a clean shutdown. Everything we start carries an environment tag, so after the run
 (or on Ctrl-C) any process left behind -- superlink, superexec, flwr-simulation, Ray --
-is found and ended. See DESIGN.md §4 for why each setting is there.
+is found and ended. See docs/architecture.md §4 for why each setting is there.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One contract over every registered family (DESIGN.md §2): the registry picks a new
+"""One contract over every registered family (docs/architecture.md §2): the registry picks a new
 family up with no change here."""
 
 from __future__ import annotations
