@@ -109,22 +109,31 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 -- torch raises many types; the user needs one line
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: not a fedgen checkpoint or written by an older fedgen: "
-                              f"{type(err).__name__}: {first}") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint: {_NOT_OURS}: {_load_failure(err)}") from None
     if _is_state_dict(ckpt):
         return {"model": ckpt}
     if not (isinstance(ckpt, dict) and _is_state_dict(ckpt.get("model"))):
-        raise CheckpointError(f"{path}: not a fedgen checkpoint or written by an older fedgen: no model "
-                              "state dict in it")
+        raise CheckpointError(f"{path}: unreadable checkpoint: {_NOT_OURS}: no model state dict in it")
     out = {key: ckpt[key] for key in ("model", "strategy") if key in ckpt}
     try:
         out.update({key: json.loads(v) if isinstance(v, str) else v
                     for key in ("state", "scenario") if (v := ckpt.get(key)) is not None})
     except ValueError as err:
-        raise CheckpointError(f"{path}: damaged fedgen checkpoint ({err})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint: damaged run state ({err})") from None
     return out
 
 
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+_NOT_OURS = "not a fedgen checkpoint or written by an older fedgen"
+
+
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line (torch's own
+    message spans lines and suggests ``weights_only=False``, the very thing not to do)."""
+    if "Weights only load failed" in str(err):
+        return "it holds pickled Python objects, which fedgen never loads (unpickling can run code)"
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"{type(err).__name__}: {first}"
