@@ -134,8 +134,9 @@ def check_metrics(metrics: Mapping[str, Any], *, max_examples: int) -> tuple[int
     _require(status in STATUSES, f"status {status:g} is not one of {list(STATUSES)}")
     _require("num-examples" in values, "reply without num-examples")
     count = values["num-examples"]
-    _require(count.is_integer() and 0 <= count <= max_examples,
-             f"num-examples {count:g} is not an integer in [0, {max_examples}]")
+    _require(count.is_integer(), f"num-examples {count:g} is not an integer")
+    _require(0 <= count <= max_examples, f"num-examples {count:g} is outside [0, {max_examples}], the most "
+                                         "this site can hold")
     _require(count > 0 or status != STATUS_TRAINED, "num-examples is 0 for a trained update")
     return int(status), int(count)
 
