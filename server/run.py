@@ -31,7 +31,8 @@ from . import rundir
 from .aggregation import bound_update_norms, robust_report, site_label
 from .evaluate import GlobalEvaluator
 from .strategies import ROBUST, build_strategy, load_strategy_state, strategy_state
-from .updates import ReplyError, check_site_id, read_site_ledger, site_releases, sort_replies, weighted_mean
+from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, check_metrics, check_site_id, read_site_ledger,
+                      site_releases, sort_replies, weighted_mean)
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ class FederatedRun:
                             message_type=MessageType.EVALUATE, dst_node_id=node)
                     for node in self.grid.get_node_ids()]
         replies = [r for r in self.grid.send_and_receive(messages, timeout=self.fed["round_timeout_s"])
-                   if not r.has_error()]
+                   if not r.has_error() and _valid_eval_metrics(r)]
         return {"federated_eval_loss": weighted_mean(replies, "eval-loss"), "federated_eval_sites": len(replies)}
 
     def _guarantees(self) -> list[dict[str, Any]]:
@@ -460,6 +461,18 @@ class FederatedRun:
 def _metric(msg: Message, key: str, default: float = 0.0) -> float:
     metrics = next(iter(msg.content.metric_records.values()))
     return float(metrics[key]) if key in metrics else default
+
+
+def _valid_eval_metrics(msg: Message) -> bool:
+    """Whether an evaluate reply's metrics can be averaged (known keys, finite numbers, a
+    bounded count); a bad one is left out with a warning, like a bad train reply."""
+    try:
+        check_metrics(next(iter(msg.content.metric_records.values()), {}),
+                      max_examples=DEFAULT_MAX_SITE_EXAMPLES)
+    except ReplyError as err:
+        log.warning("evaluate reply from node %s left out: %s", msg.metadata.src_node_id, err)
+        return False
+    return True
 
 
 def short_reason(reason: str) -> str:
