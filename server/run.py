@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from client.faults import byzantine_sites
+from client.site import read_canaries
 from privacy.ledger import PrivacyLedger, SiteLedger, atomic_write_text, site_sort_key
 from privacy.site_level import SiteLevelDP
 from shared_models import GenerativeModel, build_model
@@ -29,22 +30,35 @@ from shared_models import GenerativeModel, build_model
 from . import rundir
 from .aggregation import bound_update_norms, robust_report, site_label
 from .evaluate import GlobalEvaluator
-from .strategies import ROBUST, build_strategy
-from .updates import site_releases, sort_replies, weighted_mean
+from .strategies import ROBUST, build_strategy, load_strategy_state, strategy_state
+from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, check_metrics, check_site_id, read_site_ledger,
+                      site_releases, sort_replies, weighted_mean)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunState:
-    """What a checkpoint holds besides the model: enough to resume the run."""
+    """What a checkpoint holds besides the model and the strategy: enough to resume the
+    run, as JSON (:meth:`to_dict`) -- a checkpoint never holds pickled objects."""
 
     next_round: int
     ledger: dict[str, Any]
     exhausted_sites: list[str]
-    python_random_state: Any
+    python_random_state: Any  # random.getstate(): (version, 625 ints, gauss_next)
     wall_seconds: float
-    noise_rng_state: Any = None  # site-level DP noise generator (simulation only)
+    noise_rng_state: Any = None  # site-level DP noise generator's bit_generator.state (a dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        version, internal, gauss_next = self.python_random_state
+        return {**asdict(self), "python_random_state": [version, list(internal), gauss_next]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunState":
+        version, internal, gauss_next = d["python_random_state"]
+        return cls(next_round=int(d["next_round"]), ledger=d["ledger"], exhausted_sites=list(d["exhausted_sites"]),
+                   python_random_state=(version, tuple(internal), gauss_next),
+                   wall_seconds=float(d["wall_seconds"]), noise_rng_state=d.get("noise_rng_state"))
 
 
 def example_level(privacy: dict[str, Any]) -> bool:
@@ -93,6 +107,21 @@ def site_level_mechanism(scenario: dict[str, Any], num_sites: int) -> SiteLevelD
                                   noise_multiplier=cfg["noise_multiplier"])
 
 
+def simulated_site_examples(run_dir: Path, spec: rundir.DataSpec) -> dict[str, int] | None:
+    """Simulation: each site's largest honest ``num-examples`` (site id -> its partition's
+    size, plus the audit canaries planted at it), which bounds what its replies may claim;
+    ``None`` when the run directory records no partitions."""
+    path = Path(run_dir) / rundir.PARTITIONS
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        sizes = {str(i): len(z[f"site_{i}"]) for i in range(spec.num_sites)}
+    canaries = read_canaries(str(run_dir))
+    if canaries is not None and str(canaries.site) in sizes:
+        sizes[str(canaries.site)] += int(canaries.included.sum())
+    return sizes
+
+
 def build_global_model(scenario: dict[str, Any], spec: rundir.DataSpec) -> GenerativeModel:
     options = {k: v for k, v in scenario["model"].items() if k != "family"}
     torch.manual_seed(scenario["seed"])
@@ -123,6 +152,7 @@ class FederatedRun:
         self.noise_rng = np.random.default_rng(None if deployed else self.scenario["seed"])
         self.byzantine = set(byzantine_sites(self.spec.num_sites, attack["fraction"], attack["seed"])) \
             if (attack := self.scenario["simulation"].get("byzantine")) and not deployed else set()
+        self.site_examples = None if deployed else simulated_site_examples(self.run_dir, self.spec)
         self.exhausted: set[str] = set()
         self.node_sites: dict[int, str] = {}  # learnt from replies; names error and missing replies
         self.start_round = 1
@@ -144,20 +174,24 @@ class FederatedRun:
     def _maybe_resume(self) -> None:
         if not self._ckpt.exists():
             return
-        ckpt = torch.load(self._ckpt, weights_only=False)
-        state: RunState = ckpt["state"]
-        self.model.load_state_dict(ckpt["model"])
-        self.ledger = PrivacyLedger.from_dict(state.ledger)
+        ckpt = rundir.read_checkpoint(self._ckpt)  # weights_only: a checkpoint never runs code
+        try:
+            state = RunState.from_dict(ckpt["state"])
+            self.model.load_state_dict(ckpt["model"])
+            self.ledger = PrivacyLedger.from_dict(state.ledger)
+            random.setstate(state.python_random_state)
+            if state.noise_rng_state is not None and not self.scenario.get("deployment"):
+                self.noise_rng.bit_generator.state = state.noise_rng_state
+            load_strategy_state(self.strategy, ckpt["strategy"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise rundir.CheckpointError(f"{self._ckpt}: does not fit this run ({type(err).__name__}: {first})") \
+                from None
         self.exhausted = set(state.exhausted_sites)
         self.start_round = state.next_round
         self.wall_before = state.wall_seconds
-        random.setstate(state.python_random_state)
         if self.site_dp is not None and self.ledger.site_level:
             self.site_dp = SiteLevelDP.from_dict(self.ledger.site_level)
-        if state.noise_rng_state is not None and not self.scenario.get("deployment"):
-            self.noise_rng.bit_generator.state = state.noise_rng_state
-        if "strategy" in ckpt:
-            self.strategy = ckpt["strategy"]
         self._restore_site_ledgers()
         self._drop_uncommitted_metrics()
         log.info("resuming at round %d from %s", self.start_round, self._ckpt)
@@ -166,13 +200,26 @@ class FederatedRun:
         rows = [r for r in rundir.read_metrics(self.run_dir) if r["round"] < self.start_round]
         atomic_write_text(self.run_dir / rundir.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
+    def _site_ledger_path(self, site: str) -> Path:
+        """``sites/<site>/ledger.json`` of a simulated site, checked to stay inside the run
+        directory (site ids come from the sites and from files: never trusted as paths)."""
+        sites = (self.run_dir / "sites").resolve()
+        path = (sites / check_site_id(site) / "ledger.json").resolve()
+        if not path.is_relative_to(sites):
+            raise ReplyError(f"site id {site!r} names a path outside {sites}")
+        return path
+
     def _restore_site_ledgers(self) -> None:
         """Simulation resume: the checkpoint is the commit point. A round the server never
         committed was never aggregated or released, so the simulated sites' ledgers are
         reset to the committed ones and that round is redone -- the final ledger equals an
         uninterrupted run's. (Deployed sites keep their own ledgers and are never reset.)"""
+        try:
+            paths = {site: self._site_ledger_path(site) for site in self.ledger.sites}
+        except ReplyError as err:
+            raise rundir.CheckpointError(f"{self._ckpt}: {err}") from None
         for site, ledger in self.ledger.sites.items():
-            atomic_write_text(self.run_dir / "sites" / site / "ledger.json", ledger.to_json())
+            atomic_write_text(paths[site], ledger.to_json())
         for folder in (self.run_dir / "sites").glob("*"):
             if folder.name not in self.ledger.sites:
                 (folder / "ledger.json").unlink(missing_ok=True)
@@ -184,10 +231,8 @@ class FederatedRun:
                          exhausted_sites=sorted(self.exhausted),
                          python_random_state=random.getstate(), wall_seconds=wall,
                          noise_rng_state=self.noise_rng.bit_generator.state)
-        tmp = folder / ".latest.pt.tmp"
-        torch.save({"model": self.model.state_dict(), "state": state, "strategy": self.strategy,
-                    "scenario": self.scenario}, tmp)
-        tmp.replace(self._ckpt)
+        rundir.write_checkpoint(self._ckpt, model=self.model.state_dict(), state=state.to_dict(),
+                                strategy=strategy_state(self.strategy), scenario=self.scenario)
         torch.save(self.model.state_dict(), folder / f"model-round-{next_round - 1:04d}.pt")
 
     # -- the run --------------------------------------------------------------------------
@@ -213,10 +258,11 @@ class FederatedRun:
             sorted_ = sort_replies(replies, arrays, sent_to=[m.metadata.dst_node_id for m in messages],
                                    known_sites=self.node_sites,
                                    destinations={m.metadata.message_id: m.metadata.dst_node_id for m in messages},
+                                   site_examples=self.site_examples, recorded_ledgers=self.ledger.sites,
                                    outlier_factor=None if self.site_dp else self.fed["outlier_factor"])
             self.node_sites.update(sorted_.site_of)
             for site_ledger in sorted_.ledgers:
-                self.ledger.update_site(site_ledger)
+                self._update_site_ledger(site_ledger)
             self._sync_simulated_site_ledgers()
             self.exhausted.update(sorted_.refused)
             row: dict[str, Any] = {
@@ -271,10 +317,22 @@ class FederatedRun:
         if self.scenario.get("deployment"):
             return
         for path in sorted((self.run_dir / "sites").glob("*/ledger.json")):
-            ledger = SiteLedger.from_json(path.read_text())
+            try:  # the file's site must be its folder's: no ledger lands under another site's name
+                ledger = read_site_ledger(path.read_text(), path.parent.name)
+            except ReplyError as err:
+                log.warning("%s: ignored (%s)", path, err)
+                continue
             known = self.ledger.sites.get(ledger.site)
             if known is None or len(ledger.history) > len(known.history):
-                self.ledger.update_site(ledger)
+                self._update_site_ledger(ledger)
+
+    def _update_site_ledger(self, ledger: SiteLedger) -> None:
+        """Fold a site's ledger into ``privacy.json``; one that would shrink the record
+        (``sort_replies`` rejects such replies already) is logged, never fatal."""
+        try:
+            self.ledger.update_site(ledger)
+        except ValueError as err:
+            log.warning("ledger of site %s not recorded: %s", ledger.site, err)
 
     def _poisson_sample(self, rnd: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
         """Site-level DP's sampling: every connected site independently with probability q."""
@@ -345,7 +403,7 @@ class FederatedRun:
                             message_type=MessageType.EVALUATE, dst_node_id=node)
                     for node in self.grid.get_node_ids()]
         replies = [r for r in self.grid.send_and_receive(messages, timeout=self.fed["round_timeout_s"])
-                   if not r.has_error()]
+                   if not r.has_error() and _valid_eval_metrics(r)]
         return {"federated_eval_loss": weighted_mean(replies, "eval-loss"), "federated_eval_sites": len(replies)}
 
     def _guarantees(self) -> list[dict[str, Any]]:
@@ -403,6 +461,18 @@ class FederatedRun:
 def _metric(msg: Message, key: str, default: float = 0.0) -> float:
     metrics = next(iter(msg.content.metric_records.values()))
     return float(metrics[key]) if key in metrics else default
+
+
+def _valid_eval_metrics(msg: Message) -> bool:
+    """Whether an evaluate reply's metrics can be averaged (known keys, finite numbers, a
+    bounded count); a bad one is left out with a warning, like a bad train reply."""
+    try:
+        check_metrics(next(iter(msg.content.metric_records.values()), {}),
+                      max_examples=DEFAULT_MAX_SITE_EXAMPLES)
+    except ReplyError as err:
+        log.warning("evaluate reply from node %s left out: %s", msg.metadata.src_node_id, err)
+        return False
+    return True
 
 
 def short_reason(reason: str) -> str:

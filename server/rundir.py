@@ -4,12 +4,16 @@ server and the clients share. The harness (``simulations/``) writes the inputs."
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
+
+log = logging.getLogger(__name__)
 
 SCENARIO = "scenario.yaml"
 METRICS = "metrics.jsonl"
@@ -23,6 +27,12 @@ INPUTS = "inputs"
 SITE_DATA = "inputs/site_data.json"  # where the sites' data comes from (simulation)
 PARTITIONS = "inputs/partitions.npz"  # site_<i> -> indices into the dataset; holdout
 REFERENCE = "inputs/reference.npz"  # held-out examples (x, y) for server-side evaluation
+#: ``checkpoints/latest.pt``'s format tag: tensors and JSON strings only (no pickled objects)
+CHECKPOINT_FORMAT = "fedgen-checkpoint/2"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely; the message is one line naming the file."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,71 @@ def read_reference(run_dir: Path) -> tuple[np.ndarray, np.ndarray | None] | None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``. A torn *last* line (a crash mid-append) is skipped
+    with a warning -- the checkpoint, not the metrics file, is the commit point, so resume
+    rewrites the rows it keeps; a bad line anywhere else is damage, :class:`ValueError`."""
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON row ({err}); the file is damaged") from None
+            log.warning("%s: skipping a torn last line %d (a crash mid-append)", path, number)
+    return rows
+
+
+def write_checkpoint(path: Path, *, model: dict[str, torch.Tensor], state: dict[str, Any],
+                     strategy: dict[str, dict[str, torch.Tensor]], scenario: dict[str, Any]) -> None:
+    """Write ``checkpoints/latest.pt`` atomically (temp file + rename): the model's and
+    the strategy's tensors, the run state and the scenario as JSON strings. Nothing is
+    pickled, so :func:`read_checkpoint` loads it with ``weights_only=True``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model, "strategy": strategy, "state": json.dumps(state),
+                "scenario": json.dumps(scenario)}, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """``{"model", "state", "strategy", "scenario"}`` of a checkpoint from
+    :func:`write_checkpoint` (keys it lacks are absent), or ``{"model"}`` of a plain state
+    dict (``model-round-*.pt``). Loaded with ``weights_only=True``: a file holding anything
+    but tensors and plain containers (a pickled object, which could run code on load) is
+    :class:`CheckpointError`, never unpickled."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- torch raises many types; the user needs one line
+        raise CheckpointError(f"{path}: unreadable checkpoint: {_NOT_OURS}: {_load_failure(err)}") from None
+    if _is_state_dict(ckpt):
+        return {"model": ckpt}
+    if not (isinstance(ckpt, dict) and _is_state_dict(ckpt.get("model"))):
+        raise CheckpointError(f"{path}: unreadable checkpoint: {_NOT_OURS}: no model state dict in it")
+    out = {key: ckpt[key] for key in ("model", "strategy") if key in ckpt}
+    try:
+        out.update({key: json.loads(v) if isinstance(v, str) else v
+                    for key in ("state", "scenario") if (v := ckpt.get(key)) is not None})
+    except ValueError as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint: damaged run state ({err})") from None
+    return out
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+_NOT_OURS = "not a fedgen checkpoint or written by an older fedgen"
+
+
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line (torch's own
+    message spans lines and suggests ``weights_only=False``, the very thing not to do)."""
+    if "Weights only load failed" in str(err):
+        return "it holds pickled Python objects, which fedgen never loads (unpickling can run code)"
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"{type(err).__name__}: {first}"

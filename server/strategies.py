@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+import torch
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 _STRATEGIES: dict[str, Callable[..., Strategy]] = {}
@@ -85,3 +87,24 @@ def build_strategy(name: str, federation: dict[str, Any]) -> Strategy:
     except KeyError:
         raise ValueError(f"unknown strategy {name!r}; registered: {', '.join(list_strategies())}") from None
     return factory(federation)
+
+
+#: A strategy's state across rounds: FedOpt's (FedAdam's) first and second moments. The
+#: other registered strategies hold none (their round state is rebuilt by configure_train).
+_STATEFUL_ATTRIBUTES = ("m_t", "v_t")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, dict[str, torch.Tensor]]:
+    """The arrays a checkpoint keeps of ``strategy`` (attribute -> parameter -> tensor);
+    tensors only, so the checkpoint loads with ``weights_only=True``."""
+    return {attr: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+            for attr in _STATEFUL_ATTRIBUTES if (arrays := getattr(strategy, attr, None))}
+
+
+def load_strategy_state(strategy: Strategy, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Restore :func:`strategy_state` into a strategy rebuilt from the scenario."""
+    unknown = set(state) - set(_STATEFUL_ATTRIBUTES)
+    if unknown or any(not hasattr(strategy, attr) for attr in state):
+        raise ValueError(f"strategy state {sorted(state)} does not fit {type(strategy).__name__}")
+    for attr, arrays in state.items():
+        setattr(strategy, attr, {k: v.numpy() for k, v in arrays.items()})

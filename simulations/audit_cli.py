@@ -140,9 +140,11 @@ def load_checkpoint_model(path: Path, *, data_shape: tuple[int, ...], num_classe
         raise AuditError(f"{path}: model checkpoint not found")
     run_dir = path.parent.parent
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
-        scenario = ckpt.get("scenario") if isinstance(ckpt, dict) else None
+        ckpt = rundir.read_checkpoint(path)  # weights_only: loading never runs code
+    except rundir.CheckpointError as err:
+        raise AuditError(str(err)) from None
+    try:
+        state, scenario = ckpt["model"], ckpt.get("scenario")
         if scenario is None and (run_dir / rundir.SCENARIO).exists():
             scenario = rundir.read_scenario(run_dir)
         if scenario is None:
@@ -171,11 +173,17 @@ def _run_privacy(run_dir: Path, scenario: dict[str, Any],
     path = run_dir / rundir.PRIVACY
     if not path.exists():
         raise AuditError(f"{run_dir}: DP was on but {rundir.PRIVACY} is missing; the run finished no round")
-    ledger = json.loads(path.read_text())
-    site = ledger.get("sites", {}).get(str(canaries.site)) if canaries is not None else None
-    if site is not None:
-        return float(site["epsilon"]), float(ledger["delta"]), f"privacy.json sites.{canaries.site}.epsilon"
-    return ledger.get("epsilon"), float(ledger["delta"]), "privacy.json epsilon (max over sites)"
+    try:
+        ledger = json.loads(path.read_text())
+        site = ledger.get("sites", {}).get(str(canaries.site)) if canaries is not None else None
+        if site is not None:
+            return float(site["epsilon"]), float(ledger["delta"]), f"privacy.json sites.{canaries.site}.epsilon"
+        epsilon = ledger.get("epsilon")
+        return (None if epsilon is None else float(epsilon)), float(ledger["delta"]), \
+            "privacy.json epsilon (max over sites)"
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise AuditError(f"{path}: unreadable privacy ledger ({type(err).__name__}: {err}); the run directory "
+                         "is damaged") from None
 
 
 def run_dir_inputs(run_dir: Path, *, n_samples: int = DEFAULT_SAMPLES, seed: int = 0) -> AuditInputs:
@@ -188,6 +196,9 @@ def run_dir_inputs(run_dir: Path, *, n_samples: int = DEFAULT_SAMPLES, seed: int
     if spec.path is None and spec.format != "digits":
         raise AuditError(f"{run_dir}: a deployment run directory holds no site data; audit at each site with "
                          "`fedgen audit --samples S.npz --train T --holdout H --model CKPT`")
+    scenario = rundir.read_scenario(run_dir)
+    canaries = read_canaries(str(run_dir))
+    claimed, delta, claim_source = _run_privacy(run_dir, scenario, canaries)  # before the slow part
     model = load_run_model(run_dir)
     data = load_data(spec.format, spec.path)
     data = data if model.conditional and data.y is not None else data.without_labels()
@@ -200,9 +211,6 @@ def run_dir_inputs(run_dir: Path, *, n_samples: int = DEFAULT_SAMPLES, seed: int
     torch.manual_seed(seed)
     with torch.no_grad():
         synthetic = model.sample(n_samples, model.balanced_labels(n_samples)).cpu().numpy()
-    canaries = read_canaries(str(run_dir))
-    scenario = rundir.read_scenario(run_dir)
-    claimed, delta, claim_source = _run_privacy(run_dir, scenario, canaries)
     return AuditInputs(
         synthetic=synthetic, train=data.subset(np.sort(members)), holdout=data.subset(holdout_idx), model=model,
         canaries=canaries, claimed_epsilon=claimed, delta=delta,

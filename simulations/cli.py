@@ -106,10 +106,22 @@ def _privacy_line(scenario) -> str:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .sampling import sample_run
 
-    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    labels = _class_indices(args.labels) if args.labels else None
     out = sample_run(Path(args.run_dir), n=args.n, out=Path(args.out), labels=labels, seed=args.seed)
     print(f"wrote {args.n} samples to {out}")
     return 0
+
+
+def _class_indices(text: str) -> list[int]:
+    """``--labels``' comma-separated class indices (their range is checked against the model)."""
+    labels = []
+    for part in text.split(","):
+        try:
+            labels.append(int(part))
+        except ValueError:
+            raise UserError(f"--labels: {part.strip()!r} is not a class index; give comma-separated integers in "
+                            "0..K-1") from None
+    return labels
 
 
 # -- report -------------------------------------------------------------------------------

@@ -21,12 +21,17 @@ def load_run_model(run_dir: Path):
         raise ScenarioError(f"{run_dir}: not a fedgen run directory (no {rundir.SCENARIO})")
     if not ckpt.exists():
         raise ScenarioError(f"{run_dir}: no checkpoint yet (the run finished no round)")
+    try:
+        state = rundir.read_checkpoint(ckpt)["model"]  # weights_only: loading never runs code
+    except rundir.CheckpointError as err:
+        raise ScenarioError(str(err)) from None
     model = build_global_model(rundir.read_scenario(run_dir), rundir.DataSpec.read(run_dir))
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
         model.load_state_dict(state)
     except Exception as err:
-        raise ScenarioError(f"{ckpt}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ScenarioError(f"{ckpt}: the checkpoint does not fit the run's model ({type(err).__name__}: "
+                            f"{first})") from None
     return model.eval()
 
 

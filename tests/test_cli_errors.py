@@ -78,3 +78,31 @@ def test_help_for_every_command(tmp_path):
 def test_sample_on_a_non_run_dir(tmp_path):
     res = fedgen("sample", tmp_path, "-n", "4", "--out", tmp_path / "x.npz", cwd=tmp_path)
     assert res.returncode == 2 and "not a fedgen run directory" in res.stderr
+
+
+def test_finding10_sample_labels_that_are_not_integers(tmp_path):
+    res = fedgen("sample", tmp_path, "-n", "4", "--out", tmp_path / "x.npz", "--labels", "1,a", cwd=tmp_path)
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "--labels: 'a' is not a class index; give comma-separated integers in 0..K-1" in lines[0]
+
+
+def test_finding10_audit_of_a_run_with_a_corrupted_privacy_json(tmp_path):
+    from server import rundir
+    from simulations.prepare import write_run_dir
+    from simulations.scenario import load_scenario
+
+    import torch
+
+    from server.run import build_global_model
+
+    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml")
+    run_dir = write_run_dir(scenario, tmp_path / "run")
+    (run_dir / rundir.CHECKPOINTS).mkdir()  # a finished round's model, so the audit gets as far as the ledger
+    model = build_global_model(scenario.resolved(), rundir.DataSpec.read(run_dir))
+    torch.save({"model": model.state_dict()}, run_dir / rundir.CHECKPOINTS / "latest.pt")
+    (run_dir / rundir.PRIVACY).write_text('{"delta": 1e-5, "sites": {')
+    res = fedgen("audit", run_dir, "-n", "10", cwd=tmp_path)
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "privacy.json: unreadable privacy ledger (JSONDecodeError" in lines[0] and "Traceback" not in res.stderr
