@@ -24,7 +24,7 @@ TABLE_KEYS = ["rounds_completed", "stopped_reason", "epsilon", "delta", "site_le
               "trtr_accuracy", "heldout_nll_bits_per_dim", "wall_seconds"]
 _STYLE = ("body{font-family:sans-serif;max-width:1150px;margin:auto;padding:0 1em}table{border-collapse:collapse}"
           "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}"
-          ".note{color:#555;font-size:90%}")
+          ".note{color:#555;font-size:90%}.warning{background:#fde8e8;border:1px solid #c33;padding:6px}")
 
 
 @dataclass
@@ -82,6 +82,8 @@ def write_run_report(run_dir: Path) -> Path:
     parts = [f"<h1>fedgen run: {html.escape(run.name)}</h1>",
              "<p class='note'>Quality scores use fedgen's domain feature extractor (a small classifier "
              "trained on the held-out split), not Inception: compare them across fedgen runs only.</p>"]
+    if run.summary.get("warning"):  # e.g. seeded noise: the privacy guarantee does not hold
+        parts.append(f"<p class='warning'><strong>Privacy warning:</strong> {html.escape(run.summary['warning'])}</p>")
     flat = run.flat()
     rows = "".join(f"<tr><th>{html.escape(_label(k))}</th><td>{_fmt(flat[k])}</td></tr>" for k in TABLE_KEYS if k in flat)
     parts.append(f"<h2>Summary</h2><table>{rows}</table>")

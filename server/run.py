@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from client.faults import byzantine_sites
 from client.site import read_canaries
 from privacy.ledger import PrivacyLedger, SiteLedger, atomic_write_text, site_sort_key
+from privacy.randomness import NOT_A_GUARANTEE
 from privacy.site_level import SiteLevelDP
 from shared_models import GenerativeModel, build_model
 
@@ -146,10 +147,11 @@ class FederatedRun:
                                     unit=self.privacy_cfg.get("unit", "example"))
         self.site_dp = self._site_level_mechanism()
         deployed = bool(self.scenario.get("deployment"))
-        # Site-level DP's amplification needs a sampling draw and noise the sites cannot
-        # predict: in deployment both come from the OS's entropy; a simulation is seeded.
-        self.sampling_rng: Any = random.SystemRandom() if deployed else random
-        self.noise_rng = np.random.default_rng(None if deployed else self.scenario["seed"])
+        # Site-level DP's amplification needs a sampling draw and noise nobody can predict:
+        # both come from the OS's entropy unless a simulation opted in to seeded noise.
+        self.seeded_noise = bool(self.privacy_cfg.get("seeded_noise")) and not deployed
+        self.sampling_rng: Any = random if self.seeded_noise else random.SystemRandom()
+        self.noise_rng = np.random.default_rng(self.scenario["seed"] if self.seeded_noise else None)
         self.byzantine = set(byzantine_sites(self.spec.num_sites, attack["fraction"], attack["seed"])) \
             if (attack := self.scenario["simulation"].get("byzantine")) and not deployed else set()
         self.site_examples = None if deployed else simulated_site_examples(self.run_dir, self.spec)
@@ -180,7 +182,7 @@ class FederatedRun:
             self.model.load_state_dict(ckpt["model"])
             self.ledger = PrivacyLedger.from_dict(state.ledger)
             random.setstate(state.python_random_state)
-            if state.noise_rng_state is not None and not self.scenario.get("deployment"):
+            if state.noise_rng_state is not None and self.seeded_noise:
                 self.noise_rng.bit_generator.state = state.noise_rng_state
             load_strategy_state(self.strategy, ckpt["strategy"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -424,6 +426,8 @@ class FederatedRun:
                         "mechanism": "DP-FedAvg on the server (clipped site updates, Gaussian noise, "
                                      "Poisson site sampling)",
                         "protects": "whether any one site took part at all, all of its records together"})
+        for guarantee in out:
+            guarantee["noise"] = NOT_A_GUARANTEE if self.seeded_noise else "secret: fresh OS entropy every round"
         return out
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
@@ -443,9 +447,12 @@ class FederatedRun:
             "privacy_unit": self.privacy_cfg.get("unit", "example") if self.privacy_cfg["enabled"] else None,
             "site_level_epsilon": self.site_dp.epsilon if self.site_dp is not None else None,
             "guarantees": self._guarantees(),
+            "seeded_noise": self.seeded_noise,
             "metrics": {k: v for k, v in last_eval.items() if k not in _ROUND_KEYS},
             "wall_seconds": wall,
         }
+        if self.seeded_noise and self.privacy_cfg["enabled"]:
+            summary["warning"] = NOT_A_GUARANTEE + " (privacy.seeded_noise: true, seed in scenario.yaml)"
         if stopped_reason == "clients_failed":
             summary["failure"] = rows[-1]["failures"][0]["reason"] if rows and rows[-1]["failures"] else ""
         atomic_write_text(self.run_dir / rundir.SUMMARY, json.dumps(_jsonable(summary), indent=2))

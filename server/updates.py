@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 STATUS_TRAINED = 0
 STATUS_BUDGET_EXHAUSTED = 1
 STATUS_UNAVAILABLE = 2
+STATUS_POLICY_REFUSED = 3  # the task asked for less privacy than the site's policy allows
 OUTLIER_FACTOR = 10.0
 OUTLIER_MIN_REPLIES = 3
-STATUSES = (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED, STATUS_UNAVAILABLE)
+STATUSES = (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED, STATUS_UNAVAILABLE, STATUS_POLICY_REFUSED)
 #: The metric keys a site may send: a train reply's (client/app.py) and an evaluate reply's.
 METRIC_KEYS = frozenset({"num-examples", "status", "train-loss", "dp-steps", "epsilon", "delay-s", "eval-loss"})
 #: Largest example count a deployed site may claim (the server cannot know its data); in
@@ -322,6 +323,11 @@ def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sent_to: li
         if status == STATUS_UNAVAILABLE:
             out.unavailable.append(site)
             out.failed.append((site, str(msg.content.config_records["site"].get("message", "unavailable"))))
+            continue
+        if status == STATUS_POLICY_REFUSED:
+            reason = str(msg.content.config_records["site"].get("message", ""))[:400]
+            log.warning("site %s refused the task under its policy: %s", site, reason)
+            out.failed.append((site, f"refused by the site's policy: {reason}"))
             continue
         arrays = next(iter(msg.content.array_records.values()))
         out.ok.append(msg)

@@ -74,6 +74,9 @@ def test_quickstart_writes_the_run_directory(quickstart_run):
     assert len(list((quickstart_run / "samples").glob("round-*.png"))) == summary["rounds_completed"]
     html = (quickstart_run / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') >= 2
+    # the default: secret noise, no warning (finding 1 of issue #17)
+    assert summary["seeded_noise"] is False and "warning" not in summary and "Privacy warning" not in html
+    assert [g["noise"] for g in summary["guarantees"]] == ["secret: fresh OS entropy every round"]
 
 
 def test_metrics_epsilon_strictly_increases(quickstart_run):
@@ -205,6 +208,10 @@ def test_example_and_site_level_dp_are_both_reported(tmp_path):
     assert set(units) == {"example", "site"}
     assert 0 < units["example"]["epsilon"] <= 10.0 and 0 < units["site"]["epsilon"] <= 10.0
     assert units["site"]["delta"] == 1e-3 and summary["site_level_epsilon"] == units["site"]["epsilon"]
+    # the scenario opts in to seeded noise: every guarantee and the report say it is none
+    assert summary["seeded_noise"] is True and "not a privacy guarantee" in summary["warning"]
+    assert all("not a privacy guarantee" in g["noise"] for g in units.values())
+    assert "Privacy warning" in (out / "report.html").read_text()
 
     block = json.loads((out / "privacy.json").read_text())["site_level"]
     assert block["rounds"] == 3 and block["sample_rate"] == 0.5 and block["num_sites"] == 20

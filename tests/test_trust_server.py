@@ -49,11 +49,12 @@ def _evil_checkpoint(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def run_template(tmp_path_factory) -> Path:
-    """A simulation run directory as `fedgen simulate` writes it (quickstart, FedAdam)."""
+    """A simulation run directory as `fedgen simulate` writes it (quickstart, FedAdam, seeded noise)."""
     from simulations.prepare import write_run_dir
     from simulations.scenario import load_scenario
 
-    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", ["federation.strategy=fedadam"])
+    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml",
+                             ["federation.strategy=fedadam", "privacy.seeded_noise=true"])  # noise state resumes
     return write_run_dir(scenario, tmp_path_factory.mktemp("runs") / "quick")
 
 

@@ -121,3 +121,16 @@ def test_site_releases_reads_each_sites_sum_and_the_sigma_its_ledger_recorded_fo
     assert site_releases(replies, 2, "w")[1].tolist() == [0.0, 50.0, 0.0]  # the round's own spend
 
 
+
+
+def test_finding2_a_policy_refusal_reaches_the_server_with_its_reason():
+    """A site that refuses the task under its own policy (issue #17, finding 2) is a failure
+    of that site with the site's reason; the other sites' updates still count."""
+    from client.app import STATUS
+
+    refusal = _reply("hospital", 3, None, status=STATUS["policy_refused"], num_examples=0)
+    refusal.content["site"]["message"] = "the task's delta 0.5 exceeds the site's max-delta 1e-05"
+    out = sort_replies([refusal, _reply("ok", 4, _update(0.1, 0))], _rec(GLOBAL), sent_to=[3, 4])
+    assert [m.content["site"]["id"] for m in out.ok] == ["ok"]
+    assert out.failed == [("hospital", "refused by the site's policy: the task's delta 0.5 exceeds the site's "
+                                       "max-delta 1e-05")]
