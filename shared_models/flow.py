@@ -318,7 +318,10 @@ class RealNVP(GenerativeModel):
 
     @torch.no_grad()
     def statistic_sum(self, x: Tensor, y: Tensor | None) -> Tensor:
-        """Per class, the sum of :meth:`_release_vectors`; each record contributes norm <= 1."""
+        """Per class, the sum of :meth:`_release_vectors`; each record contributes norm <= 1.
+        ``x`` and ``y`` may be on another device than the model (a site's data stays on the
+        CPU while the model trains on the GPU): they are moved to the model's, as mmd does."""
+        x = x.to(self.base_release.device)
         rows = y.long().to(x.device) if self.num_classes is not None and y is not None else \
             torch.zeros(len(x), dtype=torch.long, device=x.device)
         return torch.zeros_like(self.base_release).index_add_(0, rows, self._release_vectors(x))
