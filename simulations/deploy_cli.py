@@ -73,7 +73,7 @@ def add_deploy_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--sites", type=_positive_int, default=1, help="number of site key pairs (named 0..N-1)")
     p.add_argument("--superlink-host", action="append", default=[], metavar="HOST",
-                   help="an IP address or DNS name the SuperLink is reached at (repeatable; "
-                        "default 127.0.0.1 and localhost)")
+                   help="an IP address or DNS name the SuperLink is reached at (repeatable; 127.0.0.1 "
+                        "and localhost are always added, for the loopback Control API)")
     p.add_argument("--rotate-site", metavar="SITE", help="only (re)create SITE's key pair, keep the CA")
     p.set_defaults(func=cmd_certs)
