@@ -61,7 +61,7 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
-def _child_path() -> str:
+def flower_path() -> str:
     """PATH for Flower's processes: this Python's bin folder first. flower-superlink spawns
     flower-superexec (and that flwr-simulation) by name, so an un-activated venv
     (``.venv/bin/fedgen simulate``) would otherwise find none, or another install's."""
@@ -201,7 +201,7 @@ class FlowerSimulation:
         self.env = {
             **{k: v for k, v in os.environ.items() if k != TAG_CHOICE_VAR},
             TAG_VAR: self.tag,
-            "PATH": _child_path(),
+            "PATH": flower_path(),
             "FLWR_HOME": str(self.tmp / "flwr"),  # outside the app dir (else it is bundled)
             "RAY_TMPDIR": str(self.tmp / "ray"),
             "FLWR_DISABLE_UPDATE_CHECK": "1",
