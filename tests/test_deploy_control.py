@@ -47,7 +47,7 @@ def _nodes(dep: LocalDeployment) -> list[dict]:
 
 def test_finding3_outsider_with_ca_crt_cannot_register_a_node_nor_start_a_run(split_superlink):
     dep = split_superlink
-    private, public = make_auth_key_pair(comment="outsider")
+    _, public = make_auth_key_pair(comment="outsider")
     (dep.tmp / "outsider.pub").write_bytes(public)
 
     # the outsider knows the public (Fleet) address and ca.crt: `[superlink.outsider]` in config.toml
