@@ -11,3 +11,7 @@ class PrivacyBudgetExceeded(PrivacyError):
 
 class PrivacyConfigError(PrivacyError, ValueError):
     """A privacy setting cannot be honoured (e.g. a target that no noise level reaches)."""
+
+
+class SiteIdError(PrivacyError, ValueError):
+    """A site name that could escape the folder it names (``..``, ``/``) or is not a plain name."""

@@ -37,8 +37,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from privacy.site_id import check_site_id
+
 AUTH_CURVE = ec.SECP384R1()  # SuperNode auth keys: Flower accepts NIST curves, docs use P-384
 TLS_CURVE = ec.SECP384R1()
+# Always in the SuperLink certificate: the operator's `flwr` reaches the Control API, and the
+# SuperLink's own SuperExec its Runtime API, on loopback (docs/deploy.md §2).
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 
 
@@ -141,8 +145,11 @@ def make_auth_key_pair(comment: str = "") -> tuple[bytes, bytes]:
 
 
 def write_site_key(out_dir: Path, site: str) -> tuple[Path, Path]:
-    """(Re)create one site's key pair under ``out_dir/sites/<site>/`` (also used to rotate)."""
-    folder = Path(out_dir) / "sites" / site
+    """(Re)create one site's key pair under ``out_dir/sites/<site>/`` (also used to rotate).
+
+    ``site`` is checked first (:func:`privacy.site_id.check_site_id`): a name such as
+    ``../../x`` would otherwise write keys outside ``out_dir``."""
+    folder = Path(out_dir) / "sites" / check_site_id(site)
     private, public = make_auth_key_pair(comment=f"fedgen-site-{site}")
     _write_private(folder / "auth.key", private)
     _write_public(folder / "auth.pub", public)
@@ -156,13 +163,15 @@ def write_federation_keys(out_dir: Path, *, sites: int | list[str], hosts: list[
     site_names = [str(i) for i in range(sites)] if isinstance(sites, int) else [str(s) for s in sites]
     if not site_names:
         raise ValueError("--sites must be at least 1")
+    for site in site_names:  # before anything is written: a bad name leaves no half-made CA
+        check_site_id(site)
     ca_crt = out_dir / "ca.crt"
     if ca_crt.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already holds a CA (ca.crt); choose another folder, or rotate one "
                               "site's key with `fedgen certs OUT_DIR --rotate-site SITE`")
     out_dir.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = make_ca()
-    server_key, server_cert = make_server_cert(ca_key, ca_cert, list(hosts))
+    server_key, server_cert = make_server_cert(ca_key, ca_cert, list(dict.fromkeys([*hosts, *DEFAULT_HOSTS])))
     keys = FederationKeys(out_dir=out_dir, ca_cert=ca_crt, ca_key=out_dir / "ca.key",
                           server_cert=out_dir / "superlink.crt", server_key=out_dir / "superlink.key")
     _write_private(keys.ca_key, _pem_key(ca_key))

@@ -20,11 +20,11 @@ from shared_models import ModelConfigError, UnknownModelError
 
 from .audit_cli import add_audit_parser
 from .deploy_cli import add_deploy_parsers
-from .errors import AuditError, PartitionError, ScenarioError
+from .errors import AuditError, DeployConfigError, PartitionError, ScenarioError
 
 console = Console(stderr=True)
 USER_ERRORS = (ScenarioError, DataError, PartitionError, PrivacyError, ModelConfigError, UnknownModelError,
-               FileExistsError, FileNotFoundError, AuditError)
+               FileExistsError, FileNotFoundError, AuditError, DeployConfigError)
 
 
 class UserError(Exception):

@@ -1,4 +1,4 @@
-"""``fedgen prepare`` and ``fedgen certs``: the operator's commands for a deployed
+"""``fedgen prepare``, ``fedgen certs`` and ``fedgen superlink``: the operator's commands for a deployed
 federation (real SuperLink and SuperNodes; see docs/deploy.md).
 
 ``simulations/cli.py`` registers them with one call: ``add_deploy_parsers(sub)``.
@@ -52,8 +52,16 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_superlink(args: argparse.Namespace) -> int:
+    from .superlink import serve
+
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    serve(flower_args, control_address=args.control_address)
+    return 0
+
+
 def add_deploy_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``prepare`` and ``certs`` on the ``fedgen`` sub-command parser."""
+    """Register ``prepare``, ``certs`` and ``superlink`` on the ``fedgen`` sub-command parser."""
     p = subparsers.add_parser(
         "prepare", help="create the run directory of a deployed federation (no data at the server)",
         description="Write RUN_DIR (scenario.yaml, inputs/site_data.json, optional public reference) from "
@@ -73,7 +81,18 @@ def add_deploy_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--sites", type=_positive_int, default=1, help="number of site key pairs (named 0..N-1)")
     p.add_argument("--superlink-host", action="append", default=[], metavar="HOST",
-                   help="an IP address or DNS name the SuperLink is reached at (repeatable; "
-                        "default 127.0.0.1 and localhost)")
+                   help="an IP address or DNS name the SuperLink is reached at (repeatable; 127.0.0.1 "
+                        "and localhost are always added, for the loopback Control API)")
     p.add_argument("--rotate-site", metavar="SITE", help="only (re)create SITE's key pair, keep the CA")
     p.set_defaults(func=cmd_certs)
+
+    p = subparsers.add_parser(
+        "superlink", help="flower-superlink with the Control API on loopback, apart from the public Fleet API",
+        description="Run flwr 1.42's SuperLink with its Fleet API on flower-superlink's --host/--port (public: "
+                    "SuperNodes only) and its Control and Runtime APIs on --control-address only (loopback: the "
+                    "operator's `flwr`). Arguments after `--` go to flower-superlink unchanged.",
+        usage="fedgen superlink [--control-address HOST:PORT] -- FLOWER_SUPERLINK_ARGS...")
+    p.add_argument("--control-address", default="127.0.0.1:9091", metavar="HOST:PORT",
+                   help="where the Control API (and the SuperExec's Runtime API) listens (default 127.0.0.1:9091)")
+    p.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-superlink's arguments, after `--`")
+    p.set_defaults(func=cmd_superlink)

@@ -12,3 +12,7 @@ class PartitionError(ValueError):
 class AuditError(ValueError):
     """Inputs that ``fedgen audit`` cannot audit: mismatched shapes, too few held-out
     records, an unreadable checkpoint, a folder that is not a run directory."""
+
+
+class DeployConfigError(ValueError):
+    """A deployment command's option cannot be used (e.g. ``fedgen superlink --control-address``)."""

@@ -4,7 +4,15 @@ The supported path (no deprecated ``run_simulation``): a private ``flower-superl
 --simulation`` on a free loopback port, ``flwr run <app> <connection> --stream`` against it,
 and a clean shutdown. Everything we start carries an environment tag, so after the run
 (or on Ctrl-C) any process left behind -- superlink, superexec, flwr-simulation, Ray --
-is found and ended. See docs/architecture.md §4 for why each setting is there.
+is found and ended (docs/simulation.md, "Flower processes"; docs/architecture.md §4 says why
+each setting is there).
+
+Even a SIGKILL of ``fedgen`` leaves nothing running: a small watcher process (its own
+session, untagged) waits for the owner to die and then ends every process carrying the
+run's tag; and each run's temp folder records its owner, so the next start also reaps runs
+whose owner and watcher both died (:func:`reap_orphaned_runs`). ``PR_SET_PDEATHSIG`` on
+the SuperLink is not enough: its shutdown waits for the orphaned ``flwr run --stream``
+connection, and flwr-simulation and Ray outlive it (tried).
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ log = logging.getLogger(__name__)
 TAG_VAR = "FEDGEN_PROCESS_TAG"  # set on every process we start
 TAG_CHOICE_VAR = "FEDGEN_RUN_TAG"  # optional: lets a caller (e.g. a test) choose the tag
 APP_ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR_PREFIX = "fedgen-"  # each run's private temp folder: tempfile.gettempdir()/fedgen-XXXX
+OWNER_FILE = "owner"  # in that folder: "<pid> <start time> <tag>" of the fedgen process
+# Started by us (flower-superlink) or by the SuperLink itself, found on the children's PATH
+FLOWER_EXECUTABLES = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "flwr")
 
 
 class FlowerRunError(RuntimeError):
@@ -48,6 +60,72 @@ def _bin(name: str) -> str:
     """A Flower executable from the same environment as this Python."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+def flower_path() -> str:
+    """PATH for Flower's processes: this Python's bin folder first. flower-superlink spawns
+    flower-superexec (and that flwr-simulation) by name, so an un-activated venv
+    (``.venv/bin/fedgen simulate``) would otherwise find none, or another install's."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def missing_flower_executables(path: str) -> list[str]:
+    """The :data:`FLOWER_EXECUTABLES` not found on ``path``."""
+    return [name for name in FLOWER_EXECUTABLES if shutil.which(name, path=path) is None]
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a live owner from a reused pid), or None."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _write_owner(folder: Path, tag: str) -> None:
+    (folder / OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid())} {tag}\n")
+
+
+def _owner_alive(pid: int, started: str) -> bool:
+    return _start_time(pid) == started
+
+
+def watch_owner(pid: int, started: str, tag: str, folder: str) -> None:
+    """The watcher's body: once ``pid`` (started at ``started``) is gone, end the run's
+    processes and remove its temp folder. Returns at once if the run shut down normally."""
+    while _owner_alive(pid, started) and Path(folder).exists():
+        time.sleep(0.5)
+    if Path(folder).exists():
+        kill_tagged(tag)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _start_watcher(folder: Path, tag: str) -> subprocess.Popen:
+    """Start :func:`watch_owner` for this process in a detached, untagged Python."""
+    code = (f"from simulations.flower_engine import watch_owner; "
+            f"watch_owner({os.getpid()}, {_start_time(os.getpid())!r}, {tag!r}, {str(folder)!r})")
+    env = {k: v for k, v in os.environ.items() if k not in (TAG_VAR, TAG_CHOICE_VAR)}
+    env["PYTHONPATH"] = os.pathsep.join([str(APP_ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def reap_orphaned_runs(root: Path | None = None) -> list[str]:
+    """End every process of an earlier run whose ``fedgen`` died without cleaning up (e.g.
+    SIGKILL), and remove its temp folder; returns the tags reaped. Runs whose owner is alive
+    (another ``fedgen simulate``) are left alone."""
+    reaped = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
+        try:
+            pid, started, tag = (folder / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if _owner_alive(int(pid), started):
+            continue
+        kill_tagged(tag)
+        shutil.rmtree(folder, ignore_errors=True)
+        reaped.append(tag)
+    return reaped
 
 
 def tagged_pids(tag: str) -> list[int]:
@@ -119,11 +197,12 @@ class FlowerSimulation:
     tag: str = field(default_factory=lambda: os.environ.get(TAG_CHOICE_VAR) or uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="fedgen-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
         self.port = free_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if k != TAG_CHOICE_VAR},
             TAG_VAR: self.tag,
+            "PATH": flower_path(),
             "FLWR_HOME": str(self.tmp / "flwr"),  # outside the app dir (else it is bundled)
             "RAY_TMPDIR": str(self.tmp / "ray"),
             "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -135,19 +214,27 @@ class FlowerSimulation:
             '[superlink]\ndefault = "fedgen"\n\n'
             f'[superlink.fedgen]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
         self.superlink: subprocess.Popen | None = None
+        self.watcher: subprocess.Popen | None = None
         self.run_id: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, timeout_s: float = 60.0) -> None:
+        missing = missing_flower_executables(self.env["PATH"])
+        if missing:
+            raise FlowerRunError(f"{', '.join(missing)} not found next to {sys.executable} nor on PATH; install "
+                                 "fedgen's dependencies (flwr[simulation]) into the environment that runs fedgen")
+        reap_orphaned_runs(self.tmp.parent)
+        _write_owner(self.tmp, self.tag)
+        self.watcher = _start_watcher(self.tmp, self.tag)
         log_file = open(self.tmp / "superlink.log", "w")
         self.superlink = subprocess.Popen(
-            [_bin("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
-             "--host", "127.0.0.1", "--port", str(self.port)],
+            [shutil.which("flower-superlink", path=self.env["PATH"]), "--insecure", "--simulation",
+             "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)],
             env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.superlink.poll() is not None:
-                raise FlowerRunError(f"flower-superlink exited at start: {self._tail('superlink.log')}")
+                raise FlowerRunError(f"flower-superlink exited at start: {self._error_summary('superlink.log')}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1):
                     return
@@ -180,7 +267,7 @@ class FlowerSimulation:
         status = self.status()
         if proc.returncode != 0 or not status.startswith("finished:completed"):
             raise FlowerRunError(f"Flower run {self.run_id} ended as {status or 'unknown'}: "
-                                 f"{self._error_summary()}")
+                                 f"{self._error_summary('flwr-run.log')}")
 
     def _parse_run_id(self, line: str) -> None:
         import re
@@ -230,6 +317,9 @@ class FlowerSimulation:
             if left:
                 log.warning("%d Flower/Ray processes would not stop", left)
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.watcher is not None:  # it would see the folder gone and exit; no need to wait
+                self.watcher.terminate()
+                self.watcher.wait(timeout=10)
 
     def __enter__(self) -> "FlowerSimulation":
         self.start()
@@ -239,14 +329,9 @@ class FlowerSimulation:
         self.shutdown()
 
     # -- diagnostics ------------------------------------------------------------------------
-    def _tail(self, name: str, n: int = 20) -> str:
-        try:
-            return " | ".join((self.tmp / name).read_text().strip().splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def _error_summary(self) -> str:
-        text = (self.tmp / "flwr-run.log").read_text() if (self.tmp / "flwr-run.log").exists() else ""
+    def _error_summary(self, name: str) -> str:
+        """The last line of log ``name`` that names an error (one line, not a traceback)."""
+        text = (self.tmp / name).read_text(errors="replace") if (self.tmp / name).exists() else ""
         lines = [l.strip() for l in text.splitlines() if l.strip()]
         errors = [l for l in lines if "Error" in l or "Exception" in l]
         return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:500]

@@ -9,6 +9,8 @@ import stat
 import numpy as np
 import pytest
 import yaml
+
+from .conftest import REPO
 from PIL import Image
 
 from client.data import load_data, read_csv, read_image_folder
@@ -201,7 +203,8 @@ def test_certs_layout_sans_modes_and_flower_key_formats(tmp_path):
     ca = x509.load_pem_x509_certificate(keys.ca_cert.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
-    assert san.get_values_for_type(x509.DNSName) == ["superlink.example.org"]
+    # loopback is always named: the operator's flwr and the SuperExec use the Control/Runtime API there
+    assert san.get_values_for_type(x509.DNSName) == ["superlink.example.org", "localhost"]
     cert.verify_directly_issued_by(ca)
     # what flower-supernode / flwr supernode register load (flwr 1.42 sources)
     private = load_ssh_private_key(keys.site_private_keys["0"].read_bytes(), None)
@@ -213,6 +216,40 @@ def test_certs_layout_sans_modes_and_flower_key_formats(tmp_path):
     assert uses_nist_ec_curve(public)
     with pytest.raises(FileExistsError):
         write_federation_keys(tmp_path, sites=1)
+
+
+@pytest.mark.parametrize("site", ["../../escaped", "/abs", ".."])
+def test_finding9b_rotate_site_cannot_write_outside_out_dir(tmp_path, site):
+    import subprocess
+    import sys
+
+    from simulations.certs import write_federation_keys
+
+    out = tmp_path / "deep" / "keys"
+    write_federation_keys(out, sites=1)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    res = subprocess.run([sys.executable, "-m", "simulations.cli", "certs", str(out), "--rotate-site", site],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr + res.stdout
+    message = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert len(message) == 1 and "site name" in message[0] and "not allowed" in message[0], message
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written, anywhere
+
+
+def test_finding9b_site_names_are_checked_by_one_reusable_function(tmp_path):
+    from privacy.errors import PrivacyError
+    from privacy.site_id import check_site_id, is_valid_site_id
+    from simulations.certs import write_federation_keys
+
+    assert [is_valid_site_id(s) for s in ("0", "hospital-a", "site_1.eu", "A" * 64)] == [True] * 4
+    assert [is_valid_site_id(s) for s in ("..", "../x", "a/b", "-a", "a..b", "A" * 65, "a b")] == [False] * 7
+    assert check_site_id("hospital-a") == "hospital-a"
+    with pytest.raises(PrivacyError, match="'../x' is not allowed"):
+        check_site_id("../x")
+    with pytest.raises(ValueError, match="not allowed"):  # --sites names too, before any file is made
+        write_federation_keys(tmp_path / "keys", sites=["ok", "../bad"])
+    assert not (tmp_path / "keys").exists()
 
 
 # -- the ledger across runs, and the site's cap ----------------------------------------

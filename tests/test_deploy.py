@@ -1,4 +1,5 @@
-"""A real deployment on loopback: one SuperLink with TLS and SuperNode authentication,
+"""A real deployment on loopback: one SuperLink with TLS and SuperNode authentication
+(``fedgen superlink``: Fleet API on one port, Control API on another),
 SuperNodes started with ``flower-supernode`` (not simulation), each site with its own data
 and state directory, and ``flwr run`` against the SuperLink (docs/deploy.md).
 
@@ -16,6 +17,7 @@ import signal
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.flower_engine import APP_ROOT, TAG_VAR, _bin, free_port, kill_tagged, tagged_pids
+from simulations.flower_engine import APP_ROOT, TAG_VAR, _bin, flower_path, free_port, kill_tagged, tagged_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,15 +38,20 @@ class LocalDeployment:
 
         self.tmp = tmp
         self.tag = uuid.uuid4().hex[:12]
-        self.port = free_port()
+        self.port = free_port()  # the Fleet API: what SuperNodes (and outsiders) reach
+        self.control_port = free_port()  # the Control API: the operator's `flwr` only
         self.keys = write_federation_keys(tmp / "keys", sites=["0", "1", "stranger"])
         flwr_home = tmp / "flwr-home"
         flwr_home.mkdir()
         (flwr_home / "config.toml").write_text(
             '[superlink]\ndefault = "deploy"\n\n'
-            f'[superlink.deploy]\naddress = "127.0.0.1:{self.port}"\n'
+            f'[superlink.deploy]\naddress = "127.0.0.1:{self.control_port}"\n'
+            f'root-certificates = "{self.keys.ca_cert}"\n\n'
+            # what an outsider holding ca.crt can try: the public (Fleet) address
+            f'[superlink.outsider]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{self.keys.ca_cert}"\n')
-        self.env = {**os.environ, TAG_VAR: self.tag, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # PATH: flower-superlink and flower-supernode spawn flower-superexec by name
+        self.env = {**os.environ, "PATH": flower_path(), TAG_VAR: self.tag, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -61,8 +68,10 @@ class LocalDeployment:
 
     def start_superlink(self) -> None:
         k = self.keys
+        # as docs/deploy.md §2: Fleet API on --host/--port, Control API on loopback apart
         self.popen("superlink", [
-            _bin("flower-superlink"), "--ssl-ca-certfile", str(k.ca_cert), "--ssl-certfile", str(k.server_cert),
+            _bin("fedgen"), "superlink", "--control-address", f"127.0.0.1:{self.control_port}", "--",
+            "--ssl-ca-certfile", str(k.ca_cert), "--ssl-certfile", str(k.server_cert),
             "--ssl-keyfile", str(k.server_key), "--enable-supernode-auth",
             "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port)])
         ctx = ssl.create_default_context(cafile=str(k.ca_cert))
@@ -75,6 +84,17 @@ class LocalDeployment:
             except OSError:
                 time.sleep(0.2)
         raise AssertionError(f"SuperLink did not answer: {self.log('superlink')}")
+
+    def https_status(self, port: int, path: str) -> int:
+        """The HTTP status of an empty POST to ``path`` on ``port`` (TLS verified with ca.crt)."""
+        ctx = ssl.create_default_context(cafile=str(self.keys.ca_cert))
+        request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=b"", method="POST",
+                                         headers={"Content-Type": "application/protobuf"})
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=ctx) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.tmp, capture_output=True, text=True,
