@@ -23,6 +23,6 @@ def is_valid_site_id(site: str) -> bool:
 def check_site_id(site: str) -> str:
     """Return ``site`` unchanged, or raise :class:`SiteIdError` with a one-line message."""
     if not is_valid_site_id(site):
-        raise SiteIdError(f"site name {site!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+        raise SiteIdError(f"site name {str(site)[:80]!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
                           "starting with a letter or digit and without '..' (e.g. hospital-a)")
     return site

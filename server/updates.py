@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +34,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
+from privacy import site_id
 from privacy.accounting import ACCOUNTANTS
+from privacy.errors import SiteIdError
 from privacy.ledger import SiteLedger
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ METRIC_KEYS = frozenset({"num-examples", "status", "train-loss", "dp-steps", "ep
 #: Largest example count a deployed site may claim (the server cannot know its data); in
 #: simulation each site's partition size bounds it (``sort_replies``' ``site_examples``).
 DEFAULT_MAX_SITE_EXAMPLES = 10**7
-SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class ReplyError(ValueError):
@@ -60,13 +60,13 @@ class ReplyError(ValueError):
 
 
 def check_site_id(text: Any) -> str:
-    """``text`` if it is a valid site id (1-64 of ``A-Za-z0-9._-``, starting with a letter
-    or digit, no ``..``), else :class:`ReplyError`. Site ids name files in the run directory
-    (``sites/<id>/ledger.json``) and keys of ``privacy.json``, so nothing path-like passes."""
-    if not isinstance(text, str) or not SITE_ID_PATTERN.fullmatch(text) or ".." in text:
-        raise ReplyError(f"site id {str(text)[:80]!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit, without '..'")
-    return text
+    """``text`` if it is a valid site id (:func:`privacy.site_id.is_valid_site_id`), else
+    :class:`ReplyError`. Site ids name files in the run directory (``sites/<id>/ledger.json``)
+    and keys of ``privacy.json``, so nothing path-like passes."""
+    try:
+        return site_id.check_site_id(text)
+    except SiteIdError as err:
+        raise ReplyError(str(err).replace("site name", "site id")) from None
 
 
 def _finite_number(value: Any, what: str) -> float:

@@ -251,10 +251,10 @@ def test_finding6_a_shorter_ledger_never_aborts_the_run(run_dir, caplog):
 
 @pytest.mark.parametrize("site", ["../../outside/x", "", ".hidden", "a..b", "a/b", "x" * 65, "é"])
 def test_finding9a_a_bad_site_id_is_rejected(site):
-    with pytest.raises(ReplyError, match="is not valid"):
+    with pytest.raises(ReplyError, match="is not allowed"):
         check_site_id(site)
     out = sort_replies([*_honest_round(), _reply(site, 19, _update(0.1, 9))], _rec(GLOBAL), sent_to=[10, 11, 12, 19])
-    assert len(out.ok) == 3 and out.failed[0][0] == "node 19" and "is not valid" in out.failed[0][1]
+    assert len(out.ok) == 3 and out.failed[0][0] == "node 19" and "is not allowed" in out.failed[0][1]
     assert 19 not in out.site_of
 
 
@@ -285,7 +285,7 @@ def test_finding9a_resume_never_writes_a_ledger_outside_the_run_dir(run_dir):
     ckpt["state"]["ledger"]["sites"]["../../outside/x"] = json.loads(_ledger("0"))
     rundir.write_checkpoint(run._ckpt, model=ckpt["model"], state=ckpt["state"], strategy=ckpt["strategy"],
                             scenario=ckpt["scenario"])
-    with pytest.raises(rundir.CheckpointError, match="is not valid"):
+    with pytest.raises(rundir.CheckpointError, match="is not allowed"):
         FederatedRun(None, run_dir)
     assert not (run_dir.parent / "outside").exists()
 
