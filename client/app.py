@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import replace
 
@@ -76,11 +77,12 @@ def _train(msg: Message, context: Context, task: TaskConfig, raw: dict, site: st
     metrics = {
         "num-examples": result.num_examples,
         "status": STATUS[result.status],
-        "train-loss": result.train_loss if result.status == "trained" else 0.0,
         "dp-steps": result.dp_steps,
         "epsilon": ledger.epsilon if ledger is not None else 0.0,
         "delay-s": delay_s,
     }
+    if result.status == "trained" and math.isfinite(result.train_loss):  # a release round has no loss
+        metrics["train-loss"] = result.train_loss
     arrays = None
     if result.status == "trained":
         arrays = ArrayRecord(_maybe_attack(raw.get("byzantine"), msg, site, server_round, model.state_dict()))
