@@ -3,7 +3,7 @@
 Imported by path from a script in this folder (``from _common import ...``): never an
 installed package (Opacus already ships a top-level ``benchmarks``; docs/architecture.md §1).
 
-- :func:`run_sampled_simulation` launches ``python -m simulations.cli simulate ...`` and, while it
+- :func:`run_sampled_simulation` launches ``python -m fedgen.simulations.cli simulate ...`` and, while it
   runs, samples the whole process tree every ``interval`` seconds (the CLI, its
   descendants, and anything carrying the run's process tag: SuperLink, SuperExec,
   flwr-simulation, Ray) from /proc: summed RSS (and PSS at the peak), process count, CPU
@@ -109,7 +109,7 @@ def process_label(cmd: str) -> str:
     for kind, pattern in KINDS.items():
         if re.search(pattern, cmd):
             return kind
-    if "simulations.cli" in cmd:
+    if "fedgen.simulations.cli" in cmd:
         return "fedgen CLI"
     if re.search(r"/flwr run ", cmd):
         return "flwr run"
@@ -213,7 +213,7 @@ class TreeSampler:
 # -- one fedgen simulate run --------------------------------------------------------------
 
 def simulate_command(scenario: Path, out: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", "simulate", str(scenario), "--out", str(out),
+    return [sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(scenario), "--out", str(out),
             *[a for o in overrides for a in ("--set", o)]]
 
 

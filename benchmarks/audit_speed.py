@@ -29,11 +29,12 @@ LIMIT_SECONDS = 120.0
 
 def main(mnist_dir: Path) -> dict:
     os.environ["FEDGEN_CACHE"] = tempfile.mkdtemp(prefix="fedgen-cache-")  # cold: the fit is timed
-    from client.data import load_data
-    from client.training import PrivacyConfig, TrainingConfig, run_local_round
-    from privacy.audit import render_html
-    from shared_models import build_model
-    from simulations.audit_cli import AuditInputs, audit_inputs, write_audit
+    from fedgen.client.data import load_data
+    from fedgen.client.training import run_local_round
+    from fedgen.contract.task import PrivacyConfig, TrainingConfig
+    from fedgen.privacy.audit import render_html
+    from fedgen.shared_models import build_model
+    from fedgen.simulations.audit_cli import AuditInputs, audit_inputs, write_audit
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     data = load_data("mnist", mnist_dir)

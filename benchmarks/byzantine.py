@@ -71,8 +71,8 @@ def count_inflation(num_sites: int = 10, partition: int = 180, claim: float = 1e
     """FedAvg's aggregate when site 0 sends ``-1`` everywhere and claims ``claim`` examples,
     with and without ``sort_replies``' count check: the aggregate's distance to the honest
     sites' mean and the attacker's share of the example weights."""
-    from server.strategies import build_strategy
-    from server.updates import sort_replies
+    from fedgen.server.strategies import build_strategy
+    from fedgen.server.updates import sort_replies
 
     rng = np.random.default_rng(0)
     shapes = {"w": (64, 32), "b": (32,)}

@@ -23,10 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.data import load_data  # noqa: E402
-from client.training import PrivacyConfig, TrainingConfig, new_site_ledger, run_local_round  # noqa: E402
-from privacy.dp_sgd import GRAD_SAMPLE_MODES  # noqa: E402
-from shared_models import build_model, list_models  # noqa: E402
+from fedgen.client.data import load_data  # noqa: E402
+from fedgen.client.training import new_site_ledger, run_local_round  # noqa: E402
+from fedgen.contract.task import PrivacyConfig, TrainingConfig
+from fedgen.privacy.dp_sgd import GRAD_SAMPLE_MODES  # noqa: E402
+from fedgen.shared_models import build_model, list_models  # noqa: E402
 
 MNIST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
 

@@ -22,8 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from dp_overhead import MNIST, time_round  # the same round, model and settings as the ratio benchmark
 
-from client.data import load_data  # noqa: E402  (dp_overhead put the repository on sys.path)
-from shared_models import build_model, list_models  # noqa: E402
+from fedgen.client.data import load_data  # noqa: E402  (dp_overhead put the repository on sys.path)
+from fedgen.shared_models import build_model, list_models  # noqa: E402
 
 TOP = 8
 

@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "simulations.cli", "simulate", str(ROOT / "scenarios" / "quickstart.yaml"),
+        cmd = [sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(ROOT / "scenarios" / "quickstart.yaml"),
                "--out", str(run), "--set", f"evaluation.num_samples={args.samples}"]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

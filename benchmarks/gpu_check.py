@@ -46,11 +46,13 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from client.data import SiteData, load_data  # noqa: E402
-from client.task import TaskConfig, train_site  # noqa: E402
-from client.training import new_site_ledger, private_steps_per_iteration, run_local_round  # noqa: E402
-from shared_models import build_model, list_models  # noqa: E402
-from simulations.scenario import load_scenario  # noqa: E402
+from fedgen.client.data import SiteData, load_data  # noqa: E402
+from fedgen.client.task import train_site  # noqa: E402
+from fedgen.client.training import new_site_ledger, private_steps_per_iteration, run_local_round  # noqa: E402
+from fedgen.contract.rundir import DataSpec  # noqa: E402
+from fedgen.contract.task import TaskConfig, task_from_scenario  # noqa: E402
+from fedgen.shared_models import build_model, list_models  # noqa: E402
+from fedgen.contract.scenario import load_scenario  # noqa: E402
 
 SCENARIOS = REPO / "scenarios"
 RESULTS = REPO / "benchmarks" / "results"
@@ -84,14 +86,11 @@ def site_data(examples: int) -> SiteData:
 
 
 def scenario_task(path: Path, overrides: list[str], data: SiteData, device: str) -> TaskConfig:
-    """The task a site receives for scenario ``path`` (what server/run.py's ``task_config``
-    sends, built here without Flower: the GPU machine has no flwr)."""
-    s = load_scenario(path, [*overrides, f"simulation.device={device}"]).resolved()
-    privacy = {k: v for k, v in s["privacy"].items() if k not in ("unit", "site_level")}
-    return TaskConfig.from_dict({
-        "model": s["model"], "data_shape": list(data.shape), "num_classes": data.num_classes,
-        "training": s["training"], "privacy": {**privacy, "planned_rounds": s["federation"]["rounds"]},
-        "seed": s["seed"], "device": device})
+    """The task a site receives for scenario ``path``, as the server builds it
+    (``contract.task.task_from_scenario``; no Flower needed: the GPU machine has no flwr)."""
+    scenario = load_scenario(path, [*overrides, f"simulation.device={device}"])
+    spec = DataSpec(format="digits", path=None, shape=tuple(data.shape), num_classes=data.num_classes, num_sites=1)
+    return task_from_scenario(scenario, spec)
 
 
 def initial_state(task: TaskConfig) -> dict[str, Tensor]:
@@ -183,7 +182,7 @@ def check_case(label: str, path: Path, overrides: list[str], data: SiteData, *, 
     runs["cpu"].pop("model")
     checks["sample_ok"] = sampled["ok"]
     return {"case": label, "scenario": path.name, "overrides": [*overrides, *steps], "family":
-            scenario_task(path, overrides, data, "cpu").model["family"], "checks": checks, "sample": sampled,
+            scenario_task(path, overrides, data, "cpu").model.family, "checks": checks, "sample": sampled,
             "cpu": runs["cpu"], "device": runs["device"]}
 
 

@@ -5,7 +5,7 @@ sampled from /proc every 0.2 s, with PSS at the peak) and the seconds per round.
 
     python benchmarks/scale.py [--sites 1000] [--fraction 0.05] [--rounds 3] [--variants dp no_dp]
 
-which runs ``python -m simulations.cli simulate scenarios/quickstart.yaml --out RUN`` with
+which runs ``python -m fedgen.simulations.cli simulate scenarios/quickstart.yaml --out RUN`` with
 ``data.format=mnist data.path=../shared/data/mnist`` (the 10 000-image MNIST test split
 stored there; 2 000 held out, so 8 examples per site), ``partition.min_examples=8``,
 ``model.hidden=32``, ``training.local_steps=5``, ``training.batch_size=4`` (Poisson q = 0.5

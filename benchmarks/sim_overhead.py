@@ -4,7 +4,7 @@ invocation.
 
     python benchmarks/sim_overhead.py [--rounds 6] [--client-cpus 2 1] [--threads 1] [--set K=V] [--result NAME]
 
-Flower side: ``python -m simulations.cli simulate scenarios/quickstart.yaml --out RUN
+Flower side: ``python -m fedgen.simulations.cli simulate scenarios/quickstart.yaml --out RUN
 --set evaluation.every=0 --set federation.rounds=6 --set simulation.device=cpu --set
 simulation.client_cpus=C`` (no evaluation before the last round, whose evaluation time is
 subtracted, so training and aggregation are compared). ``client_cpus=2`` gives one Ray
@@ -66,8 +66,8 @@ def site_datasets(run_dir: Path, conditional: bool) -> dict[str, Any]:
     """Each site's examples, exactly as ``client.site.load_site_data`` selects them."""
     import numpy as np
 
-    from client.data import load_data
-    from server import rundir
+    from fedgen.client.data import load_data
+    from fedgen.contract import rundir
 
     spec = rundir.DataSpec.read(run_dir)
     full = load_data(spec.format, spec.path)
@@ -86,13 +86,13 @@ def fedavg(updates: list[tuple[dict, int]]) -> dict:
 def plain_loop(run_dir: Path, rounds: int) -> dict[str, Any]:
     import torch
 
-    from client.task import TaskConfig, train_site
-    from server import rundir
-    from server.run import build_global_model, task_config
+    from fedgen.client.task import train_site
+    from fedgen.contract import rundir
+    from fedgen.contract.task import build_global_model, task_from_scenario
 
     imported = time.time()
     scenario, spec = rundir.read_scenario(run_dir), rundir.DataSpec.read(run_dir)
-    task = TaskConfig.from_json(task_config(scenario, spec))
+    task = task_from_scenario(scenario, spec)
     sites = site_datasets(run_dir, conditional=task.num_classes is not None)
     state = build_global_model(scenario, spec).state_dict()
     ledgers: dict[str, Any] = {}
@@ -166,8 +166,8 @@ def compare(flower: dict[str, Any], plains: list[dict[str, Any]]) -> dict[str, A
     }
 
 
-IMPORTS = ["torch", "opacus", "ray", "flwr.serverapp", "flwr.simulation", "client.app", "server.app",
-           "simulations.cli"]
+IMPORTS = ["torch", "opacus", "ray", "flwr.serverapp", "flwr.simulation", "fedgen.client.app", "fedgen.server.app",
+           "fedgen.simulations.cli"]
 
 
 def import_seconds(modules: list[str]) -> dict[str, float]:
@@ -187,8 +187,8 @@ def prepare_inputs(run_dir: Path, overrides: list[str]) -> float:
     Flower starts (deterministic by seed, so the Flower runs get the same partition;
     checked) -- and return the seconds that took (imports excluded)."""
     sys.path.insert(0, str(REPO))
-    from simulations.prepare import write_run_dir
-    from simulations.scenario import load_scenario
+    from fedgen.simulations.prepare import write_run_dir
+    from fedgen.contract.scenario import load_scenario
 
     start = time.perf_counter()
     write_run_dir(load_scenario(SCENARIO, overrides), run_dir)

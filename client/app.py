@@ -8,7 +8,6 @@ with its kind only (docs/deploy.md, "Threat model").
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -17,40 +16,46 @@ from dataclasses import replace
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedgen.contract.task import ReplyStatus, SimulatedSite, TaskConfig
+
 from .faults import RoundFaults, SimulatedCrash, attack_update, plan_faults
 from .policy import PolicyRefusal, SitePolicy
 from .site import ledger_lock, ledger_run, load_ledger, load_site_data, save_ledger, site_id
-from .task import TaskConfig, evaluate_site, round_seed, train_site
+from .task import evaluate_site, round_seed, train_site
 
 log = logging.getLogger(__name__)
 
-STATUS = {"trained": 0, "budget_exhausted": 1, "unavailable": 2, "policy_refused": 3}
 SITE_ERROR_CODE = 1  # Flower error code of a reply whose training failed at the site
 
 app = ClientApp()
 
 
-def _task(msg: Message) -> tuple[TaskConfig, dict]:
-    """The round's task, and the raw ``fedgen`` config it came from (simulation-only keys)."""
+def _task(msg: Message) -> TaskConfig:
     config = msg.content["config"]
-    raw = json.loads(str(config["fedgen"]))
-    return TaskConfig.from_dict(raw, proximal_mu=float(config.get("proximal-mu", 0.0))), raw
+    return TaskConfig.from_json(str(config["fedgen"]), proximal_mu=float(config.get("proximal-mu", 0.0)))
+
+
+def _simulated(task: TaskConfig, context: Context) -> SimulatedSite | None:
+    """The harness's fault plan, honoured only by a simulated node (no ``data-path``)."""
+    return task.simulation if "data-path" not in context.node_config else None
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    task, raw = _task(msg)
+    task = _task(msg)
     site = site_id(context)
     server_round = int(msg.content["config"]["server-round"])
-    faults = plan_faults(raw["faults"], site, server_round) if raw.get("faults") else RoundFaults()
+    simulated = _simulated(task, context)
+    faults = plan_faults(simulated.faults, site, server_round) if simulated and simulated.faults else RoundFaults()
     if faults.dropout:
-        return _reply(msg, site, {"num-examples": 0, "status": STATUS["unavailable"]},
+        return _reply(msg, site, {"num-examples": 0, "status": int(ReplyStatus.UNAVAILABLE)},
                       message="dropped out (simulated fault)")
     try:
-        reply = _train(msg, context, task, raw, site, server_round, delay_s=faults.delay_s)
+        reply = _train(msg, context, task, simulated, site, server_round, delay_s=faults.delay_s)
     except PolicyRefusal as refusal:
         log.warning("site %s refuses the task: %s", site, refusal)
-        return _reply(msg, site, {"num-examples": 0, "status": STATUS["policy_refused"]}, message=str(refusal))
+        return _reply(msg, site, {"num-examples": 0, "status": int(ReplyStatus.POLICY_REFUSED)},
+                      message=str(refusal))
     except Exception as err:  # noqa: BLE001 -- the whole reason stays at the site
         return _error_reply(msg, site, err)
     if faults.crash:
@@ -59,8 +64,8 @@ def train(msg: Message, context: Context) -> Message:
     return reply
 
 
-def _train(msg: Message, context: Context, task: TaskConfig, raw: dict, site: str, server_round: int, *,
-           delay_s: float) -> Message:
+def _train(msg: Message, context: Context, task: TaskConfig, simulated: SimulatedSite | None, site: str,
+           server_round: int, *, delay_s: float) -> Message:
     run_dir = str(msg.content["config"].get("run-dir", ""))
     policy = SitePolicy.from_node_config(context.node_config)
     with ledger_lock(context, site, run_dir):  # read, check, train, record: one round at a time
@@ -76,7 +81,7 @@ def _train(msg: Message, context: Context, task: TaskConfig, raw: dict, site: st
             save_ledger(context, ledger, run_dir)  # before the update leaves the site
     metrics = {
         "num-examples": result.num_examples,
-        "status": STATUS[result.status],
+        "status": int(ReplyStatus[result.status.upper()]),
         "dp-steps": result.dp_steps,
         "epsilon": ledger.epsilon if ledger is not None else 0.0,
         "delay-s": delay_s,
@@ -85,7 +90,7 @@ def _train(msg: Message, context: Context, task: TaskConfig, raw: dict, site: st
         metrics["train-loss"] = result.train_loss
     arrays = None
     if result.status == "trained":
-        arrays = ArrayRecord(_maybe_attack(raw.get("byzantine"), msg, site, server_round, model.state_dict()))
+        arrays = ArrayRecord(_maybe_attack(simulated, msg, site, server_round, model.state_dict()))
     return _reply(msg, site, metrics, ledger=ledger, message=result.message, arrays=arrays)
 
 
@@ -107,18 +112,19 @@ def _error_reply(msg: Message, site: str, err: Exception) -> Message:
     return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
 
 
-def _maybe_attack(attack: dict | None, msg: Message, site: str, server_round: int, state: dict) -> dict:
+def _maybe_attack(simulated: SimulatedSite | None, msg: Message, site: str, server_round: int,
+                  state: dict) -> dict:
     """Simulation only: a site the scenario made Byzantine corrupts its update."""
-    if not attack or site not in attack["sites"]:
+    attack = simulated.byzantine if simulated else None
+    if attack is None or site not in attack.sites(simulated.num_sites):
         return state
-    seed = round_seed(int(attack["seed"]), site, server_round)
-    return attack_update(attack["attack"], state, msg.content["arrays"].to_torch_state_dict(),
-                         float(attack["scale"]), seed)
+    return attack_update(attack.attack, state, msg.content["arrays"].to_torch_state_dict(), attack.scale,
+                         round_seed(attack.seed, site, server_round))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    task, _ = _task(msg)
+    task = _task(msg)
     try:
         data = load_site_data(context, conditional=task.num_classes is not None,
                               run_dir=str(msg.content["config"].get("run-dir", "")))

@@ -33,17 +33,13 @@ from typing import Callable
 
 import torch
 
+from fedgen.contract.scenario import FaultsConfig
+
 ATTACKS: dict[str, Callable[[torch.Tensor, torch.Tensor, float, torch.Generator], torch.Tensor]] = {
     "sign_flip": lambda w, w0, scale, gen: w0 - scale * (w - w0),
     "scale": lambda w, w0, scale, gen: w0 + scale * (w - w0),
     "gaussian": lambda w, w0, scale, gen: w0 + scale * torch.randn(w.shape, generator=gen, dtype=w.dtype),
 }
-
-
-def byzantine_sites(num_sites: int, fraction: float, seed: int) -> list[str]:
-    """The ids of the ``round(fraction * num_sites)`` attacking sites (seeded)."""
-    count = round(fraction * num_sites)
-    return [str(s) for s in sorted(random.Random(f"byzantine/{seed}").sample(range(num_sites), count))]
 
 
 def attack_update(attack: str, state: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor],
@@ -67,12 +63,12 @@ class RoundFaults:
     delay_s: float = 0.0  # a straggler: replies this much later
 
 
-def plan_faults(cfg: dict, site: str, server_round: int) -> RoundFaults:
+def plan_faults(cfg: FaultsConfig, site: str, server_round: int) -> RoundFaults:
     """The seeded faults of ``site`` in ``server_round``: the same on every re-run."""
-    rng = random.Random(f"faults/{cfg['seed']}/{site}/{server_round}")
-    dropout, crash, slow = rng.random() < cfg["dropout"], rng.random() < cfg["crash"], rng.random()
-    low, high = cfg["straggler_delay_s"]
-    delay = rng.uniform(low, high) if slow < cfg["straggler"] else 0.0
+    rng = random.Random(f"faults/{cfg.seed}/{site}/{server_round}")
+    dropout, crash, slow = rng.random() < cfg.dropout, rng.random() < cfg.crash, rng.random()
+    low, high = cfg.straggler_delay_s
+    delay = rng.uniform(low, high) if slow < cfg.straggler else 0.0
     return RoundFaults(dropout=dropout, crash=crash and not dropout, delay_s=0.0 if dropout else delay)
 
 

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fedgen.contract.rundir import SITES
+
 from .data import SiteData
 
-SITES_FILE = "inputs/sites.json"  # per-site facts written by the harness (simulation)
 
 
 def rotate(x: Tensor, degrees: float) -> Tensor:
@@ -76,7 +77,7 @@ def with_feature_skew(data: SiteData, skew: dict[str, Any] | None) -> SiteData:
 
 def read_site_skew(run_dir: str | Path, site: int) -> dict[str, Any] | None:
     """Site ``site``'s recorded feature skew, or ``None`` (none planned, or an older run)."""
-    path = Path(run_dir) / SITES_FILE
+    path = Path(run_dir) / SITES
     if not path.exists():
         return None
     return json.loads(path.read_text()).get(str(site), {}).get("feature_skew")

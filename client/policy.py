@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from privacy.accounting import ACCOUNTANTS
+from fedgen.privacy.accounting import ACCOUNTANTS
 
 from .errors import DataError
 from .training import PrivacyConfig

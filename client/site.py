@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
 
-from privacy.ledger import SiteLedger, atomic_write_text
+from fedgen.contract.rundir import Canaries, read_canaries
+from fedgen.privacy.ledger import SiteLedger, atomic_write_text
 
 from .data import SiteData, load_data
 from .errors import DataError
@@ -51,32 +52,6 @@ READER_NODE_KEYS = {"label-column": "label_column", "feature-min": "feature_min"
 def _partition(partitions_file: str, site: int) -> np.ndarray:
     with np.load(partitions_file) as z:
         return z[f"site_{site}"]
-
-
-CANARIES = "inputs/canaries.npz"  # audit canaries planted by the harness (simulation only)
-
-
-@dataclass(frozen=True)
-class Canaries:
-    """The audit canaries of a run: all ``m`` records, which were included, and where."""
-
-    x: np.ndarray  # [m, *data_shape], float32 in [0, 1]
-    y: np.ndarray | None  # [m] int64 labels (conditional data) or None
-    included: np.ndarray  # [m] bool: trained on by ``site``
-    site: int
-    seed: int
-    kind: str  # how they were made (docs/audit.md)
-
-
-@lru_cache(maxsize=8)
-def read_canaries(run_dir: str | Path) -> Canaries | None:
-    """``<run_dir>/inputs/canaries.npz``, or ``None`` when the run plants no canaries."""
-    path = Path(run_dir) / CANARIES
-    if not path.exists():
-        return None
-    with np.load(path) as z:
-        return Canaries(x=z["x"], y=z["y"] if "y" in z.files else None, included=z["included"].astype(bool),
-                        site=int(z["site"]), seed=int(z["seed"]), kind=str(z["kind"]))
 
 
 def with_canaries(data: SiteData, canaries: Canaries | None, site: int) -> SiteData:

@@ -3,54 +3,19 @@ training itself: ``client/app.py`` only translates messages)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from shared_models import GenerativeModel, build_model
+from fedgen.contract.task import TaskConfig
+from fedgen.shared_models import GenerativeModel
 
 from .data import SiteData
-from .training import PrivacyConfig, RoundResult, TrainingConfig, new_site_ledger, run_local_round
+from .training import RoundResult, new_site_ledger, run_local_round
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TaskConfig:
-    """The server's instructions, decoded from the ``fedgen`` JSON of the train message."""
-
-    model: dict[str, Any]
-    data_shape: tuple[int, ...]
-    num_classes: int | None
-    training: TrainingConfig
-    privacy: PrivacyConfig
-    seed: int
-    device: str
-
-    @classmethod
-    def from_json(cls, text: str, proximal_mu: float = 0.0) -> "TaskConfig":
-        return cls.from_dict(json.loads(text), proximal_mu)
-
-    @classmethod
-    def from_dict(cls, d: dict, proximal_mu: float = 0.0) -> "TaskConfig":
-        p = d["privacy"]
-        return cls(
-            model=d["model"], data_shape=tuple(d["data_shape"]), num_classes=d["num_classes"],
-            training=TrainingConfig(**d["training"], proximal_mu=proximal_mu),
-            privacy=PrivacyConfig(enabled=p["enabled"], target_epsilon=p["target_epsilon"], delta=p["delta"],
-                                  max_grad_norm=p["max_grad_norm"], accountant=p["accountant"],
-                                  grad_sample_mode=p["grad_sample_mode"], planned_rounds=p["planned_rounds"],
-                                  seeded_noise=bool(p.get("seeded_noise", False))),
-            seed=int(d["seed"]), device=d.get("device", "auto"))
-
-    def build_model(self) -> GenerativeModel:
-        options = {k: v for k, v in self.model.items() if k != "family"}
-        return build_model(self.model["family"], data_shape=self.data_shape, num_classes=self.num_classes,
-                           **options)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,7 +65,7 @@ def evaluate_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.
     model.eval()
     torch.manual_seed(task.seed)
     step = next(s for s in model.steps() if s.private)
-    from shared_models import Batch
+    from fedgen.shared_models import Batch
 
     losses = []
     for start in range(0, len(data), 512):

@@ -21,41 +21,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from privacy.accounting import affordable_steps, calibrate_after, calibrate_noise_multiplier
-from privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
-from privacy.ledger import SiteLedger
-from privacy.randomness import dp_generator
-from shared_models import Batch, GenerativeModel
+from fedgen.contract.task import PrivacyConfig, TrainingConfig
+from fedgen.privacy.accounting import affordable_steps, calibrate_after, calibrate_noise_multiplier
+from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
+from fedgen.privacy.ledger import SiteLedger
+from fedgen.privacy.randomness import dp_generator
+from fedgen.shared_models import Batch, GenerativeModel
 
 from .data import SiteData
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """Local optimisation settings sent by the server each round."""
-
-    local_steps: int  # training iterations per round
-    batch_size: int  # expected batch size (Poisson: q = batch_size / N)
-    lr: float
-    proximal_mu: float = 0.0  # FedProx (Li et al. 2020, eq. 2); 0 = plain local SGD
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """Example-level DP settings of the run (keyword-only use everywhere)."""
-
-    enabled: bool
-    target_epsilon: float
-    delta: float
-    max_grad_norm: float
-    accountant: str = "rdp"
-    grad_sample_mode: str = "auto"  # "auto" = the family's fastest correct mode
-    planned_rounds: int = 1  # rounds the site expects to take part in (for calibration)
-    # Simulation-only opt-in: DP noise and sampling from the round's seed (reproducible,
-    # and no guarantee against whoever knows the seed). Off: OS entropy every round.
-    seeded_noise: bool = False
 
 
 @dataclass

@@ -18,6 +18,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
+from fedgen.contract.scenario import FederationConfig
+
 from .updates import site_info, update_norm
 
 
@@ -53,19 +55,19 @@ def _flat(msg: Message) -> np.ndarray:
     return np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in arrays.keys()])
 
 
-def robust_report(strategy: str, federation: dict[str, Any], replies: list[Message]) -> dict[str, Any]:
+def robust_report(strategy: str, federation: FederationConfig, replies: list[Message]) -> dict[str, Any]:
     """Which sites the robust ``strategy`` set aside among ``replies`` (call before
     aggregating: Flower's trimmed mean consumes the replies' arrays)."""
     labels = [site_label(m) for m in replies]
     if strategy in ("krum", "multikrum") and replies:
-        select = 1 if strategy == "krum" else federation["krum_select"]
-        chosen = select_multikrum([m.content for m in replies], federation["byzantine_sites"], select)
+        select = 1 if strategy == "krum" else federation.krum_select
+        chosen = select_multikrum([m.content for m in replies], federation.byzantine_sites, select)
         chosen_ids = {id(c) for c in chosen}
         return {"excluded": [label for label, m in zip(labels, replies) if id(m.content) not in chosen_ids]}
     if strategy in ("fedmedian", "fedtrimmedavg") and len(replies) >= 3:
         values = np.stack([_flat(m) for m in replies])
         n = len(replies)
-        cut = max(1, int(federation["trim_fraction"] * n))
+        cut = max(1, int(federation.trim_fraction * n))
         ranks = values.argsort(axis=0).argsort(axis=0)
         extreme = (ranks < cut) | (ranks >= n - cut)
         return {"tail_share": {label: round(float(s), 4) for label, s in zip(labels, extreme.mean(axis=1))}}

@@ -25,7 +25,7 @@ def main(grid: Grid, context: Context) -> None:
         # Plain `flwr run .`: prepare a run directory from the scenario in run config.
         # (The one place the server reaches into the harness: the app entry point is the
         # composition root; fedgen simulate prepares the directory itself.)
-        from simulations.prepare import prepare_run
+        from fedgen.simulations.prepare import prepare_run
 
         scenario = Path(str(context.run_config.get("scenario", "scenarios/quickstart.yaml")))
         if not scenario.is_absolute():

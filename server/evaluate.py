@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation import DomainFeatureExtractor, evaluate_samples
-from evaluation.plots import rows_by_class, save_sample_grid
-from shared_models import GenerativeModel
+from fedgen.evaluation import DomainFeatureExtractor, evaluate_samples
+from fedgen.evaluation.plots import rows_by_class, save_sample_grid
+from fedgen.shared_models import GenerativeModel
 
 
 class GlobalEvaluator:

@@ -21,14 +21,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client.faults import byzantine_sites
-from client.site import read_canaries
-from privacy.ledger import PrivacyLedger, SiteLedger, atomic_write_text, site_sort_key
-from privacy.randomness import NOT_A_GUARANTEE
-from privacy.site_level import SiteLevelDP
-from shared_models import GenerativeModel, build_model
+from fedgen.privacy.ledger import PrivacyLedger, SiteLedger, atomic_write_text, site_sort_key
+from fedgen.privacy.randomness import NOT_A_GUARANTEE
+from fedgen.privacy.site_level import SiteLevelDP
+from fedgen.contract import rundir
+from fedgen.contract.rundir import read_canaries
+from fedgen.contract.scenario import Scenario
+from fedgen.contract.task import build_global_model, example_level, site_level_mechanism, task_from_scenario
+from fedgen.shared_models import GenerativeModel
 
-from . import rundir
 from .aggregation import bound_update_norms, robust_report, site_label
 from .evaluate import GlobalEvaluator
 from .strategies import ROBUST, build_strategy, load_strategy_state, strategy_state
@@ -62,52 +63,6 @@ class RunState:
                    wall_seconds=float(d["wall_seconds"]), noise_rng_state=d.get("noise_rng_state"))
 
 
-def example_level(privacy: dict[str, Any]) -> bool:
-    """Whether sites run DP-SGD (example-level DP): ``unit`` is ``example`` or ``both``."""
-    return bool(privacy["enabled"]) and privacy.get("unit", "example") != "site"
-
-
-def site_level(privacy: dict[str, Any]) -> bool:
-    """Whether the server runs DP-FedAvg (site-level DP): ``unit`` is ``site`` or ``both``."""
-    return bool(privacy["enabled"]) and privacy.get("unit", "example") != "example"
-
-
-def task_config(scenario: dict[str, Any], spec: rundir.DataSpec) -> str:
-    """The JSON the sites receive each round: how to build and train the model."""
-    privacy = {k: v for k, v in scenario["privacy"].items() if k not in ("unit", "site_level")}
-    task = {
-        "model": scenario["model"],
-        "data_shape": list(spec.shape),
-        "num_classes": spec.num_classes,
-        "training": scenario["training"],
-        "privacy": {**privacy, "enabled": example_level(scenario["privacy"]),
-                    "planned_rounds": scenario["federation"]["rounds"]},
-        "seed": scenario["seed"],
-        "device": scenario["simulation"]["device"],
-    }
-    if not scenario.get("deployment"):  # simulated faults never reach deployed sites
-        attack = scenario["simulation"].get("byzantine")
-        if attack:
-            task["byzantine"] = {**attack,
-                                 "sites": byzantine_sites(spec.num_sites, attack["fraction"], attack["seed"])}
-        if scenario["simulation"].get("faults"):
-            task["faults"] = scenario["simulation"]["faults"]
-    return json.dumps(task)
-
-
-def site_level_mechanism(scenario: dict[str, Any], num_sites: int) -> SiteLevelDP | None:
-    """The server's DP-FedAvg mechanism, sigma calibrated before round 1 (None unless
-    ``privacy.unit`` is ``site`` or ``both``)."""
-    privacy = scenario["privacy"]
-    if not site_level(privacy):
-        return None
-    cfg = privacy["site_level"]
-    return SiteLevelDP.calibrated(target_epsilon=cfg["target_epsilon"], delta=cfg["delta"],
-                                  clip_norm=cfg["clip_norm"], sample_rate=cfg["sample_rate"], num_sites=num_sites,
-                                  planned_rounds=scenario["federation"]["rounds"], accountant=privacy["accountant"],
-                                  noise_multiplier=cfg["noise_multiplier"])
-
-
 def simulated_site_examples(run_dir: Path, spec: rundir.DataSpec) -> dict[str, int] | None:
     """Simulation: each site's largest honest ``num-examples`` (site id -> its partition's
     size, plus the audit canaries planted at it), which bounds what its replies may claim;
@@ -123,43 +78,36 @@ def simulated_site_examples(run_dir: Path, spec: rundir.DataSpec) -> dict[str, i
     return sizes
 
 
-def build_global_model(scenario: dict[str, Any], spec: rundir.DataSpec) -> GenerativeModel:
-    options = {k: v for k, v in scenario["model"].items() if k != "family"}
-    torch.manual_seed(scenario["seed"])
-    return build_model(scenario["model"]["family"], data_shape=spec.shape, num_classes=spec.num_classes,
-                       **options)
-
-
 class FederatedRun:
     def __init__(self, grid: Grid, run_dir: Path) -> None:
         self.grid = grid
         self.run_dir = Path(run_dir)
         self.scenario = rundir.read_scenario(self.run_dir)
         self.spec = rundir.DataSpec.read(self.run_dir)
-        self.fed = self.scenario["federation"]
-        self.privacy_cfg = self.scenario["privacy"]
+        self.fed = self.scenario.federation
+        self.privacy_cfg = self.scenario.privacy
         self.model = build_global_model(self.scenario, self.spec)
-        self.strategy = build_strategy(self.fed["strategy"], self.fed)
-        self.evaluator = GlobalEvaluator(rundir.read_reference(self.run_dir), seed=self.scenario["seed"])
-        self.ledger = PrivacyLedger(accountant=self.privacy_cfg["accountant"], delta=self.privacy_cfg["delta"],
-                                    target_epsilon=self.privacy_cfg["target_epsilon"]
-                                    if example_level(self.privacy_cfg) else None,
-                                    unit=self.privacy_cfg.get("unit", "example"))
+        self.strategy = build_strategy(self.fed.strategy, self.fed)
+        self.evaluator = GlobalEvaluator(rundir.read_reference(self.run_dir), seed=self.scenario.seed)
+        self.ledger = PrivacyLedger(accountant=self.privacy_cfg.accountant, delta=self.privacy_cfg.delta,
+                                    target_epsilon=self.privacy_cfg.target_epsilon
+                                    if example_level(self.scenario) else None,
+                                    unit=self.privacy_cfg.unit)
         self.site_dp = self._site_level_mechanism()
-        deployed = bool(self.scenario.get("deployment"))
+        deployed = self.scenario.deployment is not None
         # Site-level DP's amplification needs a sampling draw and noise nobody can predict:
         # both come from the OS's entropy unless a simulation opted in to seeded noise.
-        self.seeded_noise = bool(self.privacy_cfg.get("seeded_noise")) and not deployed
+        self.seeded_noise = self.privacy_cfg.seeded_noise and not deployed
         self.sampling_rng: Any = random if self.seeded_noise else random.SystemRandom()
-        self.noise_rng = np.random.default_rng(self.scenario["seed"] if self.seeded_noise else None)
-        self.byzantine = set(byzantine_sites(self.spec.num_sites, attack["fraction"], attack["seed"])) \
-            if (attack := self.scenario["simulation"].get("byzantine")) and not deployed else set()
+        self.noise_rng = np.random.default_rng(self.scenario.seed if self.seeded_noise else None)
+        attack = self.scenario.simulation.byzantine
+        self.byzantine = set(attack.sites(self.spec.num_sites)) if attack and not deployed else set()
         self.site_examples = None if deployed else simulated_site_examples(self.run_dir, self.spec)
         self.exhausted: set[str] = set()
         self.node_sites: dict[int, str] = {}  # learnt from replies; names error and missing replies
         self.start_round = 1
         self.wall_before = 0.0
-        random.seed(self.scenario["seed"])  # Flower's node sampling uses `random`
+        random.seed(self.scenario.seed)  # Flower's node sampling uses `random`
         self._maybe_resume()
 
     def _site_level_mechanism(self) -> SiteLevelDP | None:
@@ -234,17 +182,17 @@ class FederatedRun:
                          python_random_state=random.getstate(), wall_seconds=wall,
                          noise_rng_state=self.noise_rng.bit_generator.state)
         rundir.write_checkpoint(self._ckpt, model=self.model.state_dict(), state=state.to_dict(),
-                                strategy=strategy_state(self.strategy), scenario=self.scenario)
+                                strategy=strategy_state(self.strategy), scenario=self.scenario.resolved())
         torch.save(self.model.state_dict(), folder / f"model-round-{next_round - 1:04d}.pt")
 
     # -- the run --------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
         t_start = time.time() - self.wall_before
         arrays = ArrayRecord(self.model.state_dict())
-        config_json = task_config(self.scenario, self.spec)
+        config_json = task_from_scenario(self.scenario, self.spec).to_json()
         stopped_reason = "completed"
         rounds_completed = self.start_round - 1
-        rounds = self.fed["rounds"]
+        rounds = self.fed.rounds
         for rnd in range(self.start_round, rounds + 1):
             t_round = time.time()
             if self.site_dp is not None and not self.site_dp.can_release():
@@ -254,14 +202,14 @@ class FederatedRun:
             config = ConfigRecord({"fedgen": config_json, "run-dir": str(self.run_dir)})
             messages = (self._poisson_sample(rnd, arrays, config) if self.site_dp is not None
                         else list(self.strategy.configure_train(rnd, arrays, config, self.grid)))
-            replies = list(self.grid.send_and_receive(messages, timeout=self.fed["round_timeout_s"]))
+            replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
             # Under site-level DP clipping bounds every update; a rejection that depends on
             # the other sites' norms would break that sensitivity bound, so it is off.
             sorted_ = sort_replies(replies, arrays, sent_to=[m.metadata.dst_node_id for m in messages],
                                    known_sites=self.node_sites,
                                    destinations={m.metadata.message_id: m.metadata.dst_node_id for m in messages},
                                    site_examples=self.site_examples, recorded_ledgers=self.ledger.sites,
-                                   outlier_factor=None if self.site_dp else self.fed["outlier_factor"])
+                                   outlier_factor=None if self.site_dp else self.fed.outlier_factor)
             self.node_sites.update(sorted_.site_of)
             for site_ledger in sorted_.ledgers:
                 self._update_site_ledger(site_ledger)
@@ -274,12 +222,12 @@ class FederatedRun:
                 "clients_failed": len(sorted_.failed),
                 "clients_refused": len(sorted_.refused),
                 "train_loss": weighted_mean(sorted_.ok, "train-loss"),
-                "epsilon": self.ledger.epsilon if example_level(self.privacy_cfg) else None,
+                "epsilon": self.ledger.epsilon if example_level(self.scenario) else None,
                 "failures": [{"site": s, "reason": short_reason(r)} for s, r in sorted_.failed],
             }
             if self.byzantine:
                 row["byzantine"] = sorted(site_label(m) for m in sorted_.ok if site_label(m) in self.byzantine)
-            if self.scenario["simulation"].get("faults"):
+            if self.scenario.simulation.faults:
                 row["faults"] = {"dropped_out": sorted(sorted_.unavailable, key=site_sort_key),
                                  "errors": sorted(sorted_.errors, key=site_sort_key),
                                  "late": sorted(sorted_.late, key=site_sort_key),
@@ -301,7 +249,7 @@ class FederatedRun:
                 break
             arrays = self._aggregate(rnd, arrays, sorted_.ok, row)
             rounds_completed = rnd
-            every = self.scenario["evaluation"]["every"]
+            every = self.scenario.evaluation.every
             if (every and rnd % every == 0) or rnd == rounds:
                 t_eval = time.time()
                 row.update(self._evaluate(rnd, arrays))
@@ -316,7 +264,7 @@ class FederatedRun:
         """Simulation: a site that spent budget but whose reply never arrived (it crashed or
         was late) has the spend in its own ledger file; fold it into ``privacy.json`` now,
         so the run's ledger never understates what the sites spent."""
-        if self.scenario.get("deployment"):
+        if self.scenario.deployment is not None:
             return
         for path in sorted((self.run_dir / "sites").glob("*/ledger.json")):
             try:  # the file's site must be its folder's: no ledger lands under another site's name
@@ -338,9 +286,9 @@ class FederatedRun:
 
     def _poisson_sample(self, rnd: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
         """Site-level DP's sampling: every connected site independently with probability q."""
-        deadline = time.time() + self.fed["round_timeout_s"]
-        while len(nodes := list(self.grid.get_node_ids())) < self.fed["min_fit_sites"] and time.time() < deadline:
-            log.info("waiting for sites: %d connected, %d required", len(nodes), self.fed["min_fit_sites"])
+        deadline = time.time() + self.fed.round_timeout_s
+        while len(nodes := list(self.grid.get_node_ids())) < self.fed.min_fit_sites and time.time() < deadline:
+            log.info("waiting for sites: %d connected, %d required", len(nodes), self.fed.min_fit_sites)
             time.sleep(1.0)
         config["server-round"] = rnd
         content = RecordDict({"arrays": arrays, "config": config})
@@ -363,10 +311,10 @@ class FederatedRun:
         if not ok:
             return arrays
         releasing = self.model.training_mode == "release"  # before loading: a hybrid's mode follows its buffer
-        if self.fed["norm_bound"] is not None:
-            row["clients_norm_bounded"] = bound_update_norms(ok, arrays, self.fed["norm_bound"])
-        if self.fed["strategy"] in ROBUST:
-            row["robust"] = robust_report(self.fed["strategy"], self.fed, ok)
+        if self.fed.norm_bound is not None:
+            row["clients_norm_bounded"] = bound_update_norms(ok, arrays, self.fed.norm_bound)
+        if self.fed.strategy in ROBUST:
+            row["robust"] = robust_report(self.fed.strategy, self.fed, ok)
         new_arrays, _ = self.strategy.aggregate_train(rnd, ok)
         if new_arrays is None:
             return arrays
@@ -375,7 +323,7 @@ class FederatedRun:
         # that leaves (public: the sites' sums, counts and sigmas). Robust rules and norm
         # bounds reshape the updates, so their aggregate stands as it is.
         noise = None
-        if releasing and self.fed["strategy"] == "fedavg" and not row.get("clients_norm_bounded"):
+        if releasing and self.fed.strategy == "fedavg" and not row.get("clients_norm_bounded"):
             noise = self.model.combine_releases(*site_releases(ok, rnd, self.model.release_buffer))
             row["release_noise_variance"] = noise
         return self._server_update(row, release_noise_variance=noise)
@@ -390,35 +338,35 @@ class FederatedRun:
         return ArrayRecord(self.model.state_dict())
 
     def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
-        cfg = self.scenario["evaluation"]
+        cfg = self.scenario.evaluation
         if self.evaluator.ref_x is None:  # deployment without a public reference set
             return self._federated_evaluation(rnd, arrays)
-        return self.evaluator(self.model, num_samples=cfg["num_samples"], round_seed=self.scenario["seed"] + rnd,
+        return self.evaluator(self.model, num_samples=cfg.num_samples, round_seed=self.scenario.seed + rnd,
                               grid_path=self.run_dir / rundir.SAMPLES / f"round-{rnd:04d}.png",
-                              tstr=cfg["tstr"] and rnd == self.fed["rounds"])
+                              tstr=cfg.tstr and rnd == self.fed.rounds)
 
     def _federated_evaluation(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
         """Each site scores the global model on its own data and returns scalars only; the
         server averages them weighted by examples (outside the DP-SGD guarantee)."""
-        config = ConfigRecord({"fedgen": task_config(self.scenario, self.spec), "server-round": rnd})
+        config = ConfigRecord({"fedgen": task_from_scenario(self.scenario, self.spec).to_json(), "server-round": rnd})
         messages = [Message(content=RecordDict({"arrays": arrays, "config": config}),
                             message_type=MessageType.EVALUATE, dst_node_id=node)
                     for node in self.grid.get_node_ids()]
-        replies = [r for r in self.grid.send_and_receive(messages, timeout=self.fed["round_timeout_s"])
+        replies = [r for r in self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s)
                    if not r.has_error() and _valid_eval_metrics(r)]
         return {"federated_eval_loss": weighted_mean(replies, "eval-loss"), "federated_eval_sites": len(replies)}
 
     def _guarantees(self) -> list[dict[str, Any]]:
         """Each DP guarantee of the run in words: what it protects, at which (epsilon, delta)."""
         out = []
-        if example_level(self.privacy_cfg):
+        if example_level(self.scenario):
             if self.model.release_epsilon is not None:  # a hybrid: release round, then DP-SGD
                 mechanism = "a Gaussian release of per-class sums, then DP-SGD, at every site"
             elif self.model.training_mode == "release":
                 mechanism = "one Gaussian release of a per-class statistic at every site"
             else:
                 mechanism = "DP-SGD at every site"
-            out.append({"unit": "example", "epsilon": self.ledger.epsilon, "delta": self.privacy_cfg["delta"],
+            out.append({"unit": "example", "epsilon": self.ledger.epsilon, "delta": self.privacy_cfg.delta,
                         "mechanism": f"{mechanism} (largest epsilon over sites)",
                         "protects": "any single training record at a site"})
         if self.site_dp is not None:
@@ -441,23 +389,23 @@ class FederatedRun:
         summary = {
             "rounds_completed": rounds_completed,
             "stopped_reason": stopped_reason,
-            "model": self.scenario["model"]["family"],
-            "epsilon": self.ledger.epsilon if example_level(self.privacy_cfg) else None,
-            "delta": self.privacy_cfg["delta"] if example_level(self.privacy_cfg) else None,
-            "privacy_unit": self.privacy_cfg.get("unit", "example") if self.privacy_cfg["enabled"] else None,
+            "model": self.scenario.model.family,
+            "epsilon": self.ledger.epsilon if example_level(self.scenario) else None,
+            "delta": self.privacy_cfg.delta if example_level(self.scenario) else None,
+            "privacy_unit": self.privacy_cfg.unit if self.privacy_cfg.enabled else None,
             "site_level_epsilon": self.site_dp.epsilon if self.site_dp is not None else None,
             "guarantees": self._guarantees(),
             "seeded_noise": self.seeded_noise,
             "metrics": {k: v for k, v in last_eval.items() if k not in _ROUND_KEYS},
             "wall_seconds": wall,
         }
-        if self.seeded_noise and self.privacy_cfg["enabled"]:
+        if self.seeded_noise and self.privacy_cfg.enabled:
             summary["warning"] = NOT_A_GUARANTEE + " (privacy.seeded_noise: true, seed in scenario.yaml)"
         if stopped_reason == "clients_failed":
             summary["failure"] = rows[-1]["failures"][0]["reason"] if rows and rows[-1]["failures"] else ""
         atomic_write_text(self.run_dir / rundir.SUMMARY, json.dumps(_jsonable(summary), indent=2))
         try:
-            from evaluation.report import write_run_report
+            from fedgen.evaluation.report import write_run_report
 
             write_run_report(self.run_dir)
         except Exception as err:  # a report must never lose a finished run

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
+from fedgen.contract.scenario import FederationConfig
+
 _STRATEGIES: dict[str, Callable[..., Strategy]] = {}
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum")
 
@@ -28,60 +30,60 @@ def list_strategies() -> list[str]:
     return sorted(_STRATEGIES)
 
 
-def _sampling(fed: dict[str, Any]) -> dict[str, Any]:
+def _sampling(fed: FederationConfig) -> dict[str, Any]:
     # Evaluation is done by the server on the reference split (simulation) or by the
     # evaluate round (deployment); the strategy's own sampling only drives training.
-    return dict(fraction_train=fed["fraction_fit"], fraction_evaluate=0.0,
-                min_train_nodes=fed["min_fit_sites"], min_evaluate_nodes=0,
-                min_available_nodes=fed["min_fit_sites"])
+    return dict(fraction_train=fed.fraction_fit, fraction_evaluate=0.0,
+                min_train_nodes=fed.min_fit_sites, min_evaluate_nodes=0,
+                min_available_nodes=fed.min_fit_sites)
 
 
 @register_strategy("fedavg")
-def _fedavg(fed: dict[str, Any]) -> Strategy:
+def _fedavg(fed: FederationConfig) -> Strategy:
     """FedAvg, weighted by examples (McMahan et al. 2017)."""
     return FedAvg(**_sampling(fed))
 
 
 @register_strategy("fedprox")
-def _fedprox(fed: dict[str, Any]) -> Strategy:
+def _fedprox(fed: FederationConfig) -> Strategy:
     """FedProx (Li et al. 2020): FedAvg on the server, proximal term at the sites."""
-    return FedProx(proximal_mu=fed["proximal_mu"], **_sampling(fed))
+    return FedProx(proximal_mu=fed.proximal_mu, **_sampling(fed))
 
 
 @register_strategy("fedadam")
-def _fedadam(fed: dict[str, Any]) -> Strategy:
+def _fedadam(fed: FederationConfig) -> Strategy:
     """FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization")."""
-    return FedAdam(eta=fed["server_lr"], **_sampling(fed))
+    return FedAdam(eta=fed.server_lr, **_sampling(fed))
 
 
 @register_strategy("fedmedian")
-def _fedmedian(fed: dict[str, Any]) -> Strategy:
+def _fedmedian(fed: FederationConfig) -> Strategy:
     """Coordinate-wise median of the updates (Yin et al. 2018, "Byzantine-Robust
     Distributed Learning: Towards Optimal Statistical Rates")."""
     return FedMedian(**_sampling(fed))
 
 
 @register_strategy("fedtrimmedavg")
-def _fedtrimmedavg(fed: dict[str, Any]) -> Strategy:
+def _fedtrimmedavg(fed: FederationConfig) -> Strategy:
     """Coordinate-wise mean after dropping the ``trim_fraction`` largest and smallest
     values on each side (Yin et al. 2018)."""
-    return FedTrimmedAvg(beta=fed["trim_fraction"], **_sampling(fed))
+    return FedTrimmedAvg(beta=fed.trim_fraction, **_sampling(fed))
 
 
 @register_strategy("krum")
-def _krum(fed: dict[str, Any]) -> Strategy:
+def _krum(fed: FederationConfig) -> Strategy:
     """Krum (Blanchard et al. 2017): the one update closest to its n - f - 2 nearest others."""
-    return Krum(num_malicious_nodes=fed["byzantine_sites"], **_sampling(fed))
+    return Krum(num_malicious_nodes=fed.byzantine_sites, **_sampling(fed))
 
 
 @register_strategy("multikrum")
-def _multikrum(fed: dict[str, Any]) -> Strategy:
+def _multikrum(fed: FederationConfig) -> Strategy:
     """Multi-Krum (Blanchard et al. 2017): the mean of the ``krum_select`` best-scored updates."""
-    return MultiKrum(num_malicious_nodes=fed["byzantine_sites"], num_nodes_to_select=fed["krum_select"],
+    return MultiKrum(num_malicious_nodes=fed.byzantine_sites, num_nodes_to_select=fed.krum_select,
                      **_sampling(fed))
 
 
-def build_strategy(name: str, federation: dict[str, Any]) -> Strategy:
+def build_strategy(name: str, federation: FederationConfig) -> Strategy:
     try:
         factory = _STRATEGIES[name]
     except KeyError:

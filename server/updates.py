@@ -34,22 +34,17 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
-from privacy import site_id
-from privacy.accounting import ACCOUNTANTS
-from privacy.errors import SiteIdError
-from privacy.ledger import SiteLedger
+from fedgen.contract.task import METRIC_KEYS, ReplyStatus
+from fedgen.privacy import site_id
+from fedgen.privacy.accounting import ACCOUNTANTS
+from fedgen.privacy.errors import SiteIdError
+from fedgen.privacy.ledger import SiteLedger
 
 log = logging.getLogger(__name__)
 
-STATUS_TRAINED = 0
-STATUS_BUDGET_EXHAUSTED = 1
-STATUS_UNAVAILABLE = 2
-STATUS_POLICY_REFUSED = 3  # the task asked for less privacy than the site's policy allows
 OUTLIER_FACTOR = 10.0
 OUTLIER_MIN_REPLIES = 3
-STATUSES = (STATUS_TRAINED, STATUS_BUDGET_EXHAUSTED, STATUS_UNAVAILABLE, STATUS_POLICY_REFUSED)
-#: The metric keys a site may send: a train reply's (client/app.py) and an evaluate reply's.
-METRIC_KEYS = frozenset({"num-examples", "status", "train-loss", "dp-steps", "epsilon", "delay-s", "eval-loss"})
+STATUSES = tuple(int(status) for status in ReplyStatus)
 #: Largest example count a deployed site may claim (the server cannot know its data); in
 #: simulation each site's partition size bounds it (``sort_replies``' ``site_examples``).
 DEFAULT_MAX_SITE_EXAMPLES = 10**7
@@ -131,14 +126,14 @@ def check_metrics(metrics: Mapping[str, Any], *, max_examples: int) -> tuple[int
     unknown = sorted(set(metrics) - METRIC_KEYS)
     _require(not unknown, f"unknown metric keys {unknown}")
     values = {key: _finite_number(value, f"metric {key}") for key, value in metrics.items()}
-    status = values.get("status", STATUS_TRAINED)
+    status = values.get("status", ReplyStatus.TRAINED)
     _require(status in STATUSES, f"status {status:g} is not one of {list(STATUSES)}")
     _require("num-examples" in values, "reply without num-examples")
     count = values["num-examples"]
     _require(count.is_integer(), f"num-examples {count:g} is not an integer")
     _require(0 <= count <= max_examples, f"num-examples {count:g} is outside [0, {max_examples}], the most "
                                          "this site can hold")
-    _require(count > 0 or status != STATUS_TRAINED, "num-examples is 0 for a trained update")
+    _require(count > 0 or status != ReplyStatus.TRAINED, "num-examples is 0 for a trained update")
     return int(status), int(count)
 
 
@@ -263,7 +258,7 @@ def check_content(msg: Message, global_arrays: ArrayRecord, *, max_examples: int
     metrics = next(iter(msg.content.metric_records.values()), None)
     _require(metrics is not None, "reply without metrics")
     status, _ = check_metrics(metrics, max_examples=max_examples)
-    if status == STATUS_TRAINED:
+    if status == ReplyStatus.TRAINED:
         arrays = next(iter(msg.content.array_records.values()), None)
         _require(arrays is not None, "reply without model update")
         check_payloads(arrays)
@@ -317,14 +312,14 @@ def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sent_to: li
             log.warning("rejected reply from %s (node %s): %s", label, node, err)
             out.failed.append((label, str(err)))
             continue
-        if status == STATUS_BUDGET_EXHAUSTED:
+        if status == ReplyStatus.BUDGET_EXHAUSTED:
             out.refused.append(site)
             continue
-        if status == STATUS_UNAVAILABLE:
+        if status == ReplyStatus.UNAVAILABLE:
             out.unavailable.append(site)
             out.failed.append((site, str(msg.content.config_records["site"].get("message", "unavailable"))))
             continue
-        if status == STATUS_POLICY_REFUSED:
+        if status == ReplyStatus.POLICY_REFUSED:
             reason = str(msg.content.config_records["site"].get("message", ""))[:400]
             log.warning("site %s refused the task under its policy: %s", site, reason)
             out.failed.append((site, f"refused by the site's policy: {reason}"))

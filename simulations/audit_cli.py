@@ -40,12 +40,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from client.data import SiteData, load_data
-from client.site import Canaries, read_canaries
-from privacy.audit import AuditSettings, WhiteBoxScores, render_html, run_audit, to_json
-from server import rundir
-from server.run import build_global_model
-from shared_models import Batch, GenerativeModel
+from fedgen.client.data import SiteData, load_data
+from fedgen.contract import rundir
+from fedgen.contract.rundir import Canaries, read_canaries
+from fedgen.contract.scenario import Scenario, scenario_from_dict
+from fedgen.contract.task import build_global_model
+from fedgen.privacy.audit import AuditSettings, WhiteBoxScores, render_html, run_audit, to_json
+from fedgen.shared_models import Batch, GenerativeModel
 
 from .errors import AuditError
 from .sampling import load_run_model
@@ -145,14 +146,16 @@ def load_checkpoint_model(path: Path, *, data_shape: tuple[int, ...], num_classe
         raise AuditError(str(err)) from None
     try:
         state, scenario = ckpt["model"], ckpt.get("scenario")
-        if scenario is None and (run_dir / rundir.SCENARIO).exists():
+        if scenario is not None:
+            scenario = scenario_from_dict(scenario, source=f"{path} (its scenario)")
+        elif (run_dir / rundir.SCENARIO).exists():
             scenario = rundir.read_scenario(run_dir)
         if scenario is None:
             raise AuditError(f"{path}: the checkpoint names no scenario and is not inside a run directory; "
                              "give the run directory or its checkpoints/latest.pt")
         spec = (rundir.DataSpec.read(run_dir) if (run_dir / rundir.SITE_DATA).exists() else
                 rundir.DataSpec(format="audit", path=None, shape=data_shape, num_sites=1,
-                                num_classes=num_classes if scenario["data"].get("conditional", True) else None))
+                                num_classes=num_classes if scenario.data.conditional else None))
         model = build_global_model(scenario, spec)
         model.load_state_dict(state)
     except AuditError:
@@ -163,13 +166,12 @@ def load_checkpoint_model(path: Path, *, data_shape: tuple[int, ...], num_classe
     return model.eval()
 
 
-def _run_privacy(run_dir: Path, scenario: dict[str, Any],
+def _run_privacy(run_dir: Path, scenario: Scenario,
                  canaries: Canaries | None) -> tuple[float | None, float | None, str]:
     """(claimed epsilon, delta, where the claim comes from). With canaries the claim is
     the canary site's own epsilon (<= the run's max over sites): the tighter comparison."""
-    privacy = scenario["privacy"]
-    if not privacy.get("enabled", False):
-        return None, float(privacy["delta"]), "no DP in this run: nothing claimed"
+    if not scenario.privacy.enabled:
+        return None, scenario.privacy.delta, "no DP in this run: nothing claimed"
     path = run_dir / rundir.PRIVACY
     if not path.exists():
         raise AuditError(f"{run_dir}: DP was on but {rundir.PRIVACY} is missing; the run finished no round")
@@ -214,7 +216,7 @@ def run_dir_inputs(run_dir: Path, *, n_samples: int = DEFAULT_SAMPLES, seed: int
     return AuditInputs(
         synthetic=synthetic, train=data.subset(np.sort(members)), holdout=data.subset(holdout_idx), model=model,
         canaries=canaries, claimed_epsilon=claimed, delta=delta,
-        source={"mode": "run_dir", "run_dir": str(run_dir.resolve()), "model_family": scenario["model"]["family"],
+        source={"mode": "run_dir", "run_dir": str(run_dir.resolve()), "model_family": scenario.model.family,
                 "members": "union of the sites' training partitions (canaries excluded)",
                 "nonmembers": "the run's held-out split", "n_samples": n_samples, "sample_seed": seed,
                 "claimed_epsilon_source": claim_source})
@@ -270,7 +272,7 @@ def split_for_extractor(holdout: SiteData, *, n_min: int, seed: int) -> tuple[Si
 def _features_fn(records: SiteData, seed: int) -> Callable[[np.ndarray], np.ndarray]:
     """Domain features from a :class:`~evaluation.features.DomainFeatureExtractor` fit on
     ``records`` (held-out records outside the audit, :func:`split_for_extractor`)."""
-    from evaluation.features import DomainFeatureExtractor
+    from fedgen.evaluation.features import DomainFeatureExtractor
 
     extractor = DomainFeatureExtractor.fit(records.x, records.y, seed=seed)
     # a copy: the extractor memoises read-only arrays, which torch.from_numpy warns about

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from privacy.site_id import check_site_id
+from fedgen.privacy.site_id import check_site_id
 
 AUTH_CURVE = ec.SECP384R1()  # SuperNode auth keys: Flower accepts NIST curves, docs use P-384
 TLS_CURVE = ec.SECP384R1()

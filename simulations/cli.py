@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 from rich.logging import RichHandler
 
-from client.errors import DataError
-from privacy.errors import PrivacyError
-from server import rundir
-from shared_models import ModelConfigError, UnknownModelError
+from fedgen.client.errors import DataError
+from fedgen.privacy.errors import PrivacyError
+from fedgen.contract import rundir
+from fedgen.shared_models import ModelConfigError, UnknownModelError
 
 from .audit_cli import add_audit_parser
 from .deploy_cli import add_deploy_parsers
@@ -41,7 +41,7 @@ def _fail(msg: str, code: int = 2) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .prepare import default_run_dir, write_run_dir
     from .runner import run_simulation_dir
-    from .scenario import load_scenario, scenario_from_dict
+    from fedgen.contract.scenario import load_scenario
 
     if args.resume:
         run_dir = Path(args.resume).resolve()
@@ -50,7 +50,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                             "that `fedgen simulate` created")
         if args.scenario or args.set:
             raise UserError("--resume continues a run with its own scenario.yaml; drop SCENARIO and --set")
-        scenario = scenario_from_dict(rundir.read_scenario(run_dir), source=str(run_dir / rundir.SCENARIO))
+        scenario = rundir.read_scenario(run_dir)
     else:
         if not args.scenario:
             raise UserError("give a SCENARIO.yaml (or --resume RUN_DIR)")
@@ -74,7 +74,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .prepare import check_scenario
-    from .scenario import load_scenario
+    from fedgen.contract.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, args.set)
     data, sites, holdout = check_scenario(scenario)
@@ -127,7 +127,7 @@ def _class_indices(text: str) -> list[int]:
 # -- report -------------------------------------------------------------------------------
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from evaluation.report import write_comparison, write_run_report
+    from fedgen.evaluation.report import write_comparison, write_run_report
 
     runs = [Path(d) for d in args.run_dirs]
     for run in runs:

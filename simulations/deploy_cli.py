@@ -19,7 +19,7 @@ def _positive_int(text: str) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .prepare import write_deployment_run_dir
-    from .scenario import load_scenario
+    from fedgen.contract.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, args.set)
     run_dir = write_deployment_run_dir(scenario, Path(args.out))

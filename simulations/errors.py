@@ -1,8 +1,6 @@
 """User-facing errors of the harness and CLI: one line naming the key/file, the problem and the fix."""
 
-
-class ScenarioError(ValueError):
-    """A scenario file or override that cannot be used."""
+from fedgen.contract.errors import ScenarioError  # noqa: F401 -- re-exported: the CLI catches it with the others
 
 
 class PartitionError(ValueError):

@@ -19,17 +19,15 @@ from typing import Iterator
 import numpy as np
 import yaml
 
-from client.data import SiteData, load_data
-from client.feature_skew import SITES_FILE
-from client.site import CANARIES
-from evaluation.features import default_cache_dir
-from privacy.audit import plan_canaries
-from server import rundir
-from server.run import build_global_model, site_level_mechanism
+from fedgen.client.data import SiteData, load_data
+from fedgen.evaluation.features import default_cache_dir
+from fedgen.privacy.audit import plan_canaries
+from fedgen.contract import rundir
+from fedgen.contract.task import build_global_model, site_level_mechanism
 
 from .errors import PartitionError, ScenarioError
 from .partition import CACHE_VERSION, holdout_split, partition, read_cached_split, spread_over_sites, write_cached_split
-from .scenario import Scenario, load_scenario
+from fedgen.contract.scenario import Scenario, load_scenario
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +100,13 @@ def check_scenario(scenario: Scenario) -> tuple[SiteData, list[np.ndarray], np.n
     sites, holdout = split_sites(scenario, data)
     site_feature_skew(scenario, data)  # feature skew on data that are not images fails here
     spec = _spec(scenario, data)
-    model = build_global_model(scenario.resolved(), spec)
+    model = build_global_model(scenario, spec)
     release = model.release_epsilon
     if scenario.privacy.enabled and release is not None and release >= scenario.privacy.target_epsilon:
         raise ScenarioError(f"model.base_release_epsilon {release} must be below privacy.target_epsilon "
                             f"{scenario.privacy.target_epsilon}: the rest of the budget trains by DP-SGD")
     check_delta(scenario, max(len(s) for s in sites))
-    site_level_mechanism(scenario.resolved(), spec.num_sites)  # a site-level budget that cannot be met fails here
+    site_level_mechanism(scenario, spec.num_sites)  # a site-level budget that cannot be met fails here
     plant_canaries(scenario, data)  # checks privacy.canaries against the federation
     return data, sites, holdout
 
@@ -184,12 +182,12 @@ def write_run_dir(scenario: Scenario, run_dir: Path) -> Path:
         ref_arrays = {"x": ref.x.numpy()} | ({"y": ref.y.numpy()} if ref.y is not None else {})
         np.savez_compressed(tmp / rundir.REFERENCE, **ref_arrays)
         skews = site_feature_skew(scenario, data)
-        (tmp / SITES_FILE).write_text(json.dumps(
+        (tmp / rundir.SITES).write_text(json.dumps(
             {str(i): {"examples": int(len(s))} | ({"feature_skew": k} if k else {})
              for i, (s, k) in enumerate(zip(sites, skews))}, indent=2))
         canaries = plant_canaries(scenario, data)
         if canaries is not None:
-            np.savez(tmp / CANARIES, **canaries)
+            np.savez(tmp / rundir.CANARIES, **canaries)
     return run_dir
 
 
@@ -204,7 +202,7 @@ def write_deployment_run_dir(scenario: Scenario, run_dir: Path) -> Path:
     and no partitions -- the sites hold their own. A public reference set, when the
     scenario names one, is validated and copied for server-side evaluation; without it
     the server only draws sample grids (no quality metrics)."""
-    from client.data import read_npz
+    from fedgen.client.data import read_npz
 
     dep = scenario.deployment
     if dep is None:
@@ -212,7 +210,7 @@ def write_deployment_run_dir(scenario: Scenario, run_dir: Path) -> Path:
                             "`fedgen prepare` needs it because the server never sees the sites' data")
     spec = rundir.DataSpec(format="deployment", path=None, shape=tuple(dep.data_shape), num_classes=dep.num_classes,
                            num_sites=scenario.federation.num_sites)
-    build_global_model(scenario.resolved(), spec)  # the model must build for the declared shape
+    build_global_model(scenario, spec)  # the model must build for the declared shape
     ref = None
     if dep.reference:
         ref = read_npz(dep.reference)

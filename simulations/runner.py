@@ -11,11 +11,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from privacy.ledger import atomic_write_text
-from server import rundir
+from fedgen.privacy.ledger import atomic_write_text
+from fedgen.contract import rundir
 
 from .flower_engine import FlowerRunError, FlowerSimulation
-from .scenario import Scenario
+from fedgen.contract.scenario import Scenario
 
 
 def _describe(row: dict[str, Any]) -> str:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.plots import rows_by_class, save_sample_grid
-from server import rundir
-from server.run import build_global_model
+from fedgen.evaluation.plots import rows_by_class, save_sample_grid
+from fedgen.contract import rundir
+from fedgen.contract.task import build_global_model
 
 from .errors import ScenarioError
 

@@ -28,13 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.console import Console
 from rich.markup import escape
 
-from client.errors import DataError
-from privacy.errors import PrivacyError
-from server import rundir
-from shared_models import ModelConfigError, UnknownModelError
+from fedgen.client.errors import DataError
+from fedgen.privacy.errors import PrivacyError
+from fedgen.contract import rundir
+from fedgen.shared_models import ModelConfigError, UnknownModelError
 
 from .errors import PartitionError, ScenarioError
-from .scenario import Scenario, _format_error, apply_overrides, read_scenario_file, scenario_from_dict
+from fedgen.contract.scenario import Scenario, _format_error, apply_overrides, read_scenario_file, scenario_from_dict
 
 DONE_REASONS = ("completed", "budget_exhausted")
 SUMMARY_METRICS = ("fid_domain", "precision", "recall", "coverage", "tstr_accuracy", "heldout_nll_bits_per_dim")
@@ -95,7 +95,7 @@ class SweepFile(BaseModel):
 
 def known_metric_directions() -> dict[str, str]:
     """``{metric: "minimize" | "maximize"}`` for every metric a run's summary can hold."""
-    from evaluation.suite import metric_directions
+    from fedgen.evaluation.suite import metric_directions
 
     return {**SERVER_METRIC_DIRECTIONS, **metric_directions()}
 
@@ -281,7 +281,7 @@ def stopped_reason(run_dir: Path) -> str | None:
 
 
 def _check_same_scenario(run_dir: Path, scenario: Scenario, source: str) -> None:
-    on_disk, wanted = _flatten(rundir.read_scenario(run_dir)), _flatten(scenario.resolved())
+    on_disk, wanted = _flatten(rundir.read_scenario(run_dir).resolved()), _flatten(scenario.resolved())
     changed = sorted(k for k in on_disk.keys() | wanted.keys() if on_disk.get(k) != wanted.get(k))
     if changed:
         key = changed[0]
@@ -372,7 +372,7 @@ def summary_keys(metric: str) -> list[str]:
 def comparison_row(combination: Combination, run_dir: Path, metric: str, *, with_variant: bool) -> dict[str, Any]:
     """One table row: run name, variant, swept values, then the run's summary values
     (final metrics folded in; ``None`` where the run has none)."""
-    from evaluation.report import RunRecord
+    from fedgen.evaluation.report import RunRecord
 
     flat = RunRecord.load(run_dir).flat()
     row: dict[str, Any] = {"run": combination.name}
@@ -448,7 +448,7 @@ def plot_privacy_utility(rows: list[dict[str, Any]], combinations: list[Combinat
     as dashed horizontal lines; ``None`` (no file) when no run reported ``metric``."""
     from matplotlib.ticker import FuncFormatter
 
-    from evaluation.plots import _save, plt
+    from fedgen.evaluation.plots import _save, plt
 
     lines, no_dp = privacy_utility_series(rows, combinations, metric, site_level)
     if not lines and not no_dp:

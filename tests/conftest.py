@@ -17,7 +17,7 @@ MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 
 @pytest.fixture(scope="session")
 def digits():
-    from client.data import load_data
+    from fedgen.client.data import load_data
 
     return load_data("digits")
 

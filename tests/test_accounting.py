@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from client.training import PrivacyConfig, TrainingConfig, new_site_ledger, run_local_round
-from privacy.accounting import affordable_steps, calibrate_noise_multiplier, epsilon_of, make_accountant
-from privacy.errors import PrivacyConfigError
-from shared_models import build_model
+from fedgen.client.training import new_site_ledger, run_local_round
+from fedgen.contract.task import PrivacyConfig, TrainingConfig
+from fedgen.privacy.accounting import affordable_steps, calibrate_noise_multiplier, epsilon_of, make_accountant
+from fedgen.privacy.errors import PrivacyConfigError
+from fedgen.shared_models import build_model
 
 HISTORY = [(1.1, 0.05, 40), (1.1, 0.05, 40), (2.0, 0.1, 17), (1.1, 0.05, 3)]
 
@@ -90,7 +91,7 @@ def test_site_refuses_once_budget_is_spent(digits):
 
 @pytest.mark.parametrize("kind", ["rdp", "prv"])
 def test_calibration_after_a_release_composes_to_the_target(kind):
-    from privacy.accounting import calibrate_after
+    from fedgen.privacy.accounting import calibrate_after
     release = [(calibrate_noise_multiplier(target_epsilon=4.0, delta=1e-5, sample_rate=1.0, steps=1,
                                            accountant=kind), 1.0, 1)]
     sigma = calibrate_after(release, target_epsilon=10.0, delta=1e-5, sample_rate=0.4, steps=600, accountant=kind)

@@ -16,7 +16,7 @@ from scipy.stats import binom
 from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
-from privacy.audit import (
+from fedgen.privacy.audit import (
     AuditSettings,
     WhiteBoxScores,
     attack_metrics,
@@ -36,7 +36,7 @@ from privacy.audit import (
     to_json,
     white_box,
 )
-from privacy.audit.report import canary_verdict
+from fedgen.privacy.audit.report import canary_verdict
 
 torch.set_num_threads(1)
 DELTA = 1e-5

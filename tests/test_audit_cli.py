@@ -19,17 +19,19 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from client.site import load_site_data, read_canaries
-from client.task import TaskConfig, train_site
-from privacy.audit import plan_canaries
-from privacy.ledger import PrivacyLedger
-from server import rundir
-from server.run import build_global_model, task_config
-from simulations import cli
-from simulations.errors import ScenarioError
-from simulations.prepare import write_run_dir
-from simulations.sampling import sample_run
-from simulations.scenario import scenario_from_dict
+from fedgen.client.site import load_site_data
+from fedgen.contract.rundir import read_canaries
+from fedgen.client.task import train_site
+from fedgen.contract.task import TaskConfig
+from fedgen.privacy.audit import plan_canaries
+from fedgen.privacy.ledger import PrivacyLedger
+from fedgen.contract import rundir
+from fedgen.contract.task import build_global_model, task_from_scenario
+from fedgen.simulations import cli
+from fedgen.simulations.errors import ScenarioError
+from fedgen.simulations.prepare import write_run_dir
+from fedgen.simulations.sampling import sample_run
+from fedgen.contract.scenario import scenario_from_dict
 
 AUDIT_KEYS = {"schema", "inputs", "settings", "spaces", "white_box", "canaries", "claimed_epsilon",
               "accounting_violation", "verdicts", "source"}
@@ -81,8 +83,8 @@ def make_run(root: Path, name: str, *, n_train: int = 100, dp: bool = False, ste
     if not train:
         return run_dir
     spec = rundir.DataSpec.read(run_dir)
-    task = TaskConfig.from_json(task_config(scenario.resolved(), spec))
-    initial = build_global_model(scenario.resolved(), spec).state_dict()
+    task = task_from_scenario(scenario, spec)
+    initial = build_global_model(scenario, spec).state_dict()
     model, result, ledger = train_site(task, _site_data(run_dir, 0), initial, site="0", server_round=1,
                                        ledger=None)
     assert result.status == "trained"
@@ -247,7 +249,7 @@ def test_bad_canary_options(tmp_path, canaries, message):
 def test_no_canaries_by_default(tmp_path):
     run_dir = write_run_dir(_scenario("plain", n_train=400, dp=False, steps=1), tmp_path / "run")
     assert read_canaries(str(run_dir)) is None
-    assert rundir.read_scenario(run_dir)["privacy"]["canaries"] is None
+    assert rundir.read_scenario(run_dir).privacy.canaries is None
 
 
 # -- acceptance (issue 6) ----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from .conftest import REPO
 
 
 def fedgen(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "fedgen.simulations.cli", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -88,18 +88,18 @@ def test_finding10_sample_labels_that_are_not_integers(tmp_path):
 
 
 def test_finding10_audit_of_a_run_with_a_corrupted_privacy_json(tmp_path):
-    from server import rundir
-    from simulations.prepare import write_run_dir
-    from simulations.scenario import load_scenario
+    from fedgen.contract import rundir
+    from fedgen.simulations.prepare import write_run_dir
+    from fedgen.contract.scenario import load_scenario
 
     import torch
 
-    from server.run import build_global_model
+    from fedgen.contract.task import build_global_model
 
     scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml")
     run_dir = write_run_dir(scenario, tmp_path / "run")
     (run_dir / rundir.CHECKPOINTS).mkdir()  # a finished round's model, so the audit gets as far as the ledger
-    model = build_global_model(scenario.resolved(), rundir.DataSpec.read(run_dir))
+    model = build_global_model(scenario, rundir.DataSpec.read(run_dir))
     torch.save({"model": model.state_dict()}, run_dir / rundir.CHECKPOINTS / "latest.pt")
     (run_dir / rundir.PRIVACY).write_text('{"delta": 1e-5, "sites": {')
     res = fedgen("audit", run_dir, "-n", "10", cwd=tmp_path)

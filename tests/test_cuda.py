@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from shared_models import build_model
+from fedgen.shared_models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(

@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from client.data import load_data, read_idx, read_mnist, read_npz
-from client.errors import DataError
+from fedgen.client.data import load_data, read_idx, read_mnist, read_npz
+from fedgen.client.errors import DataError
 
 
 def test_digits_is_the_embedded_default(digits):

@@ -13,9 +13,9 @@ import yaml
 from .conftest import REPO
 from PIL import Image
 
-from client.data import load_data, read_csv, read_image_folder
-from client.errors import DataError
-from privacy.ledger import SiteLedger
+from fedgen.client.data import load_data, read_csv, read_image_folder
+from fedgen.client.errors import DataError
+from fedgen.privacy.ledger import SiteLedger
 
 
 # -- CSV ----------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_image_folder_errors_name_the_file(tmp_path):
 # -- deployment run directory -------------------------------------------------------------
 
 def _deployment_scenario(tmp_path, reference=None):
-    from simulations.scenario import load_scenario
+    from fedgen.contract.scenario import load_scenario
 
     raw = {"name": "dep", "federation": {"num_sites": 2, "rounds": 1},
            "model": {"family": "vae", "hidden": 32, "latent_dim": 4},
@@ -128,14 +128,14 @@ def _deployment_scenario(tmp_path, reference=None):
 
 
 def test_deployment_run_dir_has_no_data(tmp_path, digits):
-    from server import rundir
-    from simulations.prepare import write_deployment_run_dir
+    from fedgen.contract import rundir
+    from fedgen.simulations.prepare import write_deployment_run_dir
 
     run = write_deployment_run_dir(_deployment_scenario(tmp_path), tmp_path / "run")
     spec = rundir.DataSpec.read(run)
     assert spec.shape == (1, 8, 8) and spec.num_classes == 10 and spec.num_sites == 2 and spec.path is None
     assert not (run / rundir.PARTITIONS).exists() and rundir.read_reference(run) is None
-    assert rundir.read_scenario(run)["deployment"]["data_shape"] == [1, 8, 8]
+    assert rundir.read_scenario(run).deployment.data_shape == [1, 8, 8]
 
     ref = tmp_path / "public.npz"
     np.savez(ref, x=digits.x[:50].numpy(), y=digits.y[:50].numpy())
@@ -145,8 +145,8 @@ def test_deployment_run_dir_has_no_data(tmp_path, digits):
 
 
 def test_deployment_reference_shape_mismatch(tmp_path):
-    from simulations.errors import ScenarioError
-    from simulations.prepare import write_deployment_run_dir
+    from fedgen.simulations.errors import ScenarioError
+    from fedgen.simulations.prepare import write_deployment_run_dir
 
     ref = tmp_path / "public.npz"
     np.savez(ref, x=np.zeros((5, 1, 4, 4), dtype=np.float32))
@@ -158,8 +158,8 @@ def test_deployment_reference_shape_mismatch(tmp_path):
 def test_server_evaluator_without_reference_only_draws_samples(tmp_path):
     import torch
 
-    from server.evaluate import GlobalEvaluator
-    from shared_models import build_model
+    from fedgen.server.evaluate import GlobalEvaluator
+    from fedgen.shared_models import build_model
 
     model = build_model("vae", data_shape=(1, 8, 8), num_classes=None, hidden=16, latent_dim=2)
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def test_server_evaluator_without_reference_only_draws_samples(tmp_path):
 def test_cli_prepare_and_certs(tmp_path, capsys):
     import argparse
 
-    from simulations.deploy_cli import add_deploy_parsers
+    from fedgen.simulations.deploy_cli import add_deploy_parsers
 
     parser = argparse.ArgumentParser()
     add_deploy_parsers(parser.add_subparsers())
@@ -194,7 +194,7 @@ def test_certs_layout_sans_modes_and_flower_key_formats(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-    from simulations.certs import write_federation_keys
+    from fedgen.simulations.certs import write_federation_keys
 
     keys = write_federation_keys(tmp_path, sites=2, hosts=["127.0.0.1", "superlink.example.org"])
     for secret in (keys.ca_key, keys.server_key, *keys.site_private_keys.values()):
@@ -223,12 +223,12 @@ def test_finding9b_rotate_site_cannot_write_outside_out_dir(tmp_path, site):
     import subprocess
     import sys
 
-    from simulations.certs import write_federation_keys
+    from fedgen.simulations.certs import write_federation_keys
 
     out = tmp_path / "deep" / "keys"
     write_federation_keys(out, sites=1)
     before = sorted(p for p in tmp_path.rglob("*"))
-    res = subprocess.run([sys.executable, "-m", "simulations.cli", "certs", str(out), "--rotate-site", site],
+    res = subprocess.run([sys.executable, "-m", "fedgen.simulations.cli", "certs", str(out), "--rotate-site", site],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert res.returncode != 0
     assert "Traceback" not in res.stderr + res.stdout
@@ -238,9 +238,9 @@ def test_finding9b_rotate_site_cannot_write_outside_out_dir(tmp_path, site):
 
 
 def test_finding9b_site_names_are_checked_by_one_reusable_function(tmp_path):
-    from privacy.errors import PrivacyError
-    from privacy.site_id import check_site_id, is_valid_site_id
-    from simulations.certs import write_federation_keys
+    from fedgen.privacy.errors import PrivacyError
+    from fedgen.privacy.site_id import check_site_id, is_valid_site_id
+    from fedgen.simulations.certs import write_federation_keys
 
     assert [is_valid_site_id(s) for s in ("0", "hospital-a", "site_1.eu", "A" * 64)] == [True] * 4
     assert [is_valid_site_id(s) for s in ("..", "../x", "a/b", "-a", "a..b", "A" * 65, "a b")] == [False] * 7
@@ -280,9 +280,9 @@ def test_ledger_rounds_are_unique_per_run():
 def test_site_cap_and_state_dir_rules(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from client.policy import SitePolicy
-    from client.site import ledger_run, load_ledger
-    from client.training import PrivacyConfig
+    from fedgen.client.policy import SitePolicy
+    from fedgen.client.site import ledger_run, load_ledger
+    from fedgen.contract.task import PrivacyConfig
 
     def ctx(**node):
         return Context(run_id=42, node_id=7, node_config=node, state=RecordDict(), run_config={})

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.flower_engine import APP_ROOT, TAG_VAR, _bin, flower_path, free_port, kill_tagged, tagged_pids
+from fedgen.simulations.flower_engine import APP_ROOT, TAG_VAR, _bin, flower_path, free_port, kill_tagged, tagged_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,7 +34,7 @@ class LocalDeployment:
     """A SuperLink (TLS + node auth) and SuperNodes on 127.0.0.1, all tagged."""
 
     def __init__(self, tmp: Path) -> None:
-        from simulations.certs import write_federation_keys
+        from fedgen.simulations.certs import write_federation_keys
 
         self.tmp = tmp
         self.tag = uuid.uuid4().hex[:12]
@@ -211,8 +211,8 @@ def sites(deployment, digits):
 
 
 def _run_dir(tmp: Path, name: str, *, rounds: int, num_sites: int, target_epsilon: float) -> Path:
-    from simulations.prepare import write_deployment_run_dir
-    from simulations.scenario import scenario_from_dict
+    from fedgen.simulations.prepare import write_deployment_run_dir
+    from fedgen.contract.scenario import scenario_from_dict
 
     scenario = scenario_from_dict({
         "name": name, "seed": 0,
@@ -296,7 +296,7 @@ def test_a_supernode_killed_mid_run_rejoins_and_its_ledger_continues(deployment,
     """Site 0 is SIGKILLed once it has charged round 1 of a 3-round run and restarted with
     the same key, node config and state dir: the run completes, and the site's ledger holds
     every round it trained exactly once, all under this run's id."""
-    from privacy.accounting import make_accountant
+    from fedgen.privacy.accounting import make_accountant
 
     deployment.stop_sites()  # earlier checks leave SuperNodes with other state dirs running
     config = {k: {**cfg, "state-dir": str(deployment.tmp / f"restart-state{k}")} for k, cfg in sites.items()}

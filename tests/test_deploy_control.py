@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from simulations.certs import make_auth_key_pair
-from simulations.flower_engine import APP_ROOT, tagged_pids
+from fedgen.simulations.certs import make_auth_key_pair
+from fedgen.simulations.flower_engine import APP_ROOT, tagged_pids
 
 from .test_deploy import LocalDeployment
 
@@ -73,8 +73,8 @@ def test_finding3_outsider_with_ca_crt_cannot_register_a_node_nor_start_a_run(sp
 
 
 def test_finding3_the_fleet_listener_admits_fleet_paths_only(monkeypatch):
-    from simulations.errors import DeployConfigError
-    from simulations.superlink import is_fleet_path, serve
+    from fedgen.simulations.errors import DeployConfigError
+    from fedgen.simulations.superlink import is_fleet_path, serve
 
     assert [is_fleet_path(p) for p in ("/v1/fleet/activate-node", "/v1/fleet/pull-messages", "/health")] == [True] * 3
     blocked = ("/v1/control/register-node", "/v1/control/start-run", "/v1/runtime/acquire-task",

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import privacy.book_keeping as book_keeping
-import privacy.dp_sgd as dp_sgd
-from client.training import PrivacyConfig, TrainingConfig, new_site_ledger, run_local_round
-from privacy.dp_sgd import DPSettings, PrivateStepOptimizer, clipped_gradient_reference
-from shared_models import Batch, build_model
+import fedgen.privacy.book_keeping as book_keeping
+import fedgen.privacy.dp_sgd as dp_sgd
+from fedgen.client.training import new_site_ledger, run_local_round
+from fedgen.contract.task import PrivacyConfig, TrainingConfig
+from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, clipped_gradient_reference
+from fedgen.shared_models import Batch, build_model
 
 _RANDN_LIKE = torch.randn_like
 
@@ -89,8 +90,7 @@ def test_accountant_steps_equal_poisson_batches_taken(digits, monkeypatch):
         calls.append(len(idx))
         return idx
 
-    import client.training as training
-
+    import fedgen.client.training as training
     monkeypatch.setattr(training, "poisson_sample", counting)
     data = digits.subset(range(120))
     privacy = PrivacyConfig(enabled=True, target_epsilon=20.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=2)
@@ -130,7 +130,7 @@ def test_empty_poisson_batch_still_adds_noise(digits, mode):
 
 
 def test_batchnorm_is_refused_with_a_fix(digits):
-    from privacy.errors import PrivacyConfigError
+    from fedgen.privacy.errors import PrivacyConfigError
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     with pytest.raises(PrivacyConfigError, match="GroupNorm"):
@@ -296,7 +296,7 @@ def test_bk_matches_hooks_on_model_families(digits, key, monkeypatch):
 
 
 def test_bk_refuses_layers_without_a_rule_by_name():
-    from privacy.errors import PrivacyConfigError
+    from fedgen.privacy.errors import PrivacyConfigError
 
     model = build_model("gan", data_shape=(1, 8, 8), num_classes=10, hidden=4, latent_dim=4, spectral_norm=True)
     d = model.discriminator

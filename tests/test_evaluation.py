@@ -15,7 +15,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from evaluation import (
+from fedgen.evaluation import (
     ClassifierConfig,
     DomainFeatureExtractor,
     Metric,
@@ -33,7 +33,7 @@ from evaluation import (
     metric_directions,
     train_synthetic_test_real,
 )
-from evaluation.fid import polynomial_kernel
+from fedgen.evaluation.fid import polynomial_kernel
 
 MNIST_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
 
@@ -356,7 +356,7 @@ def test_mnist_real_vs_noise_and_eval_speed(tmp_path):
 def test_trace_sqrt_product_equals_the_general_matrix_square_root():
     import scipy.linalg
 
-    from evaluation.fid import trace_sqrt_product
+    from fedgen.evaluation.fid import trace_sqrt_product
 
     rng = np.random.default_rng(0)
     for d, n in [(8, 50), (32, 20)]:  # full rank, and singular (fewer samples than dimensions)
@@ -367,7 +367,7 @@ def test_trace_sqrt_product_equals_the_general_matrix_square_root():
 
 
 def test_grid_rows_hold_one_class_each():
-    from evaluation.plots import rows_by_class, sample_grid
+    from fedgen.evaluation.plots import rows_by_class, sample_grid
 
     labels = torch.arange(40) % 4  # the order balanced_labels gives: 0 1 2 3 0 1 2 3 ...
     x = labels.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2) / 3  # every image is its label's grey

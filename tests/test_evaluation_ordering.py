@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.data import read_mnist
-from client.training import PrivacyConfig, TrainingConfig, new_site_ledger, run_local_round
-from evaluation import DomainFeatureExtractor, evaluate_samples
-from shared_models import build_model
-from simulations.partition import holdout_split
+from fedgen.client.data import read_mnist
+from fedgen.client.training import new_site_ledger, run_local_round
+from fedgen.contract.task import PrivacyConfig, TrainingConfig
+from fedgen.evaluation import DomainFeatureExtractor, evaluate_samples
+from fedgen.shared_models import build_model
+from fedgen.simulations.partition import holdout_split
 
 pytestmark = pytest.mark.slow
 

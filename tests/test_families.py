@@ -17,10 +17,10 @@ import math
 import pytest
 import torch
 
-from privacy.dp_sgd import DPSettings, PrivateStepOptimizer, clipped_gradient_reference
-from shared_models import Batch, build_model
-from shared_models.diffusion import beta_schedule
-from shared_models.layers import SpectralNormConv2d, SpectralNormLinear
+from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, clipped_gradient_reference
+from fedgen.shared_models import Batch, build_model
+from fedgen.shared_models.diffusion import beta_schedule
+from fedgen.shared_models.layers import SpectralNormConv2d, SpectralNormLinear
 
 torch.set_num_threads(1)
 # Opacus' hooks on a first layer whose input needs no gradient: harmless
@@ -417,8 +417,9 @@ def _class_base_means(model, x, y):
 
 
 def test_flow_base_release_sets_the_class_means_then_trains_by_dp_sgd_within_the_target(digits):
-    from client.training import PrivacyConfig, TrainingConfig, new_site_ledger, run_local_round
-    from privacy.accounting import calibrate_after, calibrate_noise_multiplier, epsilon_of
+    from fedgen.client.training import new_site_ledger, run_local_round
+    from fedgen.contract.task import PrivacyConfig, TrainingConfig
+    from fedgen.privacy.accounting import calibrate_after, calibrate_noise_multiplier, epsilon_of
     data = digits.subset(range(400))
     training = TrainingConfig(local_steps=5, batch_size=64, lr=1e-3)
 

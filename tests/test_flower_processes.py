@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.flower_engine import (OWNER_FILE, TAG_CHOICE_VAR, TAG_VAR, FlowerRunError, FlowerSimulation,
+from fedgen.simulations.flower_engine import (OWNER_FILE, TAG_CHOICE_VAR, TAG_VAR, FlowerRunError, FlowerSimulation,
                                        _write_owner, reap_orphaned_runs, tagged_pids)
 
 from .conftest import REPO
@@ -96,7 +96,7 @@ def test_finding10b_sigkill_of_simulate_leaves_no_flower_or_ray_process(tmp_path
     """SIGKILL `fedgen simulate` once the run (SuperLink, SuperExec, flwr-simulation, Ray) is
     up: within seconds no process of that run remains."""
     tag = f"sigkill-{os.getpid()}"
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", str(REPO / "scenarios" / "quickstart.yaml"),
+    proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(REPO / "scenarios" / "quickstart.yaml"),
                              "--out", str(tmp_path / "run"), "--set", "federation.rounds=40"], cwd=tmp_path,
                             env={**os.environ, TAG_CHOICE_VAR: tag, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

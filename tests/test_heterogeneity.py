@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import simulations.prepare as prepare
-from client.data import SiteData
-from client.feature_skew import adjust_contrast, rotate, transform_images
-from client.site import load_site_data
-from simulations.errors import PartitionError
-from simulations.partition import partition, spread_over_sites
-from simulations.scenario import scenario_from_dict
+import fedgen.simulations.prepare as prepare
+from fedgen.client.data import SiteData
+from fedgen.client.feature_skew import adjust_contrast, rotate, transform_images
+from fedgen.client.site import load_site_data
+from fedgen.simulations.errors import PartitionError
+from fedgen.simulations.partition import partition, spread_over_sites
+from fedgen.contract.scenario import scenario_from_dict
 
 LABELS = np.random.default_rng(0).integers(0, 10, 1000)
 

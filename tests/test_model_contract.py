@@ -8,9 +8,10 @@ import pytest
 import torch
 from opacus.grad_sample import GradSampleModule
 
-from client.training import PrivacyConfig, TrainingConfig, new_site_ledger, run_local_round
-from shared_models import Batch, GenerativeModel, UnknownModelError, build_model, list_models
-from shared_models.registry import get_model_builder
+from fedgen.client.training import new_site_ledger, run_local_round
+from fedgen.contract.task import PrivacyConfig, TrainingConfig
+from fedgen.shared_models import Batch, GenerativeModel, UnknownModelError, build_model, list_models
+from fedgen.shared_models.registry import get_model_builder
 
 FAMILIES = list_models()
 # Families trained by DP-SGD steps; "release" families (one noisy statistic) have their own contract below.
@@ -126,7 +127,7 @@ ITERATIONS = {"vae": 1500, "gan": 1500, "flow": 1500, "diffusion": 600}
 @pytest.mark.parametrize("family", FAMILIES)
 def test_conditional_sampling_honours_labels(family, digits):
     """A classifier trained on real digits recognises the requested class well above chance."""
-    from evaluation import ClassifierConfig, fit_classifier
+    from fedgen.evaluation import ClassifierConfig, fit_classifier
 
     torch.manual_seed(0)
     model = build_model(family, data_shape=digits.shape, num_classes=10)
@@ -215,7 +216,7 @@ def test_server_fit_moves_the_generator_towards_the_release(family, digits):
 
 
 def test_mmd_fit_stops_once_it_reaches_the_release_noise_level(digits):
-    from shared_models.mmd import _WARMUP_STEPS
+    from fedgen.shared_models.mmd import _WARMUP_STEPS
     data = digits.subset(range(600))
     model = _build("mmd", digits, fit_steps=60)
     run_local_round(model, data, training=TrainingConfig(local_steps=1, batch_size=32, lr=1e-3), privacy=NO_DP,

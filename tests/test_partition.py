@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulations.errors import PartitionError
-from simulations.partition import holdout_split, partition
+from fedgen.simulations.errors import PartitionError
+from fedgen.simulations.partition import holdout_split, partition
 
 LABELS = np.random.default_rng(0).integers(0, 10, 1000)
 

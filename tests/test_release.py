@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared_models.registry import build_model
-from shared_models.release import precision_weighted_release
+from fedgen.shared_models.registry import build_model
+from fedgen.shared_models.release import precision_weighted_release
 
 W = 0.2  # count weight
 COUNTS = torch.tensor([[400.0, 3.0], [5.0, 300.0], [200.0, 200.0]])  # [sites, classes]: label skew
@@ -71,7 +71,7 @@ def test_mmd_combines_by_precision_unless_told_fedavg():
 
 
 def test_the_flow_hybrid_combines_its_base_release_by_precision():
-    from shared_models.flow import _BASE_COUNT_WEIGHT
+    from fedgen.shared_models.flow import _BASE_COUNT_WEIGHT
     model = build_model("flow", data_shape=(1, 8, 8), num_classes=2, levels=17, hidden=8, base_release_epsilon=1.0)
     sums = torch.randn(3, 2, 65, dtype=torch.float64)
     sums[..., -1] = _BASE_COUNT_WEIGHT * COUNTS.double()

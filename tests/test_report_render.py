@@ -10,8 +10,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from evaluation.plots import save_sample_grid
-from evaluation.report import write_comparison, write_run_report
+from fedgen.evaluation.plots import save_sample_grid
+from fedgen.evaluation.report import write_comparison, write_run_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

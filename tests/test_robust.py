@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from client.faults import attack_update, byzantine_sites
-from server.aggregation import bound_update_norms, robust_report
-from server.strategies import build_strategy, list_strategies
-from server.updates import update_norm
+from fedgen.contract.scenario import FederationConfig
+from fedgen.client.faults import attack_update
+from fedgen.contract.scenario import byzantine_sites
+from fedgen.server.aggregation import bound_update_norms, robust_report
+from fedgen.server.strategies import build_strategy, list_strategies
+from fedgen.server.updates import update_norm
 
 from .test_updates import GLOBAL, _rec, _reply
 
-FED = {"fraction_fit": 1.0, "min_fit_sites": 1, "proximal_mu": 0.0, "server_lr": 0.01, "trim_fraction": 0.2,
-       "byzantine_sites": 2, "krum_select": 3}
+FED = FederationConfig(**{"fraction_fit": 1.0, "min_fit_sites": 1, "proximal_mu": 0.0, "server_lr": 0.01, "trim_fraction": 0.2,
+       "byzantine_sites": 2, "krum_select": 3})
 
 
 def _round(seed: int = 0, attackers: tuple[int, ...] = (0, 1)):
@@ -88,7 +90,7 @@ def test_byzantine_sites_are_seeded():
 
 
 def test_dropped_out_sites_are_left_out_and_the_rest_weighted_by_examples():
-    from server.updates import sort_replies
+    from fedgen.server.updates import sort_replies
 
     replies = []
     for site, (examples, value) in enumerate([(10, 1.0), (30, 2.0), (60, 4.0)]):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from simulations.errors import ScenarioError
-from simulations.scenario import Scenario, apply_overrides, load_scenario, scenario_from_dict
+from fedgen.simulations.errors import ScenarioError
+from fedgen.contract.scenario import Scenario, apply_overrides, load_scenario, scenario_from_dict
 
 from .conftest import REPO
 
@@ -57,7 +57,7 @@ def test_every_shipped_scenario_loads_under_its_file_name(path):
 
 
 def test_every_model_family_has_a_digits_scenario():
-    from shared_models.registry import list_models
+    from fedgen.shared_models.registry import list_models
     families = {load_scenario(p).model.family for p in (REPO / "scenarios").glob("*-digits.yaml")}
     families.add(load_scenario(REPO / "scenarios" / "quickstart.yaml").model.family)
     assert families == set(list_models())

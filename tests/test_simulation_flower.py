@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from privacy.accounting import make_accountant
-from simulations.flower_engine import TAG_CHOICE_VAR, tagged_pids
+from fedgen.privacy.accounting import make_accountant
+from fedgen.simulations.flower_engine import TAG_CHOICE_VAR, tagged_pids
 
 from .conftest import REPO
 
@@ -33,7 +33,7 @@ def _env():
 
 
 def fedgen(*args, cwd, timeout=900):
-    return subprocess.run([sys.executable, "-m", "simulations.cli", *map(str, args)], cwd=cwd, env=_env(),
+    return subprocess.run([sys.executable, "-m", "fedgen.simulations.cli", *map(str, args)], cwd=cwd, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -135,7 +135,7 @@ def test_ctrl_c_stops_every_process(tmp_path, presses):
     """Ctrl-C stops the run and every Flower/Ray process; so does pressing it twice (the
     second press lands in the shutdown, which must still end every process)."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate",
+    proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate",
                              str(REPO / "scenarios" / "quickstart.yaml"), "--out", str(out),
                              "--set", "federation.rounds=40"], cwd=tmp_path, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -169,7 +169,7 @@ def test_resume_after_kill_gives_the_uninterrupted_ledger(tmp_path):
     assert fedgen("simulate", scenario, "--out", ref, *common, cwd=tmp_path).returncode == 0
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", str(scenario), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(scenario), "--out", str(out),
                              *common], cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -228,7 +228,7 @@ def test_example_and_site_level_dp_are_both_reported(tmp_path):
 
 
 def test_simulated_faults_are_seeded_recorded_and_charged(tmp_path):
-    from client.faults import plan_faults
+    from fedgen.client.faults import plan_faults
 
     faults = {"dropout": 0.3, "crash": 0.2, "straggler": 0.3, "straggler_delay_s": [0.5, 1.5], "seed": 4}
     out = quick_run(tmp_path, "quickstart", "federation.rounds=3",
@@ -256,7 +256,7 @@ def test_simulated_faults_are_seeded_recorded_and_charged(tmp_path):
 
 
 def test_a_straggler_past_the_deadline_is_left_out_of_its_round(tmp_path):
-    from client.faults import plan_faults
+    from fedgen.client.faults import plan_faults
 
     faults = {"dropout": 0.0, "crash": 0.0, "straggler": 0.25, "straggler_delay_s": [100.0, 100.0], "seed": 2}
     plan = {r: [s for s in range(5) if plan_faults(faults, str(s), r).delay_s] for r in (1, 2)}

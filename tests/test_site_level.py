@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from privacy.accounting import make_accountant
-from privacy.errors import PrivacyConfigError
-from privacy.site_level import SiteLevelDP
+from fedgen.privacy.accounting import make_accountant
+from fedgen.privacy.errors import PrivacyConfigError
+from fedgen.privacy.site_level import SiteLevelDP
 
 
 def mechanism(**kw) -> SiteLevelDP:

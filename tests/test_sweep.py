@@ -14,11 +14,11 @@ import pytest
 import yaml
 from rich.console import Console
 
-from server import rundir
-from simulations.errors import ScenarioError
-from simulations.flower_engine import TAG_CHOICE_VAR, FlowerRunError, tagged_pids
-from simulations.scenario import apply_overrides
-from simulations.sweep import (Combination, SweepFile, expand_combinations, load_sweep, override, plan_sweep,
+from fedgen.contract import rundir
+from fedgen.simulations.errors import ScenarioError
+from fedgen.simulations.flower_engine import TAG_CHOICE_VAR, FlowerRunError, tagged_pids
+from fedgen.contract.scenario import apply_overrides
+from fedgen.simulations.sweep import (Combination, SweepFile, expand_combinations, load_sweep, override, plan_sweep,
                                privacy_utility_series, run_action, run_name, run_sweep, scenario_for)
 
 from .conftest import REPO
@@ -122,7 +122,7 @@ def test_base_is_relative_to_the_sweep_file_and_out_to_the_cwd(tmp_path, monkeyp
 
 def test_bad_value_in_the_seventh_combination_fails_before_any_run(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("simulations.runner.run_simulation_dir", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("fedgen.simulations.runner.run_simulation_dir", lambda *a, **k: calls.append(a))
     path = write_sweep(tmp_path, grid={"federation.rounds": [1, 2, 3, 4, 5, 6, "seven", 8]})
     with pytest.raises(ScenarioError) as err:
         run_sweep(load_sweep(path), console=quiet())
@@ -139,7 +139,7 @@ def test_data_problem_in_one_combination_is_found_before_any_run(tmp_path):
 
 def test_cli_reports_a_bad_combination_in_one_line(tmp_path):
     path = write_sweep(tmp_path, grid={"privacy.target_epsilon": [1, -2]})
-    res = subprocess.run([sys.executable, "-m", "simulations.cli", "sweep", str(path)], cwd=tmp_path,
+    res = subprocess.run([sys.executable, "-m", "fedgen.simulations.cli", "sweep", str(path)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2 and len(lines) == 1, res.stderr
@@ -213,7 +213,7 @@ def finished_sweep(tmp_path):
 
 
 def test_rerun_of_a_finished_sweep_skips_every_run_and_writes_the_comparison(finished_sweep, monkeypatch):
-    monkeypatch.setattr("simulations.runner.run_simulation_dir", lambda *a, **k: pytest.fail("ran a finished run"))
+    monkeypatch.setattr("fedgen.simulations.runner.run_simulation_dir", lambda *a, **k: pytest.fail("ran a finished run"))
     outcome = run_sweep(finished_sweep, console=quiet())
     assert outcome.failed == []
     with open(finished_sweep.out_dir / "comparison.csv") as fh:
@@ -264,7 +264,7 @@ def fake_runner(outcomes: dict[str, str]):
 
 def test_a_failed_run_does_not_stop_the_sweep(tmp_path, monkeypatch):
     sweep = load_sweep(write_sweep(tmp_path, grid={"privacy.target_epsilon": [1, 10]}))
-    monkeypatch.setattr("simulations.runner.run_simulation_dir", fake_runner(
+    monkeypatch.setattr("fedgen.simulations.runner.run_simulation_dir", fake_runner(
         {"privacy.target_epsilon=1": "failed", "privacy.target_epsilon=10": "completed"}))
     outcome = run_sweep(sweep, console=quiet())
     assert outcome.failed == ["privacy.target_epsilon=1"]
@@ -274,7 +274,7 @@ def test_a_failed_run_does_not_stop_the_sweep(tmp_path, monkeypatch):
 
 def test_ctrl_c_stops_the_sweep_before_the_next_run(tmp_path, monkeypatch):
     sweep = load_sweep(write_sweep(tmp_path, grid={"privacy.target_epsilon": [1, 10]}))
-    monkeypatch.setattr("simulations.runner.run_simulation_dir", fake_runner({"privacy.target_epsilon=1": "ctrl-c"}))
+    monkeypatch.setattr("fedgen.simulations.runner.run_simulation_dir", fake_runner({"privacy.target_epsilon=1": "ctrl-c"}))
     with pytest.raises(KeyboardInterrupt):
         run_sweep(sweep, console=quiet())
     assert (sweep.out_dir / "privacy.target_epsilon=1").exists()
@@ -288,7 +288,7 @@ TAG = f"pytest-sweep-{os.getpid()}"
 
 
 def fedgen_sweep(path: Path, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "simulations.cli", "sweep", str(path)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "fedgen.simulations.cli", "sweep", str(path)], cwd=cwd,
                           env={**os.environ, TAG_CHOICE_VAR: TAG}, capture_output=True, text=True, timeout=600)
 
 

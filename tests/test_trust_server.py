@@ -16,19 +16,20 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from privacy.ledger import SiteLedger
-from server import rundir
-from server.run import FederatedRun
-from server.strategies import build_strategy
-from server.updates import DEFAULT_MAX_SITE_EXAMPLES, ReplyError, check_site_id, site_releases, sort_replies
-from simulations import cli
+from fedgen.contract.scenario import FederationConfig
+from fedgen.privacy.ledger import SiteLedger
+from fedgen.contract import rundir
+from fedgen.server.run import FederatedRun
+from fedgen.server.strategies import build_strategy
+from fedgen.server.updates import DEFAULT_MAX_SITE_EXAMPLES, ReplyError, check_site_id, site_releases, sort_replies
+from fedgen.simulations import cli
 
 from .conftest import REPO
 from .test_updates import GLOBAL, _rec, _reply, _update
 
 MARKER = "pwned.txt"
-FED = {"fraction_fit": 1.0, "min_fit_sites": 1, "proximal_mu": 0.0, "server_lr": 0.01, "trim_fraction": 0.2,
-       "byzantine_sites": 2, "krum_select": 3}
+FED = FederationConfig(**{"fraction_fit": 1.0, "min_fit_sites": 1, "proximal_mu": 0.0, "server_lr": 0.01, "trim_fraction": 0.2,
+       "byzantine_sites": 2, "krum_select": 3})
 
 
 class Payload:
@@ -50,8 +51,8 @@ def _evil_checkpoint(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def run_template(tmp_path_factory) -> Path:
     """A simulation run directory as `fedgen simulate` writes it (quickstart, FedAdam, seeded noise)."""
-    from simulations.prepare import write_run_dir
-    from simulations.scenario import load_scenario
+    from fedgen.simulations.prepare import write_run_dir
+    from fedgen.contract.scenario import load_scenario
 
     scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml",
                              ["federation.strategy=fedadam", "privacy.seeded_noise=true"])  # noise state resumes
@@ -162,7 +163,7 @@ def test_finding5_deployment_bounds_counts_by_a_default():
 
 
 def test_finding5_simulation_bounds_each_site_by_its_partition(run_dir):
-    from client.site import read_canaries
+    from fedgen.contract.rundir import read_canaries
 
     run = FederatedRun(None, run_dir)
     with np.load(run_dir / rundir.PARTITIONS) as z:
@@ -225,7 +226,7 @@ MALFORMED = ["ledger not json", "ledger zero noise", "ledger negative steps", "l
 @pytest.mark.parametrize("case", MALFORMED)
 def test_finding6_a_malformed_reply_fails_only_its_site(case, caplog):
     recorded = {"bad": SiteLedger.from_json(_ledger("bad", rounds=2))}
-    with caplog.at_level(logging.WARNING, logger="server.updates"):
+    with caplog.at_level(logging.WARNING, logger="fedgen.server.updates"):
         out = sort_replies([*_honest_round(), _malformed(case)], _rec(GLOBAL), sent_to=[10, 11, 12, 19],
                            recorded_ledgers=recorded)
     assert [m.metadata.src_node_id for m in out.ok] == [10, 11, 12]
@@ -242,7 +243,7 @@ def test_finding6_payload_check_names_the_array():
 def test_finding6_a_shorter_ledger_never_aborts_the_run(run_dir, caplog):
     run = FederatedRun(None, run_dir)
     run._update_site_ledger(SiteLedger.from_json(_ledger("0", rounds=2)))
-    with caplog.at_level(logging.WARNING, logger="server.run"):
+    with caplog.at_level(logging.WARNING, logger="fedgen.server.run"):
         run._update_site_ledger(SiteLedger.from_json(_ledger("0", rounds=1)))
     assert len(run.ledger.sites["0"].history) == 2 and "not recorded" in caplog.text
 
@@ -296,7 +297,7 @@ def test_finding9a_a_site_ledger_file_cannot_claim_another_site(run_dir, caplog)
     (run_dir / "sites" / "0" / "ledger.json").write_text(_ledger("../../outside/x"))
     (run_dir / "sites" / "1").mkdir(parents=True, exist_ok=True)
     (run_dir / "sites" / "1" / "ledger.json").write_text(_ledger("1"))
-    with caplog.at_level(logging.WARNING, logger="server.run"):
+    with caplog.at_level(logging.WARNING, logger="fedgen.server.run"):
         run._sync_simulated_site_ledgers()
     assert set(run.ledger.sites) == {"1"} and "ignored" in caplog.text
 
@@ -306,7 +307,7 @@ def test_finding9a_a_site_ledger_file_cannot_claim_another_site(run_dir, caplog)
 def test_finding10_a_torn_last_metrics_line_is_skipped_with_a_warning(tmp_path, caplog):
     path = tmp_path / rundir.METRICS
     path.write_text('{"round": 1}\n{"round": 2}\n{"round": 3, "clients_')
-    with caplog.at_level(logging.WARNING, logger="server.rundir"):
+    with caplog.at_level(logging.WARNING, logger="fedgen.contract.rundir"):
         assert rundir.read_metrics(tmp_path) == [{"round": 1}, {"round": 2}]
     assert "torn last line 3" in caplog.text
     path.write_text('{"round": 1}\n{"rou\n{"round": 3}\n')  # damage before the end is not a torn append

@@ -21,12 +21,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from client.data import SiteData
-from client.errors import DataError
-from client.policy import PolicyRefusal, SitePolicy
-from client.task import TaskConfig, round_seed
-from client.training import PrivacyConfig, TrainingConfig, new_site_ledger, run_local_round
-from shared_models import build_model
+from fedgen.client.data import SiteData
+from fedgen.client.errors import DataError
+from fedgen.client.policy import PolicyRefusal, SitePolicy
+from fedgen.client.task import round_seed
+from fedgen.contract.task import ReplyStatus, TaskConfig
+from fedgen.client.training import new_site_ledger, run_local_round
+from fedgen.contract.task import PrivacyConfig, TrainingConfig
+from fedgen.shared_models import build_model
 
 TRAINING = TrainingConfig(local_steps=2, batch_size=32, lr=1e-3)
 PRIVACY = PrivacyConfig(enabled=True, target_epsilon=10.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=2)
@@ -84,8 +86,8 @@ def test_finding1_dp_sgd_noise_differs_between_identical_rounds(digits):
 
 
 def test_finding1_seeded_noise_is_refused_in_a_deployed_scenario():
-    from simulations.errors import ScenarioError
-    from simulations.scenario import scenario_from_dict
+    from fedgen.simulations.errors import ScenarioError
+    from fedgen.contract.scenario import scenario_from_dict
 
     with pytest.raises(ScenarioError, match="privacy.seeded_noise"):
         scenario_from_dict({"privacy": {"seeded_noise": True}, "deployment": {"data_shape": [1, 8, 8]}})
@@ -153,12 +155,12 @@ def _global_arrays(task: dict) -> ArrayRecord:
 def test_finding2_the_server_cannot_turn_a_deployed_site_s_dp_off(tmp_path, digits, privacy):
     """Through the ClientApp: the task asks for DP off / delta 0.5 / seeded noise; the site
     refuses with a reason the server sees, trains nothing and writes no spend."""
-    from client.app import STATUS, train
+    from fedgen.client.app import train
 
     task = _deployed_task(**privacy)
     reply = train(_task_message(task, _global_arrays(task)), _deployed_site(tmp_path, digits))
     assert not reply.has_error()
-    assert int(reply.content["metrics"]["status"]) == STATUS["policy_refused"]
+    assert int(reply.content["metrics"]["status"]) == ReplyStatus.POLICY_REFUSED
     assert "arrays" not in reply.content
     assert "policy" in str(reply.content["site"]["message"]) or "max-delta" in str(reply.content["site"]["message"])
     assert not (tmp_path / "state" / "ledger.json").exists()
@@ -170,8 +172,8 @@ def test_finding7_overlapping_runs_on_one_state_dir_lose_no_spend(tmp_path, digi
     """Two runs' rounds at one site overlap (two threads: the same code path as two
     ClientApp processes, flock locks per open file). The slower round must see the faster
     one's spend: both spends end up in ledger.json and the total stays within the target."""
-    import client.task as task_module
-    from client.app import STATUS, train
+    import fedgen.client.task as task_module
+    from fedgen.client.app import train
 
     real_train_site = task_module.train_site
 
@@ -179,7 +181,7 @@ def test_finding7_overlapping_runs_on_one_state_dir_lose_no_spend(tmp_path, digi
         time.sleep(0.5)
         return real_train_site(*args, **kwargs)
 
-    monkeypatch.setattr("client.app.train_site", slow_train_site)
+    monkeypatch.setattr("fedgen.client.app.train_site", slow_train_site)
     task = _deployed_task(target_epsilon=3.0, planned_rounds=2)  # sigma affords both runs' rounds
     task["training"]["local_steps"] = 3
     replies: dict[int, Message] = {}
@@ -194,12 +196,12 @@ def test_finding7_overlapping_runs_on_one_state_dir_lose_no_spend(tmp_path, digi
         t.start()
     for t in threads:
         t.join()
-    assert all(int(r.content["metrics"]["status"]) in (STATUS["trained"], STATUS["budget_exhausted"])
+    assert all(int(r.content["metrics"]["status"]) in (ReplyStatus.TRAINED, ReplyStatus.BUDGET_EXHAUSTED)
                for r in replies.values())
     ledger = json.loads((tmp_path / "state" / "ledger.json").read_text())
-    trained = [r for r in replies.values() if int(r.content["metrics"]["status"]) == STATUS["trained"]]
+    trained = [r for r in replies.values() if int(r.content["metrics"]["status"]) == ReplyStatus.TRAINED]
     assert sorted(h["run"] for h in ledger["history"]) == sorted(
-        str(k) for k, r in replies.items() if int(r.content["metrics"]["status"]) == STATUS["trained"])
+        str(k) for k, r in replies.items() if int(r.content["metrics"]["status"]) == ReplyStatus.TRAINED)
     assert len(ledger["history"]) == len(trained) == 2  # both spends kept (the race lost one)
     assert ledger["epsilon"] <= 3.0 + 1e-9
 
@@ -207,7 +209,7 @@ def test_finding7_overlapping_runs_on_one_state_dir_lose_no_spend(tmp_path, digi
 def test_finding7_ledger_writes_fsync_the_directory(tmp_path, monkeypatch):
     import os
 
-    from privacy.ledger import atomic_write_text
+    from fedgen.privacy.ledger import atomic_write_text
 
     synced: list[int] = []
     real_fsync = os.fsync
@@ -219,7 +221,7 @@ def test_finding7_ledger_writes_fsync_the_directory(tmp_path, monkeypatch):
 # -- finding 8: errors sent to the server carry no data values --------------------------------------
 
 def test_finding8_error_reply_names_the_kind_not_the_values(tmp_path, digits):
-    from client.app import train
+    from fedgen.client.app import train
 
     bad = tmp_path / "site.csv"
     bad.write_text("age,name\n42,John Smith\n")
@@ -235,8 +237,8 @@ def test_finding8_error_reply_names_the_kind_not_the_values(tmp_path, digits):
 # -- finding 10: also ---------------------------------------------------------------------------------
 
 def test_finding10_an_empty_scenario_file_is_refused(tmp_path):
-    from simulations.errors import ScenarioError
-    from simulations.scenario import load_scenario
+    from fedgen.simulations.errors import ScenarioError
+    from fedgen.contract.scenario import load_scenario
 
     for text in ("", "# only a comment\n", "{}\n"):
         (tmp_path / "empty.yaml").write_text(text)
@@ -245,9 +247,9 @@ def test_finding10_an_empty_scenario_file_is_refused(tmp_path):
 
 
 def test_finding10_delta_of_0_99_is_refused_by_validate(tmp_path):
-    from simulations.errors import ScenarioError
-    from simulations.prepare import check_scenario
-    from simulations.scenario import scenario_from_dict
+    from fedgen.simulations.errors import ScenarioError
+    from fedgen.simulations.prepare import check_scenario
+    from fedgen.contract.scenario import scenario_from_dict
 
     with pytest.raises(ScenarioError, match=r"privacy.delta: 0.99 is not below 1/n"):
         check_scenario(scenario_from_dict({"privacy": {"delta": 0.99}}))
@@ -256,7 +258,7 @@ def test_finding10_delta_of_0_99_is_refused_by_validate(tmp_path):
 def test_finding10_a_decompression_bomb_is_refused_before_decoding(tmp_path):
     from PIL import Image
 
-    from client.data import read_image_folder
+    from fedgen.client.data import read_image_folder
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -269,8 +271,7 @@ def test_finding10_a_decompression_bomb_is_refused_before_decoding(tmp_path):
 
 
 def test_finding10_an_oversized_csv_is_refused_with_a_line(tmp_path, monkeypatch):
-    import client.data as data_module
-
+    import fedgen.client.data as data_module
     monkeypatch.setattr(data_module, "MAX_CSV_BYTES", 64)
     big = tmp_path / "big.csv"
     big.write_text("a,b\n" + "0.5,0.5\n" * 20)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
-from privacy.ledger import SiteLedger
-from server.updates import norm_outliers, site_releases, sort_replies, update_norm
+from fedgen.privacy.ledger import SiteLedger
+from fedgen.server.updates import norm_outliers, site_releases, sort_replies, update_norm
 
 def _rec(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
@@ -54,7 +54,7 @@ def test_bad_replies_are_rejected_and_the_round_continues(global_arrays, caplog)
                _reply("good2", 12, _update(0.1, 2)), _reply("outlier", 13, _update(50.0, 3)),
                _reply("nan", 14, nan), _reply("shape", 15, wrong_shape), _reply("dtype", 16, wrong_dtype),
                _reply("spent", 17, None, status=1)]
-    with caplog.at_level(logging.WARNING, logger="server.updates"):
+    with caplog.at_level(logging.WARNING, logger="fedgen.server.updates"):
         out = sort_replies(replies, global_arrays, sent_to=list(range(10, 19)), known_sites={18: "silent"})
     assert [m.metadata.src_node_id for m in out.ok] == [10, 11, 12]
     reasons = dict(out.failed[:-1])
@@ -126,9 +126,9 @@ def test_site_releases_reads_each_sites_sum_and_the_sigma_its_ledger_recorded_fo
 def test_finding2_a_policy_refusal_reaches_the_server_with_its_reason():
     """A site that refuses the task under its own policy (issue #17, finding 2) is a failure
     of that site with the site's reason; the other sites' updates still count."""
-    from client.app import STATUS
+    from fedgen.contract.task import ReplyStatus
 
-    refusal = _reply("hospital", 3, None, status=STATUS["policy_refused"], num_examples=0)
+    refusal = _reply("hospital", 3, None, status=ReplyStatus.POLICY_REFUSED, num_examples=0)
     refusal.content["site"]["message"] = "the task's delta 0.5 exceeds the site's max-delta 1e-05"
     out = sort_replies([refusal, _reply("ok", 4, _update(0.1, 0))], _rec(GLOBAL), sent_to=[3, 4])
     assert [m.content["site"]["id"] for m in out.ok] == ["ok"]

@@ -7,6 +7,7 @@ exactly what ran.
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -14,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from shared_models import list_models, model_options
+from fedgen.shared_models import list_models, model_options
 
 from .errors import ScenarioError
 
@@ -188,6 +189,16 @@ class ByzantineConfig(_Section):
     attack: Literal["sign_flip", "scale", "gaussian"] = "sign_flip"
     scale: float = Field(10.0, gt=0.0, description="factor (sign_flip, scale) or noise std (gaussian)")
     seed: int = Field(0, description="which sites attack")
+
+    def sites(self, num_sites: int) -> list[str]:
+        """The ids of the attacking sites, fixed for the whole run by ``seed``."""
+        return byzantine_sites(num_sites, self.fraction, self.seed)
+
+
+def byzantine_sites(num_sites: int, fraction: float, seed: int) -> list[str]:
+    """The ids of the ``round(fraction * num_sites)`` attacking sites (seeded)."""
+    count = round(fraction * num_sites)
+    return [str(s) for s in sorted(random.Random(f"byzantine/{seed}").sample(range(num_sites), count))]
 
 
 class FaultsConfig(_Section):

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from .scenario import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +30,9 @@ SAMPLES = "samples"
 INPUTS = "inputs"
 SITE_DATA = "inputs/site_data.json"  # where the sites' data comes from (simulation)
 PARTITIONS = "inputs/partitions.npz"  # site_<i> -> indices into the dataset; holdout
+CANARIES = "inputs/canaries.npz"  # audit canaries planted by the harness (simulation only)
 REFERENCE = "inputs/reference.npz"  # held-out examples (x, y) for server-side evaluation
+SITES = "inputs/sites.json"  # per-site facts (examples, feature skew) written by the harness
 #: ``checkpoints/latest.pt``'s format tag: tensors and JSON strings only (no pickled objects)
 CHECKPOINT_FORMAT = "fedgen-checkpoint/2"
 
@@ -56,8 +62,13 @@ class DataSpec:
                            "num_classes": self.num_classes, "num_sites": self.num_sites}, indent=2)
 
 
-def read_scenario(run_dir: Path) -> dict[str, Any]:
-    return yaml.safe_load((Path(run_dir) / SCENARIO).read_text())
+def read_scenario(run_dir: Path) -> "Scenario":
+    """The run's resolved ``scenario.yaml``, validated again (a hand-edited file fails here,
+    with the key named)."""
+    from .scenario import scenario_from_dict
+
+    path = Path(run_dir) / SCENARIO
+    return scenario_from_dict(yaml.safe_load(path.read_text()) or {}, source=str(path))
 
 
 def read_reference(run_dir: Path) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -137,3 +148,26 @@ def _load_failure(err: Exception) -> str:
         return "it holds pickled Python objects, which fedgen never loads (unpickling can run code)"
     first = (str(err).strip().splitlines() or [""])[0][:200]
     return f"{type(err).__name__}: {first}"
+
+
+@dataclass(frozen=True)
+class Canaries:
+    """The audit canaries of a run: all ``m`` records, which were included, and where."""
+
+    x: np.ndarray  # [m, *data_shape], float32 in [0, 1]
+    y: np.ndarray | None  # [m] int64 labels (conditional data) or None
+    included: np.ndarray  # [m] bool: trained on by ``site``
+    site: int
+    seed: int
+    kind: str  # how they were made (docs/audit.md)
+
+
+@lru_cache(maxsize=8)
+def read_canaries(run_dir: str | Path) -> Canaries | None:
+    """``<run_dir>/inputs/canaries.npz``, or ``None`` when the run plants no canaries."""
+    path = Path(run_dir) / CANARIES
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return Canaries(x=z["x"], y=z["y"] if "y" in z.files else None, included=z["included"].astype(bool),
+                        site=int(z["site"]), seed=int(z["seed"]), kind=str(z["kind"]))
