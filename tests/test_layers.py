@@ -78,7 +78,8 @@ def test_every_package_is_covered():
 
 @pytest.mark.parametrize("source, package, expected", [
     ("from fedgen.server.run import FederatedRun\n", "client", {"server"}),
-    ("from ..server import run\n", "client/sub", {"server"}),
+    ("from ..server import run\n", "client", {"server"}),  # fedgen.client -> fedgen.server
+    ("from ..data import x\n", "client/sub", {"client"}),
     ("def f():\n    import fedgen.simulations.prepare\n", "server", {"simulations"}),
     ("from .data import SiteData\n", "client", {"client"}),
 ])
@@ -91,3 +92,22 @@ def test_the_import_reader_sees_every_form(tmp_path, monkeypatch, source, packag
     (tmp_path / module).parent.mkdir(parents=True)
     (tmp_path / module).write_text(source)
     assert imported_packages(module) == expected
+
+
+def test_installing_fedgen_adds_one_top_level_name(tmp_path):
+    """``pip install .`` puts only ``fedgen`` into site-packages: the repository's generic
+    folder names (server, client, privacy, ...) are its subpackages, never top-level modules."""
+    import subprocess
+    import sys
+    import zipfile
+
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                          "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = tmp_path.glob("fedgen-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"fedgen"}
+    for package in PACKAGES:
+        assert f"fedgen/{package}/__init__.py" in names, package
+    assert not any(n.startswith(("fedgen/tests/", "fedgen/benchmarks/", "fedgen/scenarios/")) for n in names)
