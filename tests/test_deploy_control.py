@@ -17,23 +17,12 @@ import pytest
 from fedgen.simulations.certs import make_auth_key_pair
 from fedgen.simulations.flower_engine import APP_ROOT, tagged_pids
 
-from .test_deploy import LocalDeployment
+from .test_deploy import LocalDeployment, deployment  # noqa: F401 -- the fixture: a SuperLink as deploy.md §2 starts it
 
 pytestmark = pytest.mark.integration
 
 CONTROL_AND_RUNTIME = ("/v1/control/register-node", "/v1/control/start-run", "/v1/control/list-nodes",
                        "/v1/runtime/acquire-task", "/v1/fleet/../control/start-run")
-
-
-@pytest.fixture(scope="module")
-def split_superlink(tmp_path_factory):
-    dep = LocalDeployment(tmp_path_factory.mktemp("control"))
-    try:
-        dep.start_superlink()
-        yield dep
-    finally:
-        dep.close()
-        assert not tagged_pids(dep.tag), "processes left behind"
 
 
 def _json(res) -> dict:
@@ -45,8 +34,8 @@ def _nodes(dep: LocalDeployment) -> list[dict]:
     return _json(dep.flwr("supernode", "list", "deploy", "--format", "json"))["nodes"]
 
 
-def test_finding3_outsider_with_ca_crt_cannot_register_a_node_nor_start_a_run(split_superlink):
-    dep = split_superlink
+def test_finding3_outsider_with_ca_crt_cannot_register_a_node_nor_start_a_run(deployment):
+    dep = deployment
     _, public = make_auth_key_pair(comment="outsider")
     (dep.tmp / "outsider.pub").write_bytes(public)
 
