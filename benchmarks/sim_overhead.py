@@ -70,7 +70,7 @@ def site_datasets(run_dir: Path, conditional: bool) -> dict[str, Any]:
     from fedgen.contract import rundir
 
     spec = rundir.DataSpec.read(run_dir)
-    full = load_data(spec.format, spec.path)
+    full = load_data(spec.format, spec.path, spec.options)
     with np.load(run_dir / rundir.PARTITIONS) as parts:
         sites = {str(i): full.subset(parts[f"site_{i}"]) for i in range(spec.num_sites)}
     return sites if conditional else {k: v.without_labels() for k, v in sites.items()}

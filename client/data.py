@@ -12,11 +12,13 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from fedgen.contract.data_formats import CsvOptions, DataOptions, ImageOptions, data_format
 
 from .errors import DataError
 
@@ -191,23 +193,23 @@ def _per_feature(value: object, d: int, name: str, source: str) -> np.ndarray:
     return arr
 
 
-def read_csv(path: str | Path, *, label_column: str | int | None = None, feature_min: object = None,
-             feature_max: object = None, stats_file: str | Path | None = None, clip: bool = False) -> SiteData:
+def read_csv(path: str | Path, options: CsvOptions = CsvOptions()) -> SiteData:
     """Tabular data: a CSV with a header row of column names and numeric cells.
 
-    ``label_column`` (a header name or a 0-based index) holds integer class labels; every
-    other column is a feature. Features must end up in [0, 1]: either they already are, or
-    they are min-max scaled with statistics **fixed by configuration** -- ``feature_min`` /
-    ``feature_max`` (a number, or one per column) or a JSON ``stats_file`` with ``"min"`` and
-    ``"max"`` -- never computed from the private file itself (statistics of private data
-    that leave the site, or shape the released model, are outside the DP-SGD guarantee;
-    docs/deploy.md). ``clip`` clips scaled values into [0, 1] (data-independent, so free
-    under DP) instead of rejecting the file.
+    ``options.label_column`` (a header name or a 0-based index) holds integer class labels;
+    every other column is a feature. Features must end up in [0, 1]: either they already
+    are, or they are min-max scaled with statistics **fixed by configuration** --
+    ``feature_min`` / ``feature_max`` (a number, or one per column) or a JSON
+    ``feature_stats`` file with ``"min"`` and ``"max"`` -- never computed from the private
+    file itself (statistics of private data that leave the site, or shape the released
+    model, are outside the DP-SGD guarantee; docs/deploy.md). ``feature_clip`` clips scaled
+    values into [0, 1] (data-independent, so free under DP) instead of rejecting the file.
     """
     import csv
     import json
 
     path = Path(path)
+    label_column, feature_min, feature_max = options.label_column, options.feature_min, options.feature_max
     if not path.is_file():
         raise DataError(f"{path}: CSV file not found")
     if path.stat().st_size > MAX_CSV_BYTES:
@@ -245,12 +247,12 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None, feature
     x = values[:, features]
     y = values[:, label_idx] if label_idx is not None else None
     source = str(path)
-    if stats_file is not None:
+    if options.feature_stats is not None:
         try:
-            stats = json.loads(Path(stats_file).read_text())
+            stats = json.loads(Path(options.feature_stats).read_text())
             feature_min, feature_max = stats["min"], stats["max"]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise DataError(f"{stats_file}: scaling statistics must be JSON with 'min' and 'max' ({err})") from None
+            raise DataError(f"{options.feature_stats}: scaling statistics must be JSON with 'min' and 'max' ({err})") from None
     if (feature_min is None) != (feature_max is None):
         raise DataError(f"{source}: give both feature-min and feature-max (or a stats file), not one")
     if feature_min is not None:
@@ -259,7 +261,7 @@ def read_csv(path: str | Path, *, label_column: str | int | None = None, feature
         if np.any(hi <= lo):
             raise DataError(f"{source}: feature-max must exceed feature-min for every column")
         x = (x - lo) / (hi - lo)
-    if clip:
+    if options.feature_clip:
         x = np.clip(x, 0.0, 1.0)
     return validate_arrays(x.astype(np.float32), y, source)
 
@@ -291,21 +293,21 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
 
 
-def read_image_folder(path: str | Path, *, classes: str | list[str] | None = None,
-                      mode: str | None = None) -> SiteData:
+def read_image_folder(path: str | Path, options: ImageOptions = ImageOptions()) -> SiteData:
     """A folder of PNG/JPEG images, all of one size: either the images themselves
     (unlabelled) or one sub-folder per class.
 
     Class labels: sub-folders named by integers use that integer (``0/``, ``1/``, ...);
-    otherwise ``classes`` (a list, or comma-separated names) fixes the order, else the
-    sorted folder names. Every site must use the same class names, so that a label means
-    the same class everywhere -- prefer integer folder names or an explicit ``classes``.
-    ``mode`` is ``"L"`` (grayscale) or ``"RGB"``; by default grayscale when every image is,
-    else RGB.
+    otherwise ``options.image_classes`` (a list, or comma-separated names) fixes the order,
+    else the sorted folder names. Every site must use the same class names, so that a label
+    means the same class everywhere -- prefer integer folder names or explicit
+    ``image_classes``. ``options.image_mode`` is ``"L"`` (grayscale) or ``"RGB"``; by
+    default grayscale when every image is, else RGB.
     """
     from PIL import UnidentifiedImageError
 
     root = Path(path)
+    classes, mode = options.image_classes, options.image_mode
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -360,31 +362,32 @@ def read_image_folder(path: str | Path, *, classes: str | list[str] | None = Non
     return validate_arrays(np.ascontiguousarray(x), y, str(root))
 
 
-READERS: dict[str, Callable[..., SiteData]] = {
-    "digits": read_digits,
-    "mnist": read_mnist,
-    "npz": read_npz,
+Reader = Callable[[Any, DataOptions], SiteData]  # (path, the format's validated options) -> SiteData
+
+
+def _without_options(read: Callable[[Any], SiteData]) -> Reader:
+    return lambda path, options: read(path)  # the format declares no options
+
+#: the reader of each registered format (contract/data_formats.py declares the formats and
+#: their options; tests/test_data_formats.py checks the two name the same formats)
+READERS: dict[str, Reader] = {
+    "digits": _without_options(read_digits),
+    "mnist": _without_options(read_mnist),
+    "npz": _without_options(read_npz),
     "csv": read_csv,
     "images": read_image_folder,
 }
 
 
-def load_data(fmt: str, path: str | Path | None = None, options: dict | None = None) -> SiteData:
-    """Read a dataset with the reader registered for ``fmt``; ``options`` are that
-    reader's keyword arguments (kebab-case keys as ``--node-config`` gives them are fine)."""
+def load_data(fmt: str, path: str | Path | None = None, options: Mapping[str, Any] | None = None) -> SiteData:
+    """Read a dataset with the reader registered for ``fmt``; ``options`` are that format's
+    options (contract/data_formats.py), validated here: snake_case as a scenario spells
+    them or kebab-case as ``--node-config`` does."""
     try:
-        reader = READERS[fmt]
-    except KeyError:
-        raise DataError(f"unknown data format {fmt!r}; supported: {', '.join(sorted(READERS))}") from None
-    if fmt != "digits" and not path:
+        spec = data_format(fmt)
+        parsed = spec.parse(options)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    if spec.needs_path and not path:
         raise DataError(f"data format {fmt!r} needs a path (data.path)")
-    kwargs = {k.replace("-", "_"): v for k, v in (options or {}).items()}
-    if kwargs:
-        import inspect
-
-        accepted = {n for n, p in inspect.signature(reader).parameters.items() if p.kind == p.KEYWORD_ONLY}
-        unknown = sorted(set(kwargs) - accepted)
-        if unknown:
-            raise DataError(f"data format {fmt!r} does not take option(s) {', '.join(unknown)}; "
-                            f"it takes: {', '.join(sorted(accepted)) or 'none'}")
-    return reader(path, **kwargs) if path is not None else reader(**kwargs)
+    return READERS[fmt](path, parsed)

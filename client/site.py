@@ -21,13 +21,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
 
-from fedgen.contract.rundir import Canaries, read_canaries
+from fedgen.contract.data_formats import NODE_CONFIG_KEYS
+from fedgen.contract.rundir import Canaries, DataSpec, read_canaries
 from fedgen.privacy.ledger import SiteLedger, atomic_write_text
 
 from .data import SiteData, load_data
@@ -37,15 +38,25 @@ from .feature_skew import read_site_skew, with_feature_skew
 _STATE_KEY = "fedgen"
 
 
+def _dataset(fmt: str, path: str | None, options: Mapping[str, object] | None = None) -> SiteData:
+    # options as canonical JSON: the cache key must be hashable, and list-valued options are not
+    return _cached_dataset(fmt, path, json.dumps(dict(options or {}), sort_keys=True))
+
+
 @lru_cache(maxsize=4)
-def _dataset(fmt: str, path: str | None, options: tuple[tuple[str, object], ...] = ()) -> SiteData:
-    return load_data(fmt, path, dict(options))  # cached: Ray actors live for the whole run
+def _cached_dataset(fmt: str, path: str | None, options_json: str) -> SiteData:
+    return load_data(fmt, path, json.loads(options_json))  # cached: Ray actors live for the whole run
 
 
-# --node-config keys that configure the site's reader (docs/deploy.md), -> reader option
-READER_NODE_KEYS = {"label-column": "label_column", "feature-min": "feature_min", "feature-max": "feature_max",
-                    "feature-stats": "stats_file", "feature-clip": "clip", "image-classes": "classes",
-                    "image-mode": "mode"}
+#: --node-config keys that configure the site's reader (docs/deploy.md) -> reader option: the
+#: options of contract/data_formats.py in kebab-case, the same names a scenario's data.options uses
+READER_NODE_KEYS = NODE_CONFIG_KEYS
+
+
+def _reader_options(node_config: Mapping[str, object]) -> dict[str, object]:
+    """The reader options a deployed site's ``--node-config`` sets (load_data checks them
+    against the format, naming any its reader does not accept)."""
+    return {READER_NODE_KEYS[k]: v for k, v in node_config.items() if k in READER_NODE_KEYS}
 
 
 @lru_cache(maxsize=64)
@@ -81,12 +92,11 @@ def load_site_data(context: Context, *, conditional: bool, run_dir: str = "") ->
         path = str(cfg["data-path"])
         fmt = str(cfg.get("data-format") or ("npz" if path.endswith(".npz") else
                                              "csv" if path.endswith(".csv") else "mnist"))
-        data = _dataset(fmt, path, tuple(sorted((READER_NODE_KEYS[k], v) for k, v in cfg.items()
-                                                if k in READER_NODE_KEYS)))
-    else:  # simulation
+        data = _dataset(fmt, path, _reader_options(cfg))
+    else:  # simulation: the dataset the harness described, read with the scenario's options
         run_dir = Path(run_dir or str(context.run_config.get("run-dir", "")))
-        spec = json.loads((run_dir / "inputs" / "site_data.json").read_text())
-        full = _dataset(spec["format"], spec["path"])
+        spec = DataSpec.read(run_dir)
+        full = _dataset(spec.format, spec.path, spec.options)
         idx = _partition(str(run_dir / "inputs" / "partitions.npz"), int(cfg["partition-id"]))
         data = full.subset(idx, source=f"{full.source} [site {cfg['partition-id']}]")
         # feature skew before canaries: the audit scores canaries exactly as recorded

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,16 +50,20 @@ class DataSpec:
     shape: tuple[int, ...]
     num_classes: int | None  # None when the model is unconditional
     num_sites: int
+    # the format's reader options (contract/data_formats.py), so every site re-reads the data
+    # exactly as the harness did; run directories written before options existed have none
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def read(cls, run_dir: Path) -> "DataSpec":
         d = json.loads((Path(run_dir) / SITE_DATA).read_text())
         return cls(format=d["format"], path=d["path"], shape=tuple(d["shape"]),
-                   num_classes=d["num_classes"], num_sites=int(d["num_sites"]))
+                   num_classes=d["num_classes"], num_sites=int(d["num_sites"]), options=d.get("options") or {})
 
     def to_json(self) -> str:
-        return json.dumps({"format": self.format, "path": self.path, "shape": list(self.shape),
-                           "num_classes": self.num_classes, "num_sites": self.num_sites}, indent=2)
+        return json.dumps({"format": self.format, "path": self.path, "options": self.options,
+                           "shape": list(self.shape), "num_classes": self.num_classes,
+                           "num_sites": self.num_sites}, indent=2)
 
 
 def read_scenario(run_dir: Path) -> "Scenario":

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from fedgen.shared_models import list_models, model_options
 
+from .data_formats import DATA_FORMATS, data_format
 from .errors import ScenarioError
 
 
@@ -25,14 +27,31 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    format: Literal["digits", "mnist", "npz"] = "digits"
+    """The dataset: any format of the reader registry (contract/data_formats.py) with that
+    reader's ``options``, the same options a deployed site gives in ``--node-config``."""
+
+    format: str = Field("digits", description=f"one of: {', '.join(DATA_FORMATS)}")
     path: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="the format's reader options "
+                                    "(docs/simulation.md, Your own data)")
     holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     conditional: bool = True  # use labels (class-conditional model) when the data has them
 
+    @field_validator("format")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return data_format(value).name
+
+    @field_validator("options")
+    @classmethod
+    def _accepted_by_format(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "format" not in info.data:  # the format's own error is reported instead
+            return value
+        return data_format(info.data["format"]).parse(value).model_dump(mode="json")
+
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
-        if self.format != "digits" and not self.path:
+        if data_format(self.format).needs_path and not self.path:
             raise ValueError(f"data.path is required for format {self.format!r}")
         return self
 

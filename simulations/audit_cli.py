@@ -202,7 +202,7 @@ def run_dir_inputs(run_dir: Path, *, n_samples: int = DEFAULT_SAMPLES, seed: int
     canaries = read_canaries(str(run_dir))
     claimed, delta, claim_source = _run_privacy(run_dir, scenario, canaries)  # before the slow part
     model = load_run_model(run_dir)
-    data = load_data(spec.format, spec.path)
+    data = load_data(spec.format, spec.path, spec.options)
     data = data if model.conditional and data.y is not None else data.without_labels()
     with np.load(run_dir / rundir.PARTITIONS) as z:
         members = np.concatenate([z[f"site_{i}"] for i in range(spec.num_sites)])

@@ -23,6 +23,7 @@ from fedgen.client.data import SiteData, load_data
 from fedgen.evaluation.features import default_cache_dir
 from fedgen.privacy.audit import plan_canaries
 from fedgen.contract import rundir
+from fedgen.contract.data_formats import recorded_options
 from fedgen.contract.task import build_global_model, site_level_mechanism
 
 from .errors import PartitionError, ScenarioError
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def load_scenario_data(scenario: Scenario) -> SiteData:
-    data = load_data(scenario.data.format, scenario.data.path)
+    data = load_data(scenario.data.format, scenario.data.path, scenario.data.options)
     if not scenario.data.conditional or data.y is None:
         data = data.without_labels()
     return data
@@ -157,7 +158,8 @@ def plant_canaries(scenario: Scenario, data: SiteData) -> dict[str, np.ndarray] 
 def _spec(scenario: Scenario, data: SiteData) -> rundir.DataSpec:
     path = str(Path(scenario.data.path).resolve()) if scenario.data.path else None
     return rundir.DataSpec(format=scenario.data.format, path=path, shape=data.shape,
-                           num_classes=data.num_classes, num_sites=scenario.federation.num_sites)
+                           num_classes=data.num_classes, num_sites=scenario.federation.num_sites,
+                           options=recorded_options(scenario.data.format, scenario.data.options))
 
 
 def default_run_dir(scenario: Scenario, out_root: Path) -> Path:

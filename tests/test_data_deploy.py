@@ -15,6 +15,7 @@ from PIL import Image
 
 from fedgen.client.data import load_data, read_csv, read_image_folder
 from fedgen.client.errors import DataError
+from fedgen.contract.data_formats import CsvOptions, ImageOptions
 from fedgen.privacy.ledger import SiteLedger
 
 
@@ -32,7 +33,7 @@ def test_csv_with_label_and_fixed_scaling(tmp_path):
     np.testing.assert_allclose(data.x.numpy(), [[0, 1], [0.5, 0.25], [1, 0]])
     assert data.y.tolist() == [1, 0, 2]
     # per-column statistics as --node-config passes them (a comma-separated string)
-    data = read_csv(f, label_column=2, feature_min="0,0", feature_max="16,32")
+    data = read_csv(f, CsvOptions(label_column=2, feature_min="0,0", feature_max="16,32"))
     np.testing.assert_allclose(data.x.numpy()[:, 1], [0.5, 0.125, 0.0])
 
 
@@ -41,8 +42,8 @@ def test_csv_stats_file_and_clip(tmp_path):
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"min": [0, 0], "max": [2, 10]}))
     with pytest.raises(DataError, match=r"site\.csv: x values span"):
-        read_csv(f, stats_file=stats)  # out of [0, 1] after scaling: rejected, not rescaled from data
-    data = read_csv(f, stats_file=stats, clip=True)
+        read_csv(f, CsvOptions(feature_stats=str(stats)))  # out of [0, 1] after scaling: rejected, not rescaled from data
+    data = read_csv(f, CsvOptions(feature_stats=str(stats), feature_clip=True))
     assert float(data.x.min()) == 0.0 and float(data.x.max()) == 1.0 and data.y is None
 
 
@@ -60,13 +61,13 @@ def test_csv_errors_name_the_file(tmp_path, content, options, message):
     f = tmp_path / "bad.csv"
     f.write_text(content)
     with pytest.raises(DataError, match=message) as err:
-        read_csv(f, **options)
+        read_csv(f, CsvOptions(**options))
     assert "bad.csv" in str(err.value)
 
 
 def test_unknown_reader_option_is_refused(tmp_path):
     f = _csv(tmp_path / "s.csv", ["a"], [[0.5]])
-    with pytest.raises(DataError, match="does not take option"):
+    with pytest.raises(DataError, match="colour not accepted by data format 'csv'; accepted: label_column"):
         load_data("csv", f, {"colour": "red"})
 
 
@@ -95,9 +96,9 @@ def test_image_folder_rgb_unlabelled_and_named_classes(tmp_path):
     assert data.shape == (3, 4, 6) and data.y is None
     for name in ("dog", "cat"):
         _png(tmp_path / "named" / name / "a.png", np.zeros((4, 4), dtype=np.uint8))
-    assert read_image_folder(tmp_path / "named", classes="dog,cat").y.tolist() == [1, 0]  # cat, dog folders
+    assert read_image_folder(tmp_path / "named", ImageOptions(image_classes="dog,cat")).y.tolist() == [1, 0]  # cat, dog folders
     with pytest.raises(DataError, match="not in the configured classes"):
-        read_image_folder(tmp_path / "named", classes=["dog"])
+        read_image_folder(tmp_path / "named", ImageOptions(image_classes=["dog"]))
 
 
 def test_image_folder_errors_name_the_file(tmp_path):
