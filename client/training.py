@@ -1,10 +1,13 @@
 """The one local training loop: any model family, with or without DP-SGD.
 
-Each iteration runs the family's :meth:`~shared_models.GenerativeModel.steps` in order.
+A round is a release when the model wants one (:meth:`~shared_models.GenerativeModel.wants_release`):
+the site's noisy statistic, noised and charged by the Gaussian release (privacy/release.py).
+Otherwise each iteration runs the family's :meth:`~shared_models.DPSGDTrainable.steps` in order.
 A private step draws its own Poisson batch (Abadi et al. 2016, with the sampling that the
 accountant's amplification assumes) and is clipped, noised and charged one accountant
 step; a non-private step never sees data. Before a round the site checks its ledger and
-takes only the steps its remaining budget affords (docs/architecture.md, "Privacy rules").
+takes only the steps its remaining budget affords (docs/architecture.md, "Privacy rules");
+only privacy/ writes the ledger (privacy/budget.py, privacy/release.py).
 
 The DP noise and the Poisson sampling come from generators seeded afresh from the OS's
 entropy every round (privacy/randomness.py): the server, which knows the scenario seed,
