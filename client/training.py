@@ -17,7 +17,6 @@ that a deployed site's policy refuses -- derives them from the round's seed.
 
 from __future__ import annotations
 
-import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -33,8 +32,6 @@ from fedgen.privacy.release import plan_release, release_sum
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel, Releasing
 
 from .data import SiteData
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
