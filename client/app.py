@@ -73,7 +73,7 @@ def _train(msg: Message, context: Context, task: TaskConfig, simulated: Simulate
         task = replace(task, privacy=policy.apply(task.privacy, num_examples=len(data)))
         ledger = load_ledger(context, site, run_dir)
         if ledger is not None and task.privacy.enabled:
-            ledger.target_epsilon = task.privacy.target_epsilon  # this run's target, capped by the site
+            ledger.set_target_epsilon(task.privacy.target_epsilon)  # this run's target, capped by the site
         model, result, ledger = train_site(
             task, data, msg.content["arrays"].to_torch_state_dict(), site=site,
             server_round=server_round, ledger=ledger, run=ledger_run(context))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fedgen.contract.task import TaskConfig
-from fedgen.shared_models import GenerativeModel
+from fedgen.shared_models import DPSGDTrainable, GenerativeModel
 
 from .data import SiteData
 from .training import RoundResult, new_site_ledger, run_local_round
@@ -62,6 +62,9 @@ def evaluate_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.
     site's data (a scalar computed on private data, outside the DP-SGD guarantee)."""
     model = task.build_model()
     model.load_state_dict(state_dict)
+    if not isinstance(model, DPSGDTrainable):
+        raise TypeError(f"the {type(model).__name__} family has no per-example training loss to evaluate at a "
+                        "site (it is trained by a release); give the server a reference set to evaluate it")
     model.eval()
     torch.manual_seed(task.seed)
     step = next(s for s in model.steps() if s.private)

@@ -1,10 +1,13 @@
 """The one local training loop: any model family, with or without DP-SGD.
 
-Each iteration runs the family's :meth:`~shared_models.GenerativeModel.steps` in order.
+A round is a release when the model wants one (:meth:`~shared_models.GenerativeModel.wants_release`):
+the site's noisy statistic, noised and charged by the Gaussian release (privacy/release.py).
+Otherwise each iteration runs the family's :meth:`~shared_models.DPSGDTrainable.steps` in order.
 A private step draws its own Poisson batch (Abadi et al. 2016, with the sampling that the
 accountant's amplification assumes) and is clipped, noised and charged one accountant
 step; a non-private step never sees data. Before a round the site checks its ledger and
-takes only the steps its remaining budget affords (docs/architecture.md, "Privacy rules").
+takes only the steps its remaining budget affords (docs/architecture.md, "Privacy rules");
+only privacy/ writes the ledger (privacy/budget.py, privacy/release.py).
 
 The DP noise and the Poisson sampling come from generators seeded afresh from the OS's
 entropy every round (privacy/randomness.py): the server, which knows the scenario seed,
@@ -14,7 +17,6 @@ that a deployed site's policy refuses -- derives them from the round's seed.
 
 from __future__ import annotations
 
-import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -22,15 +24,14 @@ import torch
 from torch import Tensor
 
 from fedgen.contract.task import PrivacyConfig, TrainingConfig
-from fedgen.privacy.accounting import affordable_steps, calibrate_after, calibrate_noise_multiplier
+from fedgen.privacy.budget import affordable_dp_sgd_steps, charge_dp_sgd_round, dp_sgd_noise_multiplier
 from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
 from fedgen.privacy.ledger import SiteLedger
 from fedgen.privacy.randomness import dp_generator
-from fedgen.shared_models import Batch, GenerativeModel
+from fedgen.privacy.release import plan_release, release_sum
+from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel, Releasing
 
 from .data import SiteData
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,33 +50,21 @@ def new_site_ledger(site: str, privacy: PrivacyConfig) -> SiteLedger:
                       target_epsilon=privacy.target_epsilon, max_grad_norm=privacy.max_grad_norm)
 
 
-def private_steps_per_iteration(model: GenerativeModel) -> int:
+def private_steps_per_iteration(model: DPSGDTrainable) -> int:
     return sum(1 for s in model.steps() if s.private)
 
 
-def plan_dp_round(model: GenerativeModel, n: int, *, training: TrainingConfig, privacy: PrivacyConfig,
+def plan_dp_round(model: DPSGDTrainable, n: int, *, training: TrainingConfig, privacy: PrivacyConfig,
                   ledger: SiteLedger) -> int:
-    """Calibrate sigma on the site's first round, then return how many iterations this
-    round's remaining budget affords (0 = the site must refuse)."""
+    """Calibrate sigma on the site's first DP-SGD round, then return how many iterations
+    this round's remaining budget affords (0 = the site must refuse)."""
     per_iteration = private_steps_per_iteration(model)
-    q = min(1.0, training.batch_size / n)
-    if ledger.noise_multiplier is None:
-        # a hybrid's release took its first round; sigma is calibrated to what it left
-        rounds = privacy.planned_rounds - int(model.release_epsilon is not None)
-        planned = max(1, rounds) * training.local_steps * per_iteration
-        ledger.noise_multiplier = calibrate_after(
-            ledger.accountant_history(), target_epsilon=privacy.target_epsilon, delta=privacy.delta,
-            sample_rate=q, steps=planned, accountant=privacy.accountant)
-        ledger.sample_rate = q
-        log.info("site %s: sigma=%.4g calibrated for eps=%g, q=%.4g, %d steps", ledger.site,
-                 ledger.noise_multiplier, privacy.target_epsilon, q, planned)
-    if ledger.sample_rate != q:  # the site's data changed size: account at the new rate
-        ledger.sample_rate = q
-    steps = affordable_steps(
-        ledger.accountant_history(), noise_multiplier=ledger.noise_multiplier, sample_rate=q,
-        wanted=training.local_steps * per_iteration, delta=ledger.delta,
-        target_epsilon=ledger.target_epsilon, accountant=ledger.accountant)
-    return steps // per_iteration
+    # a hybrid's release took its first round; sigma is calibrated to what it left
+    rounds = privacy.planned_rounds - int(model.release_epsilon is not None)
+    dp_sgd_noise_multiplier(ledger, sample_rate=min(1.0, training.batch_size / n),
+                            planned_steps=max(1, rounds) * training.local_steps * per_iteration,
+                            target_epsilon=privacy.target_epsilon, delta=privacy.delta, accountant=privacy.accountant)
+    return affordable_dp_sgd_steps(ledger, wanted=training.local_steps * per_iteration) // per_iteration
 
 
 def _uniform_batches(n: int, batch_size: int, generator: torch.Generator):
@@ -109,13 +98,16 @@ def run_local_round(
     else:  # secret: fresh OS entropy this round (privacy/randomness.py)
         sampling, noise = dp_generator("cpu"), dp_generator(device)
 
-    if model.training_mode == "release":
+    if model.wants_release():
+        assert isinstance(model, Releasing)
         return _release_round(model, data, privacy=privacy, ledger=ledger, server_round=server_round,
                               noise_rng=sampling, device=device, run=run)
+    if not isinstance(model, DPSGDTrainable):
+        raise TypeError(f"{type(model).__name__} has neither a release to make nor DP-SGD steps to train")
     iterations = training.local_steps
     if privacy.enabled:
         assert ledger is not None, "DP training needs the site's ledger"
-        getattr(model, "check_dp_compatible", lambda: None)()
+        model.check_dp_compatible()
         iterations = plan_dp_round(model, n, training=training, privacy=privacy, ledger=ledger)
         if iterations == 0:
             return RoundResult(status="budget_exhausted", num_examples=n, message=(
@@ -178,8 +170,7 @@ def run_local_round(
             opt.close()
 
     if privacy.enabled:
-        ledger.record_round(round=server_round, steps=dp_steps, noise_multiplier=ledger.noise_multiplier,
-                            sample_rate=q, run=run)
+        charge_dp_sgd_round(ledger, round=server_round, steps=dp_steps, run=run)
     losses_mean = {k: sums[k] / counts[k] for k in sums if counts[k]}
     first = steps[0].name
     return RoundResult(status="trained", num_examples=n, iterations=iterations, dp_steps=dp_steps,
@@ -187,31 +178,26 @@ def run_local_round(
 
 
 @torch.no_grad()
-def _release_round(model: GenerativeModel, data: SiteData, *, privacy: PrivacyConfig, ledger: SiteLedger | None,
+def _release_round(model: Releasing, data: SiteData, *, privacy: PrivacyConfig, ledger: SiteLedger | None,
                    server_round: int, noise_rng: torch.Generator, device: torch.device,
                    run: str | None) -> RoundResult:
-    """A release round: the site's sum of unit-norm per-record vectors plus ``N(0, sigma^2 I)``
-    -- one Gaussian mechanism with sensitivity 1, charged as one accountant step at
-    sampling rate 1, sigma calibrated to the release's epsilon (the whole budget for a pure
-    release family, which refuses from then on; a hybrid's ``release_epsilon`` share)."""
+    """A release round: the site's sum of unit-norm per-record vectors, under DP noised and
+    charged by the Gaussian release (privacy/release.py) at the release's epsilon -- the whole
+    budget for a pure release family, which refuses from then on; a hybrid's ``release_epsilon``."""
     n = len(data)
+    release = None
     if privacy.enabled:
         assert ledger is not None, "a DP release needs the site's ledger"
-        sigma = calibrate_noise_multiplier(
-            target_epsilon=privacy.target_epsilon if model.release_epsilon is None else model.release_epsilon,
-            delta=privacy.delta, sample_rate=1.0, steps=1, accountant=privacy.accountant)
-        if model.release_epsilon is None and ledger.noise_multiplier is None:  # a hybrid's DP-SGD sigma comes later
-            ledger.noise_multiplier, ledger.sample_rate = sigma, 1.0
-        if affordable_steps(ledger.accountant_history(), noise_multiplier=sigma, sample_rate=1.0,
-                            wanted=1, delta=ledger.delta, target_epsilon=ledger.target_epsilon,
-                            accountant=ledger.accountant) == 0:
+        whole_budget = model.release_epsilon is None
+        release = plan_release(ledger, epsilon=privacy.target_epsilon if whole_budget else model.release_epsilon,
+                               delta=privacy.delta, accountant=privacy.accountant, whole_budget=whole_budget)
+        if release is None:
             return RoundResult(status="budget_exhausted", num_examples=n, message=(
                 f"site {ledger.site} refuses to release again: one more release would exceed its target "
                 f"epsilon {ledger.target_epsilon} (spent {ledger.epsilon:.4g})"))
     total = model.statistic_sum(data.x.to(device), None if data.y is None else data.y.to(device))
-    if privacy.enabled:  # noise drawn on the CPU generator, then moved (same draws on any device)
-        total += sigma * torch.randn(total.shape, generator=noise_rng).to(total.device)
-        ledger.record_round(round=server_round, steps=1, noise_multiplier=sigma, sample_rate=1.0, run=run)
+    if release is not None:
+        total = release_sum(total, release, ledger, generator=noise_rng, round=server_round, run=run)
     model.set_release(total / n)
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=int(privacy.enabled))
 

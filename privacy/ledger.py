@@ -61,6 +61,11 @@ class SiteLedger:
         """Rounds recorded for ``run`` (``None``: entries without a run, i.e. simulation)."""
         return {h.round for h in self.history if h.run == run}
 
+    def set_target_epsilon(self, target_epsilon: float) -> None:
+        """This run's target (the task's, capped by the site's policy): a site's ledger
+        outlives runs, and each run may ask for a different budget."""
+        self.target_epsilon = target_epsilon
+
     def record_round(self, *, round: int, steps: int, noise_multiplier: float, sample_rate: float,
                      run: str | int | None = None) -> RoundSpend:
         """Append one round's spend. A (run, round) is recorded at most once, so a retried

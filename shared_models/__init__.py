@@ -1,6 +1,6 @@
 """Generative model families behind one protocol (pure PyTorch: no Flower, no Opacus)."""
 
-from .protocol import Batch, GenerativeModel, TrainingStep
+from .protocol import Batch, DPSGDTrainable, GenerativeModel, Releasing, TrainingStep
 from .registry import (
     ModelConfigError,
     UnknownModelError,
@@ -19,8 +19,10 @@ from . import mmd  # noqa: F401,E402
 
 __all__ = [
     "Batch",
+    "DPSGDTrainable",
     "GenerativeModel",
     "ModelConfigError",
+    "Releasing",
     "TrainingStep",
     "UnknownModelError",
     "build_model",

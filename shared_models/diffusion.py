@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .layers import (ResBlock, downsample_conv, flat_dim, group_norm, is_image_shape, one_hot,
                      sinusoidal_embedding, upsample_conv, zero_init)
-from .protocol import Batch, GenerativeModel, TrainingStep
+from .protocol import Batch, DPSGDTrainable, TrainingStep
 from .registry import register_model
 
 
@@ -106,7 +106,7 @@ class _MLPDenoiser(nn.Module):
 
 
 @register_model("diffusion")
-class Diffusion(GenerativeModel):
+class Diffusion(DPSGDTrainable):
     """DDPM / DDIM with classifier-free guidance and DP noise multiplicity.
 
     Args:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import ResBlock, flat_dim, group_norm, is_image_shape, label_planes, mlp, one_hot, soft_clamp, zero_init
-from .protocol import Batch, GenerativeModel, TrainingStep
+from .protocol import Batch, DPSGDTrainable, Releasing, TrainingStep
 from .registry import register_model
 from .release import precision_weighted_release
 
@@ -163,8 +163,9 @@ def vector_mask(dim: int, k: int) -> Tensor:
 
 
 @register_model("flow")
-class RealNVP(GenerativeModel):
-    """RealNVP flow with exact log-likelihood.
+class RealNVP(DPSGDTrainable, Releasing):
+    """RealNVP flow with exact log-likelihood, trained by DP-SGD; with
+    ``base_release_epsilon`` a hybrid that releases its class means first (both capabilities).
 
     Args:
         data_shape: ``(C, H, W)`` images or ``(D,)`` vectors (D >= 2), data in [0, 1].
@@ -305,10 +306,13 @@ class RealNVP(GenerativeModel):
         return self.base_release_epsilon
 
     @property
-    def training_mode(self) -> str:  # type: ignore[override]
-        """``"release"`` for a hybrid whose base is not released yet, else ``"sgd"``."""
-        released = bool(self.base_release[:, -1].abs().sum() > 0)
-        return "release" if self.base_release_epsilon is not None and not released else "sgd"
+    def base_released(self) -> bool:
+        """Whether the model holds a release (its class counts are not all zero)."""
+        return bool(self.base_release[:, -1].abs().sum() > 0)
+
+    def wants_release(self) -> bool:
+        """A hybrid releases until its base is released, then trains by DP-SGD; a plain flow never releases."""
+        return self.base_release_epsilon is not None and not self.base_released
 
     def _release_vectors(self, x: Tensor) -> Tensor:
         """``[sqrt(1 - w^2) (x - 1/2) / (sqrt(D) / 2), w]``: L2 norm <= 1 for x in [0, 1]^D."""
@@ -339,7 +343,7 @@ class RealNVP(GenerativeModel):
     def _base_means(self) -> Tensor | None:
         """The released class means mapped like the data (mid-bin dequantisation, logit):
         ``[classes, D]``, or ``None`` before a release."""
-        if self.base_release_epsilon is None or self.training_mode == "release":
+        if self.base_release_epsilon is None or not self.base_released:
             return None
         w, d = _BASE_COUNT_WEIGHT, self.base_release.shape[1] - 1
         counts = (self.base_release[:, -1] / w).clamp_min(1e-6).unsqueeze(1)  # count / N, noisy

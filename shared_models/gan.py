@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import ConvUpsampler, conv2d, flat_dim, is_image_shape, linear, mlp, one_hot, update_spectral_norms
-from .protocol import Batch, GenerativeModel, TrainingStep
+from .protocol import Batch, DPSGDTrainable, TrainingStep
 from .registry import register_model
 
 GAN_LOSSES = ("ns", "hinge", "lsgan", "wgan", "wgan-gp")
@@ -133,7 +133,7 @@ class _Discriminator(nn.Module):
 
 
 @register_model("gan")
-class GAN(GenerativeModel):
+class GAN(DPSGDTrainable):
     """DP-trainable GAN (see the module docstring for the losses and DP rules).
 
     Args:

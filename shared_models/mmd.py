@@ -2,7 +2,7 @@
 (Harder, Adamczewski & Park, "DP-MERF: Differentially Private Mean Embeddings with
 Random Features for Practical Privacy-Preserving Data Generation", AISTATS 2021).
 
-A *release* family (``training_mode = "release"``): a site does not run DP-SGD. It
+A *release* family (:class:`~shared_models.protocol.Releasing` only): a site does not run DP-SGD. It
 computes, once, the sum over its records of
 
     v(x, y) = [sqrt(1 - w^2) phi(x), w] (x) e_y
@@ -16,7 +16,7 @@ smaller ``count_weight`` hands most of the norm to ``phi``, the same as a
 ``1 / sqrt(2 (1 - w^2))`` times smaller noise on the features for the same release.
 Every record's ``v`` has L2 norm exactly 1, so the sum has
 sensitivity 1 under add/remove-one and adding ``N(0, sigma^2 I)`` is one Gaussian
-mechanism: one accountant step at sampling rate 1 (``client/training.py``). The frequencies
+mechanism: one accountant step at sampling rate 1 (``privacy/release.py``). The frequencies
 ``W`` come from a public seed, never from data.
 
 The site stores its noisy mean ``S_k / n_k`` in the ``embedding`` buffer and returns the
@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .layers import ConvUpsampler, flat_dim, is_image_shape, mlp, one_hot
-from .protocol import GenerativeModel
+from .protocol import Releasing
 from .registry import register_model
 from .release import precision_weighted_release
 
@@ -61,7 +61,7 @@ _WARMUP_STEPS = 20  # steps before the moving average may stop the fit
 
 
 @register_model("mmd")
-class MMDGenerator(GenerativeModel):
+class MMDGenerator(Releasing):
     """A generator fitted to a DP random-feature mean embedding (DP-MERF).
 
     Args:
@@ -99,8 +99,6 @@ class MMDGenerator(GenerativeModel):
             ``"fedavg"`` takes FedAvg's plain average.
     """
 
-    grad_sample_mode = "bk"  # unused: nothing here is trained with DP-SGD
-    training_mode = "release"
     release_buffer = "embedding"
 
     def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None, *, architecture: str = "conv",
@@ -236,7 +234,3 @@ class MMDGenerator(GenerativeModel):
     @torch.no_grad()
     def sample(self, n: int, labels: Tensor | None = None, temperature: float | None = None) -> Tensor:
         return self._generate(n, self.check_labels(n, labels), self.temperature if temperature is None else temperature)
-
-    def steps(self):
-        raise NotImplementedError("the mmd family is trained by one private release (training_mode 'release'), "
-                                  "not by DP-SGD steps")

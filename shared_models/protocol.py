@@ -1,17 +1,26 @@
 """The contract every generative model family implements (docs/architecture.md §2).
 
-A family is an ``nn.Module`` that exposes its training iteration as an ordered list of
-:class:`TrainingStep`. The one local training loop (``client/training.py``) runs those
-steps, with or without differential privacy, without knowing which family it trains.
+:class:`GenerativeModel` is what every family is (data geometry, conditioning, sampling);
+how its sites train it is a capability, one mixin each, and a family has one or both:
+
+- :class:`DPSGDTrainable`: the family exposes its training iteration as an ordered list
+  of :class:`TrainingStep`. The one local training loop (``client/training.py``) runs
+  those steps, with or without differential privacy, without knowing which family it trains.
+- :class:`Releasing`: the site publishes one noisy statistic of its data, and the server
+  fits the model to the sites' combined releases.
+
+The loop asks :meth:`GenerativeModel.wants_release` which of the two a round is.
 
 Privacy boundary: a step marked ``private=True`` receives a :class:`Batch` of real site
 examples and must return one loss per example (the DP-SGD clipping unit). A step marked
 ``private=False`` receives a batch with ``x is None and y is None``: it literally cannot
 see site data, which is what makes its update post-processing (no noise, no charge).
+A release's per-record vectors have L2 norm <= 1 (sensitivity 1 of the sum).
 """
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,33 +73,22 @@ class TrainingStep:
     betas: tuple[float, float] = (0.9, 0.999)
 
 
-class GenerativeModel(nn.Module):
-    """Base class of all families: holds the data geometry and the conditioning.
+class GenerativeModel(nn.Module, metaclass=ABCMeta):
+    """Base class of all families: the data geometry, the conditioning and sampling.
 
-    Subclasses implement :meth:`steps` and :meth:`sample`; families with a tractable
-    likelihood also implement :meth:`log_likelihood`.
+    A family is trained at the sites by one (or both) of two capabilities, each a mixin
+    below that declares what the training loop and the server may ask of it:
+
+    - :class:`DPSGDTrainable`: :meth:`~DPSGDTrainable.steps` run in the one local loop
+      (DP-SGD under DP): vae, gan, diffusion, flow.
+    - :class:`Releasing`: the site publishes one noisy statistic of its data (one Gaussian
+      mechanism, ``privacy/release.py``) and the server fits the model to the aggregate
+      (:meth:`server_update`): mmd; the flow with ``base_release_epsilon`` releases in its
+      first round and trains by DP-SGD afterwards (a hybrid: both capabilities).
+
+    Subclasses implement :meth:`sample`; families with a tractable likelihood also
+    implement :meth:`log_likelihood`.
     """
-
-    #: Per-example clipping mode that is fastest *and correct* for this family: "bk"
-    #: (Book-Keeping, privacy/book_keeping.py) or Opacus' "ghost", "hooks", "functorch";
-    #: ``privacy.grad_sample_mode`` may override it.
-    grad_sample_mode: str = "bk"
-
-    #: How a site trains the family. ``"sgd"``: the :meth:`steps` run in the one local loop
-    #: (DP-SGD under DP). ``"release"``: the site publishes one noisy statistic of its data
-    #: (:meth:`statistic_sum`, every record contributing L2 norm <= 1, so one Gaussian
-    #: mechanism step) and the server fits the model to the aggregate (:meth:`server_update`).
-    training_mode: str = "sgd"
-
-    #: The part of a site's epsilon its release spends: ``None`` for a pure release family
-    #: (mmd: the whole budget). A hybrid (the flow's ``base_release_epsilon``) releases in
-    #: its first round and trains by DP-SGD afterwards, with sigma calibrated to the target
-    #: minus this share: by basic composition the site's epsilon stays within the target.
-    release_epsilon: float | None = None
-
-    #: Release families: the name of the buffer :meth:`set_release` fills; the server reads
-    #: each site's release from it to combine them (:meth:`combine_releases`).
-    release_buffer: str | None = None
 
     def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None) -> None:
         super().__init__()
@@ -105,14 +103,11 @@ class GenerativeModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def steps(self) -> list[TrainingStep]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
+    @abstractmethod
     @torch.no_grad()
-    def sample(self, n: int, labels: Tensor | None = None) -> Tensor:  # pragma: no cover
+    def sample(self, n: int, labels: Tensor | None = None) -> Tensor:
         """Draw ``n`` samples ``[n, *data_shape]`` in data range; ``labels`` ``[n]`` for
         a conditional model (balanced over classes when omitted)."""
-        raise NotImplementedError
 
     def log_likelihood(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Per-example log-likelihood (or a lower bound) in nats. Optional."""
@@ -122,32 +117,27 @@ class GenerativeModel(nn.Module):
         """Post-processing on the server after each aggregation; it sees the aggregated
         model only, never site data. ``release_noise_variance``: after a release round under a
         plain mean, the per-coordinate variance of the Gaussian noise in the combined release
-        (:meth:`combine_releases`; public: the sites' noise multipliers and counts), else ``None``.
-        Returns metrics for ``metrics.jsonl``. Default: none."""
+        (:meth:`Releasing.combine_releases`; public: the sites' noise multipliers and counts),
+        else ``None``. Returns metrics for ``metrics.jsonl``. Default: none."""
         return {}
 
-    def statistic_sum(self, x: Tensor, y: Tensor | None) -> Tensor:  # pragma: no cover - release families
-        """Release families: the sum over records of a per-record vector of L2 norm <= 1."""
-        raise NotImplementedError(f"{type(self).__name__} is not a release family")
+    # -- read-only summaries of the capabilities (the server's read path) -------------
+    def wants_release(self) -> bool:
+        """Whether a site's next round is a release (:class:`Releasing`) rather than
+        DP-SGD steps. The training loop and the server ask this; families override it
+        through :class:`Releasing`, never by setting a flag."""
+        return False
 
-    def set_release(self, mean_statistic: Tensor) -> None:  # pragma: no cover - release families
-        """Release families: store the site's noisy mean statistic in the model's state."""
-        raise NotImplementedError(f"{type(self).__name__} is not a release family")
+    @property
+    def training_mode(self) -> str:
+        """``"release"`` when :meth:`wants_release`, else ``"sgd"``: derived, never set."""
+        return "release" if self.wants_release() else "sgd"
 
-    def combine_releases(self, sums: Tensor, noise_multipliers: Tensor, total_examples: float) -> float:
-        """Release families, on the server: set the federation's statistic from the sites'
-        noisy sums ``[K, ...]`` (each site's release times its record count; ``sigma_k``
-        from its ledger) and return the per-coordinate variance of the noise it carries.
-        Default: FedAvg's average ``sum_k S~_k / N``, variance ``sum_k sigma_k^2 / N^2``."""
-        self.set_release(sums.sum(0) / total_examples)
-        return float((noise_multipliers.double() ** 2).sum()) / total_examples ** 2
-
-    def check_dp_compatible(self) -> None:
-        """Raise ``ValueError`` (saying why and what to use instead) if this model, as
-        configured, cannot be trained with DP-SGD. The training loop calls it when DP is
-        on, before the first step. The base class accepts every configuration (no-op);
-        a family overrides it for options whose per-example gradients Opacus cannot
-        compute (e.g. the GAN's WGAN-GP gradient penalty)."""
+    @property
+    def release_epsilon(self) -> float | None:
+        """The share of a site's epsilon a hybrid's release spends before DP-SGD; ``None``
+        for every other family (a pure release family spends the whole budget)."""
+        return None
 
     # -- helpers shared by the families -------------------------------------------
     def balanced_labels(self, n: int) -> Tensor | None:
@@ -170,3 +160,60 @@ class GenerativeModel(nn.Module):
         if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes - 1}]")
         return labels
+
+
+class DPSGDTrainable(GenerativeModel):
+    """Capability: trained by :meth:`steps` in the one local loop (``client/training.py``),
+    clipped, noised and charged per private step under DP (Abadi et al. 2016)."""
+
+    #: Per-example clipping mode that is fastest *and correct* for this family: "bk"
+    #: (Book-Keeping, privacy/book_keeping.py) or Opacus' "ghost", "hooks", "functorch";
+    #: ``privacy.grad_sample_mode`` may override it.
+    grad_sample_mode: str = "bk"
+
+    @abstractmethod
+    def steps(self) -> list[TrainingStep]:
+        """One training iteration, in order; at least one step is ``private``."""
+
+    def check_dp_compatible(self) -> None:
+        """Raise ``ValueError`` (saying why and what to use instead) if this model, as
+        configured, cannot be trained with DP-SGD. The training loop calls it when DP is
+        on, before the first step. The default accepts every configuration; a family
+        overrides it for options whose per-example gradients Opacus cannot compute (e.g.
+        the GAN's WGAN-GP gradient penalty)."""
+
+
+class Releasing(GenerativeModel):
+    """Capability: a site publishes one noisy statistic of its data.
+
+    Every record contributes a vector of L2 norm <= 1 to :meth:`statistic_sum`, so the sum
+    has sensitivity 1 and adding ``N(0, sigma^2 I)`` is one Gaussian mechanism
+    (``privacy/release.py``). The site stores its noisy mean with :meth:`set_release`; the
+    server reads each site's from :attr:`release_buffer`, combines them
+    (:meth:`combine_releases`) and fits the model to the result (:meth:`server_update`).
+    """
+
+    #: The name of the buffer :meth:`set_release` fills.
+    release_buffer: str
+
+    @abstractmethod
+    def statistic_sum(self, x: Tensor, y: Tensor | None) -> Tensor:
+        """The sum over records of a per-record vector of L2 norm <= 1."""
+
+    @abstractmethod
+    def set_release(self, mean_statistic: Tensor) -> None:
+        """Store the site's noisy mean statistic in the model's state."""
+
+    def wants_release(self) -> bool:
+        """A pure release family releases every round it is asked: its first release
+        spends the whole budget, so the site's ledger refuses every later one. A hybrid
+        overrides this: it releases until its release is in the model."""
+        return True
+
+    def combine_releases(self, sums: Tensor, noise_multipliers: Tensor, total_examples: float) -> float:
+        """On the server: set the federation's statistic from the sites' noisy sums
+        ``[K, ...]`` (each site's release times its record count; ``sigma_k`` from its
+        ledger) and return the per-coordinate variance of the noise it carries.
+        Default: FedAvg's average ``sum_k S~_k / N``, variance ``sum_k sigma_k^2 / N^2``."""
+        self.set_release(sums.sum(0) / total_examples)
+        return float((noise_multipliers.double() ** 2).sum()) / total_examples ** 2

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import ConvUpsampler, flat_dim, group_norm, is_image_shape, label_planes, mlp, one_hot
-from .protocol import Batch, GenerativeModel, TrainingStep
+from .protocol import Batch, DPSGDTrainable, TrainingStep
 from .registry import register_model
 
 
@@ -39,7 +39,7 @@ class _ConvEncoder(nn.Module):
 
 
 @register_model("vae")
-class VAE(GenerativeModel):
+class VAE(DPSGDTrainable):
     """VAE with an MLP (any data shape) or a small conv (images, H and W divisible by 4)
     encoder/decoder.
 

@@ -425,14 +425,14 @@ def test_flow_base_release_sets_the_class_means_then_trains_by_dp_sgd_within_the
 
     torch.manual_seed(0)
     exact = build_model("flow", data_shape=digits.shape, num_classes=10, levels=17, hidden=16, base_release_epsilon=1.0)
-    assert exact.training_mode == "release"
+    assert exact.wants_release()
     for i in range(5):  # a one-record sum is that record's contribution: the sensitivity is 1
         assert float(exact.statistic_sum(data.x[i:i + 1], data.y[i:i + 1]).norm()) <= 1.0 + 1e-6
     extremes = torch.stack([torch.zeros(digits.shape), torch.ones(digits.shape)])
     assert exact.statistic_sum(extremes, torch.tensor([0, 1])).norm(dim=1)[:2].tolist() == pytest.approx([1.0, 1.0])
     no_dp = PrivacyConfig(enabled=False, target_epsilon=1.0, delta=1e-5, max_grad_norm=1.0)
     run_local_round(exact, data, training=training, privacy=no_dp, ledger=None, server_round=1, seed=0)
-    assert exact.training_mode == "sgd"
+    assert not exact.wants_release()
     assert torch.allclose(exact._base_means(), _class_base_means(exact, data.x, data.y), atol=1e-4)
     z = exact.sample(20, torch.arange(20) % 10, temperature=1e-6)  # base at its mean, couplings at identity
     assert torch.allclose(z, exact.from_latent(_class_base_means(exact, data.x, data.y)[torch.arange(20) % 10],
