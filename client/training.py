@@ -6,7 +6,7 @@ Otherwise each iteration runs the family's :meth:`~shared_models.DPSGDTrainable.
 A private step draws its own Poisson batch (Abadi et al. 2016, with the sampling that the
 accountant's amplification assumes) and is clipped, noised and charged one accountant
 step; a non-private step never sees data. Before a round the site checks its ledger and
-takes only the steps its remaining budget affords (docs/architecture.md, "Privacy rules");
+takes only the steps its remaining budget affords (docs/architecture.md §3);
 only privacy/ writes the ledger (privacy/budget.py, privacy/release.py).
 
 The DP noise and the Poisson sampling come from generators seeded afresh from the OS's

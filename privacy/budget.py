@@ -1,5 +1,5 @@
 """A site's DP-SGD budget: the operations the local training loop needs on its ledger
-(docs/architecture.md, "Privacy rules").
+(docs/architecture.md §3).
 
 Only ``privacy/`` writes a :class:`~privacy.ledger.SiteLedger`: the loop asks for the
 noise multiplier (calibrated on the site's first DP-SGD round), for the steps the rest of

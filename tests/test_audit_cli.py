@@ -289,3 +289,20 @@ def test_same_run_under_dp_is_not(fedgen, tmp_path):
     assert 0.9 <= claimed <= 1.0
     assert audit["canaries"]["epsilon_lower_bound"]["value"] <= claimed
     assert not audit["accounting_violation"]
+
+
+def test_a_release_family_is_audited_black_box_only(digits):
+    """mmd has no per-example training loss: auditing with its model runs the black-box
+    tests and records no white-box statistic, instead of failing on a missing ``steps()``."""
+    from fedgen.shared_models import build_model
+    from fedgen.simulations.audit_cli import AuditInputs, audit_inputs
+
+    torch.manual_seed(0)
+    model = build_model("mmd", data_shape=digits.shape, num_classes=10, architecture="mlp", num_features=200,
+                        hidden=16, fit_steps=1)
+    train, holdout = digits.subset(np.arange(0, 600)), digits.subset(np.arange(600, 1400))
+    synthetic = model.sample(200, torch.arange(200) % 10).detach().numpy()
+    result = audit_inputs(AuditInputs(synthetic=synthetic, train=train, holdout=holdout, model=model),
+                          features=False)
+    assert result["source"]["white_box_statistic"] is None
+    assert result["verdicts"] and not any("white-box" in json.dumps(v) for v in result["verdicts"])
