@@ -70,7 +70,7 @@ class RoundRecord:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in _INLINE:
-                out.update(value.to_dict() if hasattr(value, "to_dict") else (value or {}))
+                out.update(_inline(value))
             elif f.default is MISSING or value is not None:
                 out[f.name] = value
         return out
@@ -80,7 +80,13 @@ class RoundRecord:
         return json.dumps(jsonable(self.to_dict()))
 
 
-_INLINE = {"site_level", "server_update", "metrics"}
+_INLINE = {"site_level", "server_update", "metrics"}  # written into the row itself
+
+
+def _inline(value: SiteLevelRound | ServerUpdate | dict[str, Any] | None) -> dict[str, Any]:
+    if value is None or isinstance(value, dict):
+        return value or {}
+    return value.to_dict()
 
 
 def _record_keys() -> frozenset[str]:
