@@ -1,4 +1,5 @@
-"""The fedgen ServerApp (Flower Message API). Thin: find the run directory, hand off."""
+"""The fedgen ServerApp (Flower Message API). Thin: find the run directory, compose the
+run (the harness's hooks for a simulated run, none for a deployment), hand off."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+
+from fedgen.simulations.hooks import hooks_for
 
 from .run import FederatedRun
 
@@ -32,4 +35,4 @@ def main(grid: Grid, context: Context) -> None:
             scenario = _app_root() / scenario
         run_dir = str(prepare_run(scenario, out_root=_app_root() / "runs"))
         context.run_config["run-dir"] = run_dir
-    FederatedRun(grid, Path(run_dir)).execute()
+    FederatedRun(grid, Path(run_dir), hooks=hooks_for(Path(run_dir))).execute()

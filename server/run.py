@@ -4,15 +4,18 @@ Plain Python over Flower's ``Grid``: :class:`FederatedRun` sends train messages 
 Message-API strategy, sorts and validates the replies, lets the strategy aggregate the
 good ones, folds every site's ledger into ``privacy.json``, evaluates, checkpoints, and
 stops early when no site can train any more (``stopped_reason: budget_exhausted``).
+
+The round loop reads top to bottom in :meth:`FederatedRun.execute`; around it:
+``checkpoint.py`` (commit and resume), ``record.py`` (the ``metrics.jsonl`` row),
+``summary.py`` (``summary.json``) and ``hooks.py`` (what a simulation adds: the run never
+asks whether it is one; docs/architecture.md §1).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,67 +24,32 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedgen.privacy.ledger import PrivacyLedger, SiteLedger, atomic_write_text, site_sort_key
-from fedgen.privacy.randomness import NOT_A_GUARANTEE
-from fedgen.privacy.site_level import SiteLevelDP
 from fedgen.contract import rundir
-from fedgen.contract.rundir import read_canaries
-from fedgen.contract.scenario import Scenario
 from fedgen.contract.task import build_global_model, example_level, site_level_mechanism, task_from_scenario
-from fedgen.shared_models import GenerativeModel
+from fedgen.privacy.ledger import PrivacyLedger, SiteLedger
+from fedgen.privacy.site_level import SiteLevelDP
 
-from .aggregation import bound_update_norms, robust_report, site_label
+from . import checkpoint
+from .aggregation import bound_update_norms, robust_report
 from .evaluate import GlobalEvaluator
-from .strategies import ROBUST, build_strategy, load_strategy_state, strategy_state
-from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, check_metrics, check_site_id, read_site_ledger,
-                      site_releases, sort_replies, weighted_mean)
+from .hooks import RunHooks
+from .record import RoundRecord, ServerUpdate, SiteLevelRound, short_reason
+from .strategies import ROBUST, build_strategy
+from .summary import RunPrivacy, write_summary
+from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, RoundReplies, check_metrics, site_releases, sort_replies,
+                      weighted_mean)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunState:
-    """What a checkpoint holds besides the model and the strategy: enough to resume the
-    run, as JSON (:meth:`to_dict`) -- a checkpoint never holds pickled objects."""
-
-    next_round: int
-    ledger: dict[str, Any]
-    exhausted_sites: list[str]
-    python_random_state: Any  # random.getstate(): (version, 625 ints, gauss_next)
-    wall_seconds: float
-    noise_rng_state: Any = None  # site-level DP noise generator's bit_generator.state (a dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        version, internal, gauss_next = self.python_random_state
-        return {**asdict(self), "python_random_state": [version, list(internal), gauss_next]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunState":
-        version, internal, gauss_next = d["python_random_state"]
-        return cls(next_round=int(d["next_round"]), ledger=d["ledger"], exhausted_sites=list(d["exhausted_sites"]),
-                   python_random_state=(version, tuple(internal), gauss_next),
-                   wall_seconds=float(d["wall_seconds"]), noise_rng_state=d.get("noise_rng_state"))
-
-
-def simulated_site_examples(run_dir: Path, spec: rundir.DataSpec) -> dict[str, int] | None:
-    """Simulation: each site's largest honest ``num-examples`` (site id -> its partition's
-    size, plus the audit canaries planted at it), which bounds what its replies may claim;
-    ``None`` when the run directory records no partitions."""
-    path = Path(run_dir) / rundir.PARTITIONS
-    if not path.exists():
-        return None
-    with np.load(path) as z:
-        sizes = {str(i): len(z[f"site_{i}"]) for i in range(spec.num_sites)}
-    canaries = read_canaries(str(run_dir))
-    if canaries is not None and str(canaries.site) in sizes:
-        sizes[str(canaries.site)] += int(canaries.included.sum())
-    return sizes
-
-
 class FederatedRun:
-    def __init__(self, grid: Grid, run_dir: Path) -> None:
+    """One run over ``run_dir``; ``hooks``: what the harness adds (default: nothing, a
+    deployment's run; ``server/app.py`` passes the simulation's)."""
+
+    def __init__(self, grid: Grid, run_dir: Path, hooks: RunHooks | None = None) -> None:
         self.grid = grid
         self.run_dir = Path(run_dir)
+        self.hooks = hooks if hooks is not None else RunHooks()
         self.scenario = rundir.read_scenario(self.run_dir)
         self.spec = rundir.DataSpec.read(self.run_dir)
         self.fed = self.scenario.federation
@@ -94,15 +62,12 @@ class FederatedRun:
                                     if example_level(self.scenario) else None,
                                     unit=self.privacy_cfg.unit)
         self.site_dp = self._site_level_mechanism()
-        deployed = self.scenario.deployment is not None
         # Site-level DP's amplification needs a sampling draw and noise nobody can predict:
         # both come from the OS's entropy unless a simulation opted in to seeded noise.
-        self.seeded_noise = self.privacy_cfg.seeded_noise and not deployed
+        self.seeded_noise = self.privacy_cfg.seeded_noise and self.hooks.allows_seeded_noise
         self.sampling_rng: Any = random if self.seeded_noise else random.SystemRandom()
         self.noise_rng = np.random.default_rng(self.scenario.seed if self.seeded_noise else None)
-        attack = self.scenario.simulation.byzantine
-        self.byzantine = set(attack.sites(self.spec.num_sites)) if attack and not deployed else set()
-        self.site_examples = None if deployed else simulated_site_examples(self.run_dir, self.spec)
+        self.site_examples = self.hooks.site_examples()
         self.exhausted: set[str] = set()
         self.node_sites: dict[int, str] = {}  # learnt from replies; names error and missing replies
         self.start_round = 1
@@ -116,74 +81,34 @@ class FederatedRun:
             self.ledger.site_level = mech.to_dict()
         return mech
 
-    # -- checkpoints --------------------------------------------------------------------
+    # -- checkpoints (server/checkpoint.py) -----------------------------------------------
     @property
     def _ckpt(self) -> Path:
-        return self.run_dir / rundir.CHECKPOINTS / "latest.pt"
+        return checkpoint.latest_path(self.run_dir)
 
     def _maybe_resume(self) -> None:
         if not self._ckpt.exists():
             return
-        ckpt = rundir.read_checkpoint(self._ckpt)  # weights_only: a checkpoint never runs code
-        try:
-            state = RunState.from_dict(ckpt["state"])
-            self.model.load_state_dict(ckpt["model"])
-            self.ledger = PrivacyLedger.from_dict(state.ledger)
-            random.setstate(state.python_random_state)
-            if state.noise_rng_state is not None and self.seeded_noise:
-                self.noise_rng.bit_generator.state = state.noise_rng_state
-            load_strategy_state(self.strategy, ckpt["strategy"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            first = (str(err).strip().splitlines() or [""])[0][:200]
-            raise rundir.CheckpointError(f"{self._ckpt}: does not fit this run ({type(err).__name__}: {first})") \
-                from None
+        state, self.ledger = checkpoint.restore(self._ckpt, model=self.model, strategy=self.strategy,
+                                                noise_rng=self.noise_rng if self.seeded_noise else None)
         self.exhausted = set(state.exhausted_sites)
         self.start_round = state.next_round
         self.wall_before = state.wall_seconds
         if self.site_dp is not None and self.ledger.site_level:
             self.site_dp = SiteLevelDP.from_dict(self.ledger.site_level)
-        self._restore_site_ledgers()
-        self._drop_uncommitted_metrics()
-        log.info("resuming at round %d from %s", self.start_round, self._ckpt)
-
-    def _drop_uncommitted_metrics(self) -> None:
-        rows = [r for r in rundir.read_metrics(self.run_dir) if r["round"] < self.start_round]
-        atomic_write_text(self.run_dir / rundir.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
-
-    def _site_ledger_path(self, site: str) -> Path:
-        """``sites/<site>/ledger.json`` of a simulated site, checked to stay inside the run
-        directory (site ids come from the sites and from files: never trusted as paths)."""
-        sites = (self.run_dir / "sites").resolve()
-        path = (sites / check_site_id(site) / "ledger.json").resolve()
-        if not path.is_relative_to(sites):
-            raise ReplyError(f"site id {site!r} names a path outside {sites}")
-        return path
-
-    def _restore_site_ledgers(self) -> None:
-        """Simulation resume: the checkpoint is the commit point. A round the server never
-        committed was never aggregated or released, so the simulated sites' ledgers are
-        reset to the committed ones and that round is redone -- the final ledger equals an
-        uninterrupted run's. (Deployed sites keep their own ledgers and are never reset.)"""
         try:
-            paths = {site: self._site_ledger_path(site) for site in self.ledger.sites}
+            self.hooks.restore_site_ledgers(self.ledger)
         except ReplyError as err:
             raise rundir.CheckpointError(f"{self._ckpt}: {err}") from None
-        for site, ledger in self.ledger.sites.items():
-            atomic_write_text(paths[site], ledger.to_json())
-        for folder in (self.run_dir / "sites").glob("*"):
-            if folder.name not in self.ledger.sites:
-                (folder / "ledger.json").unlink(missing_ok=True)
+        checkpoint.drop_uncommitted_metrics(self.run_dir, self.start_round)
+        log.info("resuming at round %d from %s", self.start_round, self._ckpt)
 
     def _checkpoint(self, next_round: int, wall: float) -> None:
-        folder = self.run_dir / rundir.CHECKPOINTS
-        folder.mkdir(exist_ok=True)
-        state = RunState(next_round=next_round, ledger=self.ledger.to_dict(),
-                         exhausted_sites=sorted(self.exhausted),
-                         python_random_state=random.getstate(), wall_seconds=wall,
-                         noise_rng_state=self.noise_rng.bit_generator.state)
-        rundir.write_checkpoint(self._ckpt, model=self.model.state_dict(), state=state.to_dict(),
-                                strategy=strategy_state(self.strategy), scenario=self.scenario.resolved())
-        torch.save(self.model.state_dict(), folder / f"model-round-{next_round - 1:04d}.pt")
+        state = checkpoint.RunState(next_round=next_round, ledger=self.ledger.to_dict(),
+                                    exhausted_sites=sorted(self.exhausted),
+                                    python_random_state=random.getstate(), wall_seconds=wall,
+                                    noise_rng_state=self.noise_rng.bit_generator.state)
+        checkpoint.save(self.run_dir, state, model=self.model, strategy=self.strategy, scenario=self.scenario)
 
     # -- the run --------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
@@ -192,86 +117,81 @@ class FederatedRun:
         config_json = task_from_scenario(self.scenario, self.spec).to_json()
         stopped_reason = "completed"
         rounds_completed = self.start_round - 1
-        rounds = self.fed.rounds
-        for rnd in range(self.start_round, rounds + 1):
+        for rnd in range(self.start_round, self.fed.rounds + 1):
             t_round = time.time()
             if self.site_dp is not None and not self.site_dp.can_release():
                 stopped_reason = "budget_exhausted"
                 log.info("round %d: the site-level budget is spent; stopping", rnd)
                 break
             config = ConfigRecord({"fedgen": config_json, "run-dir": str(self.run_dir)})
-            messages = (self._poisson_sample(rnd, arrays, config) if self.site_dp is not None
-                        else list(self.strategy.configure_train(rnd, arrays, config, self.grid)))
-            replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
-            # Under site-level DP clipping bounds every update; a rejection that depends on
-            # the other sites' norms would break that sensitivity bound, so it is off.
-            sorted_ = sort_replies(replies, arrays, sent_to=[m.metadata.dst_node_id for m in messages],
-                                   known_sites=self.node_sites,
-                                   destinations={m.metadata.message_id: m.metadata.dst_node_id for m in messages},
-                                   site_examples=self.site_examples, recorded_ledgers=self.ledger.sites,
-                                   outlier_factor=None if self.site_dp else self.fed.outlier_factor)
-            self.node_sites.update(sorted_.site_of)
-            for site_ledger in sorted_.ledgers:
-                self._update_site_ledger(site_ledger)
-            self._sync_simulated_site_ledgers()
-            self.exhausted.update(sorted_.refused)
-            row: dict[str, Any] = {
-                "round": rnd,
-                "clients_sampled": len(messages),
-                "clients_ok": len(sorted_.ok),
-                "clients_failed": len(sorted_.failed),
-                "clients_refused": len(sorted_.refused),
-                "train_loss": weighted_mean(sorted_.ok, "train-loss"),
-                "epsilon": self.ledger.epsilon if example_level(self.scenario) else None,
-                "failures": [{"site": s, "reason": short_reason(r)} for s, r in sorted_.failed],
-            }
-            if self.byzantine:
-                row["byzantine"] = sorted(site_label(m) for m in sorted_.ok if site_label(m) in self.byzantine)
-            if self.scenario.simulation.faults:
-                row["faults"] = {"dropped_out": sorted(sorted_.unavailable, key=site_sort_key),
-                                 "errors": sorted(sorted_.errors, key=site_sort_key),
-                                 "late": sorted(sorted_.late, key=site_sort_key),
-                                 "delayed_s": {site_label(m): round(float(_metric(m, "delay-s")), 2)
-                                               for m in sorted_.ok if _metric(m, "delay-s")}}
-            if messages and not (sorted_.ok or sorted_.refused or sorted_.unavailable or sorted_.late):
-                # Every sampled site failed (error replies, invalid updates): training cannot
-                # progress, and retrying would most likely fail the same way. Stop, say why.
-                stopped_reason = "clients_failed"
-                row["seconds"] = time.time() - t_round
-                self._append_metrics(row)
-                log.error("round %d: every sampled site failed, e.g. %s", rnd, row["failures"][0]["reason"])
+            messages = self._train_messages(rnd, arrays, config)
+            replies = self._collect(messages, arrays)
+            record = self._record(rnd, messages, replies)
+            if stop := self._early_stop(messages, replies, record):
+                stopped_reason = stop
+                record.seconds = time.time() - t_round
+                self._append_metrics(record)
                 break
-            if not sorted_.ok and len(self.exhausted) >= self.spec.num_sites:
-                stopped_reason = "budget_exhausted"
-                row["seconds"] = time.time() - t_round
-                self._append_metrics(row)
-                log.info("round %d: every site's budget is spent; stopping", rnd)
-                break
-            arrays = self._aggregate(rnd, arrays, sorted_.ok, row)
+            arrays = self._aggregate(rnd, arrays, replies.ok, record)
             rounds_completed = rnd
             every = self.scenario.evaluation.every
-            if (every and rnd % every == 0) or rnd == rounds:
-                t_eval = time.time()
-                row.update(self._evaluate(rnd, arrays))
-                row["eval_seconds"] = time.time() - t_eval
-            row["seconds"] = time.time() - t_round
-            self._append_metrics(row)
+            if (every and rnd % every == 0) or rnd == self.fed.rounds:
+                self._evaluate_into(record, rnd, arrays)
+            record.seconds = time.time() - t_round
+            self._append_metrics(record)
             self.ledger.write(self.run_dir / rundir.PRIVACY)
             self._checkpoint(next_round=rnd + 1, wall=time.time() - t_start)
         return self._finish(rounds_completed, stopped_reason, time.time() - t_start)
 
-    def _sync_simulated_site_ledgers(self) -> None:
-        """Simulation: a site that spent budget but whose reply never arrived (it crashed or
-        was late) has the spend in its own ledger file; fold it into ``privacy.json`` now,
-        so the run's ledger never understates what the sites spent."""
-        if self.scenario.deployment is not None:
-            return
-        for path in sorted((self.run_dir / "sites").glob("*/ledger.json")):
-            try:  # the file's site must be its folder's: no ledger lands under another site's name
-                ledger = read_site_ledger(path.read_text(), path.parent.name)
-            except ReplyError as err:
-                log.warning("%s: ignored (%s)", path, err)
-                continue
+    def _train_messages(self, rnd: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        if self.site_dp is not None:
+            return self._poisson_sample(rnd, arrays, config)
+        return list(self.strategy.configure_train(rnd, arrays, config, self.grid))
+
+    def _collect(self, messages: list[Message], arrays: ArrayRecord) -> RoundReplies:
+        """Send the round's messages; the replies, validated and sorted, their ledgers folded in."""
+        replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
+        # Under site-level DP clipping bounds every update; a rejection that depends on
+        # the other sites' norms would break that sensitivity bound, so it is off.
+        sorted_ = sort_replies(replies, arrays, sent_to=[m.metadata.dst_node_id for m in messages],
+                               known_sites=self.node_sites,
+                               destinations={m.metadata.message_id: m.metadata.dst_node_id for m in messages},
+                               site_examples=self.site_examples, recorded_ledgers=self.ledger.sites,
+                               outlier_factor=None if self.site_dp else self.fed.outlier_factor)
+        self.node_sites.update(sorted_.site_of)
+        for site_ledger in sorted_.ledgers:
+            self._update_site_ledger(site_ledger)
+        self._fold_unreported_ledgers()
+        self.exhausted.update(sorted_.refused)
+        return sorted_
+
+    def _record(self, rnd: int, messages: list[Message], replies: RoundReplies) -> RoundRecord:
+        record = RoundRecord(
+            round=rnd, clients_sampled=len(messages), clients_ok=len(replies.ok),
+            clients_failed=len(replies.failed), clients_refused=len(replies.refused),
+            train_loss=weighted_mean(replies.ok, "train-loss"),
+            epsilon=self.ledger.epsilon if example_level(self.scenario) else None,
+            failures=[{"site": s, "reason": short_reason(r)} for s, r in replies.failed])
+        self.hooks.annotate(record, replies)
+        return record
+
+    def _early_stop(self, messages: list[Message], replies: RoundReplies, record: RoundRecord) -> str | None:
+        """Why the run cannot go on after this round's replies (``None``: it can)."""
+        if messages and not (replies.ok or replies.refused or replies.unavailable or replies.late):
+            # Every sampled site failed (error replies, invalid updates): training cannot
+            # progress, and retrying would most likely fail the same way. Stop, say why.
+            log.error("round %d: every sampled site failed, e.g. %s", record.round, record.failures[0]["reason"])
+            return "clients_failed"
+        if not replies.ok and len(self.exhausted) >= self.spec.num_sites:
+            log.info("round %d: every site's budget is spent; stopping", record.round)
+            return "budget_exhausted"
+        return None
+
+    def _fold_unreported_ledgers(self) -> None:
+        """A site that spent budget but whose reply never arrived (it crashed or was late)
+        may have the spend on record at the site (the hooks find it); fold it into
+        ``privacy.json`` now, so the run's ledger never understates what the sites spent."""
+        for ledger in self.hooks.unreported_ledgers():
             known = self.ledger.sites.get(ledger.site)
             if known is None or len(ledger.history) > len(known.history):
                 self._update_site_ledger(ledger)
@@ -295,8 +215,8 @@ class FederatedRun:
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
                 for node in self.site_dp.sample(nodes, self.sampling_rng)]
 
-    def _aggregate(self, rnd: int, arrays: ArrayRecord, ok: list[Message], row: dict[str, Any]) -> ArrayRecord:
-        """The round's new global model from the valid updates ``ok`` (``row`` gets what
+    def _aggregate(self, rnd: int, arrays: ArrayRecord, ok: list[Message], record: RoundRecord) -> ArrayRecord:
+        """The round's new global model from the valid updates ``ok`` (``record`` gets what
         the server did to them)."""
         if self.site_dp is not None:  # DP-FedAvg: a noised release even when nobody replied
             new, info = self.site_dp.release(
@@ -304,17 +224,19 @@ class FederatedRun:
                 [{k: v.numpy() for k, v in next(iter(m.content.array_records.values())).items()} for m in ok],
                 self.noise_rng)
             self.ledger.site_level = self.site_dp.to_dict()
-            norms = info.pop("site_update_norms")
-            row.update(info, site_update_norm_median=float(np.median(norms)) if norms else None)
+            norms = info["site_update_norms"]
+            record.site_level = SiteLevelRound(sites_clipped=info["sites_clipped"],
+                                               site_level_epsilon=info["site_level_epsilon"],
+                                               site_update_norm_median=float(np.median(norms)) if norms else None)
             self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in new.items()})
-            return self._server_update(row)
+            return self._server_update(record)
         if not ok:
             return arrays
         releasing = self.model.training_mode == "release"  # before loading: a hybrid's mode follows its buffer
         if self.fed.norm_bound is not None:
-            row["clients_norm_bounded"] = bound_update_norms(ok, arrays, self.fed.norm_bound)
+            record.clients_norm_bounded = bound_update_norms(ok, arrays, self.fed.norm_bound)
         if self.fed.strategy in ROBUST:
-            row["robust"] = robust_report(self.fed.strategy, self.fed, ok)
+            record.robust = robust_report(self.fed.strategy, self.fed, ok)
         new_arrays, _ = self.strategy.aggregate_train(rnd, ok)
         if new_arrays is None:
             return arrays
@@ -322,20 +244,26 @@ class FederatedRun:
         # Releases under a plain mean: the family combines them itself and knows the noise
         # that leaves (public: the sites' sums, counts and sigmas). Robust rules and norm
         # bounds reshape the updates, so their aggregate stands as it is.
-        noise = None
-        if releasing and self.fed.strategy == "fedavg" and not row.get("clients_norm_bounded"):
-            noise = self.model.combine_releases(*site_releases(ok, rnd, self.model.release_buffer))
-            row["release_noise_variance"] = noise
-        return self._server_update(row, release_noise_variance=noise)
+        if releasing and self.fed.strategy == "fedavg" and not record.clients_norm_bounded:
+            record.release_noise_variance = self.model.combine_releases(
+                *site_releases(ok, rnd, self.model.release_buffer))
+        return self._server_update(record)
 
-    def _server_update(self, row: dict[str, Any], release_noise_variance: float | None = None) -> ArrayRecord:
+    def _server_update(self, record: RoundRecord) -> ArrayRecord:
         """The family's server-side post-processing of the aggregate (e.g. fitting the mmd
         generator to the released embedding); the new global model."""
         t = time.time()
-        info = self.model.server_update(release_noise_variance=release_noise_variance)
+        info = self.model.server_update(release_noise_variance=record.release_noise_variance)
         if info:
-            row.update(info, server_update_seconds=time.time() - t)
+            record.server_update = ServerUpdate(**info, server_update_seconds=time.time() - t)
         return ArrayRecord(self.model.state_dict())
+
+    def _evaluate_into(self, record: RoundRecord, rnd: int, arrays: ArrayRecord) -> None:
+        t_eval = time.time()
+        metrics = self._evaluate(rnd, arrays)
+        record.class_histogram = metrics.pop("class_histogram", None)
+        record.metrics = metrics
+        record.eval_seconds = time.time() - t_eval
 
     def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
         cfg = self.scenario.evaluation
@@ -356,67 +284,15 @@ class FederatedRun:
                    if not r.has_error() and _valid_eval_metrics(r)]
         return {"federated_eval_loss": weighted_mean(replies, "eval-loss"), "federated_eval_sites": len(replies)}
 
-    def _guarantees(self) -> list[dict[str, Any]]:
-        """Each DP guarantee of the run in words: what it protects, at which (epsilon, delta)."""
-        out = []
-        if example_level(self.scenario):
-            if self.model.release_epsilon is not None:  # a hybrid: release round, then DP-SGD
-                mechanism = "a Gaussian release of per-class sums, then DP-SGD, at every site"
-            elif self.model.training_mode == "release":
-                mechanism = "one Gaussian release of a per-class statistic at every site"
-            else:
-                mechanism = "DP-SGD at every site"
-            out.append({"unit": "example", "epsilon": self.ledger.epsilon, "delta": self.privacy_cfg.delta,
-                        "mechanism": f"{mechanism} (largest epsilon over sites)",
-                        "protects": "any single training record at a site"})
-        if self.site_dp is not None:
-            out.append({"unit": "site", "epsilon": self.site_dp.epsilon, "delta": self.site_dp.delta,
-                        "mechanism": "DP-FedAvg on the server (clipped site updates, Gaussian noise, "
-                                     "Poisson site sampling)",
-                        "protects": "whether any one site took part at all, all of its records together"})
-        for guarantee in out:
-            guarantee["noise"] = NOT_A_GUARANTEE if self.seeded_noise else "secret: fresh OS entropy every round"
-        return out
-
-    def _append_metrics(self, row: dict[str, Any]) -> None:
+    def _append_metrics(self, record: RoundRecord) -> None:
         with open(self.run_dir / rundir.METRICS, "a") as fh:
-            fh.write(json.dumps(_jsonable(row)) + "\n")
+            fh.write(record.to_json() + "\n")
 
     def _finish(self, rounds_completed: int, stopped_reason: str, wall: float) -> dict[str, Any]:
         self.ledger.write(self.run_dir / rundir.PRIVACY)
-        rows = rundir.read_metrics(self.run_dir)
-        last_eval = next((r for r in reversed(rows) if any(k not in _ROUND_KEYS for k in r)), {})
-        summary = {
-            "rounds_completed": rounds_completed,
-            "stopped_reason": stopped_reason,
-            "model": self.scenario.model.family,
-            "epsilon": self.ledger.epsilon if example_level(self.scenario) else None,
-            "delta": self.privacy_cfg.delta if example_level(self.scenario) else None,
-            "privacy_unit": self.privacy_cfg.unit if self.privacy_cfg.enabled else None,
-            "site_level_epsilon": self.site_dp.epsilon if self.site_dp is not None else None,
-            "guarantees": self._guarantees(),
-            "seeded_noise": self.seeded_noise,
-            "metrics": {k: v for k, v in last_eval.items() if k not in _ROUND_KEYS},
-            "wall_seconds": wall,
-        }
-        if self.seeded_noise and self.privacy_cfg.enabled:
-            summary["warning"] = NOT_A_GUARANTEE + " (privacy.seeded_noise: true, seed in scenario.yaml)"
-        if stopped_reason == "clients_failed":
-            summary["failure"] = rows[-1]["failures"][0]["reason"] if rows and rows[-1]["failures"] else ""
-        atomic_write_text(self.run_dir / rundir.SUMMARY, json.dumps(_jsonable(summary), indent=2))
-        try:
-            from fedgen.evaluation.report import write_run_report
-
-            write_run_report(self.run_dir)
-        except Exception as err:  # a report must never lose a finished run
-            log.warning("report.html not written: %s", err)
-        return summary
-
-
-def _metric(msg: Message, key: str, default: float = 0.0) -> float:
-    metrics = next(iter(msg.content.metric_records.values()))
-    return float(metrics[key]) if key in metrics else default
-
+        privacy = RunPrivacy(ledger=self.ledger, site_dp=self.site_dp, seeded_noise=self.seeded_noise)
+        return write_summary(self.run_dir, self.scenario, self.model, privacy,
+                             rounds_completed=rounds_completed, stopped_reason=stopped_reason, wall=wall)
 
 def _valid_eval_metrics(msg: Message) -> bool:
     """Whether an evaluate reply's metrics can be averaged (known keys, finite numbers, a
@@ -428,28 +304,3 @@ def _valid_eval_metrics(msg: Message) -> bool:
         log.warning("evaluate reply from node %s left out: %s", msg.metadata.src_node_id, err)
         return False
     return True
-
-
-def short_reason(reason: str) -> str:
-    """The informative line of a (possibly Ray-wrapped, multi-line) error reply."""
-    lines = [line.strip() for line in reason.splitlines() if line.strip()]
-    messages = [line.split("Message:", 1)[1].strip() for line in lines if "Message:" in line]
-    text = messages[-1] if messages else (lines[-1] if lines else reason)
-    return text.rstrip("'>")[:400]
-
-
-_ROUND_KEYS = {"round", "clients_sampled", "clients_ok", "clients_failed", "clients_refused", "train_loss",
-               "epsilon", "seconds", "failures", "eval_seconds", "class_histogram", "byzantine", "robust",
-               "clients_norm_bounded", "site_level_epsilon", "sites_clipped", "site_update_norm_median", "faults",
-               "server_fit_mmd", "server_fit_steps", "release_noise_variance", "release_noise_energy",
-               "server_update_seconds"}
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and obj != obj:  # NaN -> null (JSON has no NaN)
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    return obj

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedgen.contract.scenario import FederationConfig
-from fedgen.client.faults import attack_update
+from fedgen.simulations.faults import attack_update
 from fedgen.contract.scenario import byzantine_sites
 from fedgen.server.aggregation import bound_update_norms, robust_report
 from fedgen.server.strategies import build_strategy, list_strategies

@@ -228,7 +228,8 @@ def test_example_and_site_level_dp_are_both_reported(tmp_path):
 
 
 def test_simulated_faults_are_seeded_recorded_and_charged(tmp_path):
-    from fedgen.client.faults import plan_faults
+    from fedgen.contract.scenario import FaultsConfig
+    from fedgen.simulations.faults import plan_faults
 
     faults = {"dropout": 0.3, "crash": 0.2, "straggler": 0.3, "straggler_delay_s": [0.5, 1.5], "seed": 4}
     out = quick_run(tmp_path, "quickstart", "federation.rounds=3",
@@ -238,7 +239,7 @@ def test_simulated_faults_are_seeded_recorded_and_charged(tmp_path):
     ledger = json.loads((out / "privacy.json").read_text())["sites"]
     trained = {str(s): set() for s in range(5)}
     for row in rows:
-        plan = {str(s): plan_faults(faults, str(s), row["round"]) for s in range(5)}
+        plan = {str(s): plan_faults(FaultsConfig(**faults), str(s), row["round"]) for s in range(5)}
         dropped = sorted(s for s, p in plan.items() if p.dropout)
         crashed = [s for s, p in plan.items() if p.crash]
         delayed = {s: p.delay_s for s, p in plan.items() if p.delay_s and not p.crash}
@@ -256,10 +257,11 @@ def test_simulated_faults_are_seeded_recorded_and_charged(tmp_path):
 
 
 def test_a_straggler_past_the_deadline_is_left_out_of_its_round(tmp_path):
-    from fedgen.client.faults import plan_faults
+    from fedgen.contract.scenario import FaultsConfig
+    from fedgen.simulations.faults import plan_faults
 
     faults = {"dropout": 0.0, "crash": 0.0, "straggler": 0.25, "straggler_delay_s": [100.0, 100.0], "seed": 2}
-    plan = {r: [s for s in range(5) if plan_faults(faults, str(s), r).delay_s] for r in (1, 2)}
+    plan = {r: [s for s in range(5) if plan_faults(FaultsConfig(**faults), str(s), r).delay_s] for r in (1, 2)}
     assert plan == {1: [4], 2: []}  # site 4 sleeps 100 s before replying in round 1 only
     out = quick_run(tmp_path, "quickstart", "federation.rounds=2", "federation.round_timeout_s=45",
                     *[f"simulation.faults.{k}={v}" for k, v in faults.items()])

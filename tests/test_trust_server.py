@@ -23,6 +23,7 @@ from fedgen.server.run import FederatedRun
 from fedgen.server.strategies import build_strategy
 from fedgen.server.updates import DEFAULT_MAX_SITE_EXAMPLES, ReplyError, check_site_id, site_releases, sort_replies
 from fedgen.simulations import cli
+from fedgen.simulations.hooks import hooks_for
 
 from .conftest import REPO
 from .test_updates import GLOBAL, _rec, _reply, _update
@@ -57,6 +58,11 @@ def run_template(tmp_path_factory) -> Path:
     scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml",
                              ["federation.strategy=fedadam", "privacy.seeded_noise=true"])  # noise state resumes
     return write_run_dir(scenario, tmp_path_factory.mktemp("runs") / "quick")
+
+
+def _simulated_run(run_dir: Path) -> FederatedRun:
+    """The server's run over a simulation run directory, composed as ``server/app.py`` does."""
+    return FederatedRun(None, run_dir, hooks=hooks_for(run_dir))
 
 
 @pytest.fixture
@@ -102,7 +108,7 @@ def test_finding4_malicious_checkpoint_runs_no_code_in_sample(fedgen, run_dir, t
 def test_finding4_malicious_checkpoint_runs_no_code_on_resume(run_dir):
     evil = _evil_checkpoint(run_dir / rundir.CHECKPOINTS / "latest.pt")
     try:
-        FederatedRun(None, run_dir)
+        _simulated_run(run_dir)
         error = None
     except Exception as err:  # noqa: BLE001 -- which one is asserted below, after the marker
         error = err
@@ -112,7 +118,7 @@ def test_finding4_malicious_checkpoint_runs_no_code_on_resume(run_dir):
 
 
 def test_finding4_checkpoint_holds_only_tensors_and_json_and_resumes(run_dir):
-    run = FederatedRun(None, run_dir)
+    run = _simulated_run(run_dir)
     run.strategy.m_t = {k: np.full(v.shape, 0.5, dtype=np.float32) for k, v in run.model.state_dict().items()}
     run.strategy.v_t = {k: np.full(v.shape, 0.25, dtype=np.float32) for k, v in run.model.state_dict().items()}
     run.exhausted = {"3"}
@@ -125,7 +131,7 @@ def test_finding4_checkpoint_holds_only_tensors_and_json_and_resumes(run_dir):
     assert raw["format"] == rundir.CHECKPOINT_FORMAT and json.loads(raw["state"])["next_round"] == 3
 
     random.seed(123)
-    resumed = FederatedRun(None, run_dir)
+    resumed = _simulated_run(run_dir)
     assert (resumed.start_round, resumed.wall_before, resumed.exhausted) == (3, 12.5, {"3"})
     assert random.getstate() == py_state and resumed.noise_rng.bit_generator.state == np_state
     assert type(resumed.strategy).__name__ == "FedAdam"
@@ -165,7 +171,7 @@ def test_finding5_deployment_bounds_counts_by_a_default():
 def test_finding5_simulation_bounds_each_site_by_its_partition(run_dir):
     from fedgen.contract.rundir import read_canaries
 
-    run = FederatedRun(None, run_dir)
+    run = _simulated_run(run_dir)
     with np.load(run_dir / rundir.PARTITIONS) as z:
         sizes = {str(i): len(z[f"site_{i}"]) for i in range(5)}
     canaries = read_canaries(str(run_dir))
@@ -241,7 +247,7 @@ def test_finding6_payload_check_names_the_array():
 
 
 def test_finding6_a_shorter_ledger_never_aborts_the_run(run_dir, caplog):
-    run = FederatedRun(None, run_dir)
+    run = _simulated_run(run_dir)
     run._update_site_ledger(SiteLedger.from_json(_ledger("0", rounds=2)))
     with caplog.at_level(logging.WARNING, logger="fedgen.server.run"):
         run._update_site_ledger(SiteLedger.from_json(_ledger("0", rounds=1)))
@@ -280,25 +286,25 @@ def test_finding9a_simulation_accepts_only_the_runs_partition_ids():
 
 
 def test_finding9a_resume_never_writes_a_ledger_outside_the_run_dir(run_dir):
-    run = FederatedRun(None, run_dir)
+    run = _simulated_run(run_dir)
     run._checkpoint(next_round=2, wall=1.0)
     ckpt = rundir.read_checkpoint(run._ckpt)
     ckpt["state"]["ledger"]["sites"]["../../outside/x"] = json.loads(_ledger("0"))
     rundir.write_checkpoint(run._ckpt, model=ckpt["model"], state=ckpt["state"], strategy=ckpt["strategy"],
                             scenario=ckpt["scenario"])
     with pytest.raises(rundir.CheckpointError, match="is not allowed"):
-        FederatedRun(None, run_dir)
+        _simulated_run(run_dir)
     assert not (run_dir.parent / "outside").exists()
 
 
 def test_finding9a_a_site_ledger_file_cannot_claim_another_site(run_dir, caplog):
-    run = FederatedRun(None, run_dir)
+    run = _simulated_run(run_dir)
     (run_dir / "sites" / "0").mkdir(parents=True, exist_ok=True)
     (run_dir / "sites" / "0" / "ledger.json").write_text(_ledger("../../outside/x"))
     (run_dir / "sites" / "1").mkdir(parents=True, exist_ok=True)
     (run_dir / "sites" / "1" / "ledger.json").write_text(_ledger("1"))
-    with caplog.at_level(logging.WARNING, logger="fedgen.server.run"):
-        run._sync_simulated_site_ledgers()
+    with caplog.at_level(logging.WARNING, logger="fedgen.simulations.hooks"):
+        run._fold_unreported_ledgers()
     assert set(run.ledger.sites) == {"1"} and "ignored" in caplog.text
 
 
@@ -316,8 +322,8 @@ def test_finding10_a_torn_last_metrics_line_is_skipped_with_a_warning(tmp_path, 
 
 
 def test_finding10_resume_survives_a_torn_metrics_line(run_dir):
-    run = FederatedRun(None, run_dir)
+    run = _simulated_run(run_dir)
     run._checkpoint(next_round=2, wall=1.0)
     (run_dir / rundir.METRICS).write_text('{"round": 1}\n{"round": 2, "train_lo')
-    resumed = FederatedRun(None, run_dir)
+    resumed = _simulated_run(run_dir)
     assert resumed.start_round == 2 and rundir.read_metrics(run_dir) == [{"round": 1}]

@@ -22,18 +22,28 @@ Unreliable sites (:func:`plan_faults`), drawn independently per (seed, site, rou
 * straggler: the site replies ``delay_s`` late; past ``federation.round_timeout_s`` the
   server aggregates without it.
 
-Deployed sites never receive these blocks.
+Deployed sites never receive these blocks. The ClientApp mod
+:func:`simulated_faults_mod` (installed by ``client/app.py``) plays them around the site's
+own code, the way Flower's mods wrap a ClientApp (``flwr.clientapp.mod``): the training
+code never knows it is in a simulation.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from flwr.app import ArrayRecord, Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
 
+from fedgen.client.reply import site_reply
+from fedgen.client.site import site_id
+from fedgen.client.task import round_seed
 from fedgen.contract.scenario import FaultsConfig
+from fedgen.contract.task import ReplyStatus, SimulatedSite, TaskConfig
 
 ATTACKS: dict[str, Callable[[torch.Tensor, torch.Tensor, float, torch.Generator], torch.Tensor]] = {
     "sign_flip": lambda w, w0, scale, gen: w0 - scale * (w - w0),
@@ -74,3 +84,50 @@ def plan_faults(cfg: FaultsConfig, site: str, server_round: int) -> RoundFaults:
 
 class SimulatedCrash(RuntimeError):
     """A site process dying mid-round (simulation only)."""
+
+
+# -- the ClientApp mod ----------------------------------------------------------------------
+
+def simulated_faults_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A Flower ClientApp mod: a simulated site's planned faults and attack around its train
+    reply. Evaluate messages, deployed nodes and tasks without a simulation plan pass through.
+
+    dropout: answered here, the app never runs; crash: raised after the app returns (it
+    trained and recorded its spend); straggler: the reply waits ``delay_s`` (and says so in
+    its ``delay-s`` metric); Byzantine: the reply's update is replaced by the attack's."""
+    simulated = _simulated_site(msg, context)
+    if simulated is None:
+        return call_next(msg, context)
+    site = site_id(context)
+    server_round = int(msg.content["config"]["server-round"])
+    faults = plan_faults(simulated.faults, site, server_round) if simulated.faults else RoundFaults()
+    if faults.dropout:
+        return site_reply(msg, site, {"num-examples": 0, "status": int(ReplyStatus.UNAVAILABLE)},
+                          message="dropped out (simulated fault)")
+    reply = call_next(msg, context)
+    if faults.crash:
+        raise SimulatedCrash(f"site {site} crashed after training (simulated fault)")
+    if not reply.has_error():
+        _maybe_attack(simulated, msg, reply, site, server_round)
+        if simulated.faults and "metrics" in reply.content.metric_records:
+            reply.content["metrics"]["delay-s"] = faults.delay_s
+    time.sleep(faults.delay_s)
+    return reply
+
+
+def _simulated_site(msg: Message, context: Context) -> SimulatedSite | None:
+    """The harness's plan for a train message to a simulated node (no ``data-path``)."""
+    if msg.metadata.message_type != MessageType.TRAIN or "data-path" in context.node_config:
+        return None
+    return TaskConfig.from_json(str(msg.content["config"]["fedgen"])).simulation
+
+
+def _maybe_attack(simulated: SimulatedSite, msg: Message, reply: Message, site: str, server_round: int) -> None:
+    """A site the scenario made Byzantine replaces its update (in ``reply``, in place)."""
+    attack = simulated.byzantine
+    if attack is None or site not in attack.sites(simulated.num_sites) or "arrays" not in reply.content:
+        return
+    state = attack_update(attack.attack, reply.content["arrays"].to_torch_state_dict(),
+                          msg.content["arrays"].to_torch_state_dict(), attack.scale,
+                          round_seed(attack.seed, site, server_round))
+    reply.content["arrays"] = ArrayRecord(state)
