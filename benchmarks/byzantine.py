@@ -13,7 +13,7 @@ Count inflation (issue 17, finding 5) is measured on the server alone, in a seco
 of ten sites sends an arbitrary update and claims 10^9 examples, which FedAvg's
 example weighting turns into ~100 % of the aggregate unless ``sort_replies`` bounds the
 count (by the site's partition size in simulation). The simulated sites cannot lie about
-their counts (client/faults.py attacks only the update), so it needs no Flower run.
+their counts (simulations/faults.py attacks only the update), so it needs no Flower run.
 Writes benchmarks/results/byzantine-count-inflation.json.
 """
 

@@ -202,7 +202,7 @@ class EvaluationConfig(_Section):
 
 
 class ByzantineConfig(_Section):
-    """Sites that send corrupted updates (simulation only; client/faults.py)."""
+    """Sites that send corrupted updates (simulation only; simulations/faults.py)."""
 
     fraction: float = Field(..., gt=0.0, lt=1.0, description="share of the sites that attack")
     attack: Literal["sign_flip", "scale", "gaussian"] = "sign_flip"
@@ -221,7 +221,7 @@ def byzantine_sites(num_sites: int, fraction: float, seed: int) -> list[str]:
 
 
 class FaultsConfig(_Section):
-    """Unreliable sites (simulation only; client/faults.py), drawn per (seed, site, round)
+    """Unreliable sites (simulation only; simulations/faults.py), drawn per (seed, site, round)
     and recorded in every round's ``faults`` entry of ``metrics.jsonl``."""
 
     dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability a sampled site is unreachable")

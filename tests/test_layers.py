@@ -101,7 +101,14 @@ def test_installing_fedgen_adds_one_top_level_name(tmp_path):
     import sys
     import zipfile
 
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+    import shutil
+
+    source = tmp_path / "src"  # a copy: building in the checkout would leave build/ behind
+    for name in (*PACKAGES, "tests", "benchmarks", "scenarios"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                           "-q", "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = tmp_path.glob("fedgen-*.whl")
