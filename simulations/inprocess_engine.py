@@ -171,15 +171,16 @@ def _task_identity(run_id: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _app_logging(verbose: bool) -> Iterator[None]:
-    """What the Flower engine shows of the apps' logs (they log inside its processes): all
-    of it with ``--verbose``, else warnings and errors. The ServerApp's
-    ``logging.basicConfig(INFO)`` changes nothing once the CLI has configured logging;
-    Flower's ``flwr`` logger has its own console handler, so it does not propagate too."""
+    """The apps' logs: all of them with ``--verbose`` (as the Flower engine streams its
+    processes' output), else fedgen's warnings and errors and Flower's errors (Flower's
+    warnings, e.g. that the strategy skips federated evaluation, are not the user's to act
+    on). The ServerApp's ``logging.basicConfig(INFO)`` changes nothing once the CLI has
+    configured logging; Flower's ``flwr`` logger has its own console handler, so it does not
+    propagate too."""
     root, flwr_logger = logging.getLogger(), logging.getLogger("flwr")
     saved = root.level, flwr_logger.level, flwr_logger.propagate
-    level = logging.INFO if verbose else logging.WARNING
-    root.setLevel(level)
-    flwr_logger.setLevel(level)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    flwr_logger.setLevel(logging.INFO if verbose else logging.ERROR)
     flwr_logger.propagate = False
     try:
         yield

@@ -9,6 +9,10 @@ both engines gives the same privacy ledger and losses.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +181,28 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_gives_the_uninterrupted_led
     assert [r["round"] for r in _rows(run_dir)] == [1, 2, 3]
     assert json.loads((run_dir / "summary.json").read_text())["stopped_reason"] == "completed"
     assert _ledger(run_dir) == _ledger(ref)
+
+
+def test_sigint_of_the_cli_stops_the_run_as_interrupted(tmp_path):
+    """A real Ctrl-C (SIGINT to ``fedgen simulate``) mid-run: exit 130, summary ``interrupted``."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(QUICKSTART),
+                             "--out", str(out), "--set", INPROCESS, "--set", "federation.rounds=40",
+                             "--set", "evaluation.every=0"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoints" / "model-round-0001.pt").exists():
+            time.sleep(0.1)
+        assert (out / "checkpoints" / "model-round-0001.pt").exists(), "round 1 never finished"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_reason"] == "interrupted" and summary["resumable"] is True
+    assert 1 <= summary["rounds_completed"] < 40
 
 
 # -- the same run on both engines -------------------------------------------------------------
