@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import logging
 import secrets
 import time
@@ -42,7 +43,6 @@ from flwr.clientapp.client_app import ClientAppException
 from flwr.common.config import get_fused_config_from_dir, get_project_config
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.object_ref import load_app
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -58,6 +58,18 @@ def _random_id() -> int:
     """A 63-bit id, as Flower draws run and node ids; never from ``random``, whose state the
     ServerApp seeds and checkpoints."""
     return secrets.randbits(63) or 1
+
+
+def _load_component(reference: str) -> object:
+    """The object ``module:attribute`` names (``[tool.flwr.app.components]``). Imported from
+    the installed package rather than with Flower's ``load_app``, which puts the app folder
+    first on ``sys.path`` -- in this process that would let the repository's folders
+    (``client``, ``privacy``, ...) shadow installed modules of the same name."""
+    module, _, attribute = reference.partition(":")
+    obj: object = importlib.import_module(module)
+    for name in attribute.split("."):
+        obj = getattr(obj, name)
+    return obj
 
 
 def _error_reply(message: Message, err: Exception) -> Message:
@@ -197,8 +209,8 @@ class InProcessSimulation:
     def __init__(self, num_supernodes: int, app_dir: Path = APP_ROOT) -> None:
         self.num_supernodes, self.app_dir = num_supernodes, Path(app_dir)
         components = get_project_config(self.app_dir)["tool"]["flwr"]["app"]["components"]
-        self.server_app = cast(ServerApp, load_app(components["serverapp"], FlowerRunError, self.app_dir))
-        self.client_app = cast(ClientApp, load_app(components["clientapp"], FlowerRunError, self.app_dir))
+        self.server_app = cast(ServerApp, _load_component(components["serverapp"]))
+        self.client_app = cast(ClientApp, _load_component(components["clientapp"]))
         self.run_id = _random_id()
 
     def nodes(self, run_config: UserConfig) -> list[SimulatedNode]:
@@ -215,7 +227,9 @@ class InProcessSimulation:
         traceback is logged), ``KeyboardInterrupt`` passes through."""
         fused = get_fused_config_from_dir(self.app_dir, dict(run_config))
         grid = InProcessGrid(self.nodes(fused))
-        grid.set_run(Run.create_empty(self.run_id))
+        run = Run.create_empty(self.run_id)
+        run.override_config = dict(run_config)  # what `flwr run --run-config` records
+        grid.set_run(run)
         context = Context(run_id=self.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
                           run_config=dict(fused))
         with _app_logging(verbose), _task_identity(self.run_id):
