@@ -1,13 +1,16 @@
-"""Flower's simulation engine vs a plain Python loop doing the same federated training
-(issue 8): cold start and steady-state seconds per round, measured side by side in one
-invocation.
+"""The simulation engines -- Flower's runtime and the in-process one -- vs a plain Python
+loop doing the same federated training (issues 8 and 21): cold start, steady-state seconds
+per round and peak memory, measured side by side in one invocation.
 
-    python benchmarks/sim_overhead.py [--rounds 6] [--client-cpus 2 1] [--threads 1] [--set K=V] [--result NAME]
+    python benchmarks/sim_overhead.py [--rounds 6] [--engines flower inprocess] [--client-cpus 2 1]
+                                      [--threads 1] [--set K=V] [--result NAME]
 
-Flower side: ``python -m fedgen.simulations.cli simulate scenarios/quickstart.yaml --out RUN
+Engine side: ``python -m fedgen.simulations.cli simulate scenarios/quickstart.yaml --out RUN
 --set evaluation.every=0 --set federation.rounds=6 --set simulation.device=cpu --set
-simulation.client_cpus=C`` (no evaluation before the last round, whose evaluation time is
-subtracted, so training and aggregation are compared). ``client_cpus=2`` gives one Ray
+simulation.engine=E [--set simulation.client_cpus=C]`` (no evaluation before the last round,
+whose evaluation time is subtracted, so training and aggregation are compared). The
+in-process engine trains the sites one after another in the CLI's process (one run); each
+``client_cpus`` gives one Flower run. ``client_cpus=2`` gives one Ray
 actor that trains the sites one after another, like the plain loop (the like-for-like
 comparison); ``client_cpus=1`` (the quickstart's own setting) gives two actors that train
 two sites at a time on the 2 cores. Every process runs with OMP_NUM_THREADS=1
@@ -19,13 +22,13 @@ beforehand and not timed; its ``inputs/partitions.npz`` is checked equal to the 
 runs') and the same task configuration, and each round calls ``client.task.train_site``
 (the ClientApp's own training call, hence the same ``run_local_round``, model build, DP-SGD
 and calibration) for every site in turn, then averages the updates weighted by examples
-(FedAvg). The plain loop runs before, between and after the Flower runs; each Flower run
+(FedAvg). The plain loop runs before, between and after the engine runs; each engine run
 is compared with the two plain runs around it.
 
 Definitions (times from process launch, ``time.time()`` just before ``Popen``):
 
 - round end: mtime of ``checkpoints/model-round-NNNN.pt`` (Flower) or the loop's clock;
-- cold start = Flower's round-1 end - the plain loop's round-1 end: what Flower adds
+- cold start = the engine's round-1 end - the plain loop's round-1 end: what the engine adds
   before the first round's result exists (Python and torch start-up are paid by both;
   the CLI's run-directory preparation, ``prepare_run_dir_s``, only by Flower);
 - steady round = median ``seconds`` of rounds >= 2 (metrics.jsonl; the last round's
@@ -140,28 +143,29 @@ def steady(run: dict[str, Any]) -> float:
     return statistics.median(seconds[1:])
 
 
-def compare(flower: dict[str, Any], plains: list[dict[str, Any]]) -> dict[str, Any]:
+def compare(run: dict[str, Any], plains: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine run against the plain runs around it."""
     plain_steady = statistics.median(s for p in plains for s in p["round_seconds"][1:])
     plain_cpu = statistics.median(c for p in plains for c in p["round_cpu_s"][1:])
-    flower_cpu = statistics.median(flower["round_cpu_s"][1:-1])  # the last round evaluates
+    run_cpu = statistics.median(run["round_cpu_s"][1:-1])  # the last round evaluates
     plain_r1_end = statistics.median(p["round_end_s"][0] for p in plains)
     plain_r1 = statistics.median(p["round_seconds"][0] for p in plains)
-    flower_steady = steady(flower)
-    flower_r1 = training_seconds(flower)[0]
-    cold = flower["round_end_s"][0] - plain_r1_end
+    run_steady = steady(run)
+    run_r1 = training_seconds(run)[0]
+    cold = run["round_end_s"][0] - plain_r1_end
     return {
-        "steady_round_s": round(flower_steady, 3), "plain_steady_round_s": round(plain_steady, 3),
-        "steady_ratio": round(flower_steady / plain_steady, 3),
-        "steady_overhead_s": round(flower_steady - plain_steady, 3),
-        "steady_cpu_s": round(flower_cpu, 3), "plain_steady_cpu_s": round(plain_cpu, 3),
-        "steady_cpu_ratio": round(flower_cpu / plain_cpu, 3),
-        "round1_end_s": flower["round_end_s"][0], "plain_round1_end_s": round(plain_r1_end, 2),
+        "steady_round_s": round(run_steady, 3), "plain_steady_round_s": round(plain_steady, 3),
+        "steady_ratio": round(run_steady / plain_steady, 3),
+        "steady_overhead_s": round(run_steady - plain_steady, 3),
+        "steady_cpu_s": round(run_cpu, 3), "plain_steady_cpu_s": round(plain_cpu, 3),
+        "steady_cpu_ratio": round(run_cpu / plain_cpu, 3),
+        "round1_end_s": run["round_end_s"][0], "plain_round1_end_s": round(plain_r1_end, 2),
         "cold_start_s": round(cold, 2),
         "cold_start_parts_s": {
-            "launch_to_round1_start": round(flower["round_end_s"][0] - flower["round_seconds"][0], 2),
+            "launch_to_round1_start": round(run["round_end_s"][0] - run["round_seconds"][0], 2),
             "plain_launch_to_round1_start": round(plain_r1_end - plain_r1, 2),
-            "round1_minus_plain_round1": round(flower_r1 - plain_r1, 2)},
-        "steady_target_met": flower_steady / plain_steady <= STEADY_TARGET,
+            "round1_minus_plain_round1": round(run_r1 - plain_r1, 2)},
+        "steady_target_met": run_steady / plain_steady <= STEADY_TARGET,
         "cold_start_target_met": cold <= COLD_TARGET_S,
     }
 
@@ -202,9 +206,23 @@ def same_partitions(a: Path, b: Path) -> bool:
         return sorted(x.files) == sorted(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
 
 
+def engine_runs(engines: list[str], client_cpus: list[float]) -> list[tuple[str, list[str]]]:
+    """(name, scenario overrides) of each engine run: Flower once per ``client_cpus``."""
+    runs = []
+    for engine in engines:
+        if engine == "flower":
+            runs += [(f"flower client_cpus={cpus:g}", ["simulation.engine=flower", f"simulation.client_cpus={cpus:g}"])
+                     for cpus in client_cpus]
+        else:
+            runs.append((engine, [f"simulation.engine={engine}"]))
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--engines", nargs="+", choices=["flower", "inprocess"], default=["flower", "inprocess"],
+                        help="engines to measure (in this order; Flower once per --client-cpus)")
     parser.add_argument("--client-cpus", type=float, nargs="+", default=[2.0, 1.0],
                         help="simulation.client_cpus of each Flower run (2: one actor; 1: two actors)")
     parser.add_argument("--threads", type=int, default=1,
@@ -228,19 +246,17 @@ def main() -> None:
     load_start = load_average()
     inputs = work / "inputs-run"
     prepare_s = prepare_inputs(inputs, base)
-    # plain, flower, plain, flower, plain: each Flower run is compared with the plain runs
+    # plain, engine, plain, engine, plain: each engine run is compared with the plain runs
     # just before and after it, so a change in the machine's load hits both sides
     plains = [run_plain(inputs, args.rounds, work, 0)]
     print(f"plain loop: round 1 ends at {plains[0]['round_end_s'][0]:.1f} s", flush=True)
-    flower, comparison, partitions = {}, {}, {}
-    for i, cpus in enumerate(args.client_cpus):
-        name = f"client_cpus={cpus:g}"
-        flower[name] = run_sampled_simulation(SCENARIO, work / f"flower-{i}",
-                                              [*base, f"simulation.client_cpus={cpus:g}"])
-        partitions[name] = same_partitions(inputs, work / f"flower-{i}")
+    runs, comparison, partitions = {}, {}, {}
+    for i, (name, overrides) in enumerate(engine_runs(args.engines, args.client_cpus)):
+        runs[name] = run_sampled_simulation(SCENARIO, work / f"engine-{i}", [*base, *overrides])
+        partitions[name] = same_partitions(inputs, work / f"engine-{i}")
         plains.append(run_plain(inputs, args.rounds, work, i + 1))
-        comparison[name] = compare(flower[name], plains[-2:])
-        print(f"flower {name}: round 1 ends at {flower[name]['round_end_s'][0]:.1f} s, steady "
+        comparison[name] = compare(runs[name], plains[-2:])
+        print(f"{name}: round 1 ends at {runs[name]['round_end_s'][0]:.1f} s, steady "
               f"{comparison[name]['steady_round_s']:.2f} s/round vs plain "
               f"{comparison[name]['plain_steady_round_s']:.2f}", flush=True)
     result = {
@@ -249,7 +265,7 @@ def main() -> None:
         "environment": environment(), "load_start": load_start, "load_end": load_average(),
         "comparison": comparison, "same_partitions_as_plain": partitions,
         "prepare_run_dir_s": round(prepare_s, 2), "import_seconds": import_seconds(IMPORTS),
-        "flower_runs": flower, "plain_runs": plains,
+        "engine_runs": runs, "plain_runs": plains,
     }
     path = write_result(args.result, result)
     report(result, path)
@@ -258,14 +274,16 @@ def main() -> None:
 
 
 def report(result: dict[str, Any], path: Path) -> None:
-    print(f"\n{'flower run':18s} {'steady s':>9s} {'plain s':>8s} {'ratio':>6s} {'cpu ratio':>9s} "
-          f"{'cold start s':>13s}  targets: ratio <= {STEADY_TARGET}, cold <= {COLD_TARGET_S:g} s")
+    print(f"\n{'engine run':24s} {'steady s':>9s} {'plain s':>8s} {'ratio':>6s} {'cpu ratio':>9s} "
+          f"{'cold start s':>13s} {'peak RSS MB':>12s}  targets: ratio <= {STEADY_TARGET}, cold <= {COLD_TARGET_S:g} s")
     for name, c in result["comparison"].items():
-        print(f"{name:18s} {c['steady_round_s']:9.2f} {c['plain_steady_round_s']:8.2f} {c['steady_ratio']:6.2f} "
-              f"{c['steady_cpu_ratio']:9.2f} {c['cold_start_s']:13.1f}  "
+        run = result["engine_runs"][name]
+        print(f"{name:24s} {c['steady_round_s']:9.2f} {c['plain_steady_round_s']:8.2f} {c['steady_ratio']:6.2f} "
+              f"{c['steady_cpu_ratio']:9.2f} {c['cold_start_s']:13.1f} {run['peak_rss_mb']:12.0f}  "
               f"ratio {'met' if c['steady_target_met'] else 'MISSED'}, "
               f"cold start {'met' if c['cold_start_target_met'] else 'MISSED'}")
-    print(f"load average {result['load_start']} -> {result['load_end']}; -> {path}")
+    plain_rss = max(p["peak_rss_mb"] for p in result["plain_runs"])
+    print(f"plain loop peak RSS {plain_rss:.0f} MB; load average {result['load_start']} -> {result['load_end']}; -> {path}")
 
 
 if __name__ == "__main__":

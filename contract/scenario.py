@@ -241,7 +241,10 @@ class FaultsConfig(_Section):
 
 
 class SimulationConfig(_Section):
-    engine: Literal["flower"] = "flower"
+    engine: Literal["inprocess", "flower"] = Field(
+        "inprocess", description="inprocess (default): Flower's ServerApp and ClientApp in the fedgen process, "
+        "sites trained one after another; flower: Flower's simulation runtime (SuperLink, Ray actors), for runs "
+        "that need parallel sites (docs/simulation.md, 'Engines')")
     client_cpus: float = Field(1.0, gt=0.0)
     client_gpus: float = Field(0.0, ge=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"

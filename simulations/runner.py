@@ -1,4 +1,5 @@
-"""Run a prepared run directory on Flower, with a live per-round display."""
+"""Run a prepared run directory on the scenario's engine (Flower's simulation runtime, or
+in-process), with a live per-round display (docs/simulation.md, "Engines")."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from fedgen.privacy.ledger import atomic_write_text
 from fedgen.contract import rundir
 
 from .flower_engine import FlowerRunError, FlowerSimulation
+from .inprocess_engine import InProcessSimulation
 from fedgen.contract.scenario import Scenario
 
 
@@ -63,34 +65,47 @@ def _mark_stopped(run_dir: Path, reason: str) -> None:
     atomic_write_text(run_dir / rundir.SUMMARY, json.dumps(summary, indent=2))
 
 
-def run_simulation_dir(run_dir: Path, scenario: Scenario, *, console: Console, verbose: bool = False) -> dict:
-    (run_dir / rundir.SUMMARY).unlink(missing_ok=True)  # a resumed run writes a new one
+STARTING = {"flower": "starting Flower (SuperLink, Ray actors)", "inprocess": "starting (in-process engine)"}
+
+
+def _run_engine(run_dir: Path, scenario: Scenario, *, console: Console, verbose: bool) -> None:
+    """Run the ServerApp on ``scenario.simulation.engine`` with the run directory as run
+    config ``run-dir`` (the ServerApp writes the run directory itself)."""
+    run_config = {"run-dir": str(run_dir)}
     sim_cfg = scenario.simulation
+    if sim_cfg.engine == "inprocess":
+        InProcessSimulation(num_supernodes=scenario.federation.num_sites).run(run_config, verbose=verbose)
+        return
     sim = FlowerSimulation(num_supernodes=scenario.federation.num_sites, client_cpus=sim_cfg.client_cpus,
                            client_gpus=sim_cfg.client_gpus)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, transient=False)
     on_line = (lambda line: console.print(line.rstrip(), markup=False, highlight=False)) if verbose else None
     try:
+        sim.start()
+        sim.run(run_config, on_line=on_line)
+    finally:
+        sim.shutdown()  # before the run directory is marked stopped: no process outlives the run
+
+
+def run_simulation_dir(run_dir: Path, scenario: Scenario, *, console: Console, verbose: bool = False) -> dict:
+    (run_dir / rundir.SUMMARY).unlink(missing_ok=True)  # a resumed run writes a new one
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False)
+    try:
         with progress:
-            task = progress.add_task("starting Flower (SuperLink, Ray actors)", total=scenario.federation.rounds)
+            task = progress.add_task(STARTING[scenario.simulation.engine], total=scenario.federation.rounds)
             watcher = _MetricsWatcher(run_dir, progress, task)
             watcher.start()
             try:
-                sim.start()
-                sim.run({"run-dir": str(run_dir)}, on_line=on_line)
+                _run_engine(run_dir, scenario, console=console, verbose=verbose)
             finally:
                 watcher.stop.set()
                 watcher.join()
     except KeyboardInterrupt:
-        sim.shutdown()
         _mark_stopped(run_dir, "interrupted")
         raise
     except FlowerRunError:
-        sim.shutdown()
         _mark_stopped(run_dir, "failed")
         raise
-    sim.shutdown()
     summary_path = run_dir / rundir.SUMMARY
     if not summary_path.exists():
         _mark_stopped(run_dir, "failed")

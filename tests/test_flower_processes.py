@@ -97,7 +97,8 @@ def test_finding10b_sigkill_of_simulate_leaves_no_flower_or_ray_process(tmp_path
     up: within seconds no process of that run remains."""
     tag = f"sigkill-{os.getpid()}"
     proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(REPO / "scenarios" / "quickstart.yaml"),
-                             "--out", str(tmp_path / "run"), "--set", "federation.rounds=40"], cwd=tmp_path,
+                             "--out", str(tmp_path / "run"), "--set", "simulation.engine=flower", "--set", "federation.rounds=40"],
+                            cwd=tmp_path,
                             env={**os.environ, TAG_CHOICE_VAR: tag, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -38,13 +38,14 @@ def fedgen(*args, cwd, timeout=900):
 
 
 QUICK = ["training.local_steps=5", "evaluation.every=0", "evaluation.num_samples=100"]
+FLOWER = "simulation.engine=flower"  # these tests are about Flower's runtime; the default engine is in-process
 
 
 def quick_run(tmp_path: Path, scenario: str, *overrides: str) -> Path:
     """A short ``fedgen simulate`` of ``scenarios/<scenario>.yaml`` (5 local steps, no
     evaluation before the end) with ``key=value`` overrides; returns the run directory."""
     out = tmp_path / "run"
-    sets = [a for item in (*QUICK, *overrides) for a in ("--set", item)]
+    sets = [a for item in (FLOWER, *QUICK, *overrides) for a in ("--set", item)]
     res = fedgen("simulate", REPO / "scenarios" / f"{scenario}.yaml", "--out", out, *sets, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
@@ -59,7 +60,7 @@ def fedgen_processes() -> list[int]:
 def quickstart_run(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("quickstart")
     out = cwd / "run"
-    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, cwd=cwd)
+    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, "--set", FLOWER, cwd=cwd)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -119,7 +120,8 @@ def test_no_flower_or_ray_process_survives(quickstart_run):
 
 def test_tight_budget_is_never_overspent(tmp_path):
     out = tmp_path / "run"
-    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, "--set", "privacy.target_epsilon=0.5",
+    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, "--set", FLOWER,
+                 "--set", "privacy.target_epsilon=0.5",
                  "--set", "federation.rounds=50", "--set", "evaluation.every=25", "--set", "evaluation.num_samples=100",
                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -137,7 +139,7 @@ def test_ctrl_c_stops_every_process(tmp_path, presses):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate",
                              str(REPO / "scenarios" / "quickstart.yaml"), "--out", str(out),
-                             "--set", "federation.rounds=40"], cwd=tmp_path, env=_env(),
+                             "--set", FLOWER, "--set", "federation.rounds=40"], cwd=tmp_path, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -164,7 +166,7 @@ def test_resume_after_kill_gives_the_uninterrupted_ledger(tmp_path):
     """SIGKILL the whole process tree mid-run, resume: no DP step is charged twice or
     forgotten, and metrics.jsonl has each round once."""
     scenario = REPO / "scenarios" / "quickstart.yaml"
-    common = ["--set", "federation.rounds=4", "--set", "evaluation.every=0", "--set", "evaluation.num_samples=50"]
+    common = ["--set", FLOWER, "--set", "federation.rounds=4", "--set", "evaluation.every=0", "--set", "evaluation.num_samples=50"]
     ref = tmp_path / "uninterrupted"
     assert fedgen("simulate", scenario, "--out", ref, *common, cwd=tmp_path).returncode == 0
 
