@@ -150,7 +150,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         outcome = run_sweep(sweep, console=console, verbose=args.verbose)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: Flower processes stopped; run the same `fedgen sweep` again to "
+        console.print("[yellow]interrupted[/]: the simulation stopped; run the same `fedgen sweep` again to "
                       "resume (finished runs are skipped)", highlight=False)
         return 130
     print(outcome.table)
@@ -229,12 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, *USER_ERRORS) as err:
         return _fail(str(err))
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: Flower processes stopped; resume with --resume RUN_DIR")
+        console.print("[yellow]interrupted[/]: the simulation stopped; resume with --resume RUN_DIR")
         return 130
     except Exception as err:  # a failed run (not a user error): one line, details in the run dir
-        from .flower_engine import FlowerRunError
+        from .errors import SimulationRunError
 
-        if isinstance(err, FlowerRunError):
+        if isinstance(err, SimulationRunError):
             return _fail(str(err), code=1)
         raise
 

@@ -14,3 +14,7 @@ class AuditError(ValueError):
 
 class DeployConfigError(ValueError):
     """A deployment command's option cannot be used (e.g. ``fedgen superlink --control-address``)."""
+
+
+class SimulationRunError(RuntimeError):
+    """A simulated run did not complete, on either engine; the message says why."""

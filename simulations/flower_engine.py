@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import SimulationRunError
+
 log = logging.getLogger(__name__)
 
 TAG_VAR = "FEDGEN_PROCESS_TAG"  # set on every process we start
@@ -46,7 +48,7 @@ OWNER_FILE = "owner"  # in that folder: "<pid> <start time> <tag>" of the fedgen
 FLOWER_EXECUTABLES = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp", "flwr")
 
 
-class FlowerRunError(RuntimeError):
+class FlowerRunError(SimulationRunError):
     """The Flower run did not complete; the message says what Flower reported."""
 
 

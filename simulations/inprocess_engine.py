@@ -46,7 +46,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from .flower_engine import APP_ROOT, FlowerRunError
+from .errors import SimulationRunError
+from .flower_engine import APP_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class InProcessSimulation:
                 for i, node_id in enumerate(ids)]
 
     def run(self, run_config: UserConfig, *, verbose: bool = False) -> None:
-        """Run the ServerApp to its end; raises :class:`FlowerRunError` if it fails (the
+        """Run the ServerApp to its end; raises :class:`SimulationRunError` if it fails (the
         traceback is logged), ``KeyboardInterrupt`` passes through."""
         fused = get_fused_config_from_dir(self.app_dir, dict(run_config))
         grid = InProcessGrid(self.nodes(fused))
@@ -237,5 +238,5 @@ class InProcessSimulation:
                 self.server_app(grid=grid, context=context)
             except Exception as err:  # noqa: BLE001 -- as Flower: the run fails, one line for the user
                 log.info("%s", traceback.format_exc())  # shown with --verbose
-                raise FlowerRunError(f"in-process run {self.run_id} failed: the ServerApp raised "
+                raise SimulationRunError(f"in-process run {self.run_id} failed: the ServerApp raised "
                                      f"{type(err).__name__}: {err}"[:500]) from err

@@ -15,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedgen.privacy.ledger import atomic_write_text
 from fedgen.contract import rundir
 
-from .flower_engine import FlowerRunError, FlowerSimulation
+from .errors import SimulationRunError
+from .flower_engine import FlowerSimulation
 from .inprocess_engine import InProcessSimulation
 from fedgen.contract.scenario import Scenario
 
@@ -103,11 +104,11 @@ def run_simulation_dir(run_dir: Path, scenario: Scenario, *, console: Console, v
     except KeyboardInterrupt:
         _mark_stopped(run_dir, "interrupted")
         raise
-    except FlowerRunError:
+    except SimulationRunError:
         _mark_stopped(run_dir, "failed")
         raise
     summary_path = run_dir / rundir.SUMMARY
     if not summary_path.exists():
         _mark_stopped(run_dir, "failed")
-        raise FlowerRunError(f"the ServerApp finished without writing {summary_path}")
+        raise SimulationRunError(f"the ServerApp finished without writing {summary_path}")
     return json.loads(summary_path.read_text())

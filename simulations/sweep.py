@@ -331,7 +331,7 @@ def run_sweep(sweep: Sweep, *, console: Console, verbose: bool = False) -> Sweep
 def execute(plan: PlannedRun, *, console: Console, verbose: bool) -> Path:
     """Prepare (``new`` / ``restart``) and run one combination, as ``fedgen simulate``
     does; a failed run is reported, not raised, so the sweep goes on."""
-    from .flower_engine import FlowerRunError
+    from .errors import SimulationRunError
     from .prepare import write_run_dir
     from .runner import run_simulation_dir
 
@@ -343,7 +343,7 @@ def execute(plan: PlannedRun, *, console: Console, verbose: bool) -> Path:
         summary = run_simulation_dir(plan.run_dir, plan.scenario, console=console, verbose=verbose)
         console.print(f"  {summary['stopped_reason']} after {summary['rounds_completed']} rounds, "
                       f"{summary['wall_seconds']:.0f} s", highlight=False)
-    except FlowerRunError as err:
+    except SimulationRunError as err:
         console.print(f"  [red]failed[/]: {escape(str(err))}", highlight=False)
     return plan.run_dir
 

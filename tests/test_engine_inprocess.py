@@ -161,15 +161,15 @@ def test_a_client_app_exception_fails_its_site_and_the_round_goes_on(tmp_path, m
 
 def test_a_server_app_exception_fails_the_run_in_one_line(tmp_path, monkeypatch):
     from fedgen.server import app as server_app
-    from fedgen.simulations.flower_engine import FlowerRunError
+    from fedgen.simulations.errors import SimulationRunError
 
     class Broken:
-        def __init__(self, *args: object) -> None:
+        def __init__(self, *args: object, **kwargs: object) -> None:
             raise OSError("No space left on device")
 
     run_dir, scenario = _prepare(tmp_path)
     monkeypatch.setattr(server_app, "FederatedRun", Broken)
-    with pytest.raises(FlowerRunError, match=r"the ServerApp raised OSError: No space left on device$"):
+    with pytest.raises(SimulationRunError, match=r"the ServerApp raised OSError: No space left on device$"):
         run_simulation_dir(run_dir, scenario, console=Console(quiet=True))
     assert json.loads((run_dir / "summary.json").read_text())["stopped_reason"] == "failed"
 
