@@ -61,6 +61,10 @@ def _random_id() -> int:
     return secrets.randbits(63) or 1
 
 
+#: The Flower components of the installed package (pyproject.toml's [tool.flwr.app.components]).
+INSTALLED_COMPONENTS = {"serverapp": "fedgen.server.app:app", "clientapp": "fedgen.client.app:app"}
+
+
 def _load_component(reference: str) -> object:
     """The object ``module:attribute`` names (``[tool.flwr.app.components]``). Imported from
     the installed package rather than with Flower's ``load_app``, which puts the app folder
@@ -209,7 +213,11 @@ class InProcessSimulation:
 
     def __init__(self, num_supernodes: int, app_dir: Path = APP_ROOT) -> None:
         self.num_supernodes, self.app_dir = num_supernodes, Path(app_dir)
-        components = get_project_config(self.app_dir)["tool"]["flwr"]["app"]["components"]
+        # A checkout (or an editable install) has the app's pyproject.toml; a plain
+        # `pip install fedgen` has none: then the installed apps and the given run config.
+        self.has_project = (self.app_dir / "pyproject.toml").is_file()
+        components = (get_project_config(self.app_dir)["tool"]["flwr"]["app"]["components"] if self.has_project
+                      else INSTALLED_COMPONENTS)
         self.server_app = cast(ServerApp, _load_component(components["serverapp"]))
         self.client_app = cast(ClientApp, _load_component(components["clientapp"]))
         self.run_id = _random_id()
@@ -226,7 +234,7 @@ class InProcessSimulation:
     def run(self, run_config: UserConfig, *, verbose: bool = False) -> None:
         """Run the ServerApp to its end; raises :class:`SimulationRunError` if it fails (the
         traceback is logged), ``KeyboardInterrupt`` passes through."""
-        fused = get_fused_config_from_dir(self.app_dir, dict(run_config))
+        fused = get_fused_config_from_dir(self.app_dir, dict(run_config)) if self.has_project else dict(run_config)
         grid = InProcessGrid(self.nodes(fused))
         run = Run.create_empty(self.run_id)
         run.override_config = dict(run_config)  # what `flwr run --run-config` records

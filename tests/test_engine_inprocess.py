@@ -242,3 +242,24 @@ def test_inprocess_and_flower_engines_give_the_same_seeded_run(tmp_path):
     losses = [(r["round"], r["train_loss"]) for r in _rows(flower)]
     assert [r["round"] for r in _rows(inprocess)] == [1, 2] == [r for r, _ in losses]
     assert [r["train_loss"] for r in _rows(inprocess)] == pytest.approx([l for _, l in losses], abs=1e-6, rel=0)
+
+
+def test_a_plain_install_without_the_app_folder_still_runs(tmp_path):
+    """``pip install fedgen`` (not editable) has no pyproject.toml beside the package: the
+    engine then runs the installed apps with the run config it is given (found on a GPU
+    machine, where ``fedgen simulate`` stopped with "Cannot find pyproject.toml")."""
+    from fedgen.simulations.inprocess_engine import INSTALLED_COMPONENTS, InProcessSimulation
+
+    run_dir, scenario = _prepare(tmp_path, "federation.rounds=1")
+    engine = InProcessSimulation(num_supernodes=scenario.federation.num_sites, app_dir=tmp_path / "no-app-here")
+    assert not engine.has_project and engine.server_app is _component(INSTALLED_COMPONENTS["serverapp"])
+    engine.run({"run-dir": str(run_dir)})
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1 and summary["stopped_reason"] == "completed"
+
+
+def _component(reference: str) -> object:
+    import importlib
+
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
