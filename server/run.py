@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedgen.contract import rundir
 from fedgen.contract.task import build_global_model, example_level, site_level_mechanism, task_from_scenario
@@ -33,7 +33,8 @@ from . import checkpoint
 from .aggregation import bound_update_norms, robust_report
 from .evaluate import GlobalEvaluator
 from .hooks import RunHooks
-from .record import RoundRecord, ServerUpdate, SiteLevelRound, short_reason
+from .record import RoundRecord, ServerUpdate, short_reason
+from .site_level import SiteLevelDPStrategy
 from .strategies import ROBUST, build_strategy
 from .summary import RunPrivacy, write_summary
 from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, RoundReplies, check_metrics, site_releases, sort_replies,
@@ -55,18 +56,21 @@ class FederatedRun:
         self.fed = self.scenario.federation
         self.privacy_cfg = self.scenario.privacy
         self.model = build_global_model(self.scenario, self.spec)
-        self.strategy = build_strategy(self.fed.strategy, self.fed)
         self.evaluator = GlobalEvaluator(rundir.read_reference(self.run_dir), seed=self.scenario.seed)
         self.ledger = PrivacyLedger(accountant=self.privacy_cfg.accountant, delta=self.privacy_cfg.delta,
                                     target_epsilon=self.privacy_cfg.target_epsilon
                                     if example_level(self.scenario) else None,
                                     unit=self.privacy_cfg.unit)
-        self.site_dp = self._site_level_mechanism()
         # Site-level DP's amplification needs a sampling draw and noise nobody can predict:
         # both come from the OS's entropy unless a simulation opted in to seeded noise.
         self.seeded_noise = self.privacy_cfg.seeded_noise and self.hooks.allows_seeded_noise
         self.sampling_rng: Any = random if self.seeded_noise else random.SystemRandom()
         self.noise_rng = np.random.default_rng(self.scenario.seed if self.seeded_noise else None)
+        self.strategy = self._build_strategy()
+        #: DP-FedAvg (server/site_level.py) when the scenario asks for site-level DP, else None
+        self.site_dp = self.strategy if isinstance(self.strategy, SiteLevelDPStrategy) else None
+        if self.site_dp is not None:
+            self.ledger.site_level = self.site_dp.mechanism.to_dict()
         self.site_examples = self.hooks.site_examples()
         self.exhausted: set[str] = set()
         self.node_sites: dict[int, str] = {}  # learnt from replies; names error and missing replies
@@ -75,11 +79,15 @@ class FederatedRun:
         random.seed(self.scenario.seed)  # Flower's node sampling uses `random`
         self._maybe_resume()
 
-    def _site_level_mechanism(self) -> SiteLevelDP | None:
-        mech = site_level_mechanism(self.scenario, self.spec.num_sites)
-        if mech is not None:
-            self.ledger.site_level = mech.to_dict()
-        return mech
+    def _build_strategy(self) -> Strategy:
+        """The scenario's strategy; under site-level DP wrapped in DP-FedAvg, which samples
+        and aggregates in its place (server/site_level.py says why)."""
+        strategy = build_strategy(self.fed.strategy, self.fed)
+        mechanism = site_level_mechanism(self.scenario, self.spec.num_sites)
+        if mechanism is None:
+            return strategy
+        return SiteLevelDPStrategy(strategy, mechanism, sampling_rng=self.sampling_rng, noise_rng=self.noise_rng,
+                                   min_sites=self.fed.min_fit_sites, wait_s=self.fed.round_timeout_s)
 
     # -- checkpoints (server/checkpoint.py) -----------------------------------------------
     @property
@@ -94,8 +102,8 @@ class FederatedRun:
         self.exhausted = set(state.exhausted_sites)
         self.start_round = state.next_round
         self.wall_before = state.wall_seconds
-        if self.site_dp is not None and self.ledger.site_level:
-            self.site_dp = SiteLevelDP.from_dict(self.ledger.site_level)
+        if self.site_dp is not None and self.ledger.site_level:  # the releases so far
+            self.site_dp.mechanism = SiteLevelDP.from_dict(self.ledger.site_level)
         try:
             self.hooks.restore_site_ledgers(self.ledger)
         except ReplyError as err:
@@ -107,7 +115,9 @@ class FederatedRun:
         state = checkpoint.RunState(next_round=next_round, ledger=self.ledger.to_dict(),
                                     exhausted_sites=sorted(self.exhausted),
                                     python_random_state=random.getstate(), wall_seconds=wall,
-                                    noise_rng_state=self.noise_rng.bit_generator.state)
+                                    # OS-entropy noise stays secret: its generator's state would
+                                    # let a checkpoint's reader recompute the noise of every round
+                                    noise_rng_state=self.noise_rng.bit_generator.state if self.seeded_noise else None)
         checkpoint.save(self.run_dir, state, model=self.model, strategy=self.strategy, scenario=self.scenario)
 
     # -- the run --------------------------------------------------------------------------
@@ -124,7 +134,7 @@ class FederatedRun:
                 log.info("round %d: the site-level budget is spent; stopping", rnd)
                 break
             config = ConfigRecord({"fedgen": config_json, "run-dir": str(self.run_dir)})
-            messages = self._train_messages(rnd, arrays, config)
+            messages = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
             replies = self._collect(messages, arrays)
             record = self._record(rnd, messages, replies)
             if stop := self._early_stop(messages, replies, record):
@@ -143,11 +153,6 @@ class FederatedRun:
             self._checkpoint(next_round=rnd + 1, wall=time.time() - t_start)
         return self._finish(rounds_completed, stopped_reason, time.time() - t_start)
 
-    def _train_messages(self, rnd: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
-        if self.site_dp is not None:
-            return self._poisson_sample(rnd, arrays, config)
-        return list(self.strategy.configure_train(rnd, arrays, config, self.grid))
-
     def _collect(self, messages: list[Message], arrays: ArrayRecord) -> RoundReplies:
         """Send the round's messages; the replies, validated and sorted, their ledgers folded in."""
         replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
@@ -157,7 +162,7 @@ class FederatedRun:
                                known_sites=self.node_sites,
                                destinations={m.metadata.message_id: m.metadata.dst_node_id for m in messages},
                                site_examples=self.site_examples, recorded_ledgers=self.ledger.sites,
-                               outlier_factor=None if self.site_dp else self.fed.outlier_factor)
+                               outlier_factor=None if self.site_dp is not None else self.fed.outlier_factor)
         self.node_sites.update(sorted_.site_of)
         for site_ledger in sorted_.ledgers:
             self._update_site_ledger(site_ledger)
@@ -204,50 +209,37 @@ class FederatedRun:
         except ValueError as err:
             log.warning("ledger of site %s not recorded: %s", ledger.site, err)
 
-    def _poisson_sample(self, rnd: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
-        """Site-level DP's sampling: every connected site independently with probability q."""
-        deadline = time.time() + self.fed.round_timeout_s
-        while len(nodes := list(self.grid.get_node_ids())) < self.fed.min_fit_sites and time.time() < deadline:
-            log.info("waiting for sites: %d connected, %d required", len(nodes), self.fed.min_fit_sites)
-            time.sleep(1.0)
-        config["server-round"] = rnd
-        content = RecordDict({"arrays": arrays, "config": config})
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
-                for node in self.site_dp.sample(nodes, self.sampling_rng)]
-
     def _aggregate(self, rnd: int, arrays: ArrayRecord, ok: list[Message], record: RoundRecord) -> ArrayRecord:
         """The round's new global model from the valid updates ``ok`` (``record`` gets what
         the server did to them)."""
-        if self.site_dp is not None:  # DP-FedAvg: a noised release even when nobody replied
-            new, info = self.site_dp.release(
-                {k: v.numpy() for k, v in arrays.items()},
-                [{k: v.numpy() for k, v in next(iter(m.content.array_records.values())).items()} for m in ok],
-                self.noise_rng)
-            self.ledger.site_level = self.site_dp.to_dict()
-            norms = info["site_update_norms"]
-            record.site_level = SiteLevelRound(sites_clipped=info["sites_clipped"],
-                                               site_level_epsilon=info["site_level_epsilon"],
-                                               site_update_norm_median=float(np.median(norms)) if norms else None)
-            self.model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in new.items()})
-            return self._server_update(record)
-        if not ok:
-            return arrays
+        if self.site_dp is None:  # (DP-FedAvg releases even when nobody replied: server/site_level.py)
+            if not ok:
+                return arrays
+            self._prepare_updates(ok, arrays, record)
         releasing = self.model.training_mode == "release"  # before loading: a hybrid's mode follows its buffer
-        if self.fed.norm_bound is not None:
-            record.clients_norm_bounded = bound_update_norms(ok, arrays, self.fed.norm_bound)
-        if self.fed.strategy in ROBUST:
-            record.robust = robust_report(self.fed.strategy, self.fed, ok)
         new_arrays, _ = self.strategy.aggregate_train(rnd, ok)
         if new_arrays is None:
             return arrays
         self.model.load_state_dict(new_arrays.to_torch_state_dict())
+        if self.site_dp is not None:
+            record.site_level = self.site_dp.round_report
+            self.ledger.site_level = self.site_dp.mechanism.to_dict()
         # Releases under a plain mean: the family combines them itself and knows the noise
-        # that leaves (public: the sites' sums, counts and sigmas). Robust rules and norm
-        # bounds reshape the updates, so their aggregate stands as it is.
-        if releasing and self.fed.strategy == "fedavg" and not record.clients_norm_bounded:
+        # that leaves (public: the sites' sums, counts and sigmas). Robust rules, norm bounds
+        # and DP-FedAvg reshape the updates, so their aggregate stands as it is.
+        elif releasing and self.fed.strategy == "fedavg" and not record.clients_norm_bounded:
             record.release_noise_variance = self.model.combine_releases(
                 *site_releases(ok, rnd, self.model.release_buffer))
         return self._server_update(record)
+
+    def _prepare_updates(self, ok: list[Message], arrays: ArrayRecord, record: RoundRecord) -> None:
+        """Norm bounding and the robust rules' report, before a plain strategy aggregates.
+        Not under site-level DP: there ``privacy.site_level.clip_norm`` bounds every update,
+        and the strategy is FedAvg (the scenario refuses robust rules with it)."""
+        if self.fed.norm_bound is not None:
+            record.clients_norm_bounded = bound_update_norms(ok, arrays, self.fed.norm_bound)
+        if self.fed.strategy in ROBUST:
+            record.robust = robust_report(self.fed.strategy, self.fed, ok)
 
     def _server_update(self, record: RoundRecord) -> ArrayRecord:
         """The family's server-side post-processing of the aggregate (e.g. fitting the mmd
@@ -290,7 +282,8 @@ class FederatedRun:
 
     def _finish(self, rounds_completed: int, stopped_reason: str, wall: float) -> dict[str, Any]:
         self.ledger.write(self.run_dir / rundir.PRIVACY)
-        privacy = RunPrivacy(ledger=self.ledger, site_dp=self.site_dp, seeded_noise=self.seeded_noise)
+        privacy = RunPrivacy(ledger=self.ledger, site_dp=self.site_dp.mechanism if self.site_dp else None,
+                             seeded_noise=self.seeded_noise)
         return write_summary(self.run_dir, self.scenario, self.model, privacy,
                              rounds_completed=rounds_completed, stopped_reason=stopped_reason, wall=wall)
 

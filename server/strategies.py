@@ -96,15 +96,23 @@ def build_strategy(name: str, federation: FederationConfig) -> Strategy:
 _STATEFUL_ATTRIBUTES = ("m_t", "v_t")
 
 
+def _state_holder(strategy: Strategy) -> Strategy:
+    """The strategy whose attributes hold the round state: a wrapper's inner one
+    (``server/site_level.py``'s DP-FedAvg keeps its state in the ledger, not here)."""
+    return getattr(strategy, "inner", strategy)
+
+
 def strategy_state(strategy: Strategy) -> dict[str, dict[str, torch.Tensor]]:
     """The arrays a checkpoint keeps of ``strategy`` (attribute -> parameter -> tensor);
     tensors only, so the checkpoint loads with ``weights_only=True``."""
+    holder = _state_holder(strategy)
     return {attr: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-            for attr in _STATEFUL_ATTRIBUTES if (arrays := getattr(strategy, attr, None))}
+            for attr in _STATEFUL_ATTRIBUTES if (arrays := getattr(holder, attr, None))}
 
 
 def load_strategy_state(strategy: Strategy, state: dict[str, dict[str, torch.Tensor]]) -> None:
     """Restore :func:`strategy_state` into a strategy rebuilt from the scenario."""
+    strategy = _state_holder(strategy)
     unknown = set(state) - set(_STATEFUL_ATTRIBUTES)
     if unknown or any(not hasattr(strategy, attr) for attr in state):
         raise ValueError(f"strategy state {sorted(state)} does not fit {type(strategy).__name__}")
