@@ -22,7 +22,6 @@ from flwr.app import Context, RecordDict
 from fedgen.client.site import load_site_data
 from fedgen.contract.rundir import read_canaries
 from fedgen.client.task import train_site
-from fedgen.contract.task import TaskConfig
 from fedgen.privacy.audit import plan_canaries
 from fedgen.privacy.ledger import PrivacyLedger
 from fedgen.contract import rundir

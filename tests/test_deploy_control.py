@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from fedgen.simulations.certs import make_auth_key_pair
-from fedgen.simulations.flower_engine import APP_ROOT, tagged_pids
+from fedgen.simulations.flower_engine import APP_ROOT
 
 from .test_deploy import LocalDeployment, deployment  # noqa: F401 -- the fixture: a SuperLink as deploy.md §2 starts it
 
