@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import yaml
 
+from fedgen.privacy.ledger import atomic_write
+
 if TYPE_CHECKING:
     from .scenario import Scenario
 
@@ -107,11 +109,9 @@ def write_checkpoint(path: Path, *, model: dict[str, torch.Tensor], state: dict[
     """Write ``checkpoints/latest.pt`` atomically (temp file + rename): the model's and
     the strategy's tensors, the run state and the scenario as JSON strings. Nothing is
     pickled, so :func:`read_checkpoint` loads it with ``weights_only=True``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "model": model, "strategy": strategy, "state": json.dumps(state),
-                "scenario": json.dumps(scenario)}, tmp)
-    tmp.replace(path)
+    payload = {"format": CHECKPOINT_FORMAT, "model": model, "strategy": strategy, "state": json.dumps(state),
+               "scenario": json.dumps(scenario)}
+    atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,8 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
+
+from fedgen.privacy.ledger import atomic_write
 
 from .classifier import ClassifierConfig, SmallClassifier, accuracy, build_classifier, fit_classifier, predict
 
@@ -197,14 +198,7 @@ class DomainFeatureExtractor:
             "centroids": self.centroids,
             "train_accuracy": self.train_accuracy,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda fh: torch.save(payload, fh))
         self.cache_path = path
 
     @classmethod

@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 from .accounting import HistoryEntry, epsilon_of
 
@@ -177,21 +177,29 @@ def site_sort_key(site: str) -> tuple[int, Any]:
     return (0, int(site)) if site.isdigit() else (1, site)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder + rename)."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` atomically, the one way fedgen writes a file a crash must not tear
+    (ledgers, checkpoints, caches, audit files): ``write`` fills a temporary file in the same
+    folder, which is fsynced and renamed over ``path``; then the folder is fsynced, so the
+    rename itself survives a power cut. A reader sees the old file or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)  # the rename itself survives a power cut
+    fsync_directory(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write` of ``text`` (UTF-8)."""
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def fsync_directory(folder: Path) -> None:

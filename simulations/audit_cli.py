@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +46,7 @@ from fedgen.contract.rundir import Canaries, read_canaries
 from fedgen.contract.scenario import Scenario, scenario_from_dict
 from fedgen.contract.task import build_global_model
 from fedgen.privacy.audit import AuditSettings, WhiteBoxScores, render_html, run_audit, to_json
+from fedgen.privacy.ledger import atomic_write_text
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel
 
 from .errors import AuditError
@@ -331,17 +331,12 @@ def audit_inputs(inputs: AuditInputs, *, seed: int = 0, settings: AuditSettings 
 
 
 def write_audit(out_dir: Path, audit: dict[str, Any], html: str) -> tuple[Path, Path]:
-    """Write ``audit.json`` and ``audit.html`` into ``out_dir``, each to a temporary name
-    first and then renamed: a reader never sees half a file."""
+    """Write ``audit.json`` and ``audit.html`` into ``out_dir``, each atomically: a reader
+    never sees half a file."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
     for name, text in ((AUDIT_JSON, to_json(audit)), (AUDIT_HTML, html)):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
-        written.append(out_dir / name)
-    return written[0], written[1]
+        atomic_write_text(out_dir / name, text)
+    return out_dir / AUDIT_JSON, out_dir / AUDIT_HTML
 
 
 def summary_lines(audit: dict[str, Any]) -> list[str]:

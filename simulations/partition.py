@@ -18,13 +18,13 @@ A computed split can be kept on disk (:func:`read_cached_split`, :func:`write_ca
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from fedgen.privacy.ledger import atomic_write
 
 from .errors import PartitionError
 
@@ -172,18 +172,11 @@ def read_cached_split(path: Path, *, key: str, num_sites: int, num_examples: int
 
 
 def write_cached_split(path: Path, sites: list[np.ndarray], holdout: np.ndarray, *, key: str) -> None:
-    """Store a split at ``path`` atomically (a temporary file in the same folder, then
-    ``os.replace``), so a reader never sees half a file. The cache only saves time: a
-    folder that cannot be written is logged and skipped."""
-    tmp = None
+    """Store a split at ``path`` atomically (:func:`~fedgen.privacy.ledger.atomic_write`), so
+    a reader never sees half a file. The cache only saves time: a folder that cannot be
+    written is logged and skipped."""
+    arrays = {"key": np.str_(key), "holdout": holdout, **{f"site_{i}": s for i, s in enumerate(sites)}}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp",
-                                         delete=False) as fh:
-            tmp = Path(fh.name)
-            np.savez(fh, key=np.str_(key), holdout=holdout, **{f"site_{i}": s for i, s in enumerate(sites)})
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
     except OSError as err:
         log.warning("partition cache %s not written (%s)", path, err)
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
