@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from fedgen.contract.task import ReplyStatus, TaskConfig
 from fedgen.simulations.faults import simulated_faults_mod
 
+from .data_binding import bind_site_data
 from .policy import PolicyRefusal, SitePolicy
 from .reply import error_reply, site_reply
 from .site import ledger_lock, ledger_run, load_ledger, load_site_data, save_ledger, site_id
@@ -54,6 +55,7 @@ def _train(msg: Message, context: Context, task: TaskConfig, site: str, server_r
     with ledger_lock(context, site, run_dir):  # read, check, train, record: one round at a time
         data = load_site_data(context, conditional=task.num_classes is not None, run_dir=run_dir)
         task = replace(task, privacy=policy.apply(task.privacy, num_examples=len(data)))
+        bind_site_data(context.node_config, data)  # a deployed state-dir's ledger covers one dataset
         ledger = load_ledger(context, site, run_dir)
         if ledger is not None and task.privacy.enabled:
             ledger.set_target_epsilon(task.privacy.target_epsilon)  # this run's target, capped by the site
