@@ -11,7 +11,17 @@ Two modes:
   canaries (``inputs/canaries.npz``) come from the run.
 * ``fedgen audit --samples S.npz --train T --holdout H [--model CKPT]`` audits any
   generated data against any records, e.g. at a site against the global model: every
-  input is local, nothing leaves the machine.
+  input is local, nothing leaves the machine. At a deployed site ``--node-config`` (the
+  SuperNode's own) replaces ``--train``: the site's ``data-path`` is read through the
+  SuperNode's reader (``client.site.load_site_data``: CSV with its scaling, image
+  folders, ...) and so are ``--holdout`` and a non-npz ``--samples``; ``--ledger`` /
+  ``--state-dir`` give the site's claimed epsilon (docs/audit.md "Auditing at a site").
+
+Verdicts only where the sample sizes support them (:func:`settle_verdicts`): a
+membership verdict on fewer than ``MIN_MEMBERSHIP_CANDIDATES`` candidates per side, a
+memorisation verdict whose share test decided nothing (training and held-out data
+alike), and any verdict whose level changes under the reference seeds
+``0..check_seeds-1`` are ``inconclusive``, with the reason.
 
 White-box statistic (LOGAN, Hayes et al. 2019; loss threshold, Yeom et al. 2018): the
 per-example loss of the model's first *private* training step -- the step whose loss
@@ -41,12 +51,15 @@ import numpy as np
 import torch
 
 from fedgen.client.data import SiteData, load_data
+from fedgen.client.data_binding import DataFingerprint, read_fingerprint
+from fedgen.client.errors import DataError
+from fedgen.client.site import LEDGER_FILE, load_site_data
 from fedgen.contract import rundir
 from fedgen.contract.rundir import Canaries, read_canaries
 from fedgen.contract.scenario import Scenario, scenario_from_dict
 from fedgen.contract.task import build_global_model
 from fedgen.privacy.audit import AuditSettings, WhiteBoxScores, render_html, run_audit, to_json
-from fedgen.privacy.ledger import atomic_write_text
+from fedgen.privacy.ledger import SiteLedger, atomic_write_text
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel
 
 from .errors import AuditError
@@ -225,15 +238,156 @@ def run_dir_inputs(run_dir: Path, *, n_samples: int = DEFAULT_SAMPLES, seed: int
                 "claimed_epsilon_source": claim_source})
 
 
-def file_inputs(samples: Path, train: Path, holdout: Path, *, model: Path | None = None,
-                fmt: str = "npz") -> AuditInputs:
-    """The inputs of ``fedgen audit --samples S --train T --holdout H [--model CKPT]``."""
-    synthetic = load_data("npz", samples)
-    train_data, holdout_data = load_data(fmt, train), load_data(fmt, holdout)
+#: file suffix -> format, for --train/--holdout given without --format or --node-config
+_SUFFIX_FORMATS = {".npz": "npz", ".csv": "csv", ".gz": "mnist"}
+
+
+def guess_format(path: Path) -> str:
+    """The reader for ``path`` when no ``--format`` is given: by suffix (``.npz``, ``.csv``),
+    a folder of IDX files is ``mnist``, any other folder ``images``."""
+    path = Path(path)
+    if path.is_dir():
+        return "mnist" if any("idx" in p.name for p in path.iterdir() if p.is_file()) else "images"
+    return _SUFFIX_FORMATS.get(path.suffix.lower(), "mnist" if "idx" in path.name else "npz")
+
+
+def parse_node_config(text: str) -> dict[str, Any]:
+    """A SuperNode's ``--node-config`` string (``key=value`` pairs, values as TOML:
+    ``data-path="/data/a.csv" feature-min=0``), parsed the way Flower parses it."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        config = dict(parse_config_args([text]))
+    except Exception as err:  # noqa: BLE001 -- Flower raises ValueError or a TOML error
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AuditError(f"--node-config {text!r}: not key=value pairs as flower-supernode takes them ({first}); "
+                         "e.g. --node-config 'data-path=\"site.csv\" label-column=\"target\"'") from None
+    if "data-path" not in config:
+        raise AuditError("--node-config has no data-path: give the SuperNode's node config, whose data-path is "
+                         "the site's training data")
+    return config
+
+
+def _site_reader(node_config: dict[str, Any], path: Path) -> SiteData:
+    """``path`` read exactly as the SuperNode reads its ``data-path`` (client.site)."""
+    from flwr.app import Context, RecordDict
+
+    config = {**node_config, "data-path": str(path)}
+    context = Context(run_id=0, node_id=0, node_config=config, state=RecordDict(), run_config={})
+    return load_site_data(context, conditional=True)
+
+
+def _read_records(path: Path, *, what: str, fmt: str | None, node_config: dict[str, Any] | None) -> SiteData:
+    """Training / held-out records: through the site's reader with ``node_config``, else
+    with ``fmt`` (by default guessed from the file name)."""
+    path = Path(path)
+    if node_config is not None:
+        return _site_reader(node_config if fmt is None else {**node_config, "data-format": fmt}, path)
+    fmt = fmt or guess_format(path)
+    if fmt == "npz" and path.suffix.lower() == ".csv":
+        raise AuditError(f"{what} {path}: a CSV file read as npz; give --format csv, or the site's reader "
+                         "options with --node-config 'data-path=\"T.csv\" label-column=... feature-min=... "
+                         "feature-max=...'")
+    try:
+        return load_data(fmt, path)
+    except DataError as err:
+        if fmt != "csv":
+            raise
+        raise AuditError(f"{what}: {err}; a CSV needs the site's reader options: --node-config "
+                         "'data-path=\"T.csv\" label-column=... feature-min=... feature-max=...'") from None
+
+
+def _read_samples(path: Path, *, node_config: dict[str, Any] | None) -> SiteData:
+    """Generated samples: ``.npz`` as it is, anything else (``fedgen sample --out s.csv``,
+    in the data's original units) through the site's reader, so they are scaled like
+    its records; a sample file without the label column is read unlabelled."""
+    path = Path(path)
+    if node_config is None or path.suffix.lower() == ".npz":
+        if path.suffix.lower() == ".csv":
+            raise AuditError(f"--samples {path}: CSV samples are read with the site's reader options: add "
+                             "--node-config 'data-path=\"T.csv\" label-column=... feature-min=... feature-max=...'")
+        return load_data("npz", path)
+    try:
+        return _site_reader(node_config, path)
+    except DataError as err:
+        if "label column" not in str(err) or "label-column" not in node_config:
+            raise
+        return _site_reader({k: v for k, v in node_config.items() if k != "label-column"}, path)
+
+
+def site_claim(ledger_path: Path, site: str | None) -> tuple[float, float, str, str]:
+    """(claimed epsilon, delta, where it comes from, site) from a site's ``ledger.json``
+    (its state-dir) or a run's ``privacy.json`` (then ``site`` picks the entry). The site
+    ledger's epsilon composes every round its data was ever trained on, across runs: the
+    claim that covers the records audited here."""
+    ledger_path = Path(ledger_path)
+    if not ledger_path.is_file():
+        raise AuditError(f"--ledger {ledger_path}: file not found; give the site's state-dir/{LEDGER_FILE} "
+                         "(written by its SuperNode's first DP round) or the run's privacy.json")
+    try:
+        data = json.loads(ledger_path.read_text())
+        if "sites" in data:  # a run's privacy.json: one entry per site
+            if site is None:
+                raise AuditError(f"--ledger {ledger_path} is a run's privacy.json with sites "
+                                 f"{', '.join(data['sites']) or 'none'}: name one with --site ID")
+            if site not in data["sites"]:
+                raise AuditError(f"--ledger {ledger_path}: no site {site!r} (sites: "
+                                 f"{', '.join(data['sites']) or 'none'})")
+            entry = data["sites"][site]
+            return (float(entry["epsilon"]), float(data["delta"]), f"{ledger_path} sites.{site}.epsilon "
+                    "(this run only)", site)
+        ledger = SiteLedger.from_dict(data)
+    except AuditError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise AuditError(f"--ledger {ledger_path}: not a site ledger or privacy.json ({type(err).__name__}: "
+                         f"{err})") from None
+    if site is not None and ledger.site != site:
+        raise AuditError(f"--ledger {ledger_path} is site {ledger.site!r}'s ledger, not {site!r}'s; give "
+                         "the ledger in this site's state-dir")
+    if not ledger.history:
+        raise AuditError(f"--ledger {ledger_path}: no DP round recorded yet, so nothing is claimed")
+    return (ledger.epsilon, ledger.delta, f"{ledger_path} epsilon (site {ledger.site}, composed over "
+            f"{len(ledger.history)} rounds of {len({h.run for h in ledger.history})} run(s))", ledger.site)
+
+
+def file_inputs(samples: Path, train: Path | None, holdout: Path, *, model: Path | None = None,
+                fmt: str | None = None, node_config: dict[str, Any] | None = None,
+                ledger: Path | None = None, state_dir: Path | None = None,
+                site: str | None = None) -> AuditInputs:
+    """The inputs of ``fedgen audit --samples S (--train T | --node-config C) --holdout H
+    [--model CKPT] [--ledger L | --state-dir D] [--site ID]``."""
+    if train is None and node_config is None:
+        raise AuditError("--samples needs --train T or the site's --node-config (its data-path)")
+    if train is not None and node_config is not None:
+        raise AuditError("--node-config names the training data (data-path): drop --train")
+    if node_config is not None:
+        site = site if site is not None else (None if "site-id" not in node_config else str(node_config["site-id"]))
+        if ledger is None and state_dir is None and node_config.get("state-dir"):
+            state_dir = Path(str(node_config["state-dir"]))
+        train = Path(str(node_config["data-path"]))
+    if ledger is not None and state_dir is not None:
+        raise AuditError("give --ledger or --state-dir, not both")
+    if state_dir is not None:
+        ledger = Path(state_dir) / LEDGER_FILE
+    synthetic = _read_samples(Path(samples), node_config=node_config)
+    train_data = _read_records(Path(train), what="--train", fmt=fmt, node_config=node_config)
+    holdout_data = _read_records(Path(holdout), what="--holdout", fmt=fmt, node_config=node_config)
     for name, data in (("--train", train_data), ("--holdout", holdout_data)):
         if data.shape != synthetic.shape:
             raise AuditError(f"{name} {data.source}: records have shape {data.shape} but the samples "
                              f"{samples} have {synthetic.shape}; audit data of one shape")
+    fingerprint = None
+    if state_dir is not None:
+        bound = read_fingerprint(state_dir)
+        if bound is not None and not bound.same_data(DataFingerprint.of(train_data)):
+            raise AuditError(f"the training data {train_data.source} is not the data state-dir {state_dir} is "
+                             f"bound to ({bound.describe()}): audit the data-path (and reader options) the "
+                             "SuperNode trained on")
+        fingerprint = None if bound is None else "training data matches the state-dir's data_fingerprint.json"
+    claimed, delta, claim_source = None, None, "none given (--ledger or --state-dir)"
+    if ledger is not None:
+        claimed, delta, claim_source, site = site_claim(Path(ledger), site)
     net = None
     if model is not None:
         labels = [d.y for d in (train_data, holdout_data) if d.y is not None]
@@ -241,8 +395,13 @@ def file_inputs(samples: Path, train: Path, holdout: Path, *, model: Path | None
         net = load_checkpoint_model(model, data_shape=synthetic.shape, num_classes=num_classes)
     return AuditInputs(
         synthetic=synthetic.x.numpy(), train=train_data, holdout=holdout_data, model=net,
-        source={"mode": "files", "samples": str(samples), "train": str(train), "holdout": str(holdout),
-                "format": fmt, "model": None if model is None else str(model)})
+        claimed_epsilon=claimed, delta=delta,
+        source={"mode": "site" if node_config is not None else "files", "samples": str(samples),
+                "train": str(train), "holdout": str(holdout),
+                "format": "node-config" if node_config is not None and fmt is None else fmt or guess_format(train),
+                "node_config_keys": None if node_config is None else sorted(node_config),
+                "site": site, "model": None if model is None else str(model),
+                "claimed_epsilon_source": claim_source, "data_fingerprint": fingerprint})
 
 
 # -- the audit -------------------------------------------------------------------------
@@ -282,9 +441,85 @@ def _features_fn(records: SiteData, seed: int) -> Callable[[np.ndarray], np.ndar
     return lambda a: np.array(extractor.features(torch.as_tensor(np.asarray(a, dtype=np.float32))))
 
 
+#: Fewest member and non-member candidates (each) for a membership verdict: with fewer,
+#: the AUC's bootstrap interval is wide enough (about +-0.1 at 50 per side) that whether it
+#: clears 0.5 depends on the random split (issue 23: verdicts flipped with --seed at 100
+#: held-out records, i.e. 50 candidates per side).
+MIN_MEMBERSHIP_CANDIDATES = 100
+#: Reference seeds a verdict must hold under (besides --seed) to be ok or warning.
+DEFAULT_CHECK_SEEDS = 5
+INCONCLUSIVE = "inconclusive"
+_DECIDED = ("ok", "warning")
+
+
+def _inconclusive(verdict: dict[str, Any], reason: str) -> None:
+    verdict.update(level=INCONCLUSIVE, text=f"Inconclusive: {reason}. The test read: {verdict['text']}",
+                   reason=reason)
+
+
+def _size_gate(audit: dict[str, Any]) -> None:
+    """Membership verdicts on too few candidates, and share tests that decided nothing,
+    become inconclusive (in place)."""
+    n_members = audit["settings"]["n_member_candidates"]
+    n_nonmembers = audit["settings"]["n_nonmember_candidates"]
+    seen_dcr: set[str] = set()
+    for v in audit["verdicts"]:
+        if v["level"] not in _DECIDED:
+            continue
+        if v["topic"].startswith("membership/") and min(n_members, n_nonmembers) < MIN_MEMBERSHIP_CANDIDATES:
+            _inconclusive(v, f"{n_members} member and {n_nonmembers} non-member candidates; a membership verdict "
+                             f"needs at least {MIN_MEMBERSHIP_CANDIDATES} of each (half the audited held-out "
+                             f"records are non-member candidates: give at least {2 * MIN_MEMBERSHIP_CANDIDATES} "
+                             "held-out records, more when a feature space is fit on a quarter of them)")
+        elif v["topic"].startswith("memorization/") and v["topic"] not in seen_dcr:
+            seen_dcr.add(v["topic"])  # a space's first memorisation verdict is its share test
+            space = v["topic"].split("/", 1)[1]
+            if audit["spaces"][space]["memorization"]["dcr"]["share_closer_to_train"]["value"] is None:
+                _inconclusive(v, "every sample is exactly as close to the training data as to the held-out "
+                                 "data, so the share test decided nothing; are training and held-out records "
+                                 "the same?")
+
+
+def settle_verdicts(audit: dict[str, Any], checks: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """``audit``'s verdicts, each kept ok / warning only if the sample sizes support it
+    (:func:`_size_gate`) and it has the same level in every audit of ``checks`` (the same
+    inputs under the reference seeds); otherwise inconclusive, with the levels seen. As
+    every ``--seed`` is checked against the same reference seeds, two seeds can differ
+    only by one of them being inconclusive, never ok against warning."""
+    for result in (audit, *checks.values()):
+        _size_gate(result)
+    for i, v in enumerate(audit["verdicts"]):
+        if v["level"] not in _DECIDED:
+            continue
+        levels = {seed: r["verdicts"][i]["level"] for seed, r in checks.items()
+                  if i < len(r["verdicts"]) and r["verdicts"][i]["topic"] == v["topic"]}
+        if any(level != v["level"] for level in levels.values()):
+            by_level = {lvl: [s for s, l_ in levels.items() if l_ == lvl] for lvl in sorted(set(levels.values()))}
+            seen = "; ".join(f"{lvl} under seed(s) {', '.join(map(str, seeds))}" for lvl, seeds in by_level.items())
+            _inconclusive(v, f"the verdict depends on the random split ({v['level']} under this seed, {seen}); "
+                             "more held-out records would settle it")
+    audit["settings"]["verdict_check_seeds"] = sorted(checks)
+    audit["settings"]["min_membership_candidates"] = MIN_MEMBERSHIP_CANDIDATES
+    audit["accounting_violation"] = any(v["level"] == "violation" for v in audit["verdicts"])
+    return audit
+
+
 def audit_inputs(inputs: AuditInputs, *, seed: int = 0, settings: AuditSettings | None = None,
-                 features: bool = True) -> dict[str, Any]:
-    """Check ``inputs`` and run every applicable audit; the ``audit.json`` dict."""
+                 features: bool = True, check_seeds: int = DEFAULT_CHECK_SEEDS) -> dict[str, Any]:
+    """Check ``inputs`` and run every applicable audit; the ``audit.json`` dict, its
+    verdicts settled (:func:`settle_verdicts`) against the same audit under seeds
+    ``0..check_seeds-1`` (``check_seeds=0``: sample-size rules only)."""
+    audit = _audit_once(inputs, seed=seed, settings=settings, features=features)
+    checks = {s: _audit_once(inputs, seed=s, settings=settings, features=features)
+              for s in range(check_seeds) if s != seed}
+    if 0 < check_seeds and seed < check_seeds:
+        checks[seed] = audit
+    return settle_verdicts(audit, checks)
+
+
+def _audit_once(inputs: AuditInputs, *, seed: int = 0, settings: AuditSettings | None = None,
+                features: bool = True) -> dict[str, Any]:
+    """One audit of ``inputs`` under ``seed``: the ``audit.json`` dict, verdicts unsettled."""
     settings = settings or AuditSettings()
     n_min = min_holdout(settings)
     if len(inputs.holdout) < n_min:
@@ -348,10 +583,13 @@ def summary_lines(audit: dict[str, Any]) -> list[str]:
                **{m["attack"]: m for m in (audit.get("white_box") or {}).values()}}
     best_name, best = max(attacks.items(), key=lambda kv: kv[1]["auc"]["value"])
     levels = [v["level"] for v in audit["verdicts"]]
+    share = dcr["share_closer_to_train"]["value"]
     lines = [
-        f"memorisation: {100 * dcr['share_closer_to_train']['value']:.1f} % of samples closer to training than "
-        f"to held-out (p = {dcr['p_value']['value']:.2g}; 50 % = no memorisation), "
-        f"{copies['n_flagged']['value']} near-copies",
+        ("memorisation: no sample is closer to training than to held-out or the reverse (every distance tied: "
+         "are training and held-out the same records?)" if share is None else
+         f"memorisation: {100 * share:.1f} % of samples closer to training than "
+         f"to held-out (p = {dcr['p_value']['value']:.2g}; 50 % = no memorisation)")
+        + f", {copies['n_flagged']['value']} near-copies",
         f"membership inference: highest AUC {best['auc']['value']:.3f} "
         f"(CI {best['auc']['ci'][0]:.3f}-{best['auc']['ci'][1]:.3f}) by {best_name}",
     ]
@@ -362,8 +600,11 @@ def summary_lines(audit: dict[str, Any]) -> list[str]:
                      + ("none (no DP)" if claim is None else f"{claim:.3g}")
                      + (" -- VIOLATION: privacy accounting or implementation broken" if audit["accounting_violation"]
                         else ""))
+    if audit.get("claimed_epsilon") is not None and not audit.get("canaries"):
+        lines.append(f"claimed epsilon {audit['claimed_epsilon']:.3g} at delta {audit['settings']['delta']:.2g} "
+                     f"({(audit.get('source') or {}).get('claimed_epsilon_source', 'given')})")
     lines.append(f"verdicts: {levels.count('violation')} violation(s), {levels.count('warning')} warning(s), "
-                 f"{levels.count('ok')} ok")
+                 f"{levels.count('ok')} ok, {levels.count(INCONCLUSIVE)} inconclusive")
     return lines
 
 
@@ -372,24 +613,34 @@ def summary_lines(audit: dict[str, Any]) -> list[str]:
 def cmd_audit(args: argparse.Namespace) -> int:
     """``fedgen audit``: see :func:`add_audit_parser`."""
     if (args.run_dir is None) == (args.samples is None):
-        raise AuditError("give either RUN_DIR or --samples S.npz --train T --holdout H")
+        raise AuditError("give either RUN_DIR or --samples S --holdout H with --train T or the site's --node-config")
+    if args.check_seeds < 0:
+        raise AuditError(f"--check-seeds must be 0 or more, got {args.check_seeds}")
     if args.run_dir is not None:
-        if args.train or args.holdout or args.model:
-            raise AuditError("--train/--holdout/--model go with --samples; RUN_DIR supplies its own")
+        site_args = [name for name, value in (("--train", args.train), ("--holdout", args.holdout),
+                                              ("--model", args.model), ("--node-config", args.node_config),
+                                              ("--ledger", args.ledger), ("--state-dir", args.state_dir),
+                                              ("--site", args.site), ("--format", args.format)) if value]
+        if site_args:
+            raise AuditError(f"{'/'.join(site_args)} go(es) with --samples; RUN_DIR supplies its own")
         n = DEFAULT_SAMPLES if args.n is None else args.n
         if n < MIN_SAMPLES:
             raise AuditError(f"-n must be at least {MIN_SAMPLES}, got {n}")
         inputs = run_dir_inputs(Path(args.run_dir), n_samples=n, seed=args.seed)
         out = Path(args.out) if args.out else Path(args.run_dir) / "audit"
     else:
-        if not (args.train and args.holdout):
-            raise AuditError("--samples needs --train T and --holdout H")
+        if not args.holdout or not (args.train or args.node_config):
+            raise AuditError("--samples needs --holdout H and the training data: --train T, or the site's "
+                             "--node-config (its data-path)")
         if args.n is not None:
             raise AuditError("-n draws samples from a run's model; with --samples the file gives them")
-        inputs = file_inputs(Path(args.samples), Path(args.train), Path(args.holdout),
-                             model=Path(args.model) if args.model else None, fmt=args.format)
+        inputs = file_inputs(Path(args.samples), Path(args.train) if args.train else None, Path(args.holdout),
+                             model=Path(args.model) if args.model else None, fmt=args.format,
+                             node_config=parse_node_config(args.node_config) if args.node_config else None,
+                             ledger=Path(args.ledger) if args.ledger else None,
+                             state_dir=Path(args.state_dir) if args.state_dir else None, site=args.site)
         out = Path(args.out) if args.out else Path("audit")
-    result = audit_inputs(inputs, seed=args.seed)
+    result = audit_inputs(inputs, seed=args.seed, check_seeds=args.check_seeds)
     html = render_html(result, synthetic=inputs.synthetic, train=inputs.train.x.numpy())
     json_path, html_path = write_audit(out, result, html)
     for line in summary_lines(result):
@@ -407,12 +658,31 @@ def add_audit_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentPa
                     "audit.json and audit.html (which shows training records: keep it at the site). "
                     "See docs/audit.md.")
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run directory from `fedgen simulate`")
-    p.add_argument("--samples", metavar="S.npz", help="generated samples (x, in the data's shape and range)")
+    p.add_argument("--samples", metavar="S", help="generated samples: .npz (x, in the data's shape and [0, 1] "
+                                                  "range), or with --node-config a CSV in the data's units "
+                                                  "(`fedgen sample --out s.csv`)")
     p.add_argument("--train", metavar="T", help="the records the generator was trained on (members)")
     p.add_argument("--holdout", metavar="H", help=f"records it never saw (non-members; at least "
                                                   f"{min_holdout(AuditSettings())})")
     p.add_argument("--model", metavar="RUN_DIR_OR_CKPT", help="the generator, for the white-box attack")
-    p.add_argument("--format", choices=["npz", "mnist"], default="npz", help="format of T and H (default npz)")
+    p.add_argument("--format", choices=["csv", "images", "mnist", "npz"], default=None,
+                   help="format of T and H (default: by file name: .npz, .csv; a folder of IDX files is mnist, "
+                        "another folder images)")
+    p.add_argument("--node-config", metavar="CONFIG",
+                   help="at a deployed site, instead of --train: the SuperNode's --node-config "
+                        "('data-path=\"site.csv\" label-column=\"y\" feature-min=0 feature-max=10 ...'); its "
+                        "data-path is the training data, and it, --holdout and CSV samples are read with its "
+                        "reader options (docs/audit.md \"Auditing at a site\")")
+    p.add_argument("--ledger", metavar="LEDGER_JSON",
+                   help="the site's state-dir/ledger.json (or the run's privacy.json with --site): the claimed "
+                        "epsilon the report compares with")
+    p.add_argument("--state-dir", metavar="DIR", help="the site's state-dir: its ledger.json, and a check that "
+                                                      "the training data is the data it is bound to "
+                                                      "(default: the node config's state-dir)")
+    p.add_argument("--site", metavar="ID", help="the site whose claim to read (default: the node config's site-id)")
+    p.add_argument("--check-seeds", type=int, default=DEFAULT_CHECK_SEEDS, metavar="K",
+                   help="a verdict stays ok or warning only if the audit under seeds 0..K-1 agrees, else it is "
+                        f"inconclusive (default {DEFAULT_CHECK_SEEDS}; 0: no check)")
     p.add_argument("-n", type=int, default=None, metavar="N_SAMPLES",
                    help=f"samples drawn from RUN_DIR's model (default {DEFAULT_SAMPLES})")
     p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/audit, or ./audit)")
