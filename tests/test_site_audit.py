@@ -27,6 +27,7 @@ from fedgen.simulations import cli
 from fedgen.simulations.audit_cli import (
     MIN_MEMBERSHIP_CANDIDATES,
     AuditInputs,
+    _audit_once,
     audit_inputs,
     file_inputs,
     parse_node_config,
@@ -148,29 +149,36 @@ def _small_inputs(site) -> AuditInputs:
     return file_inputs(site["samples"], None, site["holdout100"], node_config=parse_node_config(site["node_config"]))
 
 
-def _memorising_samples(inputs: AuditInputs, share: float) -> AuditInputs:
-    """Samples on a knife edge: ``share`` of them near-copies of training records, the
-    rest near-copies of held-out records (so the share test sits near its threshold)."""
+def _knife_edge_samples(site) -> AuditInputs:
+    """Samples at the tests' thresholds: near-copies of 30 of the 230 training rows, plus
+    the 100 rows of holdout.csv that the 100-row audit never sees (fresh records). Single
+    audits of them flip between ok and warning with the seed (checked below)."""
+    inputs = _small_inputs(site)
+    fresh = file_inputs(site["samples"], None, site["holdout"],
+                        node_config=parse_node_config(site["node_config"])).holdout.x.numpy()[100:]
     rng = np.random.default_rng(1)
-    train, holdout = inputs.train.x.numpy(), inputs.holdout.x.numpy()
-    n = 200
-    k = int(share * n)
-    x = np.concatenate([train[rng.choice(len(train), k)], holdout[rng.choice(len(holdout), n - k)]])
-    x = np.clip(x + rng.normal(0, 0.01, x.shape), 0, 1).astype(np.float32)
+    train = inputs.train.x.numpy()
+    x = np.concatenate([train[rng.choice(len(train), 30, replace=False)], fresh])
+    x = np.clip(x + rng.normal(0, 0.002, x.shape), 0, 1).astype(np.float32)
     return AuditInputs(synthetic=x, train=inputs.train, holdout=inputs.holdout, source={"mode": "test"})
 
 
 def test_verdicts_do_not_flip_between_ok_and_warning_across_seeds(site):
-    """At the documented minimum of 100 held-out rows, on samples built to sit at the share
-    test's threshold: over 5 seeds no verdict is ok under one and warning under another."""
-    inputs = _memorising_samples(_small_inputs(site), share=0.56)
-    levels = {}
-    for seed in (0, 3, 7, 11, 20):
-        audit = audit_inputs(inputs, seed=seed)
-        for i, v in enumerate(audit["verdicts"]):
-            levels.setdefault((i, v["topic"]), set()).add(v["level"])
-    flipped = [key for key, seen in levels.items() if {"ok", "warning"} <= seen]
-    assert not flipped, levels
+    """At the documented minimum of 100 held-out rows, on samples at the tests' thresholds:
+    one audit per seed flips (what issue 23 saw); the settled verdicts never are ok under
+    one of 5 seeds and warning under another."""
+    inputs = _knife_edge_samples(site)
+    seeds = (0, 3, 7, 11, 20)
+    raw, settled = {}, {}
+    for seed in seeds:
+        for i, v in enumerate(_audit_once(inputs, seed=seed)["verdicts"]):
+            raw.setdefault((i, v["topic"]), set()).add(v["level"])
+        for i, v in enumerate(audit_inputs(inputs, seed=seed)["verdicts"]):
+            settled.setdefault((i, v["topic"]), set()).add(v["level"])
+    assert any({"ok", "warning"} <= seen for seen in raw.values()), raw  # the knife edge is real
+    flipped = {key: seen for key, seen in settled.items() if {"ok", "warning"} <= seen}
+    assert not flipped, settled
+    assert any("inconclusive" in seen for seen in settled.values())
 
 
 def test_identical_training_and_held_out_data_do_not_crash(site, fedgen, tmp_path):
