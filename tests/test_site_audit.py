@@ -21,7 +21,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from fedgen.client.data_binding import FINGERPRINT_FILE
-from fedgen.contract.task import TaskConfig
+from fedgen.contract import rundir
+from fedgen.contract.task import build_global_model, task_from_scenario
 from fedgen.privacy.ledger import SiteLedger
 from fedgen.simulations import cli
 from fedgen.simulations.audit_cli import (
@@ -77,12 +78,18 @@ def site(tmp_path_factory):
     node_config = (f'data-path="{train_csv}" data-format="csv" label-column="target" site-id="a" '
                    f'state-dir="{root / "state"}" feature-min="{",".join(f"{v:g}" for v in lo)}" '
                    f'feature-max="{",".join(f"{v:g}" for v in hi)}"')
-    task = {"model": {"family": "vae", "hidden": 32, "latent_dim": 4}, "data_shape": [30], "num_classes": None,
-            "training": {"local_steps": 3, "batch_size": 32, "lr": 1e-3},
-            "privacy": {"enabled": True, "target_epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0,
-                        "accountant": "rdp", "grad_sample_mode": "auto", "planned_rounds": 1},
-            "seed": 0, "device": "cpu"}
-    model = TaskConfig.from_dict(task).build_model()
+    # the operator's side: `fedgen prepare` of a deployment scenario (docs/deploy.md §4)
+    (root / "tabular.yaml").write_text(
+        "name: site-audit\nfederation: {num_sites: 2, rounds: 1, min_fit_sites: 1}\n"
+        "model: {family: vae, hidden: 32, latent_dim: 4}\ntraining: {local_steps: 3, batch_size: 32}\n"
+        "privacy: {enabled: true, target_epsilon: 8.0, delta: 1.0e-5}\n"
+        "deployment: {data_shape: [30], num_classes: null}\n")
+    run_dir = root / "superlink" / "runs" / "site-audit-001"
+    assert cli.main(["prepare", str(root / "tabular.yaml"), "--out", str(run_dir)]) == 0
+    scenario, spec = rundir.read_scenario(run_dir), rundir.DataSpec.read(run_dir)
+    task = json.loads(task_from_scenario(scenario, spec).to_json())
+    task["device"] = "cpu"
+    model = build_global_model(scenario, spec)
     config = ConfigRecord({"fedgen": json.dumps(task), "server-round": 1, "run-dir": ""})
     meta = Metadata(run_id=42, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
                     group_id="1", created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
@@ -96,7 +103,11 @@ def site(tmp_path_factory):
     with torch.no_grad():
         samples = model.sample(500, None).clamp(0, 1).numpy()
     np.savez(root / "samples.npz", x=samples)
-    return {"root": root, "node_config": node_config, "train": train_csv, "holdout": holdout_csv,
+    # the global model as the server checkpoints it (one site's update stands in for the average)
+    (run_dir / rundir.CHECKPOINTS).mkdir()
+    rundir.write_checkpoint(run_dir / rundir.CHECKPOINTS / "latest.pt", model=model.state_dict(), state={},
+                            strategy={}, scenario=scenario.resolved())
+    return {"root": root, "run_dir": run_dir, "node_config": node_config, "train": train_csv, "holdout": holdout_csv,
             "holdout100": small_csv, "samples": root / "samples.npz", "state": root / "state"}
 
 
@@ -209,3 +220,24 @@ def test_audit_refuses_training_data_other_than_the_state_dir_s(site, fedgen, tm
     code, out, err = fedgen("audit", "--samples", site["samples"], "--node-config", cfg,
                             "--holdout", site["holdout100"], "--out", tmp_path / "audit")
     assert code != 0 and len(err) == 1 and "not the data state-dir" in err[0]
+
+
+def test_docs_site_section_fetch_the_model_sample_and_audit_at_the_site(site, fedgen, tmp_path):
+    """docs/deploy.md "Site: auditing the released model": the site copies three files of
+    the run directory (keeping their layout), draws samples from the model itself, and
+    audits them, white-box attack included, with its node config and state-dir."""
+    import shutil
+
+    copy = tmp_path / "site-audit-001"
+    for name in (rundir.SCENARIO, rundir.SITE_DATA, f"{rundir.CHECKPOINTS}/latest.pt"):  # the scp lines
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(site["run_dir"] / name, copy / name)
+    code, out, err = fedgen("sample", copy, "-n", 300, "--out", tmp_path / "samples.npz")
+    assert code == 0, err
+    code, out, err = fedgen("audit", "--samples", tmp_path / "samples.npz", "--node-config", site["node_config"],
+                            "--holdout", site["holdout"], "--model", copy, "--state-dir", site["state"],
+                            "--out", tmp_path / "audit", "--check-seeds", "1")
+    assert code == 0, err
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert audit["white_box"] and audit["claimed_epsilon"] > 0
+    assert audit["source"]["model"] == str(copy)
