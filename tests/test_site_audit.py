@@ -31,6 +31,7 @@ from fedgen.simulations.audit_cli import (
     _audit_once,
     audit_inputs,
     file_inputs,
+    load_checkpoint_model,
     parse_node_config,
 )
 
@@ -241,3 +242,10 @@ def test_docs_site_section_fetch_the_model_sample_and_audit_at_the_site(site, fe
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert audit["white_box"] and audit["claimed_epsilon"] > 0
     assert audit["source"]["model"] == str(copy)
+    lone = tmp_path / "lone" / "latest.pt"  # the checkpoint alone is enough for --model
+    lone.parent.mkdir()
+    shutil.copy2(copy / rundir.CHECKPOINTS / "latest.pt", lone)
+    net = load_checkpoint_model(lone, data_shape=(30,), num_classes=None)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                  load_checkpoint_model(copy, data_shape=(30,),
+                                                                        num_classes=None).state_dict().values()))
