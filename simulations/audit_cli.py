@@ -262,7 +262,7 @@ def parse_node_config(text: str) -> dict[str, Any]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AuditError(f"--node-config {text!r}: not key=value pairs as flower-supernode takes them ({first}); "
                          "e.g. --node-config 'data-path=\"site.csv\" label-column=\"target\"'") from None
-    if "data-path" not in config:
+    if not str(config.get("data-path", "")).strip():
         raise AuditError("--node-config has no data-path: give the SuperNode's node config, whose data-path is "
                          "the site's training data")
     return config
@@ -509,18 +509,35 @@ def audit_inputs(inputs: AuditInputs, *, seed: int = 0, settings: AuditSettings 
     """Check ``inputs`` and run every applicable audit; the ``audit.json`` dict, its
     verdicts settled (:func:`settle_verdicts`) against the same audit under seeds
     ``0..check_seeds-1`` (``check_seeds=0``: sample-size rules only)."""
-    audit = _audit_once(inputs, seed=seed, settings=settings, features=features)
-    checks = {s: _audit_once(inputs, seed=s, settings=settings, features=features)
-              for s in range(check_seeds) if s != seed}
+    settings = settings or AuditSettings()
+    stats = _statistics(inputs, seed=seed, settings=settings, features=features)  # once: the costly part
+    audit = _audit_with(inputs, stats, seed=seed, settings=settings)
+    checks = {s: _audit_with(inputs, stats, seed=s, settings=settings) for s in range(check_seeds) if s != seed}
     if 0 < check_seeds and seed < check_seeds:
         checks[seed] = audit
     return settle_verdicts(audit, checks)
 
 
-def _audit_once(inputs: AuditInputs, *, seed: int = 0, settings: AuditSettings | None = None,
-                features: bool = True) -> dict[str, Any]:
-    """One audit of ``inputs`` under ``seed``: the ``audit.json`` dict, verdicts unsettled."""
-    settings = settings or AuditSettings()
+#: Seed of what defines the statistics (the feature extractor's split and fit, the
+#: white-box loss draws): fixed, so every --seed and every reference seed of
+#: :func:`settle_verdicts` tests the same statistics, and only the tests' own randomness
+#: (candidate split, size-matched subsample, bootstrap) varies with the seed.
+STATISTIC_SEED = 0
+
+
+@dataclass
+class _Statistics:
+    """What one audit computes before its seeded tests; shared by the reference seeds."""
+
+    holdout: SiteData  # the held-out records the audit compares (the extractor's share removed)
+    extractor_records: SiteData | None
+    features_fn: Callable[[np.ndarray], np.ndarray] | None
+    white: WhiteBoxScores | None = None
+    canary_scores: np.ndarray | None = None
+    canary_included: np.ndarray | None = None
+
+
+def _statistics(inputs: AuditInputs, *, seed: int, settings: AuditSettings, features: bool) -> _Statistics:
     n_min = min_holdout(settings)
     if len(inputs.holdout) < n_min:
         raise AuditError(f"holdout {inputs.holdout.source}: {len(inputs.holdout)} records; the audit needs at "
@@ -528,33 +545,41 @@ def _audit_once(inputs: AuditInputs, *, seed: int = 0, settings: AuditSettings |
                          "quantile of distances to training; half are non-member candidates, half reference)")
     if len(inputs.synthetic) < MIN_SAMPLES:
         raise AuditError(f"{len(inputs.synthetic)} synthetic samples; the audit needs at least {MIN_SAMPLES}")
-    extractor_records, holdout = (split_for_extractor(inputs.holdout, n_min=n_min, seed=seed) if features
-                                  else (None, inputs.holdout))
-    white, canary_scores, canary_included = None, None, None
+    extractor_records, holdout = (split_for_extractor(inputs.holdout, n_min=n_min, seed=STATISTIC_SEED)
+                                  if features else (None, inputs.holdout))
+    stats = _Statistics(holdout=holdout, extractor_records=extractor_records,
+                        features_fn=None if extractor_records is None else
+                        _features_fn(extractor_records, STATISTIC_SEED))
     if inputs.model is not None and not isinstance(inputs.model, DPSGDTrainable):
         # a release family (mmd) has no per-example training loss: the white-box statistic
         # and the canary scores are undefined, the black-box tests still run
         log.info("%s has no per-example loss: no white-box scores", type(inputs.model).__name__)
     elif inputs.model is not None:
         _check_model_fits(inputs.model, ("train", inputs.train), ("holdout", holdout))
-        white = white_box_scores(inputs.model, inputs.train, holdout, seed=seed)
+        stats.white = white_box_scores(inputs.model, inputs.train, holdout, seed=STATISTIC_SEED)
         if inputs.canaries is not None:
             c = inputs.canaries
             y = None if c.y is None or not inputs.model.conditional else torch.from_numpy(c.y)
-            canary_scores = -per_example_loss(inputs.model, torch.from_numpy(c.x), y, seed=seed)
-            canary_included = c.included
+            stats.canary_scores = -per_example_loss(inputs.model, torch.from_numpy(c.x), y, seed=seed)
+            stats.canary_included = c.included
+    return stats
+
+
+def _audit_with(inputs: AuditInputs, stats: _Statistics, *, seed: int, settings: AuditSettings) -> dict[str, Any]:
+    """The seeded tests on precomputed statistics: the ``audit.json`` dict, verdicts unsettled."""
+    holdout, white, extractor_records = stats.holdout, stats.white, stats.extractor_records
     try:
         result = run_audit(
             inputs.synthetic, inputs.train.x.numpy(), holdout.x.numpy(), white_box_scores=white,
-            canary_scores=canary_scores, canary_included=canary_included,
-            claimed_epsilon=inputs.claimed_epsilon, delta=inputs.delta,
-            features_fn=None if extractor_records is None else _features_fn(extractor_records, seed),
+            canary_scores=stats.canary_scores, canary_included=stats.canary_included,
+            claimed_epsilon=inputs.claimed_epsilon, delta=inputs.delta, features_fn=stats.features_fn,
             seed=seed, settings=settings)
     except ValueError as err:  # privacy.audit validates its arrays (NaN, sizes): the user's inputs
         raise AuditError(str(err)) from None
     result["source"] = {**inputs.source,
                         "feature_extractor": None if extractor_records is None else
-                        {"fit_on": f"{len(extractor_records)} random held-out records, left out of the audit",
+                        {"fit_on": f"{len(extractor_records)} random held-out records (seed {STATISTIC_SEED}), "
+                                   "left out of the audit",
                          "holdout_records_audited": len(holdout)},
                         "white_box_statistic": None if white is None else
                         f"{white.name} of the model's first private step; lower = more likely member",
@@ -563,6 +588,14 @@ def _audit_once(inputs: AuditInputs, *, seed: int = 0, settings: AuditSettings |
                          "seed": inputs.canaries.seed, "kind": inputs.canaries.kind,
                          "n_included": int(inputs.canaries.included.sum())}}
     return result
+
+
+def _audit_once(inputs: AuditInputs, *, seed: int = 0, settings: AuditSettings | None = None,
+                features: bool = True) -> dict[str, Any]:
+    """One audit of ``inputs`` under ``seed``: the ``audit.json`` dict, verdicts unsettled."""
+    settings = settings or AuditSettings()
+    return _audit_with(inputs, _statistics(inputs, seed=seed, settings=settings, features=features),
+                       seed=seed, settings=settings)
 
 
 def write_audit(out_dir: Path, audit: dict[str, Any], html: str) -> tuple[Path, Path]:
@@ -622,7 +655,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                               ("--ledger", args.ledger), ("--state-dir", args.state_dir),
                                               ("--site", args.site), ("--format", args.format)) if value]
         if site_args:
-            raise AuditError(f"{'/'.join(site_args)} go(es) with --samples; RUN_DIR supplies its own")
+            raise AuditError(f"{', '.join(site_args)}: only with --samples (a site's audit); RUN_DIR supplies "
+                             "its own data, model and claim")
         n = DEFAULT_SAMPLES if args.n is None else args.n
         if n < MIN_SAMPLES:
             raise AuditError(f"-n must be at least {MIN_SAMPLES}, got {n}")
