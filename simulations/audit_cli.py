@@ -447,7 +447,7 @@ def _features_fn(records: SiteData, seed: int) -> Callable[[np.ndarray], np.ndar
 #: held-out records, i.e. 50 candidates per side).
 MIN_MEMBERSHIP_CANDIDATES = 100
 #: Reference seeds a verdict must hold under (besides --seed) to be ok or warning.
-DEFAULT_CHECK_SEEDS = 5
+DEFAULT_CHECK_SEEDS = 3
 INCONCLUSIVE = "inconclusive"
 _DECIDED = ("ok", "warning")
 
@@ -720,6 +720,7 @@ def add_audit_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("-n", type=int, default=None, metavar="N_SAMPLES",
                    help=f"samples drawn from RUN_DIR's model (default {DEFAULT_SAMPLES})")
     p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/audit, or ./audit)")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling, splits and bootstrap")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling (RUN_DIR), the candidate split, the size-matched subsample and the "
+                        "bootstrap; the feature space and the white-box losses use a fixed seed")
     p.set_defaults(func=cmd_audit)
     return p
