@@ -464,6 +464,8 @@ def _size_gate(audit: dict[str, Any]) -> None:
     n_nonmembers = audit["settings"]["n_nonmember_candidates"]
     seen_dcr: set[str] = set()
     for v in audit["verdicts"]:
+        is_dcr = v["topic"].startswith("memorization/") and v["topic"] not in seen_dcr
+        seen_dcr.add(v["topic"])  # a space's first memorisation verdict is its share test
         if v["level"] not in _DECIDED:
             continue
         if v["topic"].startswith("membership/") and min(n_members, n_nonmembers) < MIN_MEMBERSHIP_CANDIDATES:
@@ -471,8 +473,7 @@ def _size_gate(audit: dict[str, Any]) -> None:
                              f"needs at least {MIN_MEMBERSHIP_CANDIDATES} of each (half the audited held-out "
                              f"records are non-member candidates: give at least {2 * MIN_MEMBERSHIP_CANDIDATES} "
                              "held-out records, more when a feature space is fit on a quarter of them)")
-        elif v["topic"].startswith("memorization/") and v["topic"] not in seen_dcr:
-            seen_dcr.add(v["topic"])  # a space's first memorisation verdict is its share test
+        elif is_dcr:
             space = v["topic"].split("/", 1)[1]
             if audit["spaces"][space]["memorization"]["dcr"]["share_closer_to_train"]["value"] is None:
                 _inconclusive(v, "every sample is exactly as close to the training data as to the held-out "
