@@ -35,4 +35,4 @@ def main(grid: Grid, context: Context) -> None:
             scenario = _app_root() / scenario
         run_dir = str(prepare_run(scenario, out_root=_app_root() / "runs"))
         context.run_config["run-dir"] = run_dir
-    FederatedRun(grid, Path(run_dir), hooks=hooks_for(Path(run_dir))).execute()
+    FederatedRun(grid, Path(run_dir), hooks=hooks_for(Path(run_dir)), flower_run_id=context.run_id).execute()
