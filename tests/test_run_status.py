@@ -205,3 +205,38 @@ def test_federated_evaluation_is_refused_for_a_release_family():
     assert "\n" not in str(err.value)
     scenario_from_dict(_scenario("mmd", family="mmd"))  # off: accepted
     assert scenario_from_dict(_scenario("vae", federated=True)).evaluation.federated is True
+
+
+# -- nothing written outside the configured directories (issue #23 item 6) -----------------
+
+def test_superlink_home_is_under_the_configured_directory(tmp_path):
+    from fedgen.simulations.superlink import home_environment
+
+    db = tmp_path / "srv" / "state.db"
+    env = home_environment(["--database", str(db), "--port", "9093"], environ={})
+    assert env == {"FLWR_HOME": str(tmp_path / "srv" / "flwr-home"),
+                   "MPLCONFIGDIR": str(tmp_path / "srv" / "flwr-home" / "matplotlib")}
+    assert (tmp_path / "srv" / "flwr-home" / "matplotlib").is_dir()
+    assert home_environment([], str(tmp_path / "h"), environ={"FLWR_HOME": "/elsewhere"})["FLWR_HOME"] == \
+        str(tmp_path / "h")
+    assert home_environment([], environ={"FLWR_HOME": str(tmp_path / "e")})["FLWR_HOME"] == str(tmp_path / "e")
+
+
+def test_the_fedgen_cli_writes_nothing_to_the_home_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("MPLCONFIGDIR", None)
+    env.pop("XDG_CACHE_HOME", None)
+    env.pop("XDG_CONFIG_HOME", None)
+    for args in (["--help"], ["status", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "fedgen.simulations.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    code = ("import sys, fedgen.simulations.cli, fedgen.server.app, fedgen.client.app; "
+            "print('matplotlib' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
+    assert list(tmp_path.iterdir()) == []
