@@ -240,3 +240,20 @@ def test_the_fedgen_cli_writes_nothing_to_the_home_folder(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# -- fedgen simulate: writes its outputs, exits 1 only for a failed run -----------------------
+
+def test_simulate_exits_1_for_a_run_that_aggregated_nothing(tmp_path, capsys):
+    from .conftest import REPO
+
+    sets = ["federation.rounds=2", "training.local_steps=2", "evaluation.every=0", "evaluation.num_samples=20",
+            "simulation.faults.dropout=1.0"]  # no site is ever reachable: nothing to aggregate
+    out = tmp_path / "run"
+    code = fedgen(["simulate", str(REPO / "scenarios" / "quickstart.yaml"), "--out", str(out),
+                   *[a for s in sets for a in ("--set", s)]])
+    summary = _summary(out)
+    assert (summary["status"], summary["stopped_reason"], summary["rounds_completed"]) == ("failed", "completed", 2)
+    assert code == 1
+    assert "the run failed" in capsys.readouterr().err
+    assert all(s["rounds_trained"] == 0 and len(s["failures"]) == 2 for s in summary["sites"])
