@@ -130,6 +130,21 @@ def guarantees(scenario: Scenario, model: GenerativeModel, privacy: RunPrivacy) 
     return out
 
 
+def write_failed_summary(run_dir: Path, error: BaseException, *, rounds_planned: int | None = None,
+                         flower_run_id: int | None = None) -> dict[str, Any]:
+    """``summary.json`` for a run the server could not finish (an exception): ``status:
+    failed`` and the error in one line, what ``metrics.jsonl`` recorded until then."""
+    rows = rundir.read_metrics(run_dir) if (Path(run_dir) / rundir.METRICS).exists() else []
+    summary: dict[str, Any] = {
+        "status": "failed", "rounds_completed": max((r["round"] for r in rows if _aggregated(r)), default=0),
+        "rounds_planned": rounds_planned, "stopped_reason": "failed",
+        "error": f"{type(error).__name__}: {error}".splitlines()[0][:400], "sites": site_table(rows)}
+    if flower_run_id is not None:
+        summary["flower_run_id"] = str(flower_run_id)
+    atomic_write_text(Path(run_dir) / rundir.SUMMARY, json.dumps(jsonable(summary), indent=2))
+    return summary
+
+
 def write_summary(run_dir: Path, scenario: Scenario, model: GenerativeModel, privacy: RunPrivacy, *,
                   rounds_completed: int, stopped_reason: str, wall: float,
                   flower_run_id: int | None = None) -> dict[str, Any]:

@@ -197,6 +197,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     out = Console(highlight=False, soft_wrap=True)
     color = "green" if status == "completed" else ("yellow" if status != "failed" else "red")
     out.print(f"{run_dir}: [bold {color}]{status}[/] ({reason}, {rounds}{eps}{flower})")
+    if summary.get("error"):
+        out.print(f"error: {rich_escape(str(summary['error']))}")
     sites = summary.get("sites") or []
     if sites:
         table = Table("site", "rounds trained", "refused", "failures", "epsilon", box=None, pad_edge=False)

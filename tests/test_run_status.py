@@ -104,9 +104,12 @@ def _sites(tmp: Path, digits, *, broken: bool = False) -> list[dict]:
     return sites
 
 
-def _deploy(tmp: Path, digits, scenario: dict, *, broken: bool = False) -> tuple[Path, RecordingGrid]:
-    """Run the real ServerApp on a deployment run directory, its sites SuperNode-configured."""
+def _deploy(tmp: Path, digits, scenario: dict, *, broken: bool = False, damage=None) -> tuple[Path, RecordingGrid]:
+    """Run the real ServerApp on a deployment run directory, its sites SuperNode-configured
+    (``damage(run_dir)``: done to the run directory before the run)."""
     run_dir = write_deployment_run_dir(scenario_from_dict(scenario), tmp / scenario["name"])
+    if damage is not None:
+        damage(run_dir)
     run_config = {"run-dir": str(run_dir)}
     nodes = [SimulatedNode(9000 + i, i, 2, RUN_ID, run_config, client_app.app) for i in range(2)]
     for node, site in zip(nodes, _sites(tmp, digits, broken=broken)):
@@ -185,6 +188,24 @@ def test_a_refused_deployed_run_is_stopped_early(tmp_path, digits):
     assert (summary["status"], summary["stopped_reason"], summary["rounds_completed"]) == \
         ("stopped_early", "budget_exhausted", 0)
     assert [s["rounds_refused"] for s in summary["sites"]] == [1, 1]
+
+
+def test_a_run_that_breaks_off_leaves_a_failed_summary(tmp_path, digits, capsys):
+    def corrupt_checkpoint(run_dir: Path) -> None:
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        (run_dir / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
+
+    with pytest.raises(Exception) as err:
+        _deploy(tmp_path, digits, _scenario("torn"), damage=corrupt_checkpoint)
+    assert not isinstance(err.value, RunFailedError)  # the error itself reaches Flower
+    summary = _summary(tmp_path / "torn")
+    assert (summary["status"], summary["stopped_reason"], summary["rounds_completed"]) == ("failed", "failed", 0)
+    assert summary["rounds_planned"] == 2 and summary["flower_run_id"] == str(RUN_ID)
+    assert summary["error"].startswith(type(err.value).__name__) and "\n" not in summary["error"]
+    capsys.readouterr()
+    assert fedgen(["status", str(tmp_path / "torn")]) == 1
+    out = capsys.readouterr().out
+    assert "failed" in out and f"error: {type(err.value).__name__}" in out
 
 
 # -- fedgen status: bad input -------------------------------------------------------------
