@@ -32,8 +32,6 @@ from .record import jsonable, quality_metrics
 log = logging.getLogger(__name__)
 
 STATUSES = ("completed", "completed_with_failures", "stopped_early", "failed")
-#: ``summary.json`` keys that say how a run ended (``fedgen status`` reads them)
-OUTCOME_KEYS = ("status", "stopped_reason", "rounds_completed", "rounds_planned", "flower_run_id")
 
 
 class RunFailedError(RuntimeError):
