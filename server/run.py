@@ -296,7 +296,8 @@ class FederatedRun:
         privacy = RunPrivacy(ledger=self.ledger, site_dp=self.site_dp.mechanism if self.site_dp else None,
                              seeded_noise=self.seeded_noise)
         summary = write_summary(self.run_dir, self.scenario, self.model, privacy, rounds_completed=rounds_completed,
-                                stopped_reason=stopped_reason, wall=wall, flower_run_id=self.flower_run_id)
+                                stopped_reason=stopped_reason, wall=wall, flower_run_id=self.flower_run_id,
+                                node_sites=self.node_sites)
         if summary["status"] != "completed" and self.hooks.fails_unclean_runs:
             # after summary.json is written: Flower records the run as failed (`flwr ls`)
             raise RunFailedError(failure_line(summary, self.run_dir))

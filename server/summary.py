@@ -59,12 +59,17 @@ def run_status(rows: list[dict[str, Any]], *, rounds_planned: int, rounds_comple
     return "completed"
 
 
-def site_table(rows: list[dict[str, Any]], ledger: PrivacyLedger | None = None) -> list[dict[str, Any]]:
+def site_table(rows: list[dict[str, Any]], ledger: PrivacyLedger | None = None,
+               node_sites: dict[int, str] | None = None) -> list[dict[str, Any]]:
     """One entry per site seen in the run: rounds it trained (its update was aggregated),
-    rounds it refused for budget, its failures (round and reason), its ledger's epsilon."""
+    rounds it refused for budget, its failures (round and reason), its ledger's epsilon.
+    ``node_sites`` (node id -> site id, as the run learnt them) names the site of a failure
+    recorded as ``node N`` before that node first named its site."""
     sites: dict[str, dict[str, Any]] = {}
+    aliases = {f"node {node}": site for node, site in (node_sites or {}).items()}
 
     def entry(site: str) -> dict[str, Any]:
+        site = aliases.get(site, site)
         return sites.setdefault(site, {"site": site, "rounds_trained": 0, "rounds_refused": 0, "failures": [],
                                        "epsilon": None})
 
@@ -145,7 +150,7 @@ def write_failed_summary(run_dir: Path, error: BaseException, *, rounds_planned:
 
 def write_summary(run_dir: Path, scenario: Scenario, model: GenerativeModel, privacy: RunPrivacy, *,
                   rounds_completed: int, stopped_reason: str, wall: float,
-                  flower_run_id: int | None = None) -> dict[str, Any]:
+                  flower_run_id: int | None = None, node_sites: dict[int, str] | None = None) -> dict[str, Any]:
     """Write ``summary.json`` (and ``report.html``) for the run in ``run_dir``; the summary."""
     rows = rundir.read_metrics(run_dir)
     last_metrics = next((m for r in reversed(rows) if (m := quality_metrics(r))), {})
@@ -166,7 +171,7 @@ def write_summary(run_dir: Path, scenario: Scenario, model: GenerativeModel, pri
         "seeded_noise": privacy.seeded_noise,
         "metrics": last_metrics,
         "wall_seconds": wall,
-        "sites": site_table(rows, privacy.ledger),
+        "sites": site_table(rows, privacy.ledger, node_sites),
     }
     if flower_run_id is not None:
         summary["flower_run_id"] = str(flower_run_id)  # a 64-bit id: a string, as in the site ledgers

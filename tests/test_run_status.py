@@ -63,6 +63,12 @@ def test_site_table_counts_rounds_refusals_and_failures():
     assert table[1]["rounds_trained"] == 1
     assert table[1]["failures"] == [{"round": 2, "reason": "error reply: ValueError"},
                                     {"round": 3, "reason": "no reply before the round timeout"}]
+    # a failure recorded before the node first named its site is the site's, once the run knows it
+    early = [_row(1, 1, trained=["0"], failures=[{"site": "node 77", "reason": "error reply: Node Unavailable"}]),
+             _row(2, 2, trained=["0", "1"])]
+    assert [(s["site"], len(s["failures"])) for s in site_table(early)] == [("0", 0), ("1", 0), ("node 77", 1)]
+    assert [(s["site"], s["rounds_trained"], len(s["failures"])) for s in site_table(early, node_sites={77: "1"})] \
+        == [("0", 2, 0), ("1", 1, 1)]
 
 
 # -- deployed runs on the in-process grid -------------------------------------------------
