@@ -16,7 +16,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from fedgen.shared_models import list_models, model_options
+from fedgen.shared_models import DPSGDTrainable, list_models, model_options
+from fedgen.shared_models.registry import get_model_builder
 
 from .data_formats import DATA_FORMATS, data_format
 from .errors import ScenarioError
@@ -199,6 +200,8 @@ class EvaluationConfig(_Section):
     every: int = Field(1, ge=0, description="evaluate every N rounds (0 = only at the end)")
     num_samples: int = Field(500, ge=1)
     tstr: bool = Field(False, description="train-synthetic-test-real accuracy after the last round")
+    federated: bool = Field(False, description="without a reference set, ask every site each evaluated round for "
+                            "the global model's loss on its data (a scalar outside the DP guarantee)")
 
 
 class ByzantineConfig(_Section):
@@ -269,6 +272,13 @@ class DeploymentConfig(_Section):
         return self
 
 
+def family_has_site_loss(family: str) -> bool:
+    """Whether a site can compute ``family``'s per-example training loss on its data (the
+    federated evaluation's ``eval-loss``): the DP-SGD families can, release-only ones not."""
+    builder = get_model_builder(family)
+    return not isinstance(builder, type) or issubclass(builder, DPSGDTrainable)
+
+
 class Scenario(_Section):
     name: str = Field("scenario", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -287,6 +297,14 @@ class Scenario(_Section):
         if self.deployment is not None and self.privacy.seeded_noise:
             raise ValueError("privacy.seeded_noise: a deployed federation's sites draw DP noise from their own OS "
                              "entropy (a known seed would let the server subtract it); remove the key")
+        return self
+
+    @model_validator(mode="after")
+    def _federated_evaluation_needs_a_loss(self) -> "Scenario":
+        if self.evaluation.federated and not family_has_site_loss(self.model.family):
+            raise ValueError(f"evaluation.federated: the {self.model.family} family has no per-example loss a site "
+                             "could evaluate (it is trained by a release); set evaluation.federated: false and give "
+                             "the server a public reference set (deployment.reference) instead")
         return self
 
     @model_validator(mode="after")

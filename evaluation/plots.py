@@ -1,15 +1,25 @@
-"""Figures: sample grids and per-round curves (matplotlib, headless)."""
+"""Figures: sample grids and per-round curves (matplotlib, headless).
+
+matplotlib is imported when the first figure is drawn, not with this module: importing
+fedgen (``fedgen --help``, the ServerApp) writes no matplotlib cache."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+
+def _plt() -> Any:
+    """``matplotlib.pyplot`` on the headless Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def sample_grid(x: torch.Tensor | np.ndarray, nrow: int = 10, pad: int = 1) -> np.ndarray:
@@ -42,6 +52,7 @@ def save_sample_grid(x: torch.Tensor | np.ndarray, path: Path, nrow: int = 10) -
     grid = sample_grid(x, nrow=nrow)
     scale = max(1, 480 // max(grid.shape[:2]))
     grid = np.kron(grid, np.ones((scale, scale))) if grid.ndim == 2 else grid.repeat(scale, 0).repeat(scale, 1)
+    plt = _plt()
     plt.imsave(path, grid, cmap="gray", vmin=0, vmax=1)
     return path
 
@@ -51,6 +62,7 @@ def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str = "") 
     keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
     if not keys:
         return None
+    plt = _plt()
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
@@ -65,6 +77,7 @@ def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str = "") 
 
 
 def plot_bars(values: list[float], path: Path, *, xlabel: str = "", ylabel: str = "") -> Path:
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 2.6))
     ax.bar(range(len(values)), values, color="#4477aa")
     ax.set_xticks(range(len(values)))
@@ -79,6 +92,7 @@ def plot_overlaid(series: dict[str, list[tuple[float, float]]], title: str, path
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for name, pts in series.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
@@ -94,5 +108,6 @@ def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
+    plt = _plt()
     plt.close(fig)
     return path

@@ -9,9 +9,11 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedgen.contract import rundir
 from fedgen.simulations.hooks import hooks_for
 
 from .run import FederatedRun
+from .summary import RunFailedError, write_failed_summary
 
 app = ServerApp()
 
@@ -35,4 +37,19 @@ def main(grid: Grid, context: Context) -> None:
             scenario = _app_root() / scenario
         run_dir = str(prepare_run(scenario, out_root=_app_root() / "runs"))
         context.run_config["run-dir"] = run_dir
-    FederatedRun(grid, Path(run_dir), hooks=hooks_for(Path(run_dir))).execute()
+    try:
+        FederatedRun(grid, Path(run_dir), hooks=hooks_for(Path(run_dir)), flower_run_id=context.run_id).execute()
+    except (RunFailedError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # the run broke off: say so where operators look, then fail as before
+        if (Path(run_dir) / rundir.SCENARIO).exists():
+            write_failed_summary(Path(run_dir), err, rounds_planned=_rounds_planned(Path(run_dir)),
+                                 flower_run_id=context.run_id)
+        raise
+
+
+def _rounds_planned(run_dir: Path) -> int | None:
+    try:
+        return rundir.read_scenario(run_dir).federation.rounds
+    except Exception:  # noqa: BLE001 -- a damaged scenario.yaml: the error itself is the story
+        return None

@@ -19,6 +19,10 @@ class RunHooks:
     count; noise comes from the OS's entropy, whatever the scenario asks."""
 
     allows_seeded_noise: bool = False  # seeded DP noise is a simulation's reproducibility switch
+    #: A run that did not complete cleanly (``summary.json``'s ``status`` other than
+    #: ``completed``) ends the ServerApp with :class:`~fedgen.server.summary.RunFailedError`,
+    #: so Flower shows it as failed; a simulation reads the summary itself instead.
+    fails_unclean_runs: bool = True
 
     def site_examples(self) -> dict[str, int] | None:
         """Each site's largest honest ``num-examples``; ``None``: the default bound for all."""

@@ -52,6 +52,8 @@ class RoundRecord:
     train_loss: float | None
     epsilon: float | None  # example-level, largest over sites; None without example-level DP
     failures: list[dict[str, str]]
+    sites_trained: list[str] | None = None  # the sites whose update was aggregated (summary's site table)
+    sites_refused: list[str] | None = None  # the sites that refused for budget
     byzantine: list[str] | None = None  # simulation: the accepted updates that were attacks
     faults: dict[str, Any] | None = None  # simulation: dropped out, errors, late, delays
     site_level: SiteLevelRound | None = None

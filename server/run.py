@@ -26,17 +26,17 @@ from flwr.serverapp.strategy import Strategy
 
 from fedgen.contract import rundir
 from fedgen.contract.task import build_global_model, example_level, site_level_mechanism, task_from_scenario
-from fedgen.privacy.ledger import PrivacyLedger, SiteLedger
+from fedgen.privacy.ledger import PrivacyLedger, SiteLedger, site_sort_key
 from fedgen.privacy.site_level import SiteLevelDP
 
 from . import checkpoint
-from .aggregation import bound_update_norms, robust_report
+from .aggregation import bound_update_norms, robust_report, site_label
 from .evaluate import GlobalEvaluator
 from .hooks import RunHooks
 from .record import RoundRecord, ServerUpdate, short_reason
 from .site_level import SiteLevelDPStrategy
 from .strategies import ROBUST, build_strategy
-from .summary import RunPrivacy, write_summary
+from .summary import RunFailedError, RunPrivacy, failure_line, write_summary
 from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, RoundReplies, check_metrics, site_releases, sort_replies,
                       weighted_mean)
 
@@ -47,8 +47,10 @@ class FederatedRun:
     """One run over ``run_dir``; ``hooks``: what the harness adds (default: nothing, a
     deployment's run; ``server/app.py`` passes the simulation's)."""
 
-    def __init__(self, grid: Grid, run_dir: Path, hooks: RunHooks | None = None) -> None:
+    def __init__(self, grid: Grid, run_dir: Path, hooks: RunHooks | None = None, *,
+                 flower_run_id: int | None = None) -> None:
         self.grid = grid
+        self.flower_run_id = flower_run_id
         self.run_dir = Path(run_dir)
         self.hooks = hooks if hooks is not None else RunHooks()
         self.scenario = rundir.read_scenario(self.run_dir)
@@ -143,6 +145,7 @@ class FederatedRun:
                 self._append_metrics(record)
                 break
             arrays = self._aggregate(rnd, arrays, replies.ok, record)
+            record.sites_trained = sorted(map(site_label, replies.ok), key=site_sort_key)
             rounds_completed = rnd
             every = self.scenario.evaluation.every
             if (every and rnd % every == 0) or rnd == self.fed.rounds:
@@ -176,9 +179,16 @@ class FederatedRun:
             clients_failed=len(replies.failed), clients_refused=len(replies.refused),
             train_loss=weighted_mean(replies.ok, "train-loss"),
             epsilon=self.ledger.epsilon if example_level(self.scenario) else None,
-            failures=[{"site": s, "reason": short_reason(r)} for s, r in replies.failed])
+            failures=[{"site": self._label(s, messages), "reason": short_reason(r)} for s, r in replies.failed],
+            sites_refused=sorted(replies.refused, key=site_sort_key) or None)
         self.hooks.annotate(record, replies)
         return record
+
+    def _label(self, who: str, messages: list[Message]) -> str:
+        """A failure's site id; ``node N`` for a node that never named its site (its first
+        reply was an error), so that a node id never reads as a site id."""
+        nodes = {str(m.metadata.dst_node_id) for m in messages}
+        return f"node {who}" if who in nodes and who not in self.node_sites.values() else who
 
     def _early_stop(self, messages: list[Message], replies: RoundReplies, record: RoundRecord) -> str | None:
         """Why the run cannot go on after this round's replies (``None``: it can)."""
@@ -259,8 +269,9 @@ class FederatedRun:
 
     def _evaluate(self, rnd: int, arrays: ArrayRecord) -> dict[str, Any]:
         cfg = self.scenario.evaluation
-        if self.evaluator.ref_x is None:  # deployment without a public reference set
+        if self.evaluator.ref_x is None and cfg.federated:  # deployment without a public reference set
             return self._federated_evaluation(rnd, arrays)
+        # with a reference: sample, draw a grid and score; without one: only the grid
         return self.evaluator(self.model, num_samples=cfg.num_samples, round_seed=self.scenario.seed + rnd,
                               grid_path=self.run_dir / rundir.SAMPLES / f"round-{rnd:04d}.png",
                               tstr=cfg.tstr and rnd == self.fed.rounds)
@@ -284,8 +295,13 @@ class FederatedRun:
         self.ledger.write(self.run_dir / rundir.PRIVACY)
         privacy = RunPrivacy(ledger=self.ledger, site_dp=self.site_dp.mechanism if self.site_dp else None,
                              seeded_noise=self.seeded_noise)
-        return write_summary(self.run_dir, self.scenario, self.model, privacy,
-                             rounds_completed=rounds_completed, stopped_reason=stopped_reason, wall=wall)
+        summary = write_summary(self.run_dir, self.scenario, self.model, privacy, rounds_completed=rounds_completed,
+                                stopped_reason=stopped_reason, wall=wall, flower_run_id=self.flower_run_id,
+                                node_sites=self.node_sites)
+        if summary["status"] != "completed" and self.hooks.fails_unclean_runs:
+            # after summary.json is written: Flower records the run as failed (`flwr ls`)
+            raise RunFailedError(failure_line(summary, self.run_dir))
+        return summary
 
 def _valid_eval_metrics(msg: Message) -> bool:
     """Whether an evaluate reply's metrics can be averaged (known keys, finite numbers, a

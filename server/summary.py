@@ -1,5 +1,15 @@
 """The end of a run: ``summary.json`` (what was trained, under which guarantees, how it
-ended, the last quality metrics) and ``report.html`` (docs/architecture.md §4)."""
+ended, the last quality metrics) and ``report.html`` (docs/architecture.md §4).
+
+How it ended is one word, ``status`` (:func:`run_status`):
+
+- ``completed``: every planned round aggregated, no site failed or refused;
+- ``completed_with_failures``: every planned round aggregated, but some site failed or
+  refused in some round (the ``sites`` table says which, and why);
+- ``stopped_early``: the run stopped before ``rounds_planned`` because the budget was spent
+  (the sites refused, or the site-level budget ran out);
+- ``failed``: no round was aggregated, every sampled site failed, or the run broke off.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +22,7 @@ from typing import Any
 from fedgen.contract import rundir
 from fedgen.contract.scenario import Scenario
 from fedgen.contract.task import example_level
-from fedgen.privacy.ledger import PrivacyLedger, atomic_write_text
+from fedgen.privacy.ledger import PrivacyLedger, atomic_write_text, site_sort_key
 from fedgen.privacy.randomness import NOT_A_GUARANTEE
 from fedgen.privacy.site_level import SiteLevelDP
 from fedgen.shared_models import GenerativeModel
@@ -20,6 +30,75 @@ from fedgen.shared_models import GenerativeModel
 from .record import jsonable, quality_metrics
 
 log = logging.getLogger(__name__)
+
+STATUSES = ("completed", "completed_with_failures", "stopped_early", "failed")
+
+
+class RunFailedError(RuntimeError):
+    """A deployed run that did not complete cleanly: raised by the ServerApp after
+    ``summary.json`` is written, so that Flower records the run as failed (``flwr ls``
+    shows ``finished:failed``, the stream shows the line). The message is one line."""
+
+
+def _aggregated(row: dict[str, Any]) -> bool:
+    """Whether a ``metrics.jsonl`` row's round produced a new global model."""
+    return bool(row.get("clients_ok")) or row.get("site_level_epsilon") is not None
+
+
+def run_status(rows: list[dict[str, Any]], *, rounds_planned: int, rounds_completed: int,
+               stopped_reason: str) -> str:
+    """How the run whose ``metrics.jsonl`` rows are ``rows`` ended (module docstring)."""
+    if stopped_reason == "budget_exhausted":
+        return "stopped_early"
+    if stopped_reason != "completed" or not any(_aggregated(r) for r in rows):
+        return "failed"
+    if rounds_completed < rounds_planned:
+        return "stopped_early"
+    if any(r.get("failures") or r.get("clients_refused") for r in rows):
+        return "completed_with_failures"
+    return "completed"
+
+
+def site_table(rows: list[dict[str, Any]], ledger: PrivacyLedger | None = None,
+               node_sites: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """One entry per site seen in the run: rounds it trained (its update was aggregated),
+    rounds it refused for budget, its failures (round and reason), its ledger's epsilon.
+    ``node_sites`` (node id -> site id, as the run learnt them) names the site of a failure
+    recorded as ``node N`` before that node first named its site."""
+    sites: dict[str, dict[str, Any]] = {}
+    aliases = {f"node {node}": site for node, site in (node_sites or {}).items()}
+
+    def entry(site: str) -> dict[str, Any]:
+        site = aliases.get(site, site)
+        return sites.setdefault(site, {"site": site, "rounds_trained": 0, "rounds_refused": 0, "failures": [],
+                                       "epsilon": None})
+
+    for row in rows:
+        for site in row.get("sites_trained") or []:
+            entry(site)["rounds_trained"] += 1
+        for site in row.get("sites_refused") or []:
+            entry(site)["rounds_refused"] += 1
+        for failure in row.get("failures") or []:
+            entry(str(failure.get("site")))["failures"].append({"round": row.get("round"),
+                                                                "reason": failure.get("reason", "")})
+    for site, site_ledger in (ledger.sites if ledger is not None else {}).items():
+        entry(site)["epsilon"] = site_ledger.epsilon
+    return [sites[s] for s in sorted(sites, key=site_sort_key)]
+
+
+def failure_line(summary: dict[str, Any], run_dir: Path) -> str:
+    """One line naming a run's outcome and where to read it (``RunFailedError``'s message)."""
+    failing = [f"{s['site']} ({s['failures'][-1]['reason']})" for s in summary.get("sites", []) if s["failures"]]
+    refused = [s["site"] for s in summary.get("sites", []) if s["rounds_refused"]]
+    detail = []
+    if failing:
+        detail.append("failed: " + ", ".join(failing))
+    if refused:
+        detail.append("refused for budget: " + ", ".join(refused))
+    more = f"; {'; '.join(detail)}" if detail else ""
+    return (f"fedgen run {summary['status']} ({summary['stopped_reason']}, {summary['rounds_completed']} of "
+            f"{summary['rounds_planned']} rounds){more}; see {Path(run_dir) / rundir.SUMMARY} "
+            f"or `fedgen status {run_dir}`")
 
 
 @dataclass(frozen=True)
@@ -54,14 +133,34 @@ def guarantees(scenario: Scenario, model: GenerativeModel, privacy: RunPrivacy) 
     return out
 
 
+def write_failed_summary(run_dir: Path, error: BaseException, *, rounds_planned: int | None = None,
+                         flower_run_id: int | None = None) -> dict[str, Any]:
+    """``summary.json`` for a run the server could not finish (an exception): ``status:
+    failed`` and the error in one line, what ``metrics.jsonl`` recorded until then."""
+    rows = rundir.read_metrics(run_dir) if (Path(run_dir) / rundir.METRICS).exists() else []
+    summary: dict[str, Any] = {
+        "status": "failed", "rounds_completed": max((r["round"] for r in rows if _aggregated(r)), default=0),
+        "rounds_planned": rounds_planned, "stopped_reason": "failed",
+        "error": f"{type(error).__name__}: {error}".splitlines()[0][:400], "sites": site_table(rows)}
+    if flower_run_id is not None:
+        summary["flower_run_id"] = str(flower_run_id)
+    atomic_write_text(Path(run_dir) / rundir.SUMMARY, json.dumps(jsonable(summary), indent=2))
+    return summary
+
+
 def write_summary(run_dir: Path, scenario: Scenario, model: GenerativeModel, privacy: RunPrivacy, *,
-                  rounds_completed: int, stopped_reason: str, wall: float) -> dict[str, Any]:
+                  rounds_completed: int, stopped_reason: str, wall: float,
+                  flower_run_id: int | None = None, node_sites: dict[int, str] | None = None) -> dict[str, Any]:
     """Write ``summary.json`` (and ``report.html``) for the run in ``run_dir``; the summary."""
     rows = rundir.read_metrics(run_dir)
     last_metrics = next((m for r in reversed(rows) if (m := quality_metrics(r))), {})
     cfg = scenario.privacy
+    rounds_planned = scenario.federation.rounds
     summary = {
+        "status": run_status(rows, rounds_planned=rounds_planned, rounds_completed=rounds_completed,
+                             stopped_reason=stopped_reason),
         "rounds_completed": rounds_completed,
+        "rounds_planned": rounds_planned,
         "stopped_reason": stopped_reason,
         "model": scenario.model.family,
         "epsilon": privacy.ledger.epsilon if example_level(scenario) else None,
@@ -72,7 +171,10 @@ def write_summary(run_dir: Path, scenario: Scenario, model: GenerativeModel, pri
         "seeded_noise": privacy.seeded_noise,
         "metrics": last_metrics,
         "wall_seconds": wall,
+        "sites": site_table(rows, privacy.ledger, node_sites),
     }
+    if flower_run_id is not None:
+        summary["flower_run_id"] = str(flower_run_id)  # a 64-bit id: a string, as in the site ledgers
     if privacy.seeded_noise and cfg.enabled:
         summary["warning"] = NOT_A_GUARANTEE + " (privacy.seeded_noise: true, seed in scenario.yaml)"
     if stopped_reason == "clients_failed":

@@ -62,6 +62,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if summary["stopped_reason"] == "clients_failed":
         return _fail(f"every site failed in round {summary['rounds_completed'] + 1}: {summary.get('failure', '')} "
                      f"(details: {run_dir / rundir.METRICS})", code=1)
+    if summary.get("status") == "failed":
+        return _fail(f"the run failed ({summary['stopped_reason']}, {summary['rounds_completed']} rounds): "
+                     f"see `fedgen status {run_dir}`", code=1)
     guarantees = summary.get("guarantees") or []
     eps_txt = "".join(f", {g['unit']}-level epsilon {g['epsilon']:.3f} (delta {g['delta']:g})"
                       for g in guarantees) or ", no DP"
@@ -141,6 +144,74 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- status -------------------------------------------------------------------------------
+
+STATUS_EXIT = {"completed": 0}  # every other outcome exits 1
+
+
+def find_run_dir(target: str, runs_root: Path) -> Path:
+    """``target``: a run directory, or the Flower run id recorded in the ``summary.json`` of
+    one of ``runs_root``'s run directories (:class:`UserError` when it names neither)."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / rundir.SCENARIO).exists():
+            raise UserError(f"{path}: not a fedgen run directory (no {rundir.SCENARIO})")
+        return path
+    if not target.isdigit():
+        raise UserError(f"{target}: no such run directory, and not a Flower run id (digits); give RUN_DIR or RUN_ID")
+    if not runs_root.is_dir():
+        raise UserError(f"--runs-root {runs_root}: no such folder; give the folder that holds the run directories")
+    import json
+
+    for summary in sorted(runs_root.glob(f"*/{rundir.SUMMARY}")):
+        try:
+            if str(json.loads(summary.read_text()).get("flower_run_id")) == target:
+                return summary.parent
+        except (OSError, ValueError):
+            continue
+    raise UserError(f"no run directory under {runs_root} records Flower run {target} (its summary.json is written "
+                    "when the run ends); give RUN_DIR, or --runs-root")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    run_dir = find_run_dir(args.run, Path(args.runs_root))
+    path = run_dir / rundir.SUMMARY
+    if not path.exists():
+        print(f"{run_dir}: no {rundir.SUMMARY} yet: the run is still going, or stopped before it ended "
+              f"(see {run_dir / rundir.METRICS})")
+        return 1
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path}: not JSON ({err}); the file is damaged") from None
+    reason = summary.get("stopped_reason", "?")
+    status = summary.get("status") or ("completed" if reason == "completed" else "failed")
+    planned = summary.get("rounds_planned")
+    rounds = f"{summary.get('rounds_completed', '?')}{f' of {planned}' if planned is not None else ''} rounds"
+    flower = f", Flower run {summary['flower_run_id']}" if summary.get("flower_run_id") else ""
+    eps = f", epsilon {summary['epsilon']:.3f}" if isinstance(summary.get("epsilon"), (int, float)) else ""
+    out = Console(highlight=False, soft_wrap=True)
+    color = "green" if status == "completed" else ("yellow" if status != "failed" else "red")
+    out.print(f"{run_dir}: [bold {color}]{status}[/] ({reason}, {rounds}{eps}{flower})")
+    if summary.get("error"):
+        out.print(f"error: {rich_escape(str(summary['error']))}")
+    sites = summary.get("sites") or []
+    if sites:
+        table = Table("site", "rounds trained", "refused", "failures", "epsilon", box=None, pad_edge=False)
+        for site in sites:
+            failures = site.get("failures") or []
+            last = f" (last, round {failures[-1]['round']}: {failures[-1]['reason']})" if failures else ""
+            eps_site = f"{site['epsilon']:.3f}" if isinstance(site.get("epsilon"), (int, float)) else "-"
+            table.add_row(rich_escape(str(site["site"])), str(site.get("rounds_trained", 0)),
+                          str(site.get("rounds_refused", 0)), rich_escape(f"{len(failures)}{last}"), eps_site)
+        out.print(table)
+    return STATUS_EXIT.get(status, 1)
+
+
 # -- sweep --------------------------------------------------------------------------------
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -209,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="sweep folder (default: the file's `out`, else runs/sweeps/<name>)")
     p.add_argument("-v", "--verbose", action="store_true", help="stream Flower's log")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("status", help="how a run ended, per site (exit 0: completed, 1: not)",
+                       description="Print how RUN_DIR's run ended (completed, completed_with_failures, stopped_early, "
+                       "failed) and what each site did, from its summary.json. RUN_ID: the Flower run id "
+                       "(`flwr ls`), looked up in --runs-root's run directories. Exit 0 for completed, 1 for any "
+                       "other outcome, 2 for a bad argument.")
+    p.add_argument("run", metavar="RUN_DIR|RUN_ID")
+    p.add_argument("--runs-root", default="runs", metavar="DIR",
+                   help="folder holding the run directories, to find RUN_ID in (default ./runs)")
+    p.set_defaults(func=cmd_status)
 
     add_audit_parser(sub)
     add_deploy_parsers(sub)

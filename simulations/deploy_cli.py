@@ -56,7 +56,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     from .superlink import serve
 
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
-    serve(flower_args, control_address=args.control_address)
+    serve(flower_args, control_address=args.control_address, home=args.home)
     return 0
 
 
@@ -91,8 +91,12 @@ def add_deploy_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Run flwr 1.42's SuperLink with its Fleet API on flower-superlink's --host/--port (public: "
                     "SuperNodes only) and its Control and Runtime APIs on --control-address only (loopback: the "
                     "operator's `flwr`). Arguments after `--` go to flower-superlink unchanged.",
-        usage="fedgen superlink [--control-address HOST:PORT] -- FLOWER_SUPERLINK_ARGS...")
+        usage="fedgen superlink [--control-address HOST:PORT] [--home DIR] -- FLOWER_SUPERLINK_ARGS...")
     p.add_argument("--control-address", default="127.0.0.1:9091", metavar="HOST:PORT",
                    help="where the Control API (and the SuperExec's Runtime API) listens (default 127.0.0.1:9091)")
+    p.add_argument("--home", metavar="DIR",
+                   help="Flower's home folder for the SuperLink and the ServerApps it starts (FLWR_HOME; "
+                        "matplotlib's cache goes under it too); default: $FLWR_HOME if set, else flwr-home/ "
+                        "next to --database, else ./flwr-home. Nothing is written to ~/.flwr")
     p.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-superlink's arguments, after `--`")
     p.set_defaults(func=cmd_superlink)

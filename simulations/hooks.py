@@ -55,6 +55,7 @@ def simulated_site_examples(run_dir: Path, spec: rundir.DataSpec) -> dict[str, i
 
 class SimulatedSites(RunHooks):
     allows_seeded_noise = True
+    fails_unclean_runs = False  # `fedgen simulate` reads summary.json's status itself
 
     def __init__(self, run_dir: Path, scenario: Scenario, spec: rundir.DataSpec) -> None:
         self.run_dir = Path(run_dir)

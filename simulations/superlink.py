@@ -81,9 +81,38 @@ def _bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(flower_args: list[str], control_address: str = DEFAULT_CONTROL_ADDRESS) -> None:
+def home_environment(flower_args: list[str], home: str | None = None,
+                     environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Where the SuperLink and the processes it starts (SuperExec, ServerApps) may write:
+    ``FLWR_HOME`` (Flower's apps, FAB cache, config) and ``MPLCONFIGDIR`` (matplotlib's
+    font cache), never the home folder of whoever runs it. ``home`` (``--home``) wins; else
+    an ``FLWR_HOME`` already set; else ``flwr-home`` next to ``--database``; else
+    ``./flwr-home``. The folders are created (0700)."""
+    environ = os.environ if environ is None else environ
+    if home is None and environ.get("FLWR_HOME"):
+        home = environ["FLWR_HOME"]
+    if home is None:
+        database = next((flower_args[i + 1] for i, arg in enumerate(flower_args[:-1]) if arg == "--database"), None)
+        if database is None:
+            database = next((a.split("=", 1)[1] for a in flower_args if a.startswith("--database=")), None)
+        base = os.path.dirname(os.path.abspath(database)) if database and database != ":flwr-in-memory:" else "."
+        home = os.path.join(base, "flwr-home")
+    home = os.path.abspath(home)
+    mpl = environ.get("MPLCONFIGDIR") or os.path.join(home, "matplotlib")
+    for folder in (home, mpl):
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError as err:
+            raise DeployConfigError(f"--home {home}: cannot create {folder} ({err.strerror}); give a folder "
+                                    "this user can write") from None
+    return {"FLWR_HOME": home, "MPLCONFIGDIR": mpl}
+
+
+def serve(flower_args: list[str], control_address: str = DEFAULT_CONTROL_ADDRESS, home: str | None = None) -> None:
     """Run the SuperLink (``flower_args`` as for ``flower-superlink``) with its Fleet API on
-    ``--host``/``--port`` and every API on ``control_address``; blocks until SIGINT/SIGTERM."""
+    ``--host``/``--port`` and every API on ``control_address``; blocks until SIGINT/SIGTERM.
+    Flower's and matplotlib's files go under ``home`` (:func:`home_environment`)."""
+    os.environ.update(home_environment(flower_args, home))  # before flwr reads FLWR_HOME
     import uvicorn
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
@@ -109,5 +138,5 @@ def serve(flower_args: list[str], control_address: str = DEFAULT_CONTROL_ADDRESS
         app, ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, access_log=True, workers=1,
         log_config=get_uvicorn_log_config(console_handler.level)))
     print(f"fedgen superlink: Fleet API on {fleet_host}:{fleet_port}, Control and Runtime APIs on "
-          f"{control_host}:{control_port} only", flush=True)
+          f"{control_host}:{control_port} only; FLWR_HOME {os.environ['FLWR_HOME']}", flush=True)
     server.run(sockets=[_bound_socket(fleet_host, fleet_port), _bound_socket(control_host, control_port)])

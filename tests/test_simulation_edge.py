@@ -197,7 +197,8 @@ OLD_ROUND_KEYS = {"round", "clients_sampled", "clients_ok", "clients_failed", "c
                   "epsilon", "seconds", "failures", "eval_seconds", "class_histogram", "byzantine", "robust",
                   "clients_norm_bounded", "site_level_epsilon", "sites_clipped", "site_update_norm_median",
                   "faults", "server_fit_mmd", "server_fit_steps", "release_noise_variance",
-                  "release_noise_energy", "server_update_seconds"}
+                  "release_noise_energy", "server_update_seconds",
+                  "sites_trained", "sites_refused"}  # issue #23: the summary's per-site table
 
 
 def _record(**fields) -> RoundRecord:
@@ -233,6 +234,9 @@ def test_a_stopped_round_s_record_has_only_the_core_and_seconds():
 def test_the_summary_takes_the_last_evaluated_round_s_metrics(run_dir):
     rows = [_record(round=1, metrics={"fid": 9.0}, seconds=1.0), _record(round=2, seconds=1.0)]
     (run_dir / rundir.METRICS).write_text("".join(r.to_json() + "\n" for r in rows))
-    summary = FederatedRun(None, run_dir)._finish(2, "completed", 1.0)
+    from fedgen.simulations.hooks import hooks_for
+
+    # the simulation's hooks: a deployment's would end a run with failures in RunFailedError
+    summary = FederatedRun(None, run_dir, hooks=hooks_for(run_dir))._finish(2, "completed", 1.0)
     assert summary["metrics"] == {"fid": 9.0}
     assert json.loads((run_dir / rundir.SUMMARY).read_text())["metrics"] == {"fid": 9.0}

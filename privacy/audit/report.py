@@ -13,11 +13,11 @@ import base64
 import html
 import io
 import json
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn (`fedgen --help` writes no cache)
+    from matplotlib.figure import Figure
 
 from .results import jsonable
 
@@ -108,7 +108,15 @@ def canary_verdict(canaries: dict, claimed_epsilon: float | None) -> dict:
 
 # ---------------------------------------------------------------------------------- figures
 
+def _figure(**kwargs: Any) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _png(fig: Figure) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
@@ -117,7 +125,7 @@ def _png(fig: Figure) -> str:
 
 def roc_figure(curves: dict[str, dict]) -> str:
     """ROC curves (linear and log-log, where low FPR shows) of several attacks; base64 PNG."""
-    fig = Figure(figsize=(10, 4.2))
+    fig = _figure(figsize=(10, 4.2))
     linear, loglog = fig.subplots(1, 2)
     for key, metrics in curves.items():
         title = metrics.get("attack", key)
@@ -143,7 +151,7 @@ def dcr_figure(mem: dict) -> str:
     dcr = mem["dcr"]
     d_train = np.asarray(dcr["distance_to_train"]["value"], dtype=float)
     d_holdout = np.asarray(dcr["distance_to_holdout"]["value"], dtype=float)
-    fig = Figure(figsize=(6.5, 3.6))
+    fig = _figure(figsize=(6.5, 3.6))
     ax = fig.subplots()
     bins = np.histogram_bin_edges(np.r_[d_train, d_holdout], bins=50)
     ax.hist(d_train, bins=bins, alpha=0.55, label="to nearest training record")
@@ -163,7 +171,7 @@ def pairs_figure(pairs: dict, synthetic: np.ndarray, train: np.ndarray,
     below, distance as the title; base64 PNG."""
     shape = tuple(image_shape)
     s_idx, t_idx, dist = pairs["synthetic_index"], pairs["train_index"], pairs["distance"]["value"]
-    fig = Figure(figsize=(1.1 * max(len(s_idx), 1), 2.6))
+    fig = _figure(figsize=(1.1 * max(len(s_idx), 1), 2.6))
     axes = np.atleast_2d(fig.subplots(2, max(len(s_idx), 1), squeeze=False))
 
     shown = np.asarray([*synthetic[list(s_idx)], *train[list(t_idx)]], dtype=float)
