@@ -363,7 +363,8 @@ def summary_lines(audit: dict[str, Any]) -> list[str]:
                      + (" -- VIOLATION: privacy accounting or implementation broken" if audit["accounting_violation"]
                         else ""))
     lines.append(f"verdicts: {levels.count('violation')} violation(s), {levels.count('warning')} warning(s), "
-                 f"{levels.count('ok')} ok")
+                 f"{levels.count('ok')} ok, {levels.count('inconclusive')} inconclusive "
+                 f"(+ {levels.count('info')} descriptions)")
     return lines
 
 
