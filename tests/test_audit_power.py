@@ -82,3 +82,78 @@ def test_too_few_candidates_is_inconclusive():
                       settings=FAST)
     membership = [v for v in audit["verdicts"] if v["topic"].startswith("membership")]
     assert membership and all(v["level"] == "inconclusive" for v in membership)
+
+
+# ------------------------------------------------------------------ white-box Dirac canaries
+
+from fedgen.client.data import SiteData  # noqa: E402
+from fedgen.client.training import _BrokenDP, new_site_ledger, private_parameters, run_local_round  # noqa: E402
+from fedgen.contract.task import PrivacyConfig, TrainingConfig  # noqa: E402
+from fedgen.privacy.audit import dirac  # noqa: E402
+from fedgen.shared_models.vae import VAE  # noqa: E402
+
+ROUNDS, STEPS, BATCH, LR = 3, 20, 20, 1e-2
+
+
+def white_box_run(epsilon: float, broken: _BrokenDP | None = None) -> tuple[dirac.DiracAudit, dict]:
+    """A tiny DP-SGD VAE (3,608 parameters, a canary on each) trained by the one local
+    training loop for 3 rounds of 20 steps; the auditor reads the 3 per-round updates."""
+    torch.manual_seed(0)
+    model = VAE((16,), latent_dim=4, hidden=32)
+    data = SiteData(x=torch.rand(200, 16), y=None, num_classes=None, source="test")
+    training = TrainingConfig(local_steps=STEPS, batch_size=BATCH, lr=LR)
+    privacy = PrivacyConfig(enabled=True, target_epsilon=epsilon, delta=1e-5, max_grad_norm=1.0,
+                            planned_rounds=ROUNDS, grad_sample_mode="ghost")
+    ledger = new_site_ledger("0", privacy)
+    params = private_parameters(model)
+    canaries = dirac.plan(sum(p.numel() for p in params))
+    updates = []
+    for r in range(1, ROUNDS + 1):
+        before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+        run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=r,
+                        seed=r, white_box=canaries, _broken=broken)
+        updates.append((torch.cat([p.detach().reshape(-1) for p in params]) - before).numpy())
+    shapes = [p.shape for p in params]
+    known = None
+    if broken is not None and broken.known_noise_seed is not None:
+        known = dirac.known_noise_replay(shapes, [STEPS] * ROUNDS,
+                                         [broken.known_noise_seed + r for r in range(1, ROUNDS + 1)],
+                                         noise_std=ledger.noise_multiplier * 1.0 / BATCH, lr=LR)
+    result = dirac.audit(dirac.scores(updates, canaries, shapes, known_noise=known), canaries.included,
+                         delta=1e-5)
+    assert ledger.epsilon <= epsilon + 1e-9  # the accountant charged what it claims
+    return result, dirac.verdict(result, claimed_epsilon=epsilon)
+
+
+def test_correct_dp_sgd_at_epsilon_one_is_ok_with_bound_below_the_claim():
+    result, verdict = white_box_run(1.0)
+    assert verdict["level"] == "ok" and result.epsilon_lower_bound <= 1.0
+    assert result.max_attainable > 1.0 and result.m == 3608
+
+
+@pytest.mark.parametrize("broken", [_BrokenDP(noise_scale=0.1), _BrokenDP(clip=False),
+                                    _BrokenDP(known_noise_seed=7)],
+                         ids=["noise x 0.1", "clipping off", "known noise seed"])
+def test_broken_dp_sgd_is_a_violation_at_a_claimed_epsilon_of_one(broken):
+    result, verdict = white_box_run(1.0, broken)
+    assert verdict["level"] == "violation", verdict["text"]
+    assert result.epsilon_lower_bound > 1.5
+
+
+def test_claim_above_the_attainable_bound_is_inconclusive_never_ok_or_violation():
+    result = dirac.audit(np.arange(100.0), np.arange(100) >= 50, delta=1e-5)
+    assert result.n_correct == 2 * result.k  # every guess right ...
+    verdict = dirac.verdict(result, claimed_epsilon=result.max_attainable + 1)
+    assert verdict["level"] == "inconclusive"  # ... and still no refutation of a larger claim
+    assert dirac.verdict(result, claimed_epsilon=result.epsilon_lower_bound / 2)["level"] == "violation"
+
+
+def test_canary_file_round_trip_and_refusal_of_a_mismatch(tmp_path):
+    path = tmp_path / dirac.FILE_NAME
+    first = dirac.load_or_plan(path, 1000, 200)
+    again = dirac.load_or_plan(path, 1000, 200)
+    np.testing.assert_array_equal(first.coordinates, again.coordinates)
+    np.testing.assert_array_equal(first.included, again.included)
+    assert len(np.unique(first.coordinates)) == 200 and 50 < first.included.sum() < 150
+    with pytest.raises(ValueError, match="remove it"):
+        dirac.load_or_plan(path, 1000, 300)

@@ -141,24 +141,44 @@ def tensor_slices(shapes: Sequence[Sequence[int]]) -> list[slice]:
 def scores(updates: Sequence[np.ndarray], canaries: DiracCanaries, shapes: Sequence[Sequence[int]],
            *, known_noise: np.ndarray | None = None) -> np.ndarray:
     """Per-canary scores (higher = more likely included) from the site's per-round updates
-    (flat, the private parameters in order): minus their sum, standardised per parameter
-    tensor (median, median absolute deviation). ``known_noise`` (per canary: the sum of the
-    DP noise on its coordinate, which an auditor who knows the noise seed can regenerate)
-    is regressed out across canaries."""
+    (flat, the private parameters in order): minus their sum, less ``known_noise`` (an
+    auditor's prediction of that from noise it can regenerate, :func:`known_noise_replay`,
+    every coordinate) if given, standardised per parameter tensor (median, median absolute
+    deviation: the background movement of a coordinate without a canary)."""
     total = -np.sum([np.asarray(u, dtype=np.float64).reshape(-1) for u in updates], axis=0)
+    if known_noise is not None:
+        total = total - np.asarray(known_noise, dtype=np.float64).reshape(-1)
     standard = np.empty_like(total)
     for sl in tensor_slices(shapes):
         part = total[sl]
         centre = np.median(part)
         spread = np.median(np.abs(part - centre)) or (np.std(part) or 1.0)
         standard[sl] = (part - centre) / spread
-    s = standard[canaries.coordinates]
-    if known_noise is not None:
-        z = np.asarray(known_noise, dtype=np.float64).reshape(-1)
-        design = np.c_[np.ones_like(z), z]
-        coef, *_ = np.linalg.lstsq(design, s, rcond=None)
-        s = s - design @ coef
-    return s
+    return standard[canaries.coordinates]
+
+
+def known_noise_replay(shapes: Sequence[Sequence[int]], steps_per_round: Sequence[int],
+                       round_seeds: Sequence[int], *, noise_std: float, lr: float,
+                       betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8) -> np.ndarray:
+    """What an auditor who knows the noise seeds predicts for the score (minus the summed
+    update) of every coordinate from the DP noise alone: the noise regenerated (one
+    ``torch.Generator`` per round seeded with its seed, one draw per parameter tensor per
+    DP step in parameter order: Opacus' draw order), scaled to the update's units
+    (``noise_std`` = sigma C / expected batch size) and replayed through the round's fresh
+    Adam. Only an implementation that leaks its noise seed lets an auditor do this."""
+    slices = tensor_slices(shapes)
+    total = np.zeros(slices[-1].stop)
+    b1, b2 = betas
+    for steps, seed in zip(steps_per_round, round_seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        m1, m2 = np.zeros_like(total), np.zeros_like(total)
+        for t in range(1, int(steps) + 1):
+            z = np.concatenate([torch.normal(0.0, 1.0, size=tuple(shape), generator=g).reshape(-1).double().numpy()
+                                for shape in shapes]) * noise_std
+            m1 = b1 * m1 + (1 - b1) * z
+            m2 = b2 * m2 + (1 - b2) * z * z
+            total += lr * (m1 / (1 - b1 ** t)) / (np.sqrt(m2 / (1 - b2 ** t)) + adam_eps)
+    return total
 
 
 @dataclass(frozen=True)
