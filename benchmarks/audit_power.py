@@ -1,0 +1,155 @@
+"""Issue #22: does the audit have power? White-box Dirac canaries (privacy/audit/dirac.py)
+and the calibrated membership verdicts on six trainings of one site:
+
+    {no DP memorising, DP eps=1, DP eps=10, noise x 0.1, clipping off, known noise seed}
+
+Each is a VAE on scikit-learn's digits (8x8, 64 values in [0, 1]) trained by the one local
+training loop (client/training.py) for ROUNDS rounds; a canary sits on every parameter
+coordinate of the model; the auditor reads the site's update of every round (what the
+server receives). "No DP" is DP-SGD with sigma = 0 and no clipping, so the canaries can be
+planted the same way; it has no claimed eps, and a positive bound there is a warning. The
+broken variants claim eps = 1 (the ledger charges as if correct). Each row also runs
+``run_audit`` on 500 samples with the model's per-record loss (the loss-threshold
+membership attack), and reports its membership verdicts.
+
+Cost: the seconds of a round with canaries vs without (same training, same seeds).
+
+    OMP_NUM_THREADS=1 python benchmarks/audit_power.py [--rounds 5] [--steps 50]
+
+Writes benchmarks/results/audit_power.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DELTA = 1e-5
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().data / 16.0, dtype=torch.float32)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[order[:N_TRAIN]], x[order[N_TRAIN:N_TRAIN + 600]]
+
+
+N_TRAIN = 250
+
+
+def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, steps: int, batch: int,
+                    lr: float, hidden: int, canaries: bool = True) -> dict:
+    from fedgen.client.data import SiteData
+    from fedgen.client.training import new_site_ledger, private_parameters, run_local_round
+    from fedgen.contract.task import PrivacyConfig, TrainingConfig
+    from fedgen.privacy.audit import AuditSettings, WhiteBoxScores, dirac, run_audit
+    from fedgen.shared_models import Batch
+    from fedgen.shared_models.vae import VAE
+
+    train_x, holdout_x = _digits()
+    torch.manual_seed(0)
+    model = VAE((64,), latent_dim=8, hidden=hidden)
+    data = SiteData(x=train_x, y=None, num_classes=None, source="digits")
+    training = TrainingConfig(local_steps=steps, batch_size=batch, lr=lr)
+    privacy = PrivacyConfig(enabled=True, target_epsilon=epsilon or 1.0, delta=DELTA, max_grad_norm=1.0,
+                            planned_rounds=rounds, grad_sample_mode="ghost")
+    ledger = new_site_ledger("0", privacy)
+    params = private_parameters(model)
+    shapes = [p.shape for p in params]
+    plan = dirac.plan(sum(p.numel() for p in params)) if canaries else None
+    updates, start = [], time.perf_counter()
+    for r in range(1, rounds + 1):
+        before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+        run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=r, seed=r,
+                        white_box=plan, _broken=broken)
+        updates.append((torch.cat([p.detach().reshape(-1) for p in params]) - before).numpy())
+    seconds = time.perf_counter() - start
+    row = {"run": name, "claimed_epsilon": epsilon, "seconds": round(seconds, 2),
+           "accountant_epsilon": None if epsilon is None else ledger.epsilon,
+           "noise_multiplier": ledger.noise_multiplier * (0 if epsilon is None else broken.noise_scale
+                                                          if broken else 1)}
+    if plan is None:
+        return row
+    known = None
+    if broken is not None and broken.known_noise_seed is not None:
+        known = dirac.known_noise_replay(shapes, [steps] * rounds,
+                                         [broken.known_noise_seed + r for r in range(1, rounds + 1)],
+                                         noise_std=ledger.noise_multiplier * privacy.max_grad_norm / batch, lr=lr)
+    result = dirac.audit(dirac.scores(updates, plan, shapes, known_noise=known), plan.included, delta=DELTA)
+    if epsilon is None:
+        level = "warning" if result.epsilon_lower_bound > 0 else "ok"
+    else:
+        level = dirac.verdict(result, epsilon)["level"]
+    # the calibrated black-box + loss-threshold membership audit of the same model
+    model.eval()
+    step = next(s for s in model.steps() if s.private)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        synthetic = model.sample(500).numpy()
+        loss = {k: step.loss(Batch(x=v, y=None, size=len(v))).numpy() for k, v in
+                (("train", train_x), ("holdout", holdout_x))}
+    audit = run_audit(synthetic, train_x.numpy(), holdout_x.numpy(), settings=AuditSettings(n_bootstrap=100),
+                      white_box_scores=WhiteBoxScores("loss", loss["train"], loss["holdout"],
+                                                       higher_means_member=False))
+    wb = audit["white_box"]["white_box/loss"]
+    membership = [v["level"] for v in audit["verdicts"] if v["topic"].startswith("membership")]
+    row.update({
+        "canaries": result.m, "white_box_bound": round(result.epsilon_lower_bound, 3),
+        "max_attainable_bound": round(result.max_attainable, 3), "correct": result.n_correct,
+        "guesses": 2 * result.k, "white_box_verdict": level,
+        "loss_attack_auc": round(wb["auc"]["value"], 3),
+        "loss_attack_tpr_at_1pct_fpr": round(wb["tpr_at_fpr"][0]["value"], 3),
+        "membership_warnings": membership.count("warning"), "membership_ok": membership.count("ok"),
+    })
+    return row
+
+
+def main() -> dict:
+    from fedgen.client.training import _BrokenDP
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=25)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--hidden", type=int, default=256)
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    kw = dict(rounds=args.rounds, steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden)
+    runs = [("no DP, memorising", None, _BrokenDP(noise_scale=0.0)),
+            ("DP eps=1", 1.0, None), ("DP eps=10", 10.0, None),
+            ("noise x 0.1 (claims eps=1)", 1.0, _BrokenDP(noise_scale=0.1)),
+            ("clipping off (claims eps=1)", 1.0, _BrokenDP(clip=False)),
+            ("known noise seed (claims eps=1)", 1.0, _BrokenDP(known_noise_seed=12345))]
+    rows = []
+    for name, eps, broken in runs:
+        rows.append(train_and_audit(name, epsilon=eps, broken=broken, **kw))
+        print(json.dumps(rows[-1]), flush=True)
+    plain = train_and_audit("DP eps=10, no canaries", epsilon=10.0, broken=None, canaries=False, **kw)
+    with_canaries = next(r for r in rows if r["run"] == "DP eps=10")
+    result = {"benchmark": "audit_power", "settings": {**kw, "n_train": N_TRAIN, "delta": DELTA,
+                                                       "data": "sklearn digits 8x8", "model": "VAE mlp latent 8"},
+              "rows": rows, "cost": {"seconds_without_canaries": plain["seconds"],
+                                     "seconds_with_canaries": with_canaries["seconds"],
+                                     "ratio": round(with_canaries["seconds"] / plain["seconds"], 2)},
+              "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "torch": torch.__version__}
+    out = REPO / "benchmarks" / "results" / "audit_power.json"
+    from fedgen.privacy.ledger import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=1))
+    print(json.dumps(result["cost"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()
