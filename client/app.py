@@ -21,7 +21,7 @@ from fedgen.simulations.faults import simulated_faults_mod
 
 from .policy import PolicyRefusal, SitePolicy
 from .reply import error_reply, site_reply
-from .site import ledger_lock, ledger_run, load_ledger, load_site_data, save_ledger, site_id
+from .site import ledger_lock, ledger_run, load_ledger, load_site_data, save_ledger, site_id, state_dir
 from .task import evaluate_site, train_site
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def _train(msg: Message, context: Context, task: TaskConfig, site: str, server_r
             ledger.set_target_epsilon(task.privacy.target_epsilon)  # this run's target, capped by the site
         model, result, ledger = train_site(
             task, data, msg.content["arrays"].to_torch_state_dict(), site=site,
-            server_round=server_round, ledger=ledger, run=ledger_run(context))
+            server_round=server_round, ledger=ledger, run=ledger_run(context),
+            state_dir=state_dir(context, site, run_dir) if task.privacy.white_box_canaries else None)
         if ledger is not None:
             save_ledger(context, ledger, run_dir)  # before the update leaves the site
     metrics = {

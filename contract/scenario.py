@@ -164,6 +164,15 @@ class CanaryConfig(_Section):
     seed: int = Field(0, description="seed of the canaries' pixels, labels and inclusion bits")
 
 
+class WhiteBoxConfig(_Section):
+    """A white-box audit run (privacy/audit/dirac.py, docs/audit.md): site ``site`` adds
+    ``canaries`` Dirac gradient canaries to its DP-SGD steps and keeps every update it sends;
+    ``fedgen audit RUN_DIR`` turns them into an empirical eps lower bound."""
+
+    canaries: int = Field(..., ge=2, description="number of gradient canaries m (at most the model's parameters)")
+    site: int = Field(0, ge=0, description="the site that runs the white-box audit")
+
+
 class SiteLevelConfig(_Section):
     """DP-FedAvg on the server (McMahan et al. 2018), used when ``privacy.unit`` is
     ``site`` or ``both``: each site's update is clipped to ``clip_norm``, sites are
@@ -192,6 +201,8 @@ class PrivacySection(_Section):
         "seed, so a run is reproducible -- and NOT a privacy guarantee to anyone who knows the seed (the run "
         "says so); default: fresh OS entropy every round. Deployed sites refuse it")
     canaries: CanaryConfig | None = Field(None, description="plant audit canaries (default: none)")
+    white_box: WhiteBoxConfig | None = Field(None, description="a white-box audit run with gradient canaries "
+                                             "at one site (default: none); needs example-level DP")
     site_level: SiteLevelConfig = SiteLevelConfig()
 
 
@@ -287,6 +298,13 @@ class Scenario(_Section):
         if self.deployment is not None and self.privacy.seeded_noise:
             raise ValueError("privacy.seeded_noise: a deployed federation's sites draw DP noise from their own OS "
                              "entropy (a known seed would let the server subtract it); remove the key")
+        return self
+
+    @model_validator(mode="after")
+    def _white_box_needs_dp_sgd(self) -> "Scenario":
+        if self.privacy.white_box is not None and (not self.privacy.enabled or self.privacy.unit == "site"):
+            raise ValueError("privacy.white_box: gradient canaries go into DP-SGD steps; it needs privacy.enabled: "
+                             "true and privacy.unit: example or both")
         return self
 
     @model_validator(mode="after")

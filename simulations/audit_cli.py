@@ -45,7 +45,7 @@ from fedgen.contract import rundir
 from fedgen.contract.rundir import Canaries, read_canaries
 from fedgen.contract.scenario import Scenario, scenario_from_dict
 from fedgen.contract.task import build_global_model
-from fedgen.privacy.audit import AuditSettings, WhiteBoxScores, render_html, run_audit, to_json
+from fedgen.privacy.audit import AuditSettings, WhiteBoxScores, dirac, render_html, run_audit, to_json
 from fedgen.privacy.ledger import atomic_write_text
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel
 
@@ -80,6 +80,8 @@ class AuditInputs:
     claimed_epsilon: float | None = None
     delta: float | None = None
     source: dict[str, Any] = field(default_factory=dict)  # recorded in audit.json
+    white_box_dir: Path | None = None  # a white-box audit run's site state (privacy/audit/dirac.py)
+    white_box_claim: float | None = None  # that site's epsilon
 
 
 # -- the white-box statistic ---------------------------------------------------------
@@ -222,7 +224,21 @@ def run_dir_inputs(run_dir: Path, *, n_samples: int = DEFAULT_SAMPLES, seed: int
         source={"mode": "run_dir", "run_dir": str(run_dir.resolve()), "model_family": scenario.model.family,
                 "members": "union of the sites' training partitions (canaries excluded)",
                 "nonmembers": "the run's held-out split", "n_samples": n_samples, "sample_seed": seed,
-                "claimed_epsilon_source": claim_source})
+                "claimed_epsilon_source": claim_source},
+        **_white_box_site(run_dir, scenario))
+
+
+def _white_box_site(run_dir: Path, scenario: Scenario) -> dict[str, Any]:
+    """The state folder and claimed epsilon of the run's white-box audit site, if any."""
+    if scenario.privacy.white_box is None:
+        return {}
+    site = str(scenario.privacy.white_box.site)
+    try:
+        claim = json.loads((run_dir / rundir.PRIVACY).read_text())["sites"][site]["epsilon"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AuditError(f"{run_dir}: privacy.white_box site {site} has no epsilon in {rundir.PRIVACY}; "
+                         "the white-box audit run finished no round at that site") from None
+    return {"white_box_dir": run_dir / "sites" / site, "white_box_claim": float(claim)}
 
 
 def file_inputs(samples: Path, train: Path, holdout: Path, *, model: Path | None = None,
@@ -317,6 +333,15 @@ def audit_inputs(inputs: AuditInputs, *, seed: int = 0, settings: AuditSettings 
             seed=seed, settings=settings)
     except ValueError as err:  # privacy.audit validates its arrays (NaN, sizes): the user's inputs
         raise AuditError(str(err)) from None
+    if inputs.white_box_dir is not None:
+        found = dirac.audit_state_dir(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
+                                      delta=inputs.delta, confidence=settings.confidence)
+        if found is None:
+            raise AuditError(f"{inputs.white_box_dir}: no {dirac.FILE_NAME} or recorded updates; the white-box "
+                             "audit site trained no round")
+        result["white_box_canaries"], verdict = found
+        result["verdicts"].append(verdict)
+        result["accounting_violation"] = result["accounting_violation"] or verdict["level"] == "violation"
     result["source"] = {**inputs.source,
                         "feature_extractor": None if extractor_records is None else
                         {"fit_on": f"{len(extractor_records)} random held-out records, left out of the audit",
@@ -355,6 +380,11 @@ def summary_lines(audit: dict[str, Any]) -> list[str]:
         f"membership inference: highest AUC {best['auc']['value']:.3f} "
         f"(CI {best['auc']['ci'][0]:.3f}-{best['auc']['ci'][1]:.3f}) by {best_name}",
     ]
+    if audit.get("white_box_canaries"):
+        wb = audit["white_box_canaries"]
+        lines.append(f"white-box canaries: epsilon lower bound {wb['epsilon_lower_bound']['value']:.3g} "
+                     f"(at most {wb['max_attainable_bound']:.3g} attainable) vs claimed "
+                     + ("none (no DP)" if wb["claimed_epsilon"] is None else f"{wb['claimed_epsilon']:.3g}"))
     if audit.get("canaries"):
         bound = audit["canaries"]["epsilon_lower_bound"]["value"]
         claim = audit.get("claimed_epsilon")

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +159,81 @@ def test_canary_file_round_trip_and_refusal_of_a_mismatch(tmp_path):
     assert len(np.unique(first.coordinates)) == 200 and 50 < first.included.sum() < 150
     with pytest.raises(ValueError, match="remove it"):
         dirac.load_or_plan(path, 1000, 300)
+
+
+# ------------------------------------------------------------------ fedgen audit RUN_DIR
+
+from fedgen.client.task import train_site  # noqa: E402
+from fedgen.contract import rundir  # noqa: E402
+from fedgen.contract.scenario import scenario_from_dict  # noqa: E402
+from fedgen.contract.task import build_global_model, task_from_scenario  # noqa: E402
+from fedgen.privacy.ledger import PrivacyLedger  # noqa: E402
+from fedgen.simulations.prepare import write_run_dir  # noqa: E402
+
+from .test_audit_cli import MEMORISING, _feature_cache, _site_data, fedgen, make_run  # noqa: E402,F401 -- fixtures
+
+
+def white_box_run_dir(root, *, epsilon: float, rounds: int = 2, steps: int = 20):
+    """A run directory whose site 0 ran a white-box audit (``privacy.white_box``) through
+    the site's own code path (client/task.train_site with its state folder)."""
+    scenario = scenario_from_dict({
+        "name": "wb", "seed": 0, "data": {"format": "digits", "holdout_fraction": 1 - 200 / 1797},
+        "federation": {"num_sites": 1, "rounds": rounds},
+        "model": {"family": "vae", "hidden": 32, "latent_dim": 4},
+        "training": {"local_steps": steps, "batch_size": 20, "lr": 1e-2},
+        "privacy": {"enabled": True, "target_epsilon": epsilon, "delta": 1e-5, "grad_sample_mode": "ghost",
+                    "white_box": {"canaries": 2000, "site": 0}},
+    })
+    run_dir = write_run_dir(scenario, root / "wb")
+    task = task_from_scenario(scenario, rundir.DataSpec.read(run_dir))
+    assert task.privacy.white_box_canaries == 2000 and task.privacy.white_box_site == "0"
+    state, ledger = build_global_model(scenario, rundir.DataSpec.read(run_dir)).state_dict(), None
+    for r in range(1, rounds + 1):
+        model, result, ledger = train_site(task, _site_data(run_dir, 0), state, site="0", server_round=r,
+                                           ledger=ledger, state_dir=rundir_state(run_dir))
+        assert result.status == "trained"
+        state = model.state_dict()
+    (run_dir / rundir.CHECKPOINTS).mkdir()
+    torch.save({"model": state, "scenario": scenario.resolved()}, run_dir / rundir.CHECKPOINTS / "latest.pt")
+    privacy = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=epsilon)
+    privacy.update_site(ledger)
+    privacy.write(run_dir / rundir.PRIVACY)
+    return run_dir
+
+
+def rundir_state(run_dir):
+    from fedgen.client.site import simulation_state_dir
+
+    return simulation_state_dir(run_dir, "0")
+
+
+def test_white_box_audit_run_end_to_end(fedgen, tmp_path):
+    """privacy.white_box in a scenario: the site plants its canaries (file beside its
+    ledger, OS-entropy bits), records each update it sends, and `fedgen audit RUN_DIR`
+    reports the white-box bound and an ok verdict for correct DP at eps = 1."""
+    run_dir = white_box_run_dir(tmp_path, epsilon=1.0)
+    state = rundir_state(run_dir)
+    assert (state / "white_box_canaries.npz").exists()
+    assert len(list((state / "white_box_updates").glob("round_*.npz"))) == 2
+    code, out, err = fedgen("audit", run_dir, "-n", 200)
+    assert code == 0, err
+    audit = json.loads((run_dir / "audit" / "audit.json").read_text())
+    wb = audit["white_box_canaries"]
+    assert wb["m"] == 2000 and wb["rounds_read"] == 2 and 0.9 <= wb["claimed_epsilon"] <= 1.0
+    assert wb["epsilon_lower_bound"]["value"] <= wb["claimed_epsilon"]
+    verdict = next(v for v in audit["verdicts"] if v["topic"] == "white_box_canaries")
+    assert verdict["level"] == "ok" and not audit["accounting_violation"]
+    assert "white-box canaries: epsilon lower bound" in out
+
+
+@pytest.mark.slow
+def test_memorising_run_gets_membership_warnings(fedgen, tmp_path):
+    """The issue's first row: a non-DP run on 50 digits for ~500 epochs was "11 ok, 0
+    warnings" on main. Its audit now warns (membership), and DCR is only described."""
+    run_dir = make_run(tmp_path, "memorise", dp=False, **MEMORISING)
+    code, _, err = fedgen("audit", run_dir, "-n", 1000)
+    assert code == 0, err
+    audit = json.loads((run_dir / "audit" / "audit.json").read_text())
+    levels = {v["topic"]: v["level"] for v in audit["verdicts"]}
+    assert any(t.startswith("membership") and lv == "warning" for t, lv in levels.items()), levels
+    assert all(lv == "info" for t, lv in levels.items() if t.startswith("memorization"))

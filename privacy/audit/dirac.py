@@ -101,6 +101,59 @@ def load_or_plan(path: Path, n_coordinates: int, m: int) -> DiracCanaries:
     return canaries
 
 
+UPDATES_DIR = "white_box_updates"
+
+
+def flat(params: Sequence[torch.Tensor]) -> np.ndarray:
+    return torch.cat([p.detach().reshape(-1).cpu() for p in params]).double().numpy()
+
+
+def record_update(state_dir: Path, server_round: int, update: np.ndarray,
+                  shapes: Sequence[Sequence[int]]) -> None:
+    """Keep the update of the private parameters that the site sends this round (what the
+    server receives), for the auditor: ``white_box_updates/round_NNNNN.npz``."""
+    buffer = io.BytesIO()
+    np.savez(buffer, update=np.asarray(update, dtype=np.float64), round=server_round,
+             shapes=np.array([list(s) + [0] * (8 - len(s)) for s in shapes], dtype=np.int64),
+             ndims=np.array([len(s) for s in shapes], dtype=np.int64))
+    from fedgen.privacy.ledger import atomic_write
+
+    atomic_write(Path(state_dir) / UPDATES_DIR / f"round_{server_round:05d}.npz",
+                 lambda fh: fh.write(buffer.getvalue()))
+
+
+def read_updates(state_dir: Path) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
+    """Every recorded update of a white-box audit run (round order) and the tensor shapes."""
+    files = sorted((Path(state_dir) / UPDATES_DIR).glob("round_*.npz"))
+    updates, shapes = [], []
+    for f in files:
+        with np.load(f) as z:
+            updates.append(z["update"])
+            shapes = [tuple(int(v) for v in row[:n]) for row, n in zip(z["shapes"], z["ndims"])]
+    return updates, shapes
+
+
+def audit_state_dir(state_dir: Path, *, claimed_epsilon: float | None, delta: float,
+                    confidence: float = 0.95) -> tuple[dict, dict] | None:
+    """The white-box audit of a site's state folder (its canaries and recorded updates):
+    ``(result dict, verdict)``, or None when the folder holds no white-box audit run."""
+    path = Path(state_dir) / FILE_NAME
+    updates, shapes = read_updates(state_dir)
+    if not path.exists() or not updates:
+        return None
+    canaries = load(path)
+    result = audit(scores(updates, canaries, shapes), canaries.included, delta=delta, confidence=confidence)
+    out = {**result.to_dict(), "state_dir": str(state_dir), "rounds_read": len(updates),
+           "claimed_epsilon": claimed_epsilon}
+    if claimed_epsilon is None:
+        level = "warning" if result.epsilon_lower_bound > 0 else "ok"
+        text = (f"White-box canaries without a DP claim: ε lower bound {result.epsilon_lower_bound:.3g} "
+                f"({result.n_correct} of {2 * result.k} guesses correct, m = {result.m})"
+                + (" — the canaries are memorised: the training leaks." if level == "warning" else "."))
+        return out, {"level": level, "topic": "white_box_canaries", "text": text}
+    return out, verdict(result, claimed_epsilon)
+
+
 def attach(optimizer, params: Sequence[torch.Tensor], offsets: Sequence[int],
            canaries: DiracCanaries, *, sample_rate: float, generator: torch.Generator | None) -> None:
     """Hook ``canaries`` into an Opacus DP optimizer: before its noise, each included canary
