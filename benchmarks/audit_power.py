@@ -38,19 +38,20 @@ REPO = Path(__file__).resolve().parent.parent
 DELTA = 1e-5
 
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training records, held-out records, and the shadow models' pool (disjoint)."""
     from sklearn.datasets import load_digits
 
     x = torch.tensor(load_digits().data / 16.0, dtype=torch.float32)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return x[order[:N_TRAIN]], x[order[N_TRAIN:N_TRAIN + 600]]
+    return x[order[:N_TRAIN]], x[order[N_TRAIN:N_TRAIN + 600]], x[order[N_TRAIN + 600:]]
 
 
 N_TRAIN = 250
 
 
 def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, steps: int, batch: int,
-                    lr: float, hidden: int, canaries: bool = True) -> dict:
+                    lr: float, hidden: int, canaries: bool = True, shadows: int = 0) -> dict:
     from fedgen.client.data import SiteData
     from fedgen.client.training import new_site_ledger, private_parameters, run_local_round
     from fedgen.contract.task import PrivacyConfig, TrainingConfig
@@ -58,23 +59,38 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
     from fedgen.shared_models import Batch
     from fedgen.shared_models.vae import VAE
 
-    train_x, holdout_x = _digits()
-    torch.manual_seed(0)
-    model = VAE((64,), latent_dim=8, hidden=hidden)
-    data = SiteData(x=train_x, y=None, num_classes=None, source="digits")
+    train_x, holdout_x, pool_x = _digits()
     training = TrainingConfig(local_steps=steps, batch_size=batch, lr=lr)
     privacy = PrivacyConfig(enabled=True, target_epsilon=epsilon or 1.0, delta=DELTA, max_grad_norm=1.0,
                             planned_rounds=rounds, grad_sample_mode="ghost")
-    ledger = new_site_ledger("0", privacy)
-    params = private_parameters(model)
-    shapes = [p.shape for p in params]
-    plan = dirac.plan(sum(p.numel() for p in params)) if canaries else None
-    updates, start = [], time.perf_counter()
-    for r in range(1, rounds + 1):
-        before = torch.cat([p.detach().reshape(-1).clone() for p in params])
-        run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=r, seed=r,
-                        white_box=plan, _broken=broken)
-        updates.append((torch.cat([p.detach().reshape(-1) for p in params]) - before).numpy())
+
+    def train(x: torch.Tensor, plan=None, init_seed: int = 0):
+        torch.manual_seed(init_seed)
+        model = VAE((64,), latent_dim=8, hidden=hidden)
+        data = SiteData(x=x, y=None, num_classes=None, source="digits")
+        ledger = new_site_ledger("0", privacy)
+        params = private_parameters(model)
+        updates = []
+        for r in range(1, rounds + 1):
+            before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+            run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=r,
+                            seed=r + 1000 * init_seed, white_box=plan, _broken=broken)
+            updates.append((torch.cat([p.detach().reshape(-1) for p in params]) - before).numpy())
+        return model, ledger, updates
+
+    def minus_loss(model, x: torch.Tensor) -> np.ndarray:
+        model.eval()
+        step = next(s for s in model.steps() if s.private)
+        with torch.no_grad():
+            torch.manual_seed(2)
+            return -np.mean([step.loss(Batch(x=x, y=None, size=len(x))).numpy() for _ in range(4)], axis=0)
+
+    torch.manual_seed(0)
+    params0 = private_parameters(VAE((64,), latent_dim=8, hidden=hidden))
+    shapes = [p.shape for p in params0]
+    plan = dirac.plan(sum(p.numel() for p in params0)) if canaries else None
+    start = time.perf_counter()
+    model, ledger, updates = train(train_x, plan)
     seconds = time.perf_counter() - start
     row = {"run": name, "claimed_epsilon": epsilon, "seconds": round(seconds, 2),
            "accountant_epsilon": None if epsilon is None else ledger.epsilon,
@@ -82,17 +98,31 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
                                                           if broken else 1)}
     if plan is None:  # the normal run: the membership audit of its model
         model.eval()
-        step = next(s for s in model.steps() if s.private)
         with torch.no_grad():
             torch.manual_seed(1)
             synthetic = model.sample(500).numpy()
-            loss = {k: step.loss(Batch(x=v, y=None, size=len(v))).numpy() for k, v in
-                    (("train", train_x), ("holdout", holdout_x))}
         audit = run_audit(synthetic, train_x.numpy(), holdout_x.numpy(), settings=AuditSettings(n_bootstrap=100),
-                          white_box_scores=WhiteBoxScores("loss", loss["train"], loss["holdout"],
-                                                           higher_means_member=False))
-        wb = audit["white_box"]["white_box/loss"]
+                          white_box_scores=WhiteBoxScores("minus loss", minus_loss(model, train_x),
+                                                           minus_loss(model, holdout_x)))
+        wb = audit["white_box"]["white_box/minus loss"]
         membership = [v["level"] for v in audit["verdicts"] if v["topic"].startswith("membership")]
+        if shadows:  # offline LiRA: shadow models of the same recipe on a disjoint pool
+            from fedgen.privacy.audit.membership import attack_metrics, lira, membership_tests
+            from fedgen.privacy.audit.report import membership_verdict
+
+            candidates = torch.cat([train_x, holdout_x])
+            is_member = np.r_[np.ones(len(train_x), bool), np.zeros(len(holdout_x), bool)]
+            rng = np.random.default_rng(0)
+            stats = np.stack([minus_loss(train(pool_x[rng.choice(len(pool_x), N_TRAIN, replace=False)],
+                                               init_seed=k + 1)[0], candidates) for k in range(shadows)])
+            score = lira(minus_loss(model, candidates), stats, np.zeros_like(stats, dtype=bool))
+            metrics = {**attack_metrics(score, is_member, n_bootstrap=100, fpr_levels=(0.01, 0.001)).to_dict(),
+                       "test": membership_tests(score, is_member)}
+            row.update({"lira_shadows": shadows, "lira_auc": round(metrics["auc"]["value"], 3),
+                        "lira_tpr_at_1pct_fpr": round(metrics["tpr_at_fpr"][0]["value"], 3),
+                        "lira_tpr_at_0.1pct_fpr": round(metrics["tpr_at_fpr"][1]["value"], 3),
+                        "lira_verdict": membership_verdict("LiRA", metrics)["level"]})
+            membership.append(row["lira_verdict"])
         row.update({"loss_attack_auc": round(wb["auc"]["value"], 3),
                     "loss_attack_tpr_at_1pct_fpr": round(wb["tpr_at_fpr"][0]["value"], 3),
                     "membership_warnings": membership.count("warning"), "membership_ok": membership.count("ok"),
@@ -123,6 +153,7 @@ def main() -> dict:
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--shadows", type=int, default=0, help="LiRA shadow models per row (0: no LiRA)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     kw = dict(rounds=args.rounds, steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden)
@@ -134,13 +165,13 @@ def main() -> dict:
     rows = []
     for name, eps, broken in runs:
         white = train_and_audit(name, epsilon=eps, broken=broken, **kw)
-        normal = train_and_audit(name, epsilon=eps, broken=broken, canaries=False, **kw)
+        normal = train_and_audit(name, epsilon=eps, broken=broken, canaries=False, shadows=args.shadows, **kw)
         rows.append({**white, **{k: v for k, v in normal.items() if k != "seconds"},
                      "seconds_normal_run": normal["seconds"], "seconds_white_box_run": white.pop("seconds")})
         rows[-1].pop("seconds", None)
         print(json.dumps(rows[-1]), flush=True)
     ratios = [r["seconds_white_box_run"] / r["seconds_normal_run"] for r in rows]
-    result = {"benchmark": "audit_power", "settings": {**kw, "n_train": N_TRAIN, "delta": DELTA,
+    result = {"benchmark": "audit_power", "settings": {**kw, "shadows": args.shadows, "n_train": N_TRAIN, "delta": DELTA,
                                                        "data": "sklearn digits 8x8", "model": "VAE mlp latent 8"},
               "rows": rows, "cost": {"white_box_over_normal_run_max": round(max(ratios), 2),
                                      "white_box_over_normal_run_median": round(float(np.median(ratios)), 2)},
