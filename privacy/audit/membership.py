@@ -42,7 +42,7 @@ from .neighbours import as_matrix, nearest_neighbours
 from .results import HALF_IS_PRIVATE, LOWER_IS_PRIVATE, described
 
 DEFAULT_FPR_LEVELS: tuple[float, ...] = (0.01, 0.001)
-MIN_CANDIDATES = 100  # members and non-members each; fewer and a verdict is inconclusive
+MIN_CANDIDATES = 100  # members and non-members together; fewer and a verdict is inconclusive
 TOP_FRACTION = 0.02  # the pre-declared low-FPR test looks at the top 2 % of all candidates
 
 

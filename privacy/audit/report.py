@@ -73,7 +73,7 @@ def membership_verdict(title: str, metrics: dict, *, level: float = 0.05) -> dic
     (membership.membership_tests: AUC and the low-FPR top-k count), each at ``level / 2``
     (Bonferroni). The caller divides the audit's significance by the number of attacks,
     so the chance of any false warning on data that leaks nothing stays below it.
-    Fewer than ``MIN_CANDIDATES`` members or non-members: inconclusive."""
+    Fewer than ``MIN_CANDIDATES`` candidates (members and non-members together): inconclusive."""
     auc = metrics["auc"]
     lo, hi = auc["ci"]
     first = metrics["tpr_at_fpr"][0]
@@ -81,12 +81,12 @@ def membership_verdict(title: str, metrics: dict, *, level: float = 0.05) -> dic
                   f"({auc['ci_level']:.0%} CI {lo:.3f}-{hi:.3f}; 0.5 is chance), "
                   f"TPR {_pct(first['value'])} at {_pct(first['fpr'])} FPR")
     topic = f"membership/{title}"
-    n = min(metrics["n_members"], metrics["n_nonmembers"])
+    n = metrics["n_members"] + metrics["n_nonmembers"]
     test = metrics.get("test")
     if n < MIN_CANDIDATES or test is None:
         return {"level": INCONCLUSIVE, "topic": topic,
-                "text": described_ + f" — inconclusive: {n} candidates per side, the test needs "
-                        f"{MIN_CANDIDATES} (more held-out records)."}
+                "text": described_ + f" — inconclusive: {n} candidates, the test needs "
+                        f"{MIN_CANDIDATES} (more training or held-out records)."}
     p = min(test["auc_p_value"], test["top_k_p_value"])
     above = p < level / 2
     text = (described_ + f"; tests: AUC p {_p(test['auc_p_value'])}, {test['top_k_members']} members "
