@@ -237,3 +237,15 @@ def test_memorising_run_gets_membership_warnings(fedgen, tmp_path):
     levels = {v["topic"]: v["level"] for v in audit["verdicts"]}
     assert any(t.startswith("membership") and lv == "warning" for t, lv in levels.items()), levels
     assert all(lv == "info" for t, lv in levels.items() if t.startswith("memorization"))
+
+
+def test_record_canaries_that_cannot_refute_the_claim_are_inconclusive():
+    """The issue's DP eps = 10 row: 40 record canaries (8 guesses) can never give a bound
+    near 10, so "ok" would overstate what was tested."""
+    from fedgen.privacy.audit import epsilon_lower_bound
+    from fedgen.privacy.audit.report import canary_verdict
+
+    included = np.arange(40) % 2 == 0
+    audit = epsilon_lower_bound(included.astype(float), included, delta=1e-5, k_plus=4, k_minus=4).to_dict()
+    assert canary_verdict(audit, 10.0)["level"] == "inconclusive"
+    assert canary_verdict(audit, 0.1)["level"] == "violation"

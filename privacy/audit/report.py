@@ -110,6 +110,14 @@ def canary_verdict(canaries: dict, claimed_epsilon: float | None) -> dict:
         return {"level": VIOLATION, "topic": "canaries",
                 "text": f"The privacy accounting or implementation is broken: the {what} exceeds "
                         f"the claimed ε = {claimed_epsilon:.3g}. Do not release data from this run."}
+    from .canaries import epsilon_from_counts
+
+    r = canaries["n_guesses"]
+    attainable = epsilon_from_counts(canaries["m"], r, r, delta=bound["delta"], confidence=bound["confidence"])
+    if attainable <= claimed_epsilon:
+        return {"level": INCONCLUSIVE, "topic": "canaries",
+                "text": f"The {what} cannot refute the claimed ε = {claimed_epsilon:.3g}: even every guess "
+                        f"right would give only {attainable:.3g}. Use more canaries, or a white-box audit run."}
     return {"level": OK, "topic": "canaries",
             "text": f"The {what} does not exceed the claimed ε = {claimed_epsilon:.3g}: consistent "
                     "with the privacy accounting (an audit can refute a claim, never prove it)."}
