@@ -249,3 +249,29 @@ def test_record_canaries_that_cannot_refute_the_claim_are_inconclusive():
     audit = epsilon_lower_bound(included.astype(float), included, delta=1e-5, k_plus=4, k_minus=4).to_dict()
     assert canary_verdict(audit, 10.0)["level"] == "inconclusive"
     assert canary_verdict(audit, 0.1)["level"] == "violation"
+
+
+def test_a_deployed_site_plants_canaries_only_if_its_operator_opted_in(tmp_path):
+    from dataclasses import replace
+
+    from flwr.app import Context, RecordDict
+
+    from fedgen.client.app import _white_box_state
+    from fedgen.contract.task import TaskConfig
+
+    task = TaskConfig.from_json(json.dumps({
+        "model": {"family": "vae"}, "data_shape": [64], "num_classes": None, "seed": 0,
+        "training": {"local_steps": 1, "batch_size": 8, "lr": 1e-3},
+        "privacy": {"enabled": True, "target_epsilon": 1.0, "delta": 1e-5, "max_grad_norm": 1.0,
+                    "accountant": "rdp", "grad_sample_mode": "auto", "planned_rounds": 1,
+                    "white_box_canaries": 100, "white_box_site": "a"}}))
+    assert task.privacy.white_box_canaries == 100 and task.privacy.white_box_site == "a"
+
+    def ctx(**cfg):
+        return Context(run_id=0, node_id=1, node_config=cfg, state=RecordDict(), run_config={})
+
+    deployed = {"data-path": str(tmp_path / "d.npz"), "state-dir": str(tmp_path)}
+    assert _white_box_state(ctx(**deployed), task, "a", "") is None
+    assert _white_box_state(ctx(**deployed, **{"white-box-audit": "true"}), task, "a", "") == tmp_path
+    off = replace(task, privacy=replace(task.privacy, white_box_canaries=0))
+    assert _white_box_state(ctx(**deployed, **{"white-box-audit": "true"}), off, "a", "") is None
