@@ -275,3 +275,16 @@ def test_a_deployed_site_plants_canaries_only_if_its_operator_opted_in(tmp_path)
     assert _white_box_state(ctx(**deployed, **{"white-box-audit": "true"}), task, "a", "") == tmp_path
     off = replace(task, privacy=replace(task.privacy, white_box_canaries=0))
     assert _white_box_state(ctx(**deployed, **{"white-box-audit": "true"}), off, "a", "") is None
+
+
+def test_lira_offline_scores_are_the_standardised_gap_to_the_shadow_models():
+    from fedgen.privacy.audit import lira
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, 400)  # per-record difficulty, shared by all models
+    shadow = base + rng.normal(0, 0.1, (8, 400))
+    target = base + rng.normal(0, 0.1, 400) + np.r_[np.full(200, 0.3), np.zeros(200)]  # members fit better
+    score = lira(target, shadow, np.zeros_like(shadow, dtype=bool))
+    assert score[:200].mean() > score[200:].mean() + 2  # difficulty removed: the gap stands out
+    with pytest.raises(ValueError, match="shape"):
+        lira(target, shadow[:, :10], np.zeros((8, 10), bool))
