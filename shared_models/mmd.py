@@ -68,7 +68,9 @@ class MMDGenerator(Releasing):
         data_shape: shape of one example; data in [0, 1].
         num_classes: condition on labels (the embedding is per class).
         architecture: the generator: ``"conv"`` (images with H, W divisible by 4: a DCGAN-shaped
-            upsampler, whose smoothness keeps the released noise out of the pixels) or ``"mlp"``.
+            upsampler, whose smoothness keeps the released noise out of the pixels), ``"mlp"``
+            (rows of numeric columns, or any shape), or ``"auto"`` (default): ``conv`` for such
+            images, ``mlp`` otherwise (rows: ``data_shape`` of one dimension).
         num_features: F, the number of random Fourier features (F / 2 frequencies), shared
             equally by the ``pool_sizes``.
         bandwidth: the Gaussian kernel's length scale in data space (pixels in [0, 1]).
@@ -101,7 +103,7 @@ class MMDGenerator(Releasing):
 
     release_buffer = "embedding"
 
-    def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None, *, architecture: str = "conv",
+    def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None, *, architecture: str = "auto",
                  num_features: int = 4000,
                  bandwidth: float = 5.0, latent_dim: int = 10, hidden: int = 256, fit_steps: int = 2000,
                  fit_batch: int = 500, fit_lr: float = 1e-3, feature_seed: int = 0,
@@ -136,15 +138,19 @@ class MMDGenerator(Releasing):
             self.register_buffer(f"frequencies_{i}", freqs * p / bandwidth, persistent=False)
         self.register_buffer("embedding", torch.zeros(classes, num_features + 1))  # the released noisy mean
         inputs = latent_dim + (num_classes or 0)
+        images = is_image_shape(self.data_shape) and self.data_shape[1] % 4 == 0 and self.data_shape[2] % 4 == 0
+        if architecture == "auto":
+            architecture = "conv" if images else "mlp"
+        self.architecture = architecture
         if architecture == "conv":
-            if not (is_image_shape(self.data_shape) and self.data_shape[1] % 4 == 0 and self.data_shape[2] % 4 == 0):
+            if not images:
                 raise ValueError(f"architecture 'conv' needs images with H and W divisible by 4, got {self.data_shape}; "
                                  "use architecture: mlp")
             self.generator = ConvUpsampler(inputs, *self.data_shape, width_mult=hidden // 8)
         elif architecture == "mlp":
             self.generator = mlp([inputs, hidden, 2 * hidden, self.dim], activation=nn.ReLU)
         else:
-            raise ValueError(f"unknown architecture {architecture!r}; choose 'conv' or 'mlp'")
+            raise ValueError(f"unknown architecture {architecture!r}; choose 'auto', 'conv' or 'mlp'")
 
     # -- the released statistic -------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:
