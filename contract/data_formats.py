@@ -155,18 +155,29 @@ def parse_node_config(text: str) -> dict[str, Any]:
     """``--node-config``'s text, ``key=value`` pairs separated by spaces, values in TOML
     syntax as Flower reads them (``"text"``, ``8.0``, ``true``); an unquoted value is taken
     as text. A one-line :class:`ValueError` for a pair without ``=``."""
-    import shlex
-    import tomllib
+    import re
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: Flower depends on tomli, the same parser
+        import tomli as tomllib
 
     out: dict[str, Any] = {}
-    for pair in shlex.split(text, posix=False):
-        if "=" not in pair:
-            raise ValueError(f"--node-config: {pair!r} is not key=value")
-        key, value = pair.split("=", 1)
+    pair = re.compile(r"""\s*([^\s=]+)=("(?:[^"\\]|\\.)*"|'[^']*'|[^\s"']*)(?=\s|$)""")
+    pos, text = 0, text.strip()
+    while pos < len(text):
+        match = pair.match(text, pos)
+        if match is None:
+            bad = text[pos:].split()[0]
+            raise ValueError(f"--node-config: {bad!r} is not key=value (quote text values: key=\"value\")")
+        key, value = match.groups()
         try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+            out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            out[key.strip()] = value.strip("\"'")
+            out[key] = value.strip("\"'")
+        pos = match.end()
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
     return out
 
 
