@@ -159,6 +159,7 @@ def test_prepare_records_the_table_and_sample_csv_needs_one(tmp_path):
 
 # -- a simulated run on the breast-cancer table --------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_breast_cancer_simulation_writes_csv_in_bounds_with_useful_labels(tmp_path, capsys):
     run = tmp_path / "run"
