@@ -19,7 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 from fedgen.shared_models import DPSGDTrainable, list_models, model_options
 from fedgen.shared_models.registry import get_model_builder
 
-from .data_formats import DATA_FORMATS, data_format
+from .data_formats import DATA_FORMATS, TableSchema, data_format
 from .errors import ScenarioError
 
 
@@ -275,11 +275,17 @@ class DeploymentConfig(_Section):
     num_classes: int | None = Field(None, ge=2, description="classes of a conditional model; null = unconditional")
     reference: str | None = Field(None, description="public reference .npz (x, optional y) for server-side "
                                   "evaluation; null = no server-side quality metrics")
+    table: TableSchema | None = Field(None, description="tabular data: {columns, label_column, feature_min, "
+                                      "feature_max}, the bounds every site scales with; `fedgen sample --out "
+                                      "rows.csv` writes these columns in their original units")
 
     @model_validator(mode="after")
     def _positive_shape(self) -> "DeploymentConfig":
         if any(d < 1 for d in self.data_shape):
             raise ValueError(f"data_shape entries must be >= 1, got {self.data_shape}")
+        if self.table is not None and self.data_shape != [len(self.table.columns)]:
+            raise ValueError(f"table: {len(self.table.columns)} columns need data_shape [{len(self.table.columns)}], "
+                             f"got {self.data_shape}")
         return self
 
 
