@@ -52,6 +52,7 @@ class SecAggRound:
     masked: dict[int, np.ndarray] = field(default_factory=dict)  # index -> y
     dropped: dict[str, list[int]] = field(default_factory=dict)  # stage -> node ids that did not answer
     aborted: str | None = None
+    total: np.ndarray | None = None  # the unmasked integer sum: all the server learns of the inputs
     sites_aggregated: int = 0
     sites_recovered: int = 0  # dropped after sharing keys, masks removed via their key shares
 
@@ -199,6 +200,7 @@ class SecAggWorkflow:
         except sa.SecAggError as err:
             rnd.aborted = str(err)
             return None
+        rnd.total = total
         rnd.sites_aggregated, rnd.sites_recovered = len(survivors), len(dropped)
         mean = sa.dequantize_sum(total, len(survivors), rnd.params.clip_norm, rnd.params.levels) / len(survivors)
         delta = sa.unflatten(mean, like, keys)
