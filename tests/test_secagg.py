@@ -222,3 +222,22 @@ def test_quickstart_with_secure_aggregation_learns(tmp_path):
     assert summary["status"] == "completed"
     assert "honest-but-curious server" in summary["secure_aggregation"]["threat_model"]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+@pytest.mark.slow
+def test_a_round_with_fewer_survivors_than_the_threshold_is_not_released(tmp_path):
+    """Faults seed 2 crashes sites 1 and 2 in round 1 (after sharing keys) and none in
+    round 2: round 1 has 3 masked inputs for a threshold of 4 and aborts; round 2 is
+    aggregated."""
+    run = _simulate(tmp_path, "federation.rounds=2", "federation.secure_aggregation.threshold=4",
+                    "simulation.faults.crash=0.3", "simulation.faults.seed=2", "training.local_steps=5",
+                    "evaluation.every=0", "evaluation.num_samples=100")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first, second = rows[0]["secure_aggregation"], rows[1]["secure_aggregation"]
+    assert first["released"] is False and first["sites_aggregated"] == 0
+    assert first["aborted"] == ("only 3 sites sent a valid masked input, fewer than the threshold 4; "
+                                "round not aggregated")
+    assert rows[0]["sites_trained"] == []  # no site's update went into the model
+    assert second["released"] is True and second["sites_aggregated"] == 5
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["secure_aggregation"]["rounds_aborted"] == 1
