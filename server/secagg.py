@@ -49,6 +49,7 @@ class SecAggRound:
     pk_enc: dict[int, bytes] = field(default_factory=dict)
     pk_mask: dict[int, bytes] = field(default_factory=dict)
     shared: set[int] = field(default_factory=set)  # indices that completed share-keys
+    forwarded: set[tuple[int, int]] = field(default_factory=set)  # (src, dst): dst masks with src
     masked: dict[int, np.ndarray] = field(default_factory=dict)  # index -> y
     dropped: dict[str, list[int]] = field(default_factory=dict)  # stage -> node ids that did not answer
     aborted: str | None = None
@@ -131,6 +132,7 @@ class SecAggWorkflow:
             for dst, ct in zip(cfg.get("dst", []), cfg.get("ct", [])):
                 dst = int(dst)
                 if 0 <= dst < len(nodes) and dst in rnd.shared and nodes[dst] in inbox:
+                    rnd.forwarded.add((src, dst))
                     inbox[nodes[dst]][0].append(src)
                     inbox[nodes[dst]][1].append(bytes(ct))
         if why := self._too_few(len(rnd.shared), "shared their keys"):
@@ -169,10 +171,10 @@ class SecAggWorkflow:
             return None
         dropped = sorted(rnd.shared - set(survivors))
         msgs = {}
-        for i in survivors:
-            nb = set(rnd.neighbours(i)) & rnd.shared
-            msgs[rnd.order[i]] = self._stage(sa.UNMASK, {"active": sorted(nb & set(survivors)),
-                                                         "dropped": sorted(nb & set(dropped))})
+        for i in survivors:  # ask each survivor only for shares it holds
+            held = {src for src, dst in rnd.forwarded if dst == i} | {i}
+            msgs[rnd.order[i]] = self._stage(sa.UNMASK, {"active": sorted(held & set(survivors)),
+                                                         "dropped": sorted(held & set(dropped))})
         revealed = self._exchange(grid, msgs, rnd, sa.UNMASK)
         if why := self._too_few(len(revealed), "revealed their shares"):
             rnd.aborted = why
@@ -194,7 +196,7 @@ class SecAggWorkflow:
             for j in dropped:  # pairwise masks the survivors added with a dropped site
                 sk = sa.load_private(self._reconstruct(sk_shares.get(j, []), f"the mask key of index {j}"))
                 for i in survivors:
-                    if j in rnd.neighbours(i):
+                    if (j, i) in rnd.forwarded:  # i received j's shares, so i masked with j
                         pair = sa.expand_mask(sa.shared_key(sk, rnd.pk_mask[rnd.order[i]]), size, bits)
                         total = sa.add_mod(total, pair, -sa.pair_sign(i, j), bits)
         except sa.SecAggError as err:
