@@ -148,6 +148,9 @@ class FederationConfig(_Section):
         if sec.threshold > self.num_sites:
             raise ValueError(f"secure_aggregation.threshold: {sec.threshold} is more than the {self.num_sites} "
                              "sites; set it between 2 and federation.num_sites")
+        if ((1 << sec.bits) - 1) // self.num_sites < 256:
+            raise ValueError(f"secure_aggregation.bits: {sec.bits} bits leave fewer than 256 quantisation levels "
+                             f"per site for {self.num_sites} sites; raise bits (e.g. 32)")
         if sec.neighbours is not None and sec.threshold > min(sec.neighbours + 1, self.num_sites):
             raise ValueError(f"secure_aggregation.threshold: {sec.threshold} is more than a site's neighbourhood "
                              f"({sec.neighbours} neighbours + itself); lower threshold or raise neighbours")

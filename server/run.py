@@ -143,16 +143,19 @@ class FederatedRun:
                 break
             config = ConfigRecord({"fedgen": config_json, "run-dir": str(self.run_dir)})
             messages = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
-            secagg_round = None
+            secagg_round, trained = None, messages  # trained: the train messages sent
             if self.secagg is not None:  # stages 1-3; the replies carry masked inputs
-                secagg_round, messages, raw = self.secagg.collect(self.grid, rnd, messages)
-                replies = self._collect(messages, arrays, raw)
+                secagg_round, trained, raw = self.secagg.collect(self.grid, rnd, messages)
+                replies = self._collect(trained, arrays, raw)
+                replies.failed += [(self.node_sites.get(node, f"node {node}"),
+                                    f"no answer at the secure-aggregation stage {stage}")
+                                   for stage, nodes in secagg_round.dropped.items() for node in nodes]
             else:
                 replies = self._collect(messages, arrays)
             record = self._record(rnd, messages, replies)
             if secagg_round is not None and secagg_round.aborted:  # before any input was sent
                 record.secure_aggregation = secagg_round.report()
-            if stop := self._early_stop(messages, replies, record):
+            if stop := self._early_stop(trained, replies, record):
                 stopped_reason = stop
                 record.seconds = time.time() - t_round
                 self._append_metrics(record)

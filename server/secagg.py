@@ -99,7 +99,11 @@ class SecAggWorkflow:
         if len(nodes) < self.threshold:
             rnd.aborted = f"{len(nodes)} sites sampled, fewer than the threshold {self.threshold}"
             return rnd, [], []
-        params.check()
+        try:
+            params.check()
+        except sa.SecAggError as err:
+            rnd.aborted = str(err)
+            return rnd, [], []
         by_node = {m.metadata.dst_node_id: m for m in train_messages}
 
         # 1. advertise keys

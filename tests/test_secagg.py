@@ -187,6 +187,8 @@ def test_a_site_refuses_to_reveal_both_shares_of_one_site():
      "federation.secure_aggregation.threshold: Input should be greater than or equal to 2"),
     ({"num_sites": 5, "secure_aggregation": {"threshold": 3, "bits": 64}}, {},
      "federation.secure_aggregation.bits: Input should be less than or equal to 62"),
+    ({"num_sites": 5, "secure_aggregation": {"threshold": 3, "bits": 8}}, {},
+     "federation: secure_aggregation.bits: 8 bits leave fewer than 256 quantisation levels per site for 5 sites"),
     ({"num_sites": 5, "strategy": "krum", "secure_aggregation": {"threshold": 3}}, {},
      "secure_aggregation: the krum rule needs each site's update"),
     ({"num_sites": 5, "secure_aggregation": {"threshold": 3}}, {"unit": "site"},
@@ -241,3 +243,43 @@ def test_a_round_with_fewer_survivors_than_the_threshold_is_not_released(tmp_pat
     assert second["released"] is True and second["sites_aggregated"] == 5
     summary = json.loads((run / "summary.json").read_text())
     assert summary["secure_aggregation"]["rounds_aborted"] == 1
+
+
+# -- the deployment path: TLS + node authentication on loopback --------------------------
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_deployed_round_with_secure_aggregation(tmp_path, digits):
+    """Two SuperNodes (TLS, registered keys) and a SuperLink on 127.0.0.1 run one round
+    with secure aggregation: the site state between the stages lives in the SuperNode."""
+    from fedgen.simulations.prepare import write_deployment_run_dir
+
+    from .test_deploy import LocalDeployment
+
+    dep = LocalDeployment(tmp_path)
+    try:
+        dep.start_superlink()
+        for site in ("0", "1"):
+            dep.register(site)
+            np.savez(tmp_path / f"site{site}.npz", x=digits.x[300 * int(site):300 * int(site) + 300].numpy())
+            dep.start_supernode(f"site{site}", key=site,
+                                node_config={"data-path": str(tmp_path / f"site{site}.npz"), "data-format": "npz",
+                                             "site-id": f"site{site}", "state-dir": str(tmp_path / f"state{site}")})
+        dep.wait_online(2)
+        scenario = scenario_from_dict({
+            "name": "secagg-deploy", "seed": 0,
+            "federation": {"num_sites": 2, "rounds": 1, "min_fit_sites": 2, "round_timeout_s": 120,
+                           "secure_aggregation": {"threshold": 2}},
+            "model": {"family": "vae", "hidden": 64, "latent_dim": 4},
+            "training": {"local_steps": 3, "batch_size": 32, "lr": 0.002},
+            "privacy": {"enabled": True, "target_epsilon": 5.0},
+            "evaluation": {"every": 0, "num_samples": 20},
+            "simulation": {"device": "cpu"},
+            "deployment": {"data_shape": [1, 8, 8], "num_classes": None}})
+        run = write_deployment_run_dir(scenario, tmp_path / "run")
+        assert dep.run(run).startswith("finished:completed"), dep.log("site0")[-3000:]
+        row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        assert row["secure_aggregation"]["released"] is True and row["secure_aggregation"]["sites_aggregated"] == 2
+        assert sorted(row["sites_trained"]) == ["site0", "site1"]
+    finally:
+        dep.close()
