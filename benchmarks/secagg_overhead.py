@@ -39,7 +39,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
-from _common import REPO, environment, write_result
+from _common import REPO, environment, load_average, write_result
 from fedgen.client.secagg import secagg_mod
 from fedgen.server.secagg import SecAggWorkflow
 from fedgen.simulations.inprocess_engine import InProcessGrid, SimulatedNode, _task_identity
@@ -131,14 +131,16 @@ def main() -> None:
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--result", default="secagg_overhead")
     args = ap.parse_args()
+    load_before = load_average()
     results = []
     for n in args.sites:
         if n <= 20:
             results.append(protocol(n, args.dim, args.rounds, None))
         else:
             results.append(protocol(n, args.dim, args.rounds, 16))
-    payload = {"environment": environment(), "protocol": results,
-               "end_to_end": None if args.no_e2e else end_to_end()}
+    e2e = None if args.no_e2e else end_to_end()
+    payload = {"environment": environment(), "load_average_before": load_before,
+               "load_average_after": load_average(), "protocol": results, "end_to_end": e2e}
     print(write_result(args.result, payload))
 
 
