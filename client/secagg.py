@@ -93,10 +93,13 @@ def _share_keys(cfg: ConfigRecord, context: Context) -> dict:
     pk_mask = dict(zip(indices, (bytes(b) for b in cfg["pk-mask"])))
     if len(set(pk_enc.values())) != len(pk_enc) or len(set(pk_mask.values())) != len(pk_mask):
         raise sa.SecAggError("two neighbours advertised the same public key")
+    own_enc, own_mask = sa.load_private(bytes(state["sk-enc"])), sa.load_private(bytes(state["sk-mask"]))
+    if pk_enc[me] != sa.public_bytes(own_enc) or pk_mask[me] != sa.public_bytes(own_mask):
+        raise sa.SecAggError("the server relayed other public keys for this site than it advertised")
     seed = sa.new_seed()
     b_shares = sa_shares(seed, params.threshold, len(indices))
     sk_shares = sa_shares(bytes(state["sk-mask"]), params.threshold, len(indices))
-    sk_enc = sa.load_private(bytes(state["sk-enc"]))
+    sk_enc = own_enc
     dst, cts = [], []
     for pos, j in enumerate(indices):
         if j == me:  # its own shares stay here

@@ -214,9 +214,10 @@ def _simulate(tmp_path: Path, *overrides: str) -> Path:
 
 
 @pytest.mark.slow
-def test_quickstart_with_secure_aggregation_learns(tmp_path):
-    run = _simulate(tmp_path, "federation.rounds=3", "federation.secure_aggregation.threshold=3",
-                    "evaluation.every=0", "evaluation.num_samples=200")
+@pytest.mark.parametrize("engine", ["inprocess", "flower"])
+def test_quickstart_with_secure_aggregation_learns(tmp_path, engine):
+    run = _simulate(tmp_path, f"simulation.engine={engine}", "federation.rounds=3",
+                    "federation.secure_aggregation.threshold=3", "evaluation.every=0", "evaluation.num_samples=200")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["secure_aggregation"]["released"] for r in rows] == [True, True, True]
     assert all(r["secure_aggregation"]["sites_aggregated"] == 5 for r in rows)
