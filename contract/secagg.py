@@ -124,10 +124,14 @@ def add_mod(total: np.ndarray, term: np.ndarray, sign: int, bits: int) -> np.nda
 
 # -- the integer encoding of an update --------------------------------------------------
 
+MAX_LEVELS = 2 ** 52  # the encoding is computed in float64, exact for integers up to 2^53
+
+
 def levels(bits: int, num_sites: int) -> int:
     """Quantisation levels per site, so that the sum of ``num_sites`` encoded updates stays
-    below 2^bits: the modular sum is the true integer sum, no wrap-around."""
-    return modulus_mask(bits) // num_sites
+    below 2^bits: the modular sum is the true integer sum, no wrap-around. At most 2^52,
+    so that every encoded value is an exact float64 (the rounding cannot overshoot)."""
+    return min(modulus_mask(bits) // num_sites, MAX_LEVELS)
 
 
 def clip_l2(vec: np.ndarray, clip_norm: float) -> tuple[np.ndarray, bool]:

@@ -103,6 +103,26 @@ def test_the_aggregate_equals_the_plaintext_integer_sum_exactly():
     assert np.allclose(new["w"].numpy(), mean, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("n, bits", [(7, 16), (100, 32), (3, 62)])
+def test_the_masked_sum_never_wraps_around_even_at_the_top_of_the_range(n, bits):
+    """Every site's coordinates at +C (each encodes L, the largest value) plus its masks,
+    summed modulo 2^bits: removing the masks gives n * L exactly, below 2^bits by the
+    choice of L = floor((2^bits - 1) / n)."""
+    L = sa.levels(bits, n)
+    assert n * L < 2 ** bits
+    rng = np.random.default_rng(0)
+    total, masks = np.zeros(DIM, dtype=np.uint64), np.zeros(DIM, dtype=np.uint64)
+    for _ in range(n):
+        q = sa.quantize(np.full(DIM, 2.5), 2.5, L, rng)
+        assert (q == L).all()
+        mask = sa.expand_mask(sa.new_seed(), DIM, bits)
+        total = sa.add_mod(total, sa.add_mod(q, mask, 1, bits), 1, bits)
+        masks = sa.add_mod(masks, mask, 1, bits)
+    unmasked = sa.add_mod(total, masks, -1, bits)
+    assert (unmasked == n * L).all()
+    assert np.allclose(sa.dequantize_sum(unmasked, n, 2.5, L), n * 2.5)
+
+
 def test_secagg_plus_with_ring_neighbours_gives_the_same_sum():
     sites = Sites(8, seed=3)
     rnd, _ = sites.round(threshold=3, num_neighbours=4)
