@@ -17,7 +17,8 @@ the real site mod ``client/secagg.py`` and server workflow ``server/secagg.py``)
 - end to end (10 sites, unless ``--no-e2e``): ``fedgen simulate scenarios/quickstart.yaml``
   with ``federation.num_sites=10``, 3 rounds, in-process engine, with and without
   ``federation.secure_aggregation``: the median ``seconds`` of rounds 2-3 (no
-  evaluation before the last round, whose evaluation time is subtracted).
+  evaluation before the last round, whose evaluation time is subtracted), and the CPU
+  seconds of each whole run (the machine is shared: CPU time is the steadier figure).
 
 Writes benchmarks/results/<NAME>.json (default secagg_overhead).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,23 +65,23 @@ def _messages(grid: InProcessGrid, global_arrays: ArrayRecord) -> list[Message]:
                     message_type=MessageType.TRAIN, dst_node_id=n) for n in grid.get_node_ids()]
 
 
-def plain_round(grid: InProcessGrid, global_arrays: ArrayRecord) -> float:
-    t = time.perf_counter()
+def plain_round(grid: InProcessGrid, global_arrays: ArrayRecord) -> tuple[float, float]:
+    t, c = time.perf_counter(), time.process_time()
     replies = list(grid.send_and_receive(_messages(grid, global_arrays)))
     np.mean([r.content["arrays"]["w"].numpy() for r in replies], axis=0)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def secagg_round(grid: InProcessGrid, global_arrays: ArrayRecord, threshold: int,
-                 neighbours: int | None) -> tuple[float, dict[str, float]]:
+                 neighbours: int | None) -> tuple[float, float, dict[str, float]]:
     wf = SecAggWorkflow(threshold=threshold, bits=32, clip_norm=100.0, num_neighbours=neighbours)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rnd, _, replies = wf.collect(grid, 1, _messages(grid, global_arrays))
     t_collect = time.perf_counter()
     new = wf.unmask(grid, rnd, [r for r in replies if not r.has_error()], global_arrays)
     t_end = time.perf_counter()
     assert new is not None and rnd.sites_aggregated == len(grid.nodes), rnd.aborted
-    return t_end - t, {"stages_1_3_s": t_collect - t, "unmask_s": t_end - t_collect}
+    return t_end - t, time.process_time() - c, {"stages_1_3_s": t_collect - t, "unmask_s": t_end - t_collect}
 
 
 def protocol(n: int, dim: int, rounds: int, neighbours: int | None) -> dict[str, Any]:
@@ -87,20 +89,30 @@ def protocol(n: int, dim: int, rounds: int, neighbours: int | None) -> dict[str,
     global_arrays = ArrayRecord({"w": Array(np.zeros(dim, dtype=np.float32))})
     size = n if neighbours is None else min(n, neighbours + 1)
     threshold = size // 2 + 1
-    plain, sec, parts = [], [], []
+    plain, sec, plain_cpu, sec_cpu, parts = [], [], [], [], []
     with _task_identity(5):
         for _ in range(rounds):
-            plain.append(plain_round(grid, global_arrays))
-            s, p = secagg_round(grid, global_arrays, threshold, neighbours)
-            sec.append(s)
+            wall, cpu = plain_round(grid, global_arrays)
+            plain.append(wall)
+            plain_cpu.append(cpu)
+            wall, cpu, p = secagg_round(grid, global_arrays, threshold, neighbours)
+            sec.append(wall)
+            sec_cpu.append(cpu)
             parts.append(p)
     out = {"sites": n, "dim": dim, "neighbours": neighbours, "threshold": threshold,
            "plain_round_s": statistics.median(plain), "secagg_round_s": statistics.median(sec),
+           "plain_round_cpu_s": statistics.median(plain_cpu), "secagg_round_cpu_s": statistics.median(sec_cpu),
            "secagg_stages_1_3_s": statistics.median(p["stages_1_3_s"] for p in parts),
            "secagg_unmask_s": statistics.median(p["unmask_s"] for p in parts)}
     out["overhead_s"] = out["secagg_round_s"] - out["plain_round_s"]
+    out["overhead_cpu_s"] = out["secagg_round_cpu_s"] - out["plain_round_cpu_s"]
     print(json.dumps(out), flush=True)
     return out
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def end_to_end(rounds: int = 3) -> dict[str, Any]:
@@ -108,6 +120,7 @@ def end_to_end(rounds: int = 3) -> dict[str, Any]:
     for label, extra in (("plain", []), ("secagg", ["federation.secure_aggregation.threshold=6"])):
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp) / "run"
+            cpu = _children_cpu()
             sets = ["federation.num_sites=10", f"federation.rounds={rounds}", "evaluation.every=0",
                     "evaluation.num_samples=100", "simulation.device=cpu", *extra]
             subprocess.run([sys.executable, "-m", "fedgen.simulations.cli", "simulate",
@@ -118,7 +131,9 @@ def end_to_end(rounds: int = 3) -> dict[str, Any]:
             secs = [r["seconds"] - (r.get("eval_seconds") or 0.0) for r in rows[1:]]
             out[f"{label}_round_s"] = statistics.median(secs)
             out[f"{label}_final_train_loss"] = rows[-1]["train_loss"]
+            out[f"{label}_run_cpu_s"] = _children_cpu() - cpu  # the whole run, start-up and evaluation too
     out["overhead_s"] = out["secagg_round_s"] - out["plain_round_s"]
+    out["overhead_cpu_per_round_s"] = (out["secagg_run_cpu_s"] - out["plain_run_cpu_s"]) / rounds
     print(json.dumps(out), flush=True)
     return out
 
