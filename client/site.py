@@ -123,6 +123,12 @@ def _ledger_file(context: Context, site: str, run_dir: str = "") -> Path | None:
     return simulation_state_dir(run_dir, site) / LEDGER_FILE if run_dir else None
 
 
+def state_dir(context: Context, site: str, run_dir: str = "") -> Path | None:
+    """The folder of the site's ledger (and of a white-box audit run's canaries), if on disk."""
+    file = _ledger_file(context, site, run_dir)
+    return None if file is None else file.parent
+
+
 def load_ledger(context: Context, site: str, run_dir: str = "") -> SiteLedger | None:
     """The site's ledger: its state file when there is one, else ``context.state``."""
     file = _ledger_file(context, site, run_dir)

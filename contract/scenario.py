@@ -201,6 +201,15 @@ class CanaryConfig(_Section):
     seed: int = Field(0, description="seed of the canaries' pixels, labels and inclusion bits")
 
 
+class WhiteBoxConfig(_Section):
+    """A white-box audit run (privacy/audit/dirac.py, docs/audit.md): site ``site`` adds
+    ``canaries`` Dirac gradient canaries to its DP-SGD steps and keeps every update it sends;
+    ``fedgen audit RUN_DIR`` turns them into an empirical eps lower bound."""
+
+    canaries: int = Field(..., ge=2, description="number of gradient canaries m (at most the model's parameters)")
+    site: int = Field(0, ge=0, description="the site that runs the white-box audit")
+
+
 class SiteLevelConfig(_Section):
     """DP-FedAvg on the server (McMahan et al. 2018), used when ``privacy.unit`` is
     ``site`` or ``both``: each site's update is clipped to ``clip_norm``, sites are
@@ -229,6 +238,8 @@ class PrivacySection(_Section):
         "seed, so a run is reproducible -- and NOT a privacy guarantee to anyone who knows the seed (the run "
         "says so); default: fresh OS entropy every round. Deployed sites refuse it")
     canaries: CanaryConfig | None = Field(None, description="plant audit canaries (default: none)")
+    white_box: WhiteBoxConfig | None = Field(None, description="a white-box audit run with gradient canaries "
+                                             "at one site (default: none); needs example-level DP")
     site_level: SiteLevelConfig = SiteLevelConfig()
 
 
@@ -341,6 +352,13 @@ class Scenario(_Section):
             raise ValueError(f"evaluation.federated: the {self.model.family} family has no per-example loss a site "
                              "could evaluate (it is trained by a release); set evaluation.federated: false and give "
                              "the server a public reference set (deployment.reference) instead")
+        return self
+
+    @model_validator(mode="after")
+    def _white_box_needs_dp_sgd(self) -> "Scenario":
+        if self.privacy.white_box is not None and (not self.privacy.enabled or self.privacy.unit == "site"):
+            raise ValueError("privacy.white_box: gradient canaries go into DP-SGD steps; it needs privacy.enabled: "
+                             "true and privacy.unit: example or both")
         return self
 
     @model_validator(mode="after")
