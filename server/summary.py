@@ -143,11 +143,6 @@ def write_failed_summary(run_dir: Path, error: BaseException, *, rounds_planned:
         "status": "failed", "rounds_completed": max((r["round"] for r in rows if _aggregated(r)), default=0),
         "rounds_planned": rounds_planned, "stopped_reason": "failed",
         "error": f"{type(error).__name__}: {error}".splitlines()[0][:400], "sites": site_table(rows)}
-    if (sec := scenario.federation.secure_aggregation) is not None:
-        summary["secure_aggregation"] = {**sec.model_dump(mode="json"), "protocol": "SecAgg+ (Bell et al. 2020)",
-                                         "threat_model": THREAT_MODEL,
-                                         "rounds_aborted": sum(1 for r in rows if r.get("secure_aggregation", {})
-                                                               .get("released") is False)}
     if flower_run_id is not None:
         summary["flower_run_id"] = str(flower_run_id)
     atomic_write_text(Path(run_dir) / rundir.SUMMARY, json.dumps(jsonable(summary), indent=2))
