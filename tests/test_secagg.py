@@ -264,6 +264,8 @@ def test_a_round_with_fewer_survivors_than_the_threshold_is_not_released(tmp_pat
     assert second["released"] is True and second["sites_aggregated"] == 5
     summary = json.loads((run / "summary.json").read_text())
     assert summary["secure_aggregation"]["rounds_aborted"] == 1
+    # no site is credited with an update in the aborted round: each was aggregated once
+    assert {s["site"]: s["rounds_trained"] for s in summary["sites"]} == {str(i): 1 for i in range(5)}
 
 
 # -- the deployment path: TLS + node authentication on loopback --------------------------
