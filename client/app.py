@@ -22,13 +22,16 @@ from fedgen.simulations.faults import simulated_faults_mod
 from .data_binding import bind_site_data
 from .policy import PolicyRefusal, SitePolicy
 from .reply import error_reply, site_reply
+from .secagg import secagg_mod
 from .site import ledger_lock, ledger_run, load_ledger, load_site_data, save_ledger, site_id, state_dir
 from .task import evaluate_site, train_site
 
 log = logging.getLogger(__name__)
 
 # Mods wrap every message handler, train and evaluate alike (Flower's ClientApp(mods=...)).
-app = ClientApp(mods=[simulated_faults_mod])
+# secagg_mod first: it answers the key stages itself, and masks the update that the rest
+# (faults included, so a simulated attack is masked like an honest update) produced.
+app = ClientApp(mods=[secagg_mod, simulated_faults_mod])
 
 
 def _task(msg: Message) -> TaskConfig:

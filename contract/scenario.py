@@ -108,6 +108,18 @@ class PartitionConfig(_Section):
                                              "{kind: rotation, max_degrees} or {kind: contrast, min, max}")
 
 
+class SecureAggregationConfig(_Section):
+    """SecAgg+ (Bell et al. 2020) over the Message API (server/secagg.py, client/secagg.py):
+    the server learns only the sum of the sites' clipped, quantised updates."""
+
+    threshold: int = Field(..., ge=2, description="t: sites needed to unmask a round; tolerates n - t dropouts, "
+                           "protects against up to t - 1 colluding parties")
+    bits: int = Field(32, ge=8, le=62, description="integers modulo 2^bits (the sum of n sites stays below it)")
+    clip_norm: float = Field(100.0, gt=0.0, description="L2 bound on each site's update w_k - w before quantising")
+    neighbours: int | None = Field(None, ge=2, description="SecAgg+: share keys with this many ring neighbours "
+                                   "(null = with every sampled site, as SecAgg)")
+
+
 class FederationConfig(_Section):
     num_sites: int = Field(5, ge=1)
     rounds: int = Field(5, ge=1)
@@ -125,6 +137,30 @@ class FederationConfig(_Section):
                                          "multiple of the round's median; null = off")
     round_timeout_s: float = Field(3600.0, gt=0.0, description="round deadline: the server aggregates the "
                                    "replies that arrived by then and counts the rest as late")
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        None, description="{threshold, bits, clip_norm, neighbours}: the server sees only the sum (default: off)")
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> "FederationConfig":
+        sec = self.secure_aggregation
+        if sec is None:
+            return self
+        if sec.threshold > self.num_sites:
+            raise ValueError(f"secure_aggregation.threshold: {sec.threshold} is more than the {self.num_sites} "
+                             "sites; set it between 2 and federation.num_sites")
+        if ((1 << sec.bits) - 1) // self.num_sites < 256:
+            raise ValueError(f"secure_aggregation.bits: {sec.bits} bits leave fewer than 256 quantisation levels "
+                             f"per site for {self.num_sites} sites; raise bits (e.g. 32)")
+        if sec.neighbours is not None and sec.threshold > min(sec.neighbours + 1, self.num_sites):
+            raise ValueError(f"secure_aggregation.threshold: {sec.threshold} is more than a site's neighbourhood "
+                             f"({sec.neighbours} neighbours + itself); lower threshold or raise neighbours")
+        if self.strategy != "fedavg":
+            raise ValueError(f"secure_aggregation: the {self.strategy} rule needs each site's update, which "
+                             "secure aggregation hides; set strategy: fedavg or remove secure_aggregation")
+        if self.norm_bound is not None:
+            raise ValueError("secure_aggregation: norm_bound needs each site's update; remove norm_bound "
+                             "(secure_aggregation.clip_norm bounds every update at the site)")
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -343,6 +379,14 @@ class Scenario(_Section):
         if self.federation.fraction_fit != 1.0:
             raise ValueError("federation.fraction_fit: under site-level DP sites are Poisson-sampled with "
                              "privacy.site_level.sample_rate; leave fraction_fit at 1.0")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_without_site_level(self) -> "Scenario":
+        if self.federation.secure_aggregation is not None and self.privacy.enabled and self.privacy.unit != "example":
+            raise ValueError(f"federation.secure_aggregation: site-level DP (privacy.unit: {self.privacy.unit}) "
+                             "clips and noises each site's update on the server, which secure aggregation hides; "
+                             "use privacy.unit: example or remove secure_aggregation")
         return self
 
     def resolved(self) -> dict[str, Any]:
