@@ -389,6 +389,20 @@ class Scenario(_Section):
                              "use privacy.unit: example or remove secure_aggregation")
         return self
 
+    @model_validator(mode="after")
+    def _secure_aggregation_needs_dp_sgd_updates(self) -> "Scenario":
+        # A release (mmd; the flow's base_release_epsilon) is combined per site by its noise
+        # precision (Releasing.combine_releases), which a masked sum cannot do; clipping the
+        # release to secure_aggregation.clip_norm would distort it too.
+        if self.federation.secure_aggregation is None:
+            return self
+        if not family_has_site_loss(self.model.family) or self.model.options.get("base_release_epsilon"):
+            raise ValueError(f"federation.secure_aggregation: the {self.model.family} family sends a DP release "
+                             "that the server combines per site, which secure aggregation hides; use a DP-SGD "
+                             "family (vae, gan, flow without base_release_epsilon, diffusion) or remove "
+                             "secure_aggregation")
+        return self
+
     def resolved(self) -> dict[str, Any]:
         """Every key with its value, defaults included (what ``scenario.yaml`` records)."""
         d = self.model_dump(mode="json")

@@ -221,6 +221,14 @@ def test_scenario_keys_are_checked_with_one_line(federation, privacy, message):
     assert message in text and "\n" not in text
 
 
+@pytest.mark.parametrize("model", [{"family": "mmd"}, {"family": "flow", "levels": 17, "base_release_epsilon": 1.0}])
+def test_release_families_are_refused_under_secure_aggregation(model):
+    """A release is combined per site by its noise precision; a masked sum cannot do that."""
+    with pytest.raises(ScenarioError, match="sends a DP release that the server combines per site"):
+        scenario_from_dict({"federation": {"num_sites": 5, "secure_aggregation": {"threshold": 3}},
+                            "model": model}, source="s.yaml")
+
+
 # -- a whole run --------------------------------------------------------------------------
 
 def _simulate(tmp_path: Path, *overrides: str) -> Path:
