@@ -290,14 +290,20 @@ class PublicDataConfig(_Section):
     def _known(cls, value: str) -> str:
         return value if value == PUBLIC_DIGITS_28 else data_format(value).name
 
+    @field_validator("options")
+    @classmethod
+    def _accepted_by_format(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        fmt = info.data.get("format")
+        if fmt is None or fmt == PUBLIC_DIGITS_28:  # the format's own error / the check below
+            return value
+        return data_format(fmt).parse(value).model_dump(mode="json")
+
     @model_validator(mode="after")
-    def _options_and_path(self) -> "PublicDataConfig":
+    def _path_as_the_format_needs(self) -> "PublicDataConfig":
         if self.format == PUBLIC_DIGITS_28:
             if self.options or self.path:
                 raise ValueError(f"format {PUBLIC_DIGITS_28} is embedded: it takes no path and no options")
-            return self
-        self.__dict__["options"] = data_format(self.format).parse(self.options).model_dump(mode="json")
-        if data_format(self.format).needs_path and not self.path:
+        elif data_format(self.format).needs_path and not self.path:
             raise ValueError(f"path is required for format {self.format!r}")
         return self
 

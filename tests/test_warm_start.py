@@ -198,6 +198,8 @@ def test_pretrain_refuses_a_conditional_model_without_labels():
     ({"public": {"format": "nope"}}, "warm_start.public.format: unknown data format 'nope'"),
     ({"public": {"format": "npz"}}, "warm_start.public: path is required for format 'npz'"),
     ({"public": {"format": "digits-28", "path": "x"}}, "warm_start.public: format digits-28 is embedded"),
+    ({"public": {"format": "npz", "path": "p.npz", "options": {"label_column": "y"}}},
+     "warm_start.public.options: option(s) label_column not accepted by data format 'npz'"),
 ])
 def test_scenario_refuses_a_bad_warm_start(warm_start, message):
     with pytest.raises(ScenarioError) as err:
