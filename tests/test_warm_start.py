@@ -134,6 +134,14 @@ def test_release_warm_start_pretrains_on_the_generator_and_the_ledger_composes(t
     assert x.shape == (500, 1, 8, 8)
     np.testing.assert_array_equal(y, np.arange(500) % 10)
     assert not _rows(x) & _rows(digits.x.numpy())
+    # ... and they are exactly the draws of the generator the server fitted to the release
+    # (the final model's release head, unchanged by the DP-SGD rounds)
+    from fedgen.simulations.sampling import load_run_model
+
+    final = load_run_model(run)
+    assert isinstance(final, ReleaseWarmStart) and bool(final.released) and bool(final.pretrained)
+    draws, labels = final.generator_samples()
+    np.testing.assert_allclose(x, draws.numpy(), atol=1e-4)
 
     privacy = json.loads((run / "privacy.json").read_text())
     assert privacy["epsilon"] <= 10.0 + 1e-6
