@@ -22,13 +22,16 @@ from fedgen.simulations.faults import simulated_faults_mod
 from .data_binding import bind_site_data
 from .policy import PolicyRefusal, SitePolicy
 from .reply import error_reply, site_reply
-from .site import ledger_lock, ledger_run, load_ledger, load_site_data, save_ledger, site_id
+from .secagg import secagg_mod
+from .site import ledger_lock, ledger_run, load_ledger, load_site_data, save_ledger, site_id, state_dir
 from .task import evaluate_site, train_site
 
 log = logging.getLogger(__name__)
 
 # Mods wrap every message handler, train and evaluate alike (Flower's ClientApp(mods=...)).
-app = ClientApp(mods=[simulated_faults_mod])
+# secagg_mod first: it answers the key stages itself, and masks the update that the rest
+# (faults included, so a simulated attack is masked like an honest update) produced.
+app = ClientApp(mods=[secagg_mod, simulated_faults_mod])
 
 
 def _task(msg: Message) -> TaskConfig:
@@ -61,7 +64,8 @@ def _train(msg: Message, context: Context, task: TaskConfig, site: str, server_r
             ledger.set_target_epsilon(task.privacy.target_epsilon)  # this run's target, capped by the site
         model, result, ledger = train_site(
             task, data, msg.content["arrays"].to_torch_state_dict(), site=site,
-            server_round=server_round, ledger=ledger, run=ledger_run(context))
+            server_round=server_round, ledger=ledger, run=ledger_run(context),
+            state_dir=_white_box_state(context, task, site, run_dir))
         if ledger is not None:
             save_ledger(context, ledger, run_dir)  # before the update leaves the site
     metrics = {
@@ -74,6 +78,18 @@ def _train(msg: Message, context: Context, task: TaskConfig, site: str, server_r
         metrics["train-loss"] = result.train_loss
     arrays = ArrayRecord(model.state_dict()) if result.status == "trained" else None
     return site_reply(msg, site, metrics, ledger=ledger, message=result.message, arrays=arrays)
+
+
+def _white_box_state(context: Context, task: TaskConfig, site: str, run_dir: str):
+    """Where a white-box audit run keeps this site's canaries: only when the scenario asks
+    for one and, at a deployed site (``data-path``), only if its operator opted in with
+    ``white-box-audit=true`` in --node-config (the canaries disturb its training)."""
+    if not task.privacy.white_box_canaries:
+        return None
+    cfg = context.node_config
+    if "data-path" in cfg and str(cfg.get("white-box-audit", "false")).lower() != "true":
+        return None
+    return state_dir(context, site, run_dir)
 
 
 @app.evaluate()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedgen.contract.data_formats import CsvOptions, DataOptions, ImageOptions, data_format
+from fedgen.contract.data_formats import CsvOptions, DataOptions, ImageOptions, TableSchema, data_format
 
 from .errors import DataError
 
@@ -31,6 +31,7 @@ class SiteData:
     y: Tensor | None  # int64 [N] or None
     num_classes: int | None
     source: str
+    columns: tuple[str, ...] | None = None  # tabular data: the feature columns' names, in order
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -42,10 +43,10 @@ class SiteData:
     def subset(self, indices: np.ndarray | Tensor, source: str | None = None) -> "SiteData":
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return SiteData(self.x[idx], None if self.y is None else self.y[idx], self.num_classes,
-                        source or self.source)
+                        source or self.source, self.columns)
 
     def without_labels(self) -> "SiteData":
-        return SiteData(self.x, None, None, self.source)
+        return SiteData(self.x, None, None, self.source, self.columns)
 
     def fingerprint(self) -> str:
         """Content hash (for caches keyed by data)."""
@@ -57,8 +58,11 @@ class SiteData:
 
 # -- validation ---------------------------------------------------------------------
 
-def validate_arrays(x: np.ndarray, y: np.ndarray | None, source: str) -> SiteData:
-    """Check and convert raw arrays to :class:`SiteData`; ``source`` names the file."""
+def validate_arrays(x: np.ndarray, y: np.ndarray | None, source: str, *, scaling_advice: str | None = None,
+                    columns: tuple[str, ...] | None = None) -> SiteData:
+    """Check and convert raw arrays to :class:`SiteData`; ``source`` names the file.
+    ``scaling_advice`` replaces the default fix named when values leave [0, 1] (a reader
+    knows its own: a CSV's is its bounds options)."""
     if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise DataError(f"{source}: x has non-numeric dtype {x.dtype}; store numbers")
     if x.ndim < 2:
@@ -82,8 +86,10 @@ def validate_arrays(x: np.ndarray, y: np.ndarray | None, source: str) -> SiteDat
                         "clean or drop those examples")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
-        raise DataError(f"{source}: x values span [{lo:.4g}, {hi:.4g}]; expected [0, 1] "
-                        "(scale the data, or store images as uint8)")
+        if scaling_advice is None:
+            scaling_advice = ("scale the data, or store images as uint8" if x.ndim == 4 else
+                              "scale each feature into [0, 1] with bounds fixed in advance")
+        raise DataError(f"{source}: x values span [{lo:.4g}, {hi:.4g}]; expected [0, 1] ({scaling_advice})")
     labels, num_classes = None, None
     if y is not None:
         y = np.asarray(y)
@@ -98,7 +104,7 @@ def validate_arrays(x: np.ndarray, y: np.ndarray | None, source: str) -> SiteDat
             raise DataError(f"{source}: labels must be >= 0, found {int(y.min())}")
         num_classes = int(y.max()) + 1
         labels = torch.from_numpy(y.astype(np.int64))
-    return SiteData(torch.from_numpy(np.ascontiguousarray(x)), labels, num_classes, source)
+    return SiteData(torch.from_numpy(np.ascontiguousarray(x)), labels, num_classes, source, columns)
 
 
 # -- readers --------------------------------------------------------------------------
@@ -109,6 +115,33 @@ def read_digits(path: str | Path | None = None) -> SiteData:
 
     d = load_digits()
     return validate_arrays((d.images / 16.0).astype(np.float32), d.target, "sklearn digits")
+
+
+def breast_cancer_table() -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """scikit-learn's embedded Wisconsin breast-cancer table: (x in original units, labels
+    0 = malignant / 1 = benign, the 30 column names, declared lower and upper bounds). The
+    bounds are public: the published table's range per column, widened outward to two
+    significant digits, so a site holding part of it needs no statistic of its own rows."""
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    names = [n.replace(" ", "_") for n in d.feature_names]
+    lo, hi = d.data.min(0), d.data.max(0)
+    return d.data, d.target, names, _round_out(lo, np.floor), _round_out(hi, np.ceil)
+
+
+def _round_out(v: np.ndarray, rounding) -> np.ndarray:
+    scale = 10.0 ** (np.floor(np.log10(np.maximum(np.abs(v), 1e-12))) - 1)
+    out = rounding(v / scale) * scale
+    return np.where(v == 0, 0.0, np.round(out, 12))
+
+
+def read_breast_cancer(path: str | Path | None = None) -> SiteData:
+    """The breast-cancer table (569 rows, 30 numeric columns, 2 classes), min-max scaled with
+    its declared bounds (:func:`breast_cancer_table`) into [0, 1]."""
+    x, y, names, lo, hi = breast_cancer_table()
+    return validate_arrays(((x - lo) / (hi - lo)).astype(np.float32), y, "sklearn breast cancer",
+                           columns=tuple(names))
 
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -263,7 +296,11 @@ def read_csv(path: str | Path, options: CsvOptions = CsvOptions()) -> SiteData:
         x = (x - lo) / (hi - lo)
     if options.feature_clip:
         x = np.clip(x, 0.0, 1.0)
-    return validate_arrays(x.astype(np.float32), y, source)
+    advice = ("a value lies outside its column's feature-min/feature-max: widen the bounds, or set "
+              "feature-clip=true" if feature_min is not None else
+              "give each column's bounds with feature-min and feature-max (or feature-stats)")
+    return validate_arrays(x.astype(np.float32), y, source, scaling_advice=advice,
+                           columns=tuple(header[j] for j in features))
 
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -372,6 +409,7 @@ def _without_options(read: Callable[[Any], SiteData]) -> Reader:
 #: their options; tests/test_data_formats.py checks the two name the same formats)
 READERS: dict[str, Reader] = {
     "digits": _without_options(read_digits),
+    "breast-cancer": _without_options(read_breast_cancer),
     "mnist": _without_options(read_mnist),
     "npz": _without_options(read_npz),
     "csv": read_csv,
@@ -391,3 +429,30 @@ def load_data(fmt: str, path: str | Path | None = None, options: Mapping[str, An
     if spec.needs_path and not path:
         raise DataError(f"data format {fmt!r} needs a path (data.path)")
     return READERS[fmt](path, parsed)
+
+
+def declared_table(fmt: str, options: Mapping[str, Any] | None, data: SiteData) -> TableSchema | None:
+    """The table schema (column names, label column, declared bounds per column) of tabular
+    ``data`` read as ``fmt`` with ``options``: what ``inputs/site_data.json`` records so
+    ``fedgen sample --out rows.csv`` writes the original columns in their original units.
+    ``None`` for data that are not rows of named columns."""
+    if data.columns is None or len(data.shape) != 1:
+        return None
+    if fmt == "breast-cancer":
+        _, _, names, lo, hi = breast_cancer_table()
+        return TableSchema(columns=names, label_column="target" if data.y is not None else None,
+                           feature_min=lo.tolist(), feature_max=hi.tolist())
+    opts = data_format(fmt).parse(options)
+    d = len(data.columns)
+    lo_v, hi_v = getattr(opts, "feature_min", None), getattr(opts, "feature_max", None)
+    if getattr(opts, "feature_stats", None):
+        import json
+
+        stats = json.loads(Path(opts.feature_stats).read_text())
+        lo_v, hi_v = stats["min"], stats["max"]
+    lo = _per_feature(0.0 if lo_v is None else lo_v, d, "feature-min", data.source)
+    hi = _per_feature(1.0 if hi_v is None else hi_v, d, "feature-max", data.source)
+    label = getattr(opts, "label_column", None)
+    label_name = None if label is None or data.y is None else str(label)
+    return TableSchema(columns=list(data.columns), label_column=label_name,
+                       feature_min=lo.tolist(), feature_max=hi.tolist())

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
 
-from fedgen.contract.data_formats import NODE_CONFIG_KEYS
+from fedgen.contract.data_formats import NODE_CONFIG_KEYS, site_data_config
 from fedgen.contract.rundir import Canaries, DataSpec, read_canaries
 from fedgen.privacy.ledger import SiteLedger, atomic_write_text
 
@@ -55,7 +55,7 @@ READER_NODE_KEYS = NODE_CONFIG_KEYS
 def _reader_options(node_config: Mapping[str, object]) -> dict[str, object]:
     """The reader options a deployed site's ``--node-config`` sets (load_data checks them
     against the format, naming any its reader does not accept)."""
-    return {READER_NODE_KEYS[k]: v for k, v in node_config.items() if k in READER_NODE_KEYS}
+    return site_data_config(node_config).options
 
 
 @lru_cache(maxsize=64)
@@ -88,10 +88,11 @@ def site_id(context: Context) -> str:
 def load_site_data(context: Context, *, conditional: bool, run_dir: str = "") -> SiteData:
     cfg = context.node_config
     if "data-path" in cfg:  # deployment
-        path = str(cfg["data-path"])
-        fmt = str(cfg.get("data-format") or ("npz" if path.endswith(".npz") else
-                                             "csv" if path.endswith(".csv") else "mnist"))
-        data = _dataset(fmt, path, _reader_options(cfg))
+        try:  # the one mapping of node-config keys to a reader (fedgen check-data uses it too)
+            site = site_data_config(cfg)
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        data = _dataset(site.format, site.path, site.options)
     else:  # simulation: the dataset the harness described, read with the scenario's options
         run_dir = Path(run_dir or str(context.run_config.get("run-dir", "")))
         spec = DataSpec.read(run_dir)
@@ -121,6 +122,12 @@ def _ledger_file(context: Context, site: str, run_dir: str = "") -> Path | None:
                         "must keep its privacy ledger on disk (add state-dir=\"/path/to/state\")")
     run_dir = run_dir or str(context.run_config.get("run-dir", ""))
     return simulation_state_dir(run_dir, site) / LEDGER_FILE if run_dir else None
+
+
+def state_dir(context: Context, site: str, run_dir: str = "") -> Path | None:
+    """The folder of the site's ledger (and of a white-box audit run's canaries), if on disk."""
+    file = _ledger_file(context, site, run_dir)
+    return None if file is None else file.parent
 
 
 def load_ledger(context: Context, site: str, run_dir: str = "") -> SiteLedger | None:

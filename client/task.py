@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from fedgen.contract.task import TaskConfig
 from fedgen.shared_models import DPSGDTrainable, GenerativeModel
 
 from .data import SiteData
-from .training import RoundResult, new_site_ledger, run_local_round
+from .training import RoundResult, new_site_ledger, private_parameters, run_local_round
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,31 @@ def check_data_matches(task: TaskConfig, data: SiteData) -> None:
 
 
 def train_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.Tensor], *, site: str,
-               server_round: int, ledger, run: str | None = None) -> tuple[GenerativeModel, RoundResult, Any]:
-    """One round at one site: load the global weights, train, return the new ledger."""
+               server_round: int, ledger, run: str | None = None,
+               state_dir: Path | None = None) -> tuple[GenerativeModel, RoundResult, Any]:
+    """One round at one site: load the global weights, train, return the new ledger.
+    In a white-box audit run at this site (``privacy.white_box``), its gradient canaries
+    live in ``state_dir`` beside the ledger, with every update the site sends."""
     check_data_matches(task, data)
     if task.privacy.enabled and ledger is None:
         ledger = new_site_ledger(site, task.privacy)
     model = task.build_model()
     model.load_state_dict(state_dict)
     device = resolve_device(task.device)
+    white_box, params, before = None, [], None
+    if (task.privacy.white_box_canaries and task.privacy.enabled and state_dir is not None
+            and site == task.privacy.white_box_site and isinstance(model, DPSGDTrainable)):
+        from fedgen.privacy.audit import dirac
+
+        params = private_parameters(model)
+        white_box = dirac.load_or_plan(Path(state_dir) / dirac.FILE_NAME, sum(p.numel() for p in params),
+                                       task.privacy.white_box_canaries)
+        before = dirac.flat(params)
     result = run_local_round(model, data, training=task.training, privacy=task.privacy, ledger=ledger,
                              server_round=server_round, seed=round_seed(task.seed, site, server_round),
-                             device=device, run=run)
+                             device=device, run=run, white_box=white_box)
+    if white_box is not None and result.status == "trained":
+        dirac.record_update(Path(state_dir), server_round, dirac.flat(params) - before, [p.shape for p in params])
     model.to("cpu")
     return model, result, ledger
 

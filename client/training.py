@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fedgen.contract.task import PrivacyConfig, TrainingConfig
+from fedgen.privacy.audit import dirac
 from fedgen.privacy.budget import affordable_dp_sgd_steps, charge_dp_sgd_round, dp_sgd_noise_multiplier
 from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
 from fedgen.privacy.ledger import SiteLedger
@@ -43,6 +44,28 @@ class RoundResult:
     train_loss: float = float("nan")
     losses: dict[str, float] = field(default_factory=dict)
     message: str = ""
+
+
+@dataclass(frozen=True)
+class _BrokenDP:
+    """Tests and benchmarks/audit_power.py only: deliberately broken DP-SGD that the
+    white-box audit must catch (the ledger still charges the correct amount)."""
+
+    noise_scale: float = 1.0  # e.g. 0.1: ten times too little noise
+    clip: bool = True  # False: per-example gradients unclipped (noise still sigma x C)
+    known_noise_seed: int | None = None  # noise from seed + round: regenerable by the auditor
+
+
+def private_parameters(model: DPSGDTrainable) -> list[torch.nn.Parameter]:
+    """The trainable parameters of the model's private steps, in step order: the flat
+    coordinate space of white-box canaries (privacy/audit/dirac.py)."""
+    seen: set[int] = set()
+    params = []
+    for step in model.steps():
+        if step.private and id(step.module) not in seen:
+            seen.add(id(step.module))
+            params += [p for p in step.module.parameters() if p.requires_grad]
+    return params
 
 
 def new_site_ledger(site: str, privacy: PrivacyConfig) -> SiteLedger:
@@ -86,8 +109,11 @@ def run_local_round(
     seed: int,
     device: torch.device | str = "cpu",
     run: str | None = None,
+    white_box: "dirac.DiracCanaries | None" = None,
+    _broken: _BrokenDP | None = None,
 ) -> RoundResult:
-    """Train ``model`` in place on ``data`` for one round; charge ``ledger`` under DP."""
+    """Train ``model`` in place on ``data`` for one round; charge ``ledger`` under DP.
+    ``white_box``: the site's Dirac canaries of an audit run, added to every DP-SGD step."""
     n = len(data)
     device = torch.device(device)
     model.to(device).train()
@@ -97,6 +123,8 @@ def run_local_round(
         sampling, noise = batch_order, None  # None: Opacus draws from torch's (seeded) global RNG
     else:  # secret: fresh OS entropy this round (privacy/randomness.py)
         sampling, noise = dp_generator("cpu"), dp_generator(device)
+    if _broken is not None and _broken.known_noise_seed is not None:
+        noise = torch.Generator(device).manual_seed(_broken.known_noise_seed + server_round)
 
     if model.wants_release():
         assert isinstance(model, Releasing)
@@ -121,14 +149,26 @@ def run_local_round(
     # (e.g. a GAN's discriminator step d_steps_per_g_step times per generator step).
     by_step: dict[int, torch.optim.Optimizer | PrivateStepOptimizer] = {}
     private_opts: list[PrivateStepOptimizer] = []
+    sigma, clip = (ledger.noise_multiplier, privacy.max_grad_norm) if privacy.enabled else (0.0, 0.0)
+    if _broken is not None:  # same noise std sigma*C, without clipping: sigma' C' = sigma C
+        sigma *= _broken.noise_scale
+        if not _broken.clip:
+            sigma, clip = sigma * clip / 1e9, 1e9
+    canary_offset, canary_modules = 0, set()
     for step in steps:
         if id(step) in by_step:
             continue
         opt = torch.optim.Adam(step.module.parameters(), lr=step.lr or training.lr, betas=step.betas)
         if privacy.enabled and step.private:
             opt = PrivateStepOptimizer(step.module, opt, settings=DPSettings(
-                noise_multiplier=ledger.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+                noise_multiplier=sigma, max_grad_norm=clip,
                 expected_batch_size=q * n, grad_sample_mode=mode), noise_generator=noise)
+            if white_box is not None and id(step.module) not in canary_modules:
+                canary_modules.add(id(step.module))  # the order of private_parameters()
+                params = opt.params
+                offsets = [canary_offset + o for o in dirac.flat_offsets(params)]
+                canary_offset += sum(p.numel() for p in params)
+                dirac.attach(opt.optimizer, params, offsets, white_box, sample_rate=q, generator=sampling)
             private_opts.append(opt)
         by_step[id(step)] = opt
     optimizers = [by_step[id(step)] for step in steps]

@@ -57,17 +57,21 @@ class DataSpec:
     # the format's reader options (contract/data_formats.py), so every site re-reads the data
     # exactly as the harness did; run directories written before options existed have none
     options: dict[str, Any] = field(default_factory=dict)
+    # tabular data: columns, label column and declared bounds (contract/data_formats.py
+    # TableSchema as JSON), so `fedgen sample` writes rows in the original units; else None
+    table: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, run_dir: Path) -> "DataSpec":
         d = json.loads((Path(run_dir) / SITE_DATA).read_text())
         return cls(format=d["format"], path=d["path"], shape=tuple(d["shape"]),
-                   num_classes=d["num_classes"], num_sites=int(d["num_sites"]), options=d.get("options") or {})
+                   num_classes=d["num_classes"], num_sites=int(d["num_sites"]), options=d.get("options") or {},
+                   table=d.get("table"))
 
     def to_json(self) -> str:
         return json.dumps({"format": self.format, "path": self.path, "options": self.options,
                            "shape": list(self.shape), "num_classes": self.num_classes,
-                           "num_sites": self.num_sites}, indent=2)
+                           "num_sites": self.num_sites} | ({"table": self.table} if self.table else {}), indent=2)
 
 
 def read_scenario(run_dir: Path) -> "Scenario":

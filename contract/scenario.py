@@ -19,7 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 from fedgen.shared_models import DPSGDTrainable, list_models, model_options
 from fedgen.shared_models.registry import get_model_builder
 
-from .data_formats import DATA_FORMATS, data_format
+from .data_formats import DATA_FORMATS, TableSchema, data_format
 from .errors import ScenarioError
 
 
@@ -108,6 +108,18 @@ class PartitionConfig(_Section):
                                              "{kind: rotation, max_degrees} or {kind: contrast, min, max}")
 
 
+class SecureAggregationConfig(_Section):
+    """SecAgg+ (Bell et al. 2020) over the Message API (server/secagg.py, client/secagg.py):
+    the server learns only the sum of the sites' clipped, quantised updates."""
+
+    threshold: int = Field(..., ge=2, description="t: sites needed to unmask a round; tolerates n - t dropouts, "
+                           "protects against up to t - 1 colluding parties")
+    bits: int = Field(32, ge=8, le=62, description="integers modulo 2^bits (the sum of n sites stays below it)")
+    clip_norm: float = Field(100.0, gt=0.0, description="L2 bound on each site's update w_k - w before quantising")
+    neighbours: int | None = Field(None, ge=2, description="SecAgg+: share keys with this many ring neighbours "
+                                   "(null = with every sampled site, as SecAgg)")
+
+
 class FederationConfig(_Section):
     num_sites: int = Field(5, ge=1)
     rounds: int = Field(5, ge=1)
@@ -125,6 +137,30 @@ class FederationConfig(_Section):
                                          "multiple of the round's median; null = off")
     round_timeout_s: float = Field(3600.0, gt=0.0, description="round deadline: the server aggregates the "
                                    "replies that arrived by then and counts the rest as late")
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        None, description="{threshold, bits, clip_norm, neighbours}: the server sees only the sum (default: off)")
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> "FederationConfig":
+        sec = self.secure_aggregation
+        if sec is None:
+            return self
+        if sec.threshold > self.num_sites:
+            raise ValueError(f"secure_aggregation.threshold: {sec.threshold} is more than the {self.num_sites} "
+                             "sites; set it between 2 and federation.num_sites")
+        if ((1 << sec.bits) - 1) // self.num_sites < 256:
+            raise ValueError(f"secure_aggregation.bits: {sec.bits} bits leave fewer than 256 quantisation levels "
+                             f"per site for {self.num_sites} sites; raise bits (e.g. 32)")
+        if sec.neighbours is not None and sec.threshold > min(sec.neighbours + 1, self.num_sites):
+            raise ValueError(f"secure_aggregation.threshold: {sec.threshold} is more than a site's neighbourhood "
+                             f"({sec.neighbours} neighbours + itself); lower threshold or raise neighbours")
+        if self.strategy != "fedavg":
+            raise ValueError(f"secure_aggregation: the {self.strategy} rule needs each site's update, which "
+                             "secure aggregation hides; set strategy: fedavg or remove secure_aggregation")
+        if self.norm_bound is not None:
+            raise ValueError("secure_aggregation: norm_bound needs each site's update; remove norm_bound "
+                             "(secure_aggregation.clip_norm bounds every update at the site)")
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -165,6 +201,15 @@ class CanaryConfig(_Section):
     seed: int = Field(0, description="seed of the canaries' pixels, labels and inclusion bits")
 
 
+class WhiteBoxConfig(_Section):
+    """A white-box audit run (privacy/audit/dirac.py, docs/audit.md): site ``site`` adds
+    ``canaries`` Dirac gradient canaries to its DP-SGD steps and keeps every update it sends;
+    ``fedgen audit RUN_DIR`` turns them into an empirical eps lower bound."""
+
+    canaries: int = Field(..., ge=2, description="number of gradient canaries m (at most the model's parameters)")
+    site: int = Field(0, ge=0, description="the site that runs the white-box audit")
+
+
 class SiteLevelConfig(_Section):
     """DP-FedAvg on the server (McMahan et al. 2018), used when ``privacy.unit`` is
     ``site`` or ``both``: each site's update is clipped to ``clip_norm``, sites are
@@ -193,6 +238,8 @@ class PrivacySection(_Section):
         "seed, so a run is reproducible -- and NOT a privacy guarantee to anyone who knows the seed (the run "
         "says so); default: fresh OS entropy every round. Deployed sites refuse it")
     canaries: CanaryConfig | None = Field(None, description="plant audit canaries (default: none)")
+    white_box: WhiteBoxConfig | None = Field(None, description="a white-box audit run with gradient canaries "
+                                             "at one site (default: none); needs example-level DP")
     site_level: SiteLevelConfig = SiteLevelConfig()
 
 
@@ -264,11 +311,17 @@ class DeploymentConfig(_Section):
     num_classes: int | None = Field(None, ge=2, description="classes of a conditional model; null = unconditional")
     reference: str | None = Field(None, description="public reference .npz (x, optional y) for server-side "
                                   "evaluation; null = no server-side quality metrics")
+    table: TableSchema | None = Field(None, description="tabular data: {columns, label_column, feature_min, "
+                                      "feature_max}, the bounds every site scales with; `fedgen sample --out "
+                                      "rows.csv` writes these columns in their original units")
 
     @model_validator(mode="after")
     def _positive_shape(self) -> "DeploymentConfig":
         if any(d < 1 for d in self.data_shape):
             raise ValueError(f"data_shape entries must be >= 1, got {self.data_shape}")
+        if self.table is not None and self.data_shape != [len(self.table.columns)]:
+            raise ValueError(f"table: {len(self.table.columns)} columns need data_shape [{len(self.table.columns)}], "
+                             f"got {self.data_shape}")
         return self
 
 
@@ -375,6 +428,13 @@ class Scenario(_Section):
         return self
 
     @model_validator(mode="after")
+    def _white_box_needs_dp_sgd(self) -> "Scenario":
+        if self.privacy.white_box is not None and (not self.privacy.enabled or self.privacy.unit == "site"):
+            raise ValueError("privacy.white_box: gradient canaries go into DP-SGD steps; it needs privacy.enabled: "
+                             "true and privacy.unit: example or both")
+        return self
+
+    @model_validator(mode="after")
     def _site_level_needs(self) -> "Scenario":
         if self.privacy.unit == "example":
             return self
@@ -406,6 +466,14 @@ class Scenario(_Section):
             if self.model.options.get("base_release_epsilon") is not None:
                 raise ValueError("warm_start.release: the flow's model.base_release_epsilon is a release of its "
                                  "own; use one of the two")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_without_site_level(self) -> "Scenario":
+        if self.federation.secure_aggregation is not None and self.privacy.enabled and self.privacy.unit != "example":
+            raise ValueError(f"federation.secure_aggregation: site-level DP (privacy.unit: {self.privacy.unit}) "
+                             "clips and noises each site's update on the server, which secure aggregation hides; "
+                             "use privacy.unit: example or remove secure_aggregation")
         return self
 
     def resolved(self) -> dict[str, Any]:

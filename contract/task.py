@@ -63,6 +63,9 @@ class PrivacyConfig:
     # Simulation-only opt-in: DP noise and sampling from the round's seed (reproducible,
     # and no guarantee against whoever knows the seed). Off: OS entropy every round.
     seeded_noise: bool = False
+    # A white-box audit run (privacy.white_box): the site that adds gradient canaries, and how many.
+    white_box_canaries: int = 0
+    white_box_site: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,9 @@ class TaskConfig:
             privacy=PrivacyConfig(enabled=p["enabled"], target_epsilon=p["target_epsilon"], delta=p["delta"],
                                   max_grad_norm=p["max_grad_norm"], accountant=p["accountant"],
                                   grad_sample_mode=p["grad_sample_mode"], planned_rounds=p["planned_rounds"],
-                                  seeded_noise=bool(p.get("seeded_noise", False))),
+                                  seeded_noise=bool(p.get("seeded_noise", False)),
+                                  white_box_canaries=int(p.get("white_box_canaries", 0)),
+                                  white_box_site=str(p.get("white_box_site", ""))),
             seed=int(d["seed"]), device=d.get("device", "auto"),
             simulation=SimulatedSite.from_dict(d["simulation"]) if d.get("simulation") else None,
             warm_start=WarmStartConfig.model_validate(d["warm_start"]) if d.get("warm_start") else None)
@@ -158,7 +163,9 @@ def task_from_scenario(scenario: Scenario, spec: DataSpec) -> TaskConfig:
         privacy=PrivacyConfig(enabled=example_level(scenario), target_epsilon=p.target_epsilon, delta=p.delta,
                               max_grad_norm=p.max_grad_norm, accountant=p.accountant,
                               grad_sample_mode=p.grad_sample_mode, planned_rounds=scenario.federation.rounds,
-                              seeded_noise=p.seeded_noise),
+                              seeded_noise=p.seeded_noise,
+                              white_box_canaries=p.white_box.canaries if p.white_box else 0,
+                              white_box_site=str(p.white_box.site) if p.white_box else ""),
         seed=scenario.seed, device=scenario.simulation.device,
         simulation=SimulatedSite(faults=scenario.simulation.faults, byzantine=scenario.simulation.byzantine,
                                  num_sites=spec.num_sites) if simulated else None,

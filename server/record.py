@@ -59,6 +59,7 @@ class RoundRecord:
     site_level: SiteLevelRound | None = None
     clients_norm_bounded: list[str] | None = None
     robust: dict[str, Any] | None = None
+    secure_aggregation: dict[str, Any] | None = None  # server/secagg.py's round report
     release_noise_variance: float | None = None
     server_update: ServerUpdate | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # quality metrics of an evaluated round

@@ -34,6 +34,7 @@ from .aggregation import bound_update_norms, robust_report, site_label
 from .evaluate import GlobalEvaluator
 from .hooks import RunHooks
 from .record import RoundRecord, ServerUpdate, short_reason
+from .secagg import SecAggRound, SecAggWorkflow
 from .site_level import SiteLevelDPStrategy
 from .strategies import ROBUST, build_strategy
 from .summary import RunFailedError, RunPrivacy, failure_line, write_summary
@@ -70,6 +71,11 @@ class FederatedRun:
         self.sampling_rng: Any = random if self.seeded_noise else random.SystemRandom()
         self.noise_rng = np.random.default_rng(self.scenario.seed if self.seeded_noise else None)
         self.strategy = self._build_strategy()
+        sec = self.fed.secure_aggregation
+        #: SecAgg+ (server/secagg.py) when the scenario asks for it: the server sees only sums
+        self.secagg = None if sec is None else SecAggWorkflow(
+            threshold=sec.threshold, bits=sec.bits, clip_norm=sec.clip_norm, num_neighbours=sec.neighbours,
+            timeout=self.fed.round_timeout_s, rng=self.sampling_rng)
         #: DP-FedAvg (server/site_level.py) when the scenario asks for site-level DP, else None
         self.site_dp = self.strategy if isinstance(self.strategy, SiteLevelDPStrategy) else None
         if self.site_dp is not None:
@@ -140,14 +146,27 @@ class FederatedRun:
                 break
             config = ConfigRecord({"fedgen": config_json, "run-dir": str(self.run_dir)})
             messages = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
-            replies = self._collect(messages, arrays)
+            secagg_round, trained = None, messages  # trained: the train messages sent
+            if self.secagg is not None:  # stages 1-3; the replies carry masked inputs
+                secagg_round, trained, raw = self.secagg.collect(self.grid, rnd, messages)
+                replies = self._collect(trained, arrays, raw)
+                replies.failed += [(self.node_sites.get(node, f"node {node}"),
+                                    f"no answer at the secure-aggregation stage {stage}")
+                                   for stage, nodes in secagg_round.dropped.items() for node in nodes]
+            else:
+                replies = self._collect(messages, arrays)
             record = self._record(rnd, messages, replies)
-            if stop := self._early_stop(messages, replies, record):
+            if secagg_round is not None and secagg_round.aborted:  # before any input was sent
+                record.secure_aggregation = secagg_round.report()
+            if stop := self._early_stop(trained, replies, record):
                 stopped_reason = stop
                 record.seconds = time.time() - t_round
                 self._append_metrics(record)
                 break
-            arrays = self._aggregate(rnd, arrays, replies.ok, record)
+            if secagg_round is not None:
+                arrays = self._aggregate_masked(secagg_round, arrays, replies.ok, record)
+            else:
+                arrays = self._aggregate(rnd, arrays, replies.ok, record)
             record.sites_trained = sorted(map(site_label, replies.ok), key=site_sort_key)
             rounds_completed = rnd
             every = self.scenario.evaluation.every
@@ -159,16 +178,21 @@ class FederatedRun:
             self._checkpoint(next_round=rnd + 1, wall=time.time() - t_start)
         return self._finish(rounds_completed, stopped_reason, time.time() - t_start)
 
-    def _collect(self, messages: list[Message], arrays: ArrayRecord) -> RoundReplies:
-        """Send the round's messages; the replies, validated and sorted, their ledgers folded in."""
-        replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
+    def _collect(self, messages: list[Message], arrays: ArrayRecord,
+                 replies: list[Message] | None = None) -> RoundReplies:
+        """Send the round's messages (unless secure aggregation sent them and got ``replies``);
+        the replies, validated and sorted, their ledgers folded in."""
+        masked = replies is not None
+        if replies is None:
+            replies = list(self.grid.send_and_receive(messages, timeout=self.fed.round_timeout_s))
         # Under site-level DP clipping bounds every update; a rejection that depends on
         # the other sites' norms would break that sensitivity bound, so it is off.
         sorted_ = sort_replies(replies, arrays, sent_to=[m.metadata.dst_node_id for m in messages],
                                known_sites=self.node_sites,
                                destinations={m.metadata.message_id: m.metadata.dst_node_id for m in messages},
                                site_examples=self.site_examples, recorded_ledgers=self.ledger.sites,
-                               outlier_factor=None if self.site_dp is not None else self.fed.outlier_factor)
+                               outlier_factor=None if self.site_dp is not None or masked else self.fed.outlier_factor,
+                               masked=masked)
         self.node_sites.update(sorted_.site_of)
         for site_ledger in sorted_.ledgers:
             self._update_site_ledger(site_ledger)
@@ -243,6 +267,20 @@ class FederatedRun:
         elif releasing and self.fed.strategy == "fedavg" and not record.clients_norm_bounded:
             record.release_noise_variance = self.model.combine_releases(
                 *site_releases(ok, rnd, self.model.release_buffer))
+        return self._server_update(record)
+
+    def _aggregate_masked(self, rnd: SecAggRound, arrays: ArrayRecord, ok: list[Message],
+                          record: RoundRecord) -> ArrayRecord:
+        """Secure aggregation's stage 4: unmask the sum of the valid masked inputs ``ok``
+        (server/secagg.py). An aborted round leaves the global model as it was: nothing
+        was decoded, so nothing of the sites' updates was released."""
+        new_arrays = None if rnd.aborted else self.secagg.unmask(self.grid, rnd, ok, arrays)
+        record.secure_aggregation = rnd.report()
+        if new_arrays is None:
+            log.warning("round %d: secure aggregation aborted: %s", rnd.round, rnd.aborted)
+            ok.clear()  # no site's update went into the model
+            return arrays
+        self.model.load_state_dict(new_arrays.to_torch_state_dict())
         return self._server_update(record)
 
     def _prepare_updates(self, ok: list[Message], arrays: ArrayRecord, record: RoundRecord) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from fedgen.contract import rundir
 from fedgen.contract.scenario import Scenario
+from fedgen.contract.secagg import THREAT_MODEL
 from fedgen.contract.task import example_level
 from fedgen.privacy.ledger import PrivacyLedger, atomic_write_text, site_sort_key
 from fedgen.privacy.randomness import NOT_A_GUARANTEE
@@ -173,6 +174,11 @@ def write_summary(run_dir: Path, scenario: Scenario, model: GenerativeModel, pri
         "wall_seconds": wall,
         "sites": site_table(rows, privacy.ledger, node_sites),
     }
+    if (sec := scenario.federation.secure_aggregation) is not None:
+        summary["secure_aggregation"] = {**sec.model_dump(mode="json"), "protocol": "SecAgg+ (Bell et al. 2020)",
+                                         "threat_model": THREAT_MODEL,
+                                         "rounds_aborted": sum(1 for r in rows if r.get("secure_aggregation", {})
+                                                               .get("released") is False)}
     if flower_run_id is not None:
         summary["flower_run_id"] = str(flower_run_id)  # a 64-bit id: a string, as in the site ledgers
     warm = Path(run_dir) / rundir.WARM_START  # server/warm_start.py: what was public, what it cost

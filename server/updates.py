@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
+from fedgen.contract.secagg import MASKED
 from fedgen.contract.task import METRIC_KEYS, ReplyStatus
 from fedgen.privacy import site_id
 from fedgen.privacy.accounting import ACCOUNTANTS
@@ -252,13 +253,16 @@ def check_ledger(msg: Message, site: str, recorded: SiteLedger | None = None) ->
     return ledger
 
 
-def check_content(msg: Message, global_arrays: ArrayRecord, *, max_examples: int) -> int:
+def check_content(msg: Message, global_arrays: ArrayRecord, *, max_examples: int, masked: bool = False) -> int:
     """The status of a train reply once its metrics and update are checked (module
-    docstring), or :class:`ReplyError`."""
+    docstring), or :class:`ReplyError`; a ``masked`` update (secure aggregation) is checked
+    by server/secagg.py when it is unmasked."""
     metrics = next(iter(msg.content.metric_records.values()), None)
     _require(metrics is not None, "reply without metrics")
     status, _ = check_metrics(metrics, max_examples=max_examples)
-    if status == ReplyStatus.TRAINED:
+    if status == ReplyStatus.TRAINED and masked:
+        _require(MASKED in msg.content.array_records, "reply without masked input")
+    elif status == ReplyStatus.TRAINED:
         arrays = next(iter(msg.content.array_records.values()), None)
         _require(arrays is not None, "reply without model update")
         check_payloads(arrays)
@@ -272,7 +276,7 @@ def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sent_to: li
                  site_examples: Mapping[str, int] | None = None,
                  recorded_ledgers: Mapping[str, SiteLedger] | None = None,
                  outlier_factor: float | None = OUTLIER_FACTOR,
-                 outlier_min_replies: int = OUTLIER_MIN_REPLIES) -> RoundReplies:
+                 outlier_min_replies: int = OUTLIER_MIN_REPLIES, masked: bool = False) -> RoundReplies:
     """Sort the replies to the train messages sent to the nodes ``sent_to``; ``known_sites``
     (node id -> site id, from earlier rounds) names the sites of error and missing replies
     and binds each node to its site id (:func:`bind_site`).
@@ -284,7 +288,8 @@ def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sent_to: li
     ``site_examples`` (simulation: site id -> partition size + canaries) bounds each
     site's ``num-examples`` and names the run's sites; without it (deployment) a count is
     bounded by ``DEFAULT_MAX_SITE_EXAMPLES``. ``recorded_ledgers`` are the ledgers on
-    record (``PrivacyLedger.sites``): a reply whose ledger is shorter is rejected."""
+    record (``PrivacyLedger.sites``): a reply whose ledger is shorter is rejected. Under
+    secure aggregation (``masked``) the updates are masked: no norms, no outliers."""
     known_sites, destinations = known_sites or {}, destinations or {}
     out = RoundReplies()
     bound = dict(known_sites)  # grows with this round's replies: two nodes cannot share a site id
@@ -307,7 +312,8 @@ def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sent_to: li
             if ledger is not None:  # the spend happened even if the update is rejected below
                 out.ledgers.append(ledger)
             status = check_content(msg, global_arrays,
-                                   max_examples=(site_examples or {}).get(site, DEFAULT_MAX_SITE_EXAMPLES))
+                                   max_examples=(site_examples or {}).get(site, DEFAULT_MAX_SITE_EXAMPLES),
+                                   masked=masked)
         except ReplyError as err:
             log.warning("rejected reply from %s (node %s): %s", label, node, err)
             out.failed.append((label, str(err)))
@@ -324,10 +330,11 @@ def sort_replies(replies: list[Message], global_arrays: ArrayRecord, sent_to: li
             log.warning("site %s refused the task under its policy: %s", site, reason)
             out.failed.append((site, f"refused by the site's policy: {reason}"))
             continue
-        arrays = next(iter(msg.content.array_records.values()))
         out.ok.append(msg)
+        if masked:
+            continue
         who.append((site, node))
-        norms.append(update_norm(arrays, global_arrays))
+        norms.append(update_norm(next(iter(msg.content.array_records.values())), global_arrays))
     outliers = set(norm_outliers(norms, factor=outlier_factor, min_replies=outlier_min_replies))
     if outliers:
         median = float(np.median(norms))

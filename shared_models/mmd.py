@@ -68,7 +68,9 @@ class MMDGenerator(Releasing):
         data_shape: shape of one example; data in [0, 1].
         num_classes: condition on labels (the embedding is per class).
         architecture: the generator: ``"conv"`` (images with H, W divisible by 4: a DCGAN-shaped
-            upsampler, whose smoothness keeps the released noise out of the pixels) or ``"mlp"``.
+            upsampler, whose smoothness keeps the released noise out of the pixels), ``"mlp"``
+            (rows of numeric columns, or any shape), or ``"auto"`` (default): ``conv`` for such
+            images, ``mlp`` otherwise (rows: ``data_shape`` of one dimension).
         num_features: F, the number of random Fourier features (F / 2 frequencies), shared
             equally by the ``pool_sizes``.
         bandwidth: the Gaussian kernel's length scale in data space (pixels in [0, 1]).
@@ -93,6 +95,12 @@ class MMDGenerator(Releasing):
             of BigGAN (Brock, Donahue & Simonyan 2019) in its simplest form. On MNIST (FedAvg's
             average) at epsilon 1, T = 0.7 took FID from 35-37 to 22-25 and TSTR up 1-3 points; at
             epsilon 10 FID 17 -> 8, but TSTR moved -2.5 to +0.7 points (docs/benchmarks.md).
+        fit_unbiased: fit with the unbiased (U-statistic) estimate of the generator's
+            embedding norm. The plain batch estimate carries a bias of ``Var(mean phi)``
+            that rewards samples crowding together. Breast-cancer rows, no noise, one run:
+            synthetic->real logistic regression 0.930 -> 0.947 (the columns' spread stayed
+            about 0.7x the real one either way). Off by default: the image figures were
+            measured without it.
         combine: how the server combines the sites' releases: ``"precision"`` weights each
             site's class means by their inverse variance (:mod:`shared_models.release`: under
             label skew the noise of sites that hardly hold a class stays out of it);
@@ -101,12 +109,13 @@ class MMDGenerator(Releasing):
 
     release_buffer = "embedding"
 
-    def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None, *, architecture: str = "conv",
+    def __init__(self, data_shape: tuple[int, ...], num_classes: int | None = None, *, architecture: str = "auto",
                  num_features: int = 4000,
                  bandwidth: float = 5.0, latent_dim: int = 10, hidden: int = 256, fit_steps: int = 2000,
                  fit_batch: int = 500, fit_lr: float = 1e-3, feature_seed: int = 0,
                  pool_sizes: tuple[int, ...] = (1,), count_weight: float = 1 / math.sqrt(2.0),
-                 fit_tolerance: float | None = 1.0, temperature: float = 1.0, combine: str = "precision") -> None:
+                 fit_tolerance: float | None = 1.0, temperature: float = 1.0, combine: str = "precision",
+                 fit_unbiased: bool = False) -> None:
         super().__init__(data_shape, num_classes)
         pool_sizes = tuple(pool_sizes)
         if not pool_sizes or num_features < 2 * len(pool_sizes) or num_features % (2 * len(pool_sizes)):
@@ -127,7 +136,7 @@ class MMDGenerator(Releasing):
             raise ValueError(f"fit_tolerance must be positive (or null to always run fit_steps), got {fit_tolerance}")
         self.latent_dim, self.fit_steps, self.fit_batch, self.fit_lr = latent_dim, fit_steps, fit_batch, fit_lr
         self.pool_sizes, self.count_weight, self.fit_tolerance = pool_sizes, count_weight, fit_tolerance
-        self.temperature, self.combine = temperature, combine
+        self.temperature, self.combine, self.fit_unbiased = temperature, combine, fit_unbiased
         self.dim = flat_dim(self.data_shape)
         classes = num_classes or 1
         gen = torch.Generator().manual_seed(feature_seed)
@@ -136,15 +145,19 @@ class MMDGenerator(Releasing):
             self.register_buffer(f"frequencies_{i}", freqs * p / bandwidth, persistent=False)
         self.register_buffer("embedding", torch.zeros(classes, num_features + 1))  # the released noisy mean
         inputs = latent_dim + (num_classes or 0)
+        images = is_image_shape(self.data_shape) and self.data_shape[1] % 4 == 0 and self.data_shape[2] % 4 == 0
+        if architecture == "auto":
+            architecture = "conv" if images else "mlp"
+        self.architecture = architecture
         if architecture == "conv":
-            if not (is_image_shape(self.data_shape) and self.data_shape[1] % 4 == 0 and self.data_shape[2] % 4 == 0):
+            if not images:
                 raise ValueError(f"architecture 'conv' needs images with H and W divisible by 4, got {self.data_shape}; "
                                  "use architecture: mlp")
             self.generator = ConvUpsampler(inputs, *self.data_shape, width_mult=hidden // 8)
         elif architecture == "mlp":
             self.generator = mlp([inputs, hidden, 2 * hidden, self.dim], activation=nn.ReLU)
         else:
-            raise ValueError(f"unknown architecture {architecture!r}; choose 'conv' or 'mlp'")
+            raise ValueError(f"unknown architecture {architecture!r}; choose 'auto', 'conv' or 'mlp'")
 
     # -- the released statistic -------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:
@@ -199,7 +212,16 @@ class MMDGenerator(Releasing):
         per_class = torch.zeros_like(self.embedding).index_add_(0, labels, feats)
         counts = torch.bincount(labels, minlength=classes).clamp_min(1).unsqueeze(1)
         model_embedding = weights.unsqueeze(1) * per_class / counts
-        return ((self.embedding - model_embedding)[:, :-1] ** 2).sum()
+        if not self.fit_unbiased:
+            return ((self.embedding - model_embedding)[:, :-1] ** 2).sum()
+        # ||e_c - p_c mu_c||^2 with ||mu_c||^2 estimated without its own sample's term (a
+        # U-statistic): the plain batch estimate adds Var(mean phi) = (const - ||mu_c||^2) / n_c,
+        # which rewards samples that crowd together (under-dispersed rows)
+        e, s = self.embedding[:, :-1], per_class[:, :-1]
+        own = torch.zeros(len(weights), device=e.device).index_add_(0, labels, (feats[:, :-1] ** 2).sum(1))
+        n_c = counts.squeeze(1).clamp_min(2)
+        mu_sq = ((s ** 2).sum(1) - own) / (n_c * (n_c - 1))
+        return ((e ** 2).sum(1) - 2 * weights * (e * s).sum(1) / n_c + weights ** 2 * mu_sq).sum()
 
     def server_update(self, release_noise_variance: float | None = None) -> dict[str, float]:
         """Fit the generator to the released embedding: at most ``fit_steps`` Adam steps,

@@ -58,7 +58,7 @@ from fedgen.contract import rundir
 from fedgen.contract.rundir import Canaries, read_canaries
 from fedgen.contract.scenario import Scenario, scenario_from_dict
 from fedgen.contract.task import build_global_model
-from fedgen.privacy.audit import AuditSettings, WhiteBoxScores, render_html, run_audit, to_json
+from fedgen.privacy.audit import AuditSettings, WhiteBoxScores, dirac, render_html, run_audit, to_json
 from fedgen.privacy.ledger import SiteLedger, atomic_write_text
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel
 
@@ -93,6 +93,8 @@ class AuditInputs:
     claimed_epsilon: float | None = None
     delta: float | None = None
     source: dict[str, Any] = field(default_factory=dict)  # recorded in audit.json
+    white_box_dir: Path | None = None  # a white-box audit run's site state (privacy/audit/dirac.py)
+    white_box_claim: float | None = None  # that site's epsilon
 
 
 # -- the white-box statistic ---------------------------------------------------------
@@ -235,7 +237,21 @@ def run_dir_inputs(run_dir: Path, *, n_samples: int = DEFAULT_SAMPLES, seed: int
         source={"mode": "run_dir", "run_dir": str(run_dir.resolve()), "model_family": scenario.model.family,
                 "members": "union of the sites' training partitions (canaries excluded)",
                 "nonmembers": "the run's held-out split", "n_samples": n_samples, "sample_seed": seed,
-                "claimed_epsilon_source": claim_source})
+                "claimed_epsilon_source": claim_source},
+        **_white_box_site(run_dir, scenario))
+
+
+def _white_box_site(run_dir: Path, scenario: Scenario) -> dict[str, Any]:
+    """The state folder and claimed epsilon of the run's white-box audit site, if any."""
+    if scenario.privacy.white_box is None:
+        return {}
+    site = str(scenario.privacy.white_box.site)
+    try:
+        claim = json.loads((run_dir / rundir.PRIVACY).read_text())["sites"][site]["epsilon"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AuditError(f"{run_dir}: privacy.white_box site {site} has no epsilon in {rundir.PRIVACY}; "
+                         "the white-box audit run finished no round at that site") from None
+    return {"white_box_dir": run_dir / "sites" / site, "white_box_claim": float(claim)}
 
 
 #: file suffix -> format, for --train/--holdout given without --format or --node-config
@@ -458,27 +474,17 @@ def _inconclusive(verdict: dict[str, Any], reason: str) -> None:
 
 
 def _size_gate(audit: dict[str, Any]) -> None:
-    """Membership verdicts on too few candidates, and share tests that decided nothing,
-    become inconclusive (in place)."""
+    """Membership verdicts on too few candidates become inconclusive (in place). The
+    distance-to-closest-record tests need no gate: they are descriptions (``info``)."""
     n_members = audit["settings"]["n_member_candidates"]
     n_nonmembers = audit["settings"]["n_nonmember_candidates"]
-    seen_dcr: set[str] = set()
     for v in audit["verdicts"]:
-        is_dcr = v["topic"].startswith("memorization/") and v["topic"] not in seen_dcr
-        seen_dcr.add(v["topic"])  # a space's first memorisation verdict is its share test
-        if v["level"] not in _DECIDED:
-            continue
-        if v["topic"].startswith("membership/") and min(n_members, n_nonmembers) < MIN_MEMBERSHIP_CANDIDATES:
+        if v["level"] in _DECIDED and v["topic"].startswith("membership/") \
+                and min(n_members, n_nonmembers) < MIN_MEMBERSHIP_CANDIDATES:
             _inconclusive(v, f"{n_members} member and {n_nonmembers} non-member candidates; a membership verdict "
                              f"needs at least {MIN_MEMBERSHIP_CANDIDATES} of each (half the audited held-out "
                              f"records are non-member candidates: give at least {2 * MIN_MEMBERSHIP_CANDIDATES} "
                              "held-out records, more when a feature space is fit on a quarter of them)")
-        elif is_dcr:
-            space = v["topic"].split("/", 1)[1]
-            if audit["spaces"][space]["memorization"]["dcr"]["share_closer_to_train"]["value"] is None:
-                _inconclusive(v, "every sample is exactly as close to the training data as to the held-out "
-                                 "data, so the share test decided nothing; are training and held-out records "
-                                 "the same?")
 
 
 def settle_verdicts(audit: dict[str, Any], checks: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -577,6 +583,15 @@ def _audit_with(inputs: AuditInputs, stats: _Statistics, *, seed: int, settings:
             seed=seed, settings=settings)
     except ValueError as err:  # privacy.audit validates its arrays (NaN, sizes): the user's inputs
         raise AuditError(str(err)) from None
+    if inputs.white_box_dir is not None:
+        found = dirac.audit_state_dir(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
+                                      delta=inputs.delta, confidence=settings.confidence)
+        if found is None:
+            raise AuditError(f"{inputs.white_box_dir}: no {dirac.FILE_NAME} or recorded updates; the white-box "
+                             "audit site trained no round")
+        result["white_box_canaries"], verdict = found
+        result["verdicts"].append(verdict)
+        result["accounting_violation"] = result["accounting_violation"] or verdict["level"] == "violation"
     result["source"] = {**inputs.source,
                         "feature_extractor": None if extractor_records is None else
                         {"fit_on": f"{len(extractor_records)} random held-out records (seed {STATISTIC_SEED}), "
@@ -627,6 +642,11 @@ def summary_lines(audit: dict[str, Any]) -> list[str]:
         f"membership inference: highest AUC {best['auc']['value']:.3f} "
         f"(CI {best['auc']['ci'][0]:.3f}-{best['auc']['ci'][1]:.3f}) by {best_name}",
     ]
+    if audit.get("white_box_canaries"):
+        wb = audit["white_box_canaries"]
+        lines.append(f"white-box canaries: epsilon lower bound {wb['epsilon_lower_bound']['value']:.3g} "
+                     f"(at most {wb['max_attainable_bound']:.3g} attainable) vs claimed "
+                     + ("none (no DP)" if wb["claimed_epsilon"] is None else f"{wb['claimed_epsilon']:.3g}"))
     if audit.get("canaries"):
         bound = audit["canaries"]["epsilon_lower_bound"]["value"]
         claim = audit.get("claimed_epsilon")
@@ -638,7 +658,8 @@ def summary_lines(audit: dict[str, Any]) -> list[str]:
         lines.append(f"claimed epsilon {audit['claimed_epsilon']:.3g} at delta {audit['settings']['delta']:.2g} "
                      f"({(audit.get('source') or {}).get('claimed_epsilon_source', 'given')})")
     lines.append(f"verdicts: {levels.count('violation')} violation(s), {levels.count('warning')} warning(s), "
-                 f"{levels.count('ok')} ok, {levels.count(INCONCLUSIVE)} inconclusive")
+                 f"{levels.count('ok')} ok, {levels.count(INCONCLUSIVE)} inconclusive "
+                 f"(+ {levels.count('info')} descriptions)")
     return lines
 
 

@@ -19,6 +19,7 @@ from fedgen.contract import rundir
 from fedgen.shared_models import ModelConfigError, UnknownModelError
 
 from .audit_cli import add_audit_parser
+from .check_data import add_check_data_parser
 from .deploy_cli import add_deploy_parsers
 from .errors import AuditError, DeployConfigError, PartitionError, ScenarioError
 
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_parser(sub)
     add_deploy_parsers(sub)
+    add_check_data_parser(sub)
     return parser
 
 

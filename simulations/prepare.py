@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import yaml
 
-from fedgen.client.data import SiteData, load_data
+from fedgen.client.data import SiteData, declared_table, load_data
 from fedgen.evaluation.features import default_cache_dir
 from fedgen.privacy.audit import plan_canaries
 from fedgen.contract import rundir
@@ -102,7 +102,7 @@ def check_scenario(scenario: Scenario) -> tuple[SiteData, list[np.ndarray], np.n
     sites, holdout = split_sites(scenario, data)
     site_feature_skew(scenario, data)  # feature skew on data that are not images fails here
     spec = _spec(scenario, data)
-    model = build_global_model(scenario, spec)
+    model = _build_model(scenario, spec, f"the data ({data.source})")
     release = model.release_epsilon
     if scenario.privacy.enabled and release is not None and release >= scenario.privacy.target_epsilon:
         raise ScenarioError(f"model.base_release_epsilon {release} must be below privacy.target_epsilon "
@@ -157,11 +157,22 @@ def plant_canaries(scenario: Scenario, data: SiteData) -> dict[str, np.ndarray] 
     return arrays
 
 
+def _build_model(scenario: Scenario, spec: rundir.DataSpec, what: str):
+    """The round-1 model; a family that cannot take the data's shape is one ScenarioError."""
+    try:
+        return build_global_model(scenario, spec)
+    except ValueError as err:
+        raise ScenarioError(f"model ({scenario.model.family}) does not fit {what}, shape {list(spec.shape)}: "
+                            f"{err}") from None
+
+
 def _spec(scenario: Scenario, data: SiteData) -> rundir.DataSpec:
     path = str(Path(scenario.data.path).resolve()) if scenario.data.path else None
+    table = declared_table(scenario.data.format, scenario.data.options, data)
     return rundir.DataSpec(format=scenario.data.format, path=path, shape=data.shape,
                            num_classes=data.num_classes, num_sites=scenario.federation.num_sites,
-                           options=recorded_options(scenario.data.format, scenario.data.options))
+                           options=recorded_options(scenario.data.format, scenario.data.options),
+                           table=None if table is None else table.model_dump(mode="json"))
 
 
 def default_run_dir(scenario: Scenario, out_root: Path) -> Path:
@@ -214,8 +225,9 @@ def write_deployment_run_dir(scenario: Scenario, run_dir: Path) -> Path:
         raise ScenarioError("the scenario has no `deployment:` section (data_shape, num_classes, reference); "
                             "`fedgen prepare` needs it because the server never sees the sites' data")
     spec = rundir.DataSpec(format="deployment", path=None, shape=tuple(dep.data_shape), num_classes=dep.num_classes,
-                           num_sites=scenario.federation.num_sites)
-    build_global_model(scenario, spec)  # the model must build for the declared shape
+                           num_sites=scenario.federation.num_sites,
+                           table=None if dep.table is None else dep.table.model_dump(mode="json"))
+    _build_model(scenario, spec, "deployment.data_shape")  # the model must build for the declared shape
     public = public_set(scenario, spec.shape, spec.num_classes)
     ref = None
     if dep.reference:

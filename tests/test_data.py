@@ -76,7 +76,7 @@ def test_bad_npz_is_rejected_naming_file_and_problem(tmp_path, arrays, message):
 def test_missing_and_unknown(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         load_data("npz", tmp_path / "nope.npz")
-    with pytest.raises(DataError, match="supported: csv, digits, images, mnist, npz"):
+    with pytest.raises(DataError, match="supported: breast-cancer, csv, digits, images, mnist, npz"):
         load_data("parquet", "x")
     (tmp_path / "junk.npz").write_text("not a zip")
     with pytest.raises(DataError, match="cannot read as .npz"):

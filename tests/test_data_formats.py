@@ -74,7 +74,7 @@ def test_scenario_accepts_csv_and_images_with_their_options():
     ({"format": "npz", "path": "x.npz", "options": {"label_column": "y"}}, "accepted: none"),
     ({"format": "images", "path": "imgs", "options": {"image_mode": "CMYK"}},
      "option image_mode of data format 'images': Input should be 'L' or 'RGB'"),
-    ({"format": "parquet", "path": "x"}, "unknown data format 'parquet'; supported: csv, digits, images, mnist, npz"),
+    ({"format": "parquet", "path": "x"}, "unknown data format 'parquet'; supported: breast-cancer, csv, digits, images, mnist, npz"),
 ])
 def test_scenario_rejects_unknown_data_option_in_one_line(data, message):
     with pytest.raises(ScenarioError) as err:

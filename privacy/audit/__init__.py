@@ -7,6 +7,8 @@ synthetic data may leave a site.
   LOGAN / loss-threshold white-box) and :func:`attack_metrics`;
 * :mod:`.canaries` — canary plans and the one-run empirical epsilon lower bound of
   Steinke, Nasr & Jagielski (2023);
+* :mod:`.dirac` — white-box Dirac gradient canaries in DP-SGD (a site's audit run) and
+  their one-run epsilon lower bound from every round's update;
 * :mod:`.report` — verdicts in words, ``audit.json`` text and the HTML report;
 * :func:`run_audit` — all of the above on arrays (the CLI reads files and calls it).
 """
@@ -27,6 +29,8 @@ from .membership import (
     domias,
     gan_leaks,
     gan_leaks_calibrated,
+    lira,
+    membership_tests,
     roc_curve,
     white_box,
 )
@@ -66,7 +70,9 @@ __all__ = [
     "fingerprint",
     "gan_leaks",
     "gan_leaks_calibrated",
+    "lira",
     "memorization_audit",
+    "membership_tests",
     "near_copies",
     "nearest_neighbours",
     "p_value",

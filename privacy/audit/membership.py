@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import gaussian_kde
+from scipy.stats import gaussian_kde, hypergeom, mannwhitneyu
 from sklearn.decomposition import PCA
 from sklearn.model_selection import KFold
 
@@ -42,6 +42,8 @@ from .neighbours import as_matrix, nearest_neighbours
 from .results import HALF_IS_PRIVATE, LOWER_IS_PRIVATE, described
 
 DEFAULT_FPR_LEVELS: tuple[float, ...] = (0.01, 0.001)
+MIN_CANDIDATES = 100  # members and non-members together; fewer and a verdict is inconclusive
+TOP_FRACTION = 0.02  # the pre-declared low-FPR test looks at the top 2 % of all candidates
 
 
 # ---------------------------------------------------------------------------------- attacks
@@ -204,3 +206,68 @@ def attack_metrics(scores: np.ndarray, is_member: np.ndarray, *, n_bootstrap: in
                          tpr_at_fpr_ci=tuple((float(a), float(b)) for a, b in zip(lo[1:], hi[1:])),
                          fpr=fpr, tpr=tpr, n_members=len(members), n_nonmembers=len(nonmembers),
                          confidence=confidence, n_bootstrap=n_bootstrap, notes=notes)
+
+
+# ---------------------------------------------------------------------------------- tests
+
+def membership_tests(scores: np.ndarray, is_member: np.ndarray, *, seed: int = 0,
+                     top_fraction: float = TOP_FRACTION) -> dict:
+    """The two pre-declared hypothesis tests of one attack, valid whenever members and
+    non-members are exchangeable under the null "no leakage" (independent draws from one
+    distribution that the generator never distinguished):
+
+    * **AUC** — one-sided Mann-Whitney U test of "members score higher" (the U statistic
+      is the AUC times ``n_members * n_nonmembers``);
+    * **top** — the low-FPR regime: among the ``k = top_fraction * n`` highest-scored
+      candidates (ties broken at random with ``seed``), how many are members; under the
+      null that count is hypergeometric. A test that confidently picks out a few members
+      fires here even at AUC ~ 0.5.
+
+    The verdict combines them with a Bonferroni correction (report.membership_verdict).
+    Bootstrap intervals stay in the report as descriptions: percentile intervals are not
+    calibrated tests, and checking AUC and two TPRs against them gave several chances
+    at a false warning per attack.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    is_member = np.asarray(is_member, dtype=bool).reshape(-1)
+    n, n_in = len(scores), int(is_member.sum())
+    auc_p = float(mannwhitneyu(scores[is_member], scores[~is_member], alternative="greater",
+                               method="asymptotic").pvalue)
+    k = max(1, int(round(top_fraction * n)))
+    tie_break = np.random.default_rng(seed).random(n)
+    top = np.lexsort((tie_break, -scores))[:k]
+    hits = int(is_member[top].sum())
+    top_p = float(hypergeom.sf(hits - 1, n, n_in, k))
+    return {"auc_p_value": auc_p, "top_k": k, "top_k_members": hits,
+            "top_k_members_expected": k * n_in / n, "top_k_p_value": top_p,
+            "method": "one-sided Mann-Whitney U (AUC) and hypergeometric tail of members "
+                      f"among the top {top_fraction:.0%} (low FPR), Bonferroni-combined"}
+
+
+def lira(target: np.ndarray, shadow: np.ndarray, shadow_in: np.ndarray) -> np.ndarray:
+    """LiRA (Carlini et al. 2022, "Membership Inference Attacks From First Principles"):
+    the likelihood ratio of a record's statistic under the model ("in") and under models
+    that did not train on it ("out"), each a Gaussian fitted on shadow models.
+
+    ``target``: the statistic of each candidate on the audited model (higher = more
+    member-like, e.g. minus the loss), shape ``[n]``; ``shadow``: the same statistic on
+    ``K`` shadow models, ``[K, n]``; ``shadow_in``: whether each shadow trained on each
+    candidate. With few shadows the variance is pooled over records (the paper's
+    fixed-variance variant); a record no shadow trained on gets the offline score
+    ``(t - mu_out) / sigma`` (a one-sided test against the "out" Gaussian)."""
+    t = np.asarray(target, dtype=np.float64).reshape(-1)
+    s = np.asarray(shadow, dtype=np.float64)
+    inn = np.asarray(shadow_in, dtype=bool)
+    if s.shape != inn.shape or s.shape[1] != len(t):
+        raise ValueError(f"LiRA needs shadow statistics and membership of shape [K, {len(t)}], got "
+                         f"{s.shape} and {inn.shape}")
+    n_in, n_out = inn.sum(0), (~inn).sum(0)
+    if (n_out == 0).any():
+        raise ValueError("LiRA: every candidate needs at least one shadow model that did not train on it")
+    mu_in = np.where(n_in > 0, (s * inn).sum(0) / np.maximum(n_in, 1), np.nan)
+    mu_out = (s * ~inn).sum(0) / n_out
+    resid = np.where(inn, s - mu_in, s - mu_out)
+    sigma = float(np.sqrt(np.nanmean(resid ** 2))) or 1.0
+    online = ((t - mu_out) ** 2 - (t - mu_in) ** 2) / (2 * sigma ** 2)
+    offline = (t - mu_out) / sigma
+    return np.where(n_in > 0, online, offline)

@@ -19,9 +19,10 @@ import numpy as np
 if TYPE_CHECKING:  # matplotlib is imported only when a figure is drawn (`fedgen --help` writes no cache)
     from matplotlib.figure import Figure
 
+from .membership import MIN_CANDIDATES
 from .results import jsonable
 
-OK, WARNING, VIOLATION, INFO = "ok", "warning", "violation", "info"
+OK, WARNING, VIOLATION, INFO, INCONCLUSIVE = "ok", "warning", "violation", "info", "inconclusive"
 
 
 def to_json(audit: dict) -> str:
@@ -45,47 +46,55 @@ def _samples(n: int) -> str:
     return f"{n} synthetic sample lies" if n == 1 else f"{n} synthetic samples lie"
 
 
-def memorization_verdicts(space: str, mem: dict, *, significance: float) -> list[dict]:
-    """Verdicts on the DCR share test and the near-copy count of one space."""
+def memorization_verdicts(space: str, mem: dict) -> list[dict]:
+    """Descriptions (level ``info``) of the DCR share and the near-copy count of one space.
+
+    Distance-to-closest-record statistics are never a verdict of privacy or of leakage
+    ("The DCR Delusion", ESORICS 2025; docs/audit.md): a model under strong DP that
+    collapses onto a few blurry modes sits "closer to training" with a tiny p-value, and a
+    model that leaks membership can keep its samples as far from training records as
+    from new ones."""
     dcr, copies = mem["dcr"], mem["near_copies"]
     share, p = dcr["share_closer_to_train"]["value"], dcr["p_value"]["value"]
-    if p < significance:
-        dcr_verdict = (WARNING, f"Evidence of memorisation ({space} space): {_pct(share)} of samples "
-                                f"are closer to training than to held-out data (p {_p(p)}; "
-                                f"50 % expected without memorisation).")
-    else:
-        dcr_verdict = (OK, f"No evidence of memorisation ({space} space): {_pct(share)} of samples "
-                           f"are closer to training than to held-out data (p {_p(p)}).")
+    dcr_text = (f"Distance to closest record ({space} space, a description, not a verdict): "
+                f"{_pct(share)} of samples are closer to training than to held-out data "
+                f"(sign test p {_p(p)}; 50 % if samples ignore which records were trained on).")
     n, expected = copies["n_flagged"]["value"], copies["expected_by_chance"]["value"]
     tau, rule = copies["threshold"]["value"], copies["threshold"]["rule"]
-    where = f"within distance {tau:.3g} of a training record ({rule})"
-    if n == 0:
-        copy_verdict = (OK, f"No near-copies ({space} space): no synthetic sample lies {where}.")
-    elif copies["p_value"]["value"] < significance:
-        copy_verdict = (WARNING, f"Near-copies of training records ({space} space): {_samples(n)} "
-                                 f"{where}; {expected:.2g} expected by chance "
-                                 f"(p {_p(copies['p_value']['value'])}). Inspect the pairs.")
-    else:
-        copy_verdict = (OK, f"Near-copies ({space} space): {_samples(n)} {where}, "
-                            f"no more than the {expected:.2g} expected by chance.")
-    return [{"level": level, "topic": f"memorization/{space}", "text": text}
-            for level, text in (dcr_verdict, copy_verdict)]
+    copy_text = (f"Near-copies ({space} space, a description, not a verdict): {_samples(n)} within "
+                 f"distance {tau:.3g} of a training record ({rule}); {expected:.2g} expected by "
+                 "chance." + (" Inspect the closest pairs." if n else ""))
+    return [{"level": INFO, "topic": f"memorization/{space}", "text": text}
+            for text in (dcr_text, copy_text)]
 
 
-def membership_verdict(title: str, metrics: dict) -> dict:
-    """Verdict on one membership inference attack: above chance iff the AUC's CI lies above
-    0.5 or a TPR's CI lies above its FPR (only FPRs the non-member count can resolve)."""
+def membership_verdict(title: str, metrics: dict, *, level: float = 0.05) -> dict:
+    """Verdict on one membership inference attack from its two pre-declared tests
+    (membership.membership_tests: AUC and the low-FPR top-k count), each at ``level / 2``
+    (Bonferroni). The caller divides the audit's significance by the number of attacks,
+    so the chance of any false warning on data that leaks nothing stays below it.
+    Fewer than ``MIN_CANDIDATES`` candidates (members and non-members together): inconclusive."""
     auc = metrics["auc"]
     lo, hi = auc["ci"]
     first = metrics["tpr_at_fpr"][0]
-    resolved = [t for t in metrics["tpr_at_fpr"] if t["fpr"] >= metrics["fpr_resolution"]]
-    above = lo > 0.5 or any(t["ci"][0] > t["fpr"] for t in resolved)
-    text = (f"Membership inference, {title}: AUC {auc['value']:.3f} "
-            f"({auc['ci_level']:.0%} CI {lo:.3f}-{hi:.3f}; 0.5 is chance), "
-            f"TPR {_pct(first['value'])} at {_pct(first['fpr'])} FPR — "
+    described_ = (f"Membership inference, {title}: AUC {auc['value']:.3f} "
+                  f"({auc['ci_level']:.0%} CI {lo:.3f}-{hi:.3f}; 0.5 is chance), "
+                  f"TPR {_pct(first['value'])} at {_pct(first['fpr'])} FPR")
+    topic = f"membership/{title}"
+    n = metrics["n_members"] + metrics["n_nonmembers"]
+    test = metrics.get("test")
+    if n < MIN_CANDIDATES or test is None:
+        return {"level": INCONCLUSIVE, "topic": topic,
+                "text": described_ + f" — inconclusive: {n} candidates, the test needs "
+                        f"{MIN_CANDIDATES} (more training or held-out records)."}
+    p = min(test["auc_p_value"], test["top_k_p_value"])
+    above = p < level / 2
+    text = (described_ + f"; tests: AUC p {_p(test['auc_p_value'])}, {test['top_k_members']} members "
+            f"among the top {test['top_k']} candidates ({test['top_k_members_expected']:.3g} expected, "
+            f"p {_p(test['top_k_p_value'])}), significant below {level / 2:.2g} — "
             + ("better than chance: the attack tells training records from new ones."
                if above else "no better than chance."))
-    return {"level": WARNING if above else OK, "topic": f"membership/{title}", "text": text}
+    return {"level": WARNING if above else OK, "topic": topic, "text": text}
 
 
 def canary_verdict(canaries: dict, claimed_epsilon: float | None) -> dict:
@@ -101,6 +110,14 @@ def canary_verdict(canaries: dict, claimed_epsilon: float | None) -> dict:
         return {"level": VIOLATION, "topic": "canaries",
                 "text": f"The privacy accounting or implementation is broken: the {what} exceeds "
                         f"the claimed ε = {claimed_epsilon:.3g}. Do not release data from this run."}
+    from .canaries import epsilon_from_counts
+
+    r = canaries["n_guesses"]
+    attainable = epsilon_from_counts(canaries["m"], r, r, delta=bound["delta"], confidence=bound["confidence"])
+    if attainable <= claimed_epsilon:
+        return {"level": INCONCLUSIVE, "topic": "canaries",
+                "text": f"The {what} cannot refute the claimed ε = {claimed_epsilon:.3g}: even every guess "
+                        f"right would give only {attainable:.3g}. Use more canaries, or a white-box audit run."}
     return {"level": OK, "topic": "canaries",
             "text": f"The {what} does not exceed the claimed ε = {claimed_epsilon:.3g}: consistent "
                     "with the privacy accounting (an audit can refute a claim, never prove it)."}
@@ -197,7 +214,7 @@ def pairs_figure(pairs: dict, synthetic: np.ndarray, train: np.ndarray,
 # ---------------------------------------------------------------------------------- HTML
 
 _CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
-li.ok{color:#1a7f37} li.warning{color:#b35900} li.info{color:#333}
+li.ok{color:#1a7f37} li.warning{color:#b35900} li.info{color:#333} li.inconclusive{color:#666}
 li.violation,p.violation{color:#d00000;font-weight:bold}
 table{border-collapse:collapse;font-size:0.85em} td,th{border:1px solid #ccc;padding:2px 6px}
 .note{color:#666;font-size:0.85em}"""

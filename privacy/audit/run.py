@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .canaries import epsilon_lower_bound
-from .membership import attack_metrics, domias, gan_leaks, gan_leaks_calibrated, white_box
+from .membership import attack_metrics, domias, membership_tests, gan_leaks, gan_leaks_calibrated, white_box
 from .memorization import memorization_audit
 from .neighbours import as_matrix
 from .report import VIOLATION, canary_verdict, membership_verdict, memorization_verdicts
@@ -48,7 +48,7 @@ class AuditSettings:
     domias_bandwidth: str = "scott"  # "scott" or "cv"
     n_bootstrap: int = 1000
     confidence: float = 0.95  # of bootstrap CIs and of the canary bound
-    significance: float = 0.05  # level at which verdicts call a test result evidence
+    significance: float = 0.05  # family-wise level of all membership verdicts of one audit
     canary_fraction: float = 0.1  # k+ = k- = round(fraction x m), fixed before looking
     chunk_size: int = 1024  # query rows per nearest-neighbour block
 
@@ -117,8 +117,9 @@ def _space_audit(synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray,
 
 
 def _metrics(scores: np.ndarray, is_member: np.ndarray, settings: AuditSettings, seed: int) -> dict:
-    return attack_metrics(scores, is_member, n_bootstrap=settings.n_bootstrap, seed=seed,
-                          confidence=settings.confidence).to_dict()
+    return {**attack_metrics(scores, is_member, n_bootstrap=settings.n_bootstrap, seed=seed,
+                             confidence=settings.confidence).to_dict(),
+            "test": membership_tests(scores, is_member, seed=seed)}
 
 
 def _white_box(scores: Sequence[WhiteBoxScores], cand: _Candidates, settings: AuditSettings,
@@ -192,13 +193,16 @@ def run_audit(
         inputs["canary_scores"] = fingerprint(scores)
         inputs["canary_included"] = fingerprint(np.asarray(canary_included, bool))
 
+    # One family of membership tests per audit: Bonferroni over every attack in every space,
+    # so the chance of any false membership warning is at most ``significance``.
+    n_attacks = sum(len(r["membership"]) for r in spaces.values()) + len(white)
+    level = settings.significance / max(n_attacks, 1)
     verdicts = []
     for space, result in spaces.items():
-        verdicts += memorization_verdicts(space, result["memorization"],
-                                          significance=settings.significance)
-        verdicts += [membership_verdict(f"{m['attack']} ({space} space)", m)
+        verdicts += memorization_verdicts(space, result["memorization"])
+        verdicts += [membership_verdict(f"{m['attack']} ({space} space)", m, level=level)
                      for m in result["membership"].values()]
-    verdicts += [membership_verdict(m["attack"], m) for m in white.values()]
+    verdicts += [membership_verdict(m["attack"], m, level=level) for m in white.values()]
     if canaries is not None:
         verdicts.append(canary_verdict(canaries, claimed_epsilon))
     first = arrays["synthetic"]

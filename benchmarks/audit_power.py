@@ -1,0 +1,189 @@
+"""Issue #22: does the audit have power? White-box Dirac canaries (privacy/audit/dirac.py)
+and the calibrated membership verdicts on six trainings of one site:
+
+    {no DP memorising, DP eps=1, DP eps=10, noise x 0.1, clipping off, known noise seed}
+
+Each is a VAE on scikit-learn's digits (8x8, 64 values in [0, 1]) trained by the one local
+training loop (client/training.py) for ROUNDS rounds; a canary sits on every parameter
+coordinate of the model; the auditor reads the site's update of every round (what the
+server receives). "No DP" is DP-SGD with sigma = 0 and no clipping, so the canaries can be
+planted the same way; it has no claimed eps, and a positive bound there is a warning. The
+broken variants claim eps = 1 (the ledger charges as if correct). Each row also runs
+``run_audit`` on 500 samples with the model's per-record loss (the loss-threshold
+membership attack), and reports its membership verdicts.
+
+Each row is trained twice with the same settings: once with canaries (the white-box audit
+run, which a site runs for the audit: a canary on every coordinate disturbs training), once
+without (the normal run, whose model the membership audit examines). Cost: the seconds of
+the white-box audit run over the normal run.
+
+    OMP_NUM_THREADS=1 python benchmarks/audit_power.py [--rounds 5] [--steps 50]
+
+Writes benchmarks/results/audit_power.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DELTA = 1e-5
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training records, held-out records, and the shadow models' pool (disjoint)."""
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().data / 16.0, dtype=torch.float32)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[order[:N_TRAIN]], x[order[N_TRAIN:N_TRAIN + 600]], x[order[N_TRAIN + 600:]]
+
+
+N_TRAIN = 250
+
+
+def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, steps: int, batch: int,
+                    lr: float, hidden: int, canaries: bool = True, shadows: int = 0) -> dict:
+    from fedgen.client.data import SiteData
+    from fedgen.client.training import new_site_ledger, private_parameters, run_local_round
+    from fedgen.contract.task import PrivacyConfig, TrainingConfig
+    from fedgen.privacy.audit import AuditSettings, WhiteBoxScores, dirac, run_audit
+    from fedgen.shared_models import Batch
+    from fedgen.shared_models.vae import VAE
+
+    train_x, holdout_x, pool_x = _digits()
+    training = TrainingConfig(local_steps=steps, batch_size=batch, lr=lr)
+    privacy = PrivacyConfig(enabled=True, target_epsilon=epsilon or 1.0, delta=DELTA, max_grad_norm=1.0,
+                            planned_rounds=rounds, grad_sample_mode="ghost")
+
+    def train(x: torch.Tensor, plan=None, init_seed: int = 0):
+        torch.manual_seed(init_seed)
+        model = VAE((64,), latent_dim=8, hidden=hidden)
+        data = SiteData(x=x, y=None, num_classes=None, source="digits")
+        ledger = new_site_ledger("0", privacy)
+        params = private_parameters(model)
+        updates = []
+        for r in range(1, rounds + 1):
+            before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+            run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=r,
+                            seed=r + 1000 * init_seed, white_box=plan, _broken=broken)
+            updates.append((torch.cat([p.detach().reshape(-1) for p in params]) - before).numpy())
+        return model, ledger, updates
+
+    def minus_loss(model, x: torch.Tensor) -> np.ndarray:
+        model.eval()
+        step = next(s for s in model.steps() if s.private)
+        with torch.no_grad():
+            torch.manual_seed(2)
+            return -np.mean([step.loss(Batch(x=x, y=None, size=len(x))).numpy() for _ in range(4)], axis=0)
+
+    torch.manual_seed(0)
+    params0 = private_parameters(VAE((64,), latent_dim=8, hidden=hidden))
+    shapes = [p.shape for p in params0]
+    plan = dirac.plan(sum(p.numel() for p in params0)) if canaries else None
+    start = time.perf_counter()
+    model, ledger, updates = train(train_x, plan)
+    seconds = time.perf_counter() - start
+    row = {"run": name, "claimed_epsilon": epsilon, "seconds": round(seconds, 2),
+           "accountant_epsilon": None if epsilon is None else ledger.epsilon,
+           "noise_multiplier": ledger.noise_multiplier * (0 if epsilon is None else broken.noise_scale
+                                                          if broken else 1)}
+    if plan is None:  # the normal run: the membership audit of its model
+        model.eval()
+        with torch.no_grad():
+            torch.manual_seed(1)
+            synthetic = model.sample(500).numpy()
+        audit = run_audit(synthetic, train_x.numpy(), holdout_x.numpy(), settings=AuditSettings(n_bootstrap=100),
+                          white_box_scores=WhiteBoxScores("minus loss", minus_loss(model, train_x),
+                                                           minus_loss(model, holdout_x)))
+        wb = audit["white_box"]["white_box/minus loss"]
+        membership = [v["level"] for v in audit["verdicts"] if v["topic"].startswith("membership")]
+        if shadows:  # offline LiRA: shadow models of the same recipe on a disjoint pool
+            from fedgen.privacy.audit.membership import attack_metrics, lira, membership_tests
+            from fedgen.privacy.audit.report import membership_verdict
+
+            candidates = torch.cat([train_x, holdout_x])
+            is_member = np.r_[np.ones(len(train_x), bool), np.zeros(len(holdout_x), bool)]
+            rng = np.random.default_rng(0)
+            stats = np.stack([minus_loss(train(pool_x[rng.choice(len(pool_x), N_TRAIN, replace=False)],
+                                               init_seed=k + 1)[0], candidates) for k in range(shadows)])
+            score = lira(minus_loss(model, candidates), stats, np.zeros_like(stats, dtype=bool))
+            metrics = {**attack_metrics(score, is_member, n_bootstrap=100, fpr_levels=(0.01, 0.001)).to_dict(),
+                       "test": membership_tests(score, is_member)}
+            row.update({"lira_shadows": shadows, "lira_auc": round(metrics["auc"]["value"], 3),
+                        "lira_tpr_at_1pct_fpr": round(metrics["tpr_at_fpr"][0]["value"], 3),
+                        "lira_tpr_at_0.1pct_fpr": round(metrics["tpr_at_fpr"][1]["value"], 3),
+                        "lira_verdict": membership_verdict("LiRA", metrics)["level"]})
+            membership.append(row["lira_verdict"])
+        row.update({"loss_attack_auc": round(wb["auc"]["value"], 3),
+                    "loss_attack_tpr_at_1pct_fpr": round(wb["tpr_at_fpr"][0]["value"], 3),
+                    "membership_warnings": membership.count("warning"), "membership_ok": membership.count("ok"),
+                    "membership_verdict": "warning" if "warning" in membership else "ok"})
+        return row
+    known = None
+    if broken is not None and broken.known_noise_seed is not None:
+        known = dirac.known_noise_replay(shapes, [steps] * rounds,
+                                         [broken.known_noise_seed + r for r in range(1, rounds + 1)],
+                                         noise_std=ledger.noise_multiplier * privacy.max_grad_norm / batch, lr=lr)
+    result = dirac.audit(dirac.scores(updates, plan, shapes, known_noise=known), plan.included, delta=DELTA)
+    if epsilon is None:  # nothing claimed: any positive bound is evidence of leakage
+        level = "warning" if result.epsilon_lower_bound > 0 else "ok"
+    else:
+        level = dirac.verdict(result, epsilon)["level"]
+    row.update({"canaries": result.m, "white_box_bound": round(result.epsilon_lower_bound, 3),
+                "max_attainable_bound": round(result.max_attainable, 3), "correct": result.n_correct,
+                "guesses": 2 * result.k, "white_box_verdict": level})
+    return row
+
+
+def main() -> dict:
+    from fedgen.client.training import _BrokenDP
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=25)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--shadows", type=int, default=0, help="LiRA shadow models per row (0: no LiRA)")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    kw = dict(rounds=args.rounds, steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden)
+    runs = [("no DP, memorising", None, _BrokenDP(noise_scale=0.0)),
+            ("DP eps=1", 1.0, None), ("DP eps=10", 10.0, None),
+            ("noise x 0.1 (claims eps=1)", 1.0, _BrokenDP(noise_scale=0.1)),
+            ("clipping off (claims eps=1)", 1.0, _BrokenDP(clip=False)),
+            ("known noise seed (claims eps=1)", 1.0, _BrokenDP(known_noise_seed=12345))]
+    rows = []
+    for name, eps, broken in runs:
+        white = train_and_audit(name, epsilon=eps, broken=broken, **kw)
+        normal = train_and_audit(name, epsilon=eps, broken=broken, canaries=False, shadows=args.shadows, **kw)
+        rows.append({**white, **{k: v for k, v in normal.items() if k != "seconds"},
+                     "seconds_normal_run": normal["seconds"], "seconds_white_box_run": white.pop("seconds")})
+        rows[-1].pop("seconds", None)
+        print(json.dumps(rows[-1]), flush=True)
+    ratios = [r["seconds_white_box_run"] / r["seconds_normal_run"] for r in rows]
+    result = {"benchmark": "audit_power", "settings": {**kw, "shadows": args.shadows, "n_train": N_TRAIN, "delta": DELTA,
+                                                       "data": "sklearn digits 8x8", "model": "VAE mlp latent 8"},
+              "rows": rows, "cost": {"white_box_over_normal_run_max": round(max(ratios), 2),
+                                     "white_box_over_normal_run_median": round(float(np.median(ratios)), 2)},
+              "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "torch": torch.__version__}
+    out = REPO / "benchmarks" / "results" / "audit_power.json"
+    from fedgen.privacy.ledger import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=1))
+    print(json.dumps(result["cost"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The site's side of secure aggregation (SecAgg+, Bell et al. 2020): a ClientApp mod.
+
+A train message that carries a ``secagg`` ConfigRecord is one stage of the protocol the
+server's ``server/secagg.py`` drives; any other message passes straight through.
+
+1. ``setup``: two fresh EC key pairs (one to encrypt shares, one for pairwise masks);
+   the public keys go back.
+2. ``share-keys``: a fresh self-mask seed ``b``; ``b`` and the mask secret key are each
+   Shamir-shared among the site's neighbours (threshold ``t``); each neighbour's pair of
+   shares is encrypted under the key agreed with it, and the ciphertexts go back (the
+   server forwards them; it cannot read them).
+3. ``collect-masked-input``: the shares addressed to this site are decrypted and kept;
+   the site trains (the rest of the ClientApp runs on the message), and its update
+   ``w_k - w`` is clipped to L2 norm ``clip_norm``, quantised by stochastic rounding to
+   integers in [0, L], and masked: ``y = q + PRG(b) + sum_j +-PRG(s_kj) mod 2^bits``. Only
+   ``y`` leaves; the metrics and the ledger travel as always.
+4. ``unmask``: for the neighbours the server lists as survivors, the site returns its
+   share of their ``b``; for those listed as dropped, its share of their mask secret key
+   -- never both for the same site, and nothing when fewer than ``t`` survived. The
+   round's secrets are then erased.
+
+The encoding and primitives are ``contract/secagg.py``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
+from flwr.common.secure_aggregation.secaggplus_utils import (share_keys_plaintext_concat,
+                                                             share_keys_plaintext_separate)
+
+from fedgen.contract import secagg as sa
+
+log = logging.getLogger(__name__)
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A Flower ClientApp mod: one stage of secure aggregation, or a pass-through."""
+    if sa.RECORD not in msg.content.config_records:
+        return call_next(msg, context)
+    cfg = msg.content.config_records[sa.RECORD]
+    stage = str(cfg.get("stage", ""))
+    try:
+        if stage == sa.SETUP:
+            out = _setup(cfg, context)
+        elif stage == sa.SHARE_KEYS:
+            out = _share_keys(cfg, context)
+        elif stage == sa.COLLECT:
+            return _collect(msg, cfg, context, call_next)
+        elif stage == sa.UNMASK:
+            out = _unmask(cfg, context)
+        else:
+            raise sa.SecAggError(f"unknown secure-aggregation stage {stage!r}")
+    except sa.SecAggError as err:
+        log.warning("secure aggregation, stage %s: %s", stage, err)
+        raise
+    return Message(content=RecordDict({sa.RECORD: ConfigRecord(out)}), reply_to=msg)
+
+
+def _state(context: Context) -> ConfigRecord:
+    if sa.STATE not in context.state.config_records:
+        raise sa.SecAggError("no secure-aggregation round in progress at this site (setup missing)")
+    return context.state.config_records[sa.STATE]
+
+
+def _setup(cfg: ConfigRecord, context: Context) -> dict:
+    params = sa.SecAggParams.from_config(cfg)
+    sk_enc, pk_enc = sa.generate_key_pair()
+    sk_mask, pk_mask = sa.generate_key_pair()
+    state = ConfigRecord({**params.to_config(), "round": int(cfg["round"]), "index": int(cfg["index"]),
+                          "neighbours": [int(i) for i in cfg["neighbours"]],
+                          "sk-enc": sa.private_bytes(sk_enc), "sk-mask": sa.private_bytes(sk_mask)})
+    context.state[sa.STATE] = state
+    return {"stage": sa.SETUP, "pk-enc": pk_enc, "pk-mask": pk_mask}
+
+
+def _share_keys(cfg: ConfigRecord, context: Context) -> dict:
+    state = _state(context)
+    params = sa.SecAggParams.from_config(state)
+    me = int(state["index"])
+    indices = [int(i) for i in cfg["indices"]]
+    if (not set(indices) <= {int(i) for i in state["neighbours"]} or me not in indices
+            or len(set(indices)) != len(indices)):
+        raise sa.SecAggError("the keys received are not those of this site's neighbours")
+    if len(indices) < params.threshold:
+        raise sa.SecAggError(f"{len(indices)} neighbours, fewer than the threshold {params.threshold}")
+    pk_enc = dict(zip(indices, (bytes(b) for b in cfg["pk-enc"])))
+    pk_mask = dict(zip(indices, (bytes(b) for b in cfg["pk-mask"])))
+    if len(set(pk_enc.values())) != len(pk_enc) or len(set(pk_mask.values())) != len(pk_mask):
+        raise sa.SecAggError("two neighbours advertised the same public key")
+    own_enc, own_mask = sa.load_private(bytes(state["sk-enc"])), sa.load_private(bytes(state["sk-mask"]))
+    if pk_enc[me] != sa.public_bytes(own_enc) or pk_mask[me] != sa.public_bytes(own_mask):
+        raise sa.SecAggError("the server relayed other public keys for this site than it advertised")
+    seed = sa.new_seed()
+    b_shares = sa_shares(seed, params.threshold, len(indices))
+    sk_shares = sa_shares(bytes(state["sk-mask"]), params.threshold, len(indices))
+    sk_enc = own_enc
+    dst, cts = [], []
+    for pos, j in enumerate(indices):
+        if j == me:  # its own shares stay here
+            state["own-b-share"], state["own-sk-share"] = b_shares[pos], sk_shares[pos]
+            continue
+        plain = share_keys_plaintext_concat(me, j, b_shares[pos], sk_shares[pos])
+        dst.append(j)
+        cts.append(encrypt(sa.shared_key(sk_enc, pk_enc[j]), plain))
+    state["seed"] = seed
+    state["pk-enc-of"] = [pk_enc[j] for j in indices]
+    state["pk-mask-of"] = [pk_mask[j] for j in indices]
+    state["neighbours"] = indices  # the order of the pk lists
+    return {"stage": sa.SHARE_KEYS, "dst": dst, "ct": cts}
+
+
+def sa_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """Shamir shares of ``secret`` (Flower's ``create_shares``, pycryptodome underneath)."""
+    return create_shares(secret, threshold, num)
+
+
+def _collect(msg: Message, cfg: ConfigRecord, context: Context, call_next: ClientAppCallable) -> Message:
+    state = _state(context)
+    params = sa.SecAggParams.from_config(state)
+    me = int(state["index"])
+    neighbours = [int(i) for i in state["neighbours"]]
+    pk_enc = dict(zip(neighbours, (bytes(b) for b in state["pk-enc-of"])))
+    pk_mask = dict(zip(neighbours, (bytes(b) for b in state["pk-mask-of"])))
+    sk_enc = sa.load_private(bytes(state["sk-enc"]))
+    srcs = [int(i) for i in cfg.get("src", [])]
+    b_from, sk_from = {me: bytes(state["own-b-share"])}, {me: bytes(state["own-sk-share"])}
+    for src, ct in zip(srcs, cfg.get("ct", [])):
+        if src not in pk_enc or src == me:
+            raise sa.SecAggError(f"a share from {src}, not a neighbour of this site")
+        got_src, got_dst, b_share, sk_share = share_keys_plaintext_separate(
+            decrypt(sa.shared_key(sk_enc, pk_enc[src]), bytes(ct)))
+        if (got_src, got_dst) != (src, me):
+            raise sa.SecAggError("a share addressed to another pair of sites")
+        b_from[src], sk_from[src] = b_share, sk_share
+    if len(b_from) < params.threshold:
+        raise sa.SecAggError(f"shares from {len(b_from)} sites, fewer than the threshold {params.threshold}")
+    state["share-src"] = sorted(b_from)
+    state["b-shares"] = [b_from[i] for i in sorted(b_from)]
+    state["sk-shares"] = [sk_from[i] for i in sorted(sk_from)]
+
+    global_arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    del msg.content[sa.RECORD]
+    reply = call_next(msg, context)  # training, with every other mod around it
+    if reply.has_error() or "arrays" not in reply.content.array_records:
+        return reply  # nothing to mask: the site failed, refused or dropped out
+    trained = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    keys = sa.float_keys(global_arrays)
+    update, _ = sa.clip_l2(sa.flatten(trained, keys) - sa.flatten(global_arrays, keys), params.clip_norm)
+    y = sa.quantize(update, params.clip_norm, params.levels, np.random.default_rng())  # OS entropy
+    y = sa.add_mod(y, sa.expand_mask(bytes(state["seed"]), y.size, params.bits), 1, params.bits)
+    sk_mask = sa.load_private(bytes(state["sk-mask"]))
+    for j in srcs:  # the neighbours that shared their keys: their masks cancel ours
+        pair = sa.expand_mask(sa.shared_key(sk_mask, pk_mask[j]), y.size, params.bits)
+        y = sa.add_mod(y, pair, sa.pair_sign(me, j), params.bits)
+    del reply.content["arrays"]
+    reply.content[sa.MASKED] = ArrayRecord({sa.MASKED_KEY: Array(np.ascontiguousarray(y))})
+    return reply
+
+
+def _unmask(cfg: ConfigRecord, context: Context) -> dict:
+    state = _state(context)
+    params = sa.SecAggParams.from_config(state)
+    active = {int(i) for i in cfg.get("active", [])}
+    dropped = {int(i) for i in cfg.get("dropped", [])}
+    held = [int(i) for i in state.get("share-src", [])]
+    if active & dropped:
+        raise sa.SecAggError("the server listed a site as both survived and dropped; no shares revealed")
+    if not (active | dropped) <= set(held):
+        raise sa.SecAggError("the server asked for shares this site does not hold")
+    if len(active) < params.threshold:
+        raise sa.SecAggError(f"{len(active)} surviving neighbours, fewer than the threshold {params.threshold}; "
+                             "no shares revealed")
+    b_shares = dict(zip(held, (bytes(b) for b in state["b-shares"])))
+    sk_shares = dict(zip(held, (bytes(b) for b in state["sk-shares"])))
+    out = {"stage": sa.UNMASK, "b-of": sorted(active), "b-shares": [b_shares[i] for i in sorted(active)],
+           "sk-of": sorted(dropped), "sk-shares": [sk_shares[i] for i in sorted(dropped)]}
+    del context.state[sa.STATE]  # the round's secrets end here
+    return out
