@@ -35,6 +35,8 @@ PARTITIONS = "inputs/partitions.npz"  # site_<i> -> indices into the dataset; ho
 CANARIES = "inputs/canaries.npz"  # audit canaries planted by the harness (simulation only)
 REFERENCE = "inputs/reference.npz"  # held-out examples (x, y) for server-side evaluation
 SITES = "inputs/sites.json"  # per-site facts (examples, feature skew) written by the harness
+PUBLIC = "inputs/public.npz"  # a warm start's declared-public set (x, optional y), read by the server
+WARM_START = "warm_start.json"  # what the server pretrained on before round 1 (server/warm_start.py)
 #: ``checkpoints/latest.pt``'s format tag: tensors and JSON strings only (no pickled objects)
 CHECKPOINT_FORMAT = "fedgen-checkpoint/2"
 
@@ -79,6 +81,16 @@ def read_scenario(run_dir: Path) -> "Scenario":
 
     path = Path(run_dir) / SCENARIO
     return scenario_from_dict(yaml.safe_load(path.read_text()) or {}, source=str(path))
+
+
+def read_public(run_dir: Path) -> dict[str, np.ndarray] | None:
+    """The warm start's declared-public set (``inputs/public.npz``: ``x``, optional ``y``,
+    ``name``), or ``None``."""
+    path = Path(run_dir) / PUBLIC
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
 def read_reference(run_dir: Path) -> tuple[np.ndarray, np.ndarray | None] | None:

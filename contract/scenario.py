@@ -325,6 +325,71 @@ class DeploymentConfig(_Section):
         return self
 
 
+PUBLIC_DIGITS_28 = "digits-28"
+
+
+class PublicDataConfig(_Section):
+    """A dataset the scenario declares public: the server pretrains on it before round 1,
+    charged nothing (docs/models.md, "Warm starts"). ``digits-28``: scikit-learn's digits
+    resized to 28 x 28 (or to the model's data shape); any other name is a data format of
+    the ``data`` section, read with its ``path`` and ``options``."""
+
+    format: str = Field(PUBLIC_DIGITS_28, description=f"{PUBLIC_DIGITS_28} or one of: {', '.join(DATA_FORMATS)}")
+    path: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="the format's reader options")
+
+    @field_validator("format")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        return value if value == PUBLIC_DIGITS_28 else data_format(value).name
+
+    @field_validator("options")
+    @classmethod
+    def _accepted_by_format(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        fmt = info.data.get("format")
+        if fmt is None or fmt == PUBLIC_DIGITS_28:  # the format's own error / the check below
+            return value
+        return data_format(fmt).parse(value).model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _path_as_the_format_needs(self) -> "PublicDataConfig":
+        if self.format == PUBLIC_DIGITS_28:
+            if self.options or self.path:
+                raise ValueError(f"format {PUBLIC_DIGITS_28} is embedded: it takes no path and no options")
+        elif data_format(self.format).needs_path and not self.path:
+            raise ValueError(f"path is required for format {self.format!r}")
+        return self
+
+
+class ReleaseWarmStartConfig(_Section):
+    """Each site spends ``epsilon_share`` of its budget on one DP release (the mmd family's
+    mean embedding); the server fits a generator to the combined release and pretrains the
+    model on its samples; DP-SGD spends the rest (docs/models.md, "Warm starts")."""
+
+    epsilon_share: float = Field(..., gt=0.0, description="the epsilon each site's release spends; the rest of "
+                                 "privacy.target_epsilon trains by DP-SGD")
+    num_features: int = Field(2000, ge=16, description="random features of the released embedding")
+    generator_steps: int = Field(1500, ge=1, description="server steps fitting the release's generator")
+    samples: int = Field(10000, ge=10, description="generator samples the model is pretrained on")
+
+
+class WarmStartConfig(_Section):
+    """Start the global model from something already good before round 1: ``public`` data
+    (charged nothing) or a DP ``release`` (charged to the sites' ledgers). One of the two."""
+
+    public: PublicDataConfig | None = None
+    release: ReleaseWarmStartConfig | None = None
+    steps: int = Field(500, ge=1, description="non-private pretraining steps on the server")
+    batch_size: int = Field(128, ge=1, description="pretraining batch size")
+    lr: float = Field(1e-3, gt=0.0, description="pretraining learning rate (Adam)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "WarmStartConfig":
+        if (self.public is None) == (self.release is None):
+            raise ValueError("give exactly one of public: {format: ...} or release: {epsilon_share: ...}")
+        return self
+
+
 def family_has_site_loss(family: str) -> bool:
     """Whether a site can compute ``family``'s per-example training loss on its data (the
     federated evaluation's ``eval-loss``): the DP-SGD families can, release-only ones not."""
@@ -344,6 +409,8 @@ class Scenario(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     simulation: SimulationConfig = SimulationConfig()
     deployment: DeploymentConfig | None = None  # set for `fedgen prepare` (real SuperNodes)
+    warm_start: WarmStartConfig | None = Field(None, description="pretrain before round 1 on public data or a DP "
+                                               "release (docs/models.md, 'Warm starts'); default: none")
 
     @model_validator(mode="after")
     def _seeded_noise_only_in_simulation(self) -> "Scenario":
@@ -379,6 +446,26 @@ class Scenario(_Section):
         if self.federation.fraction_fit != 1.0:
             raise ValueError("federation.fraction_fit: under site-level DP sites are Poisson-sampled with "
                              "privacy.site_level.sample_rate; leave fraction_fit at 1.0")
+        return self
+
+    @model_validator(mode="after")
+    def _warm_start_fits(self) -> "Scenario":
+        ws = self.warm_start
+        if ws is None:
+            return self
+        if not family_has_site_loss(self.model.family):
+            raise ValueError(f"warm_start: the {self.model.family} family is fitted by a release, not by training "
+                             "steps; warm starts are for the DP-SGD families (vae, gan, flow, diffusion)")
+        if ws.release is not None:
+            if not self.privacy.enabled or self.privacy.unit == "site":
+                raise ValueError("warm_start.release: a release warm start spends example-level budget; it needs "
+                                 "privacy.enabled: true and privacy.unit: example or both")
+            if ws.release.epsilon_share >= self.privacy.target_epsilon:
+                raise ValueError(f"warm_start.release.epsilon_share: {ws.release.epsilon_share:g} must be below "
+                                 f"privacy.target_epsilon {self.privacy.target_epsilon:g}: the rest trains by DP-SGD")
+            if self.model.options.get("base_release_epsilon") is not None:
+                raise ValueError("warm_start.release: the flow's model.base_release_epsilon is a release of its "
+                                 "own; use one of the two")
         return self
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ from fedgen.privacy.site_level import SiteLevelDP
 from fedgen.shared_models import GenerativeModel, build_model
 
 from .rundir import DataSpec
-from .scenario import ByzantineConfig, FaultsConfig, ModelConfig, Scenario
+from .scenario import ByzantineConfig, FaultsConfig, ModelConfig, Scenario, WarmStartConfig
 
 
 class ReplyStatus(IntEnum):
@@ -100,10 +100,13 @@ class TaskConfig:
     seed: int
     device: str = "auto"
     simulation: SimulatedSite | None = None
+    #: a release warm start (``warm_start`` with ``release``), the model wraps the family in it
+    warm_start: WarmStartConfig | None = None
 
     def build_model(self) -> GenerativeModel:
-        return build_model(self.model.family, data_shape=self.data_shape, num_classes=self.num_classes,
-                           **self.model.options)
+        return _with_warm_start(build_model(self.model.family, data_shape=self.data_shape,
+                                            num_classes=self.num_classes, **self.model.options),
+                                self.warm_start, seed=self.seed)
 
     # -- the wire format: JSON in the train message's config["fedgen"] ---------------------
     def to_json(self) -> str:
@@ -113,6 +116,8 @@ class TaskConfig:
         d["training"].pop("proximal_mu")  # FedProx's mu travels as the strategy's own config key
         if self.simulation is not None:
             d["simulation"] = self.simulation.to_dict()
+        if self.warm_start is not None:
+            d["warm_start"] = self.warm_start.model_dump(mode="json")
         return json.dumps(d)
 
     @classmethod
@@ -132,7 +137,8 @@ class TaskConfig:
                                   white_box_canaries=int(p.get("white_box_canaries", 0)),
                                   white_box_site=str(p.get("white_box_site", ""))),
             seed=int(d["seed"]), device=d.get("device", "auto"),
-            simulation=SimulatedSite.from_dict(d["simulation"]) if d.get("simulation") else None)
+            simulation=SimulatedSite.from_dict(d["simulation"]) if d.get("simulation") else None,
+            warm_start=WarmStartConfig.model_validate(d["warm_start"]) if d.get("warm_start") else None)
 
 
 def example_level(scenario: Scenario) -> bool:
@@ -162,14 +168,39 @@ def task_from_scenario(scenario: Scenario, spec: DataSpec) -> TaskConfig:
                               white_box_site=str(p.white_box.site) if p.white_box else ""),
         seed=scenario.seed, device=scenario.simulation.device,
         simulation=SimulatedSite(faults=scenario.simulation.faults, byzantine=scenario.simulation.byzantine,
-                                 num_sites=spec.num_sites) if simulated else None)
+                                 num_sites=spec.num_sites) if simulated else None,
+        warm_start=release_warm_start(scenario))
 
 
 def build_global_model(scenario: Scenario, spec: DataSpec) -> GenerativeModel:
-    """The federation's model as round 1 starts it: the scenario's family, seeded init."""
+    """The federation's model as round 1 starts it: the scenario's family, seeded init
+    (wrapped for a release warm start: :func:`_with_warm_start`)."""
     torch.manual_seed(scenario.seed)
-    return build_model(scenario.model.family, data_shape=spec.shape, num_classes=spec.num_classes,
-                       **scenario.model.options)
+    return _with_warm_start(build_model(scenario.model.family, data_shape=spec.shape, num_classes=spec.num_classes,
+                                        **scenario.model.options), release_warm_start(scenario), seed=scenario.seed)
+
+
+def release_warm_start(scenario: Scenario) -> WarmStartConfig | None:
+    """The scenario's warm start when it is a DP release (the sites must build the same
+    wrapped model), else ``None`` (a public warm start is the server's alone)."""
+    ws = scenario.warm_start
+    return ws if ws is not None and ws.release is not None else None
+
+
+def _with_warm_start(model: GenerativeModel, ws: WarmStartConfig | None, *, seed: int) -> GenerativeModel:
+    """``model`` wrapped in :class:`~fedgen.shared_models.warm_start.ReleaseWarmStart` for a
+    release warm start: an mmd release head on the same data, the family inside."""
+    if ws is None or ws.release is None:
+        return model
+    from fedgen.shared_models.warm_start import ReleaseWarmStart
+
+    shape = model.data_shape
+    conv = len(shape) == 3 and shape[1] % 4 == 0 and shape[2] % 4 == 0
+    head = build_model("mmd", data_shape=shape, num_classes=model.num_classes,
+                       architecture="conv" if conv else "mlp", num_features=ws.release.num_features,
+                       fit_steps=ws.release.generator_steps, feature_seed=seed)
+    return ReleaseWarmStart(model, head, epsilon_share=ws.release.epsilon_share, steps=ws.steps,  # type: ignore[arg-type]
+                            batch_size=ws.batch_size, lr=ws.lr, samples=ws.release.samples, seed=seed)
 
 
 def site_level_mechanism(scenario: Scenario, num_sites: int) -> SiteLevelDP | None:

@@ -82,6 +82,11 @@ def write_run_report(run_dir: Path) -> Path:
     parts = [f"<h1>fedgen run: {html.escape(run.name)}</h1>",
              "<p class='note'>Quality scores use fedgen's domain feature extractor (a small classifier "
              "trained on the held-out split), not Inception: compare them across fedgen runs only.</p>"]
+    if warm := run.summary.get("warm_start"):  # docs/models.md, "Warm starts"
+        source = warm.get("public_data") or f"a DP release (epsilon {warm.get('epsilon_share')} per site)"
+        parts.append(f"<p><strong>Warm start:</strong> pretrained before round 1 on {html.escape(str(source))} "
+                     f"({warm.get('examples')} examples, {warm.get('steps')} steps); "
+                     f"{html.escape(str(warm.get('guarantee', '')))}.</p>")
     if run.summary.get("warning"):  # e.g. seeded noise: the privacy guarantee does not hold
         parts.append(f"<p class='warning'><strong>Privacy warning:</strong> {html.escape(run.summary['warning'])}</p>")
     flat = run.flat()

@@ -38,6 +38,7 @@ from .secagg import SecAggRound, SecAggWorkflow
 from .site_level import SiteLevelDPStrategy
 from .strategies import ROBUST, build_strategy
 from .summary import RunFailedError, RunPrivacy, failure_line, write_summary
+from .warm_start import public_warm_start, release_record, write_record
 from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, RoundReplies, check_metrics, site_releases, sort_replies,
                       weighted_mean)
 
@@ -131,6 +132,8 @@ class FederatedRun:
     # -- the run --------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
         t_start = time.time() - self.wall_before
+        if self.start_round == 1:  # before round 1, never again on resume (docs/models.md, "Warm starts")
+            public_warm_start(self.model, self.run_dir, self.scenario)
         arrays = ArrayRecord(self.model.state_dict())
         config_json = task_from_scenario(self.scenario, self.spec).to_json()
         stopped_reason = "completed"
@@ -294,6 +297,9 @@ class FederatedRun:
         generator to the released embedding); the new global model."""
         t = time.time()
         info = self.model.server_update(release_noise_variance=record.release_noise_variance)
+        if "pretrain_steps" in info:  # a release warm start pretrained the family (server/warm_start.py)
+            write_record(self.run_dir, release_record(self.scenario, info))
+            info = {k: v for k, v in info.items() if not k.startswith("pretrain_")}
         if info:
             record.server_update = ServerUpdate(**info, server_update_seconds=time.time() - t)
         return ArrayRecord(self.model.state_dict())

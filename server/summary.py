@@ -181,6 +181,9 @@ def write_summary(run_dir: Path, scenario: Scenario, model: GenerativeModel, pri
                                                                .get("released") is False)}
     if flower_run_id is not None:
         summary["flower_run_id"] = str(flower_run_id)  # a 64-bit id: a string, as in the site ledgers
+    warm = Path(run_dir) / rundir.WARM_START  # server/warm_start.py: what was public, what it cost
+    if warm.exists():
+        summary["warm_start"] = json.loads(warm.read_text())
     if privacy.seeded_noise and cfg.enabled:
         summary["warning"] = NOT_A_GUARANTEE + " (privacy.seeded_noise: true, seed in scenario.yaml)"
     if stopped_reason == "clients_failed":

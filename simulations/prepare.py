@@ -27,6 +27,7 @@ from fedgen.contract.data_formats import recorded_options
 from fedgen.contract.task import build_global_model, site_level_mechanism
 
 from .errors import PartitionError, ScenarioError
+from .warm_start import public_set
 from .partition import CACHE_VERSION, holdout_split, partition, read_cached_split, spread_over_sites, write_cached_split
 from fedgen.contract.scenario import Scenario, load_scenario
 
@@ -107,6 +108,7 @@ def check_scenario(scenario: Scenario) -> tuple[SiteData, list[np.ndarray], np.n
         raise ScenarioError(f"model.base_release_epsilon {release} must be below privacy.target_epsilon "
                             f"{scenario.privacy.target_epsilon}: the rest of the budget trains by DP-SGD")
     check_delta(scenario, max(len(s) for s in sites))
+    public_set(scenario, spec.shape, spec.num_classes)  # a warm start's public set must fit the model
     site_level_mechanism(scenario, spec.num_sites)  # a site-level budget that cannot be met fails here
     plant_canaries(scenario, data)  # checks privacy.canaries against the federation
     return data, sites, holdout
@@ -201,6 +203,7 @@ def write_run_dir(scenario: Scenario, run_dir: Path) -> Path:
         canaries = plant_canaries(scenario, data)
         if canaries is not None:
             np.savez(tmp / rundir.CANARIES, **canaries)
+        write_public_set(tmp, scenario, data.shape, data.num_classes)
     return run_dir
 
 
@@ -225,6 +228,7 @@ def write_deployment_run_dir(scenario: Scenario, run_dir: Path) -> Path:
                            num_sites=scenario.federation.num_sites,
                            table=None if dep.table is None else dep.table.model_dump(mode="json"))
     _build_model(scenario, spec, "deployment.data_shape")  # the model must build for the declared shape
+    public = public_set(scenario, spec.shape, spec.num_classes)
     ref = None
     if dep.reference:
         ref = read_npz(dep.reference)
@@ -240,7 +244,16 @@ def write_deployment_run_dir(scenario: Scenario, run_dir: Path) -> Path:
         if ref is not None:
             np.savez_compressed(tmp / rundir.REFERENCE, x=ref.x.numpy(),
                                 **({"y": ref.y.numpy()} if ref.y is not None else {}))
+        if public is not None:
+            np.savez_compressed(tmp / rundir.PUBLIC, **public)
     return run_dir
+
+
+def write_public_set(run_dir: Path, scenario: Scenario, shape: tuple[int, ...], num_classes: int | None) -> None:
+    """``inputs/public.npz``: the warm start's declared-public set (simulations/warm_start.py)."""
+    public = public_set(scenario, shape, num_classes)
+    if public is not None:
+        np.savez_compressed(Path(run_dir) / rundir.PUBLIC, **public)
 
 
 @contextmanager

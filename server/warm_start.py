@@ -1,0 +1,86 @@
+"""The server's warm start before round 1 (docs/models.md, "Warm starts").
+
+``warm_start.public``: the server pretrains the global model on the set the scenario
+declared public -- exactly the arrays the harness wrote to ``inputs/public.npz``
+(:func:`public_inputs`), never anything of the sites'. It is charged nothing: the sites'
+ledgers and their epsilon are those of a run without it, and the guarantee covers the
+sites' private data only (``summary.json`` and the report say so, from ``warm_start.json``).
+
+``warm_start.release``: the model is a release-then-DP-SGD hybrid
+(shared_models/warm_start.py, :class:`~fedgen.shared_models.warm_start.ReleaseWarmStart`);
+its pretraining runs in :meth:`server_update` after the release round, on samples of the
+generator fitted to the sites' combined release (post-processing). This module records it.
+
+The training step itself is :func:`fedgen.shared_models.warm_start.pretrain`: shared_models
+is below both server/ and client/ (docs/architecture.md §1), and it runs the family's own
+steps, so one mechanism serves every DP-SGD family.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedgen.contract import rundir
+from fedgen.contract.scenario import Scenario
+from fedgen.privacy.ledger import atomic_write_text
+from fedgen.shared_models import GenerativeModel
+from fedgen.shared_models.warm_start import pretrain
+
+log = logging.getLogger(__name__)
+
+PUBLIC_GUARANTEE = ("the DP guarantee covers the sites' private data only; the public set was used without "
+                    "privacy protection and charged nothing")
+RELEASE_GUARANTEE = ("pretrained on samples of a generator fitted to the sites' DP release (post-processing); "
+                     "the release and the DP-SGD fine-tuning are both charged in privacy.json")
+
+
+def public_inputs(run_dir: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """What a public warm start trains on: ``(x, y, name)`` of ``inputs/public.npz``."""
+    public = rundir.read_public(run_dir)
+    if public is None:
+        raise FileNotFoundError(f"{Path(run_dir) / rundir.PUBLIC}: the scenario declares warm_start.public but "
+                                "the run directory has no public set; prepare the run again")
+    return public["x"], public.get("y"), str(public.get("name", "public"))
+
+
+def public_warm_start(model: GenerativeModel, run_dir: Path, scenario: Scenario) -> dict[str, Any] | None:
+    """Pretrain ``model`` in place on the run's declared-public set (before round 1) and
+    write ``warm_start.json``; its record, or ``None`` when the scenario has no public warm start."""
+    ws = scenario.warm_start
+    if ws is None or ws.public is None:
+        return None
+    x, y, name = public_inputs(run_dir)
+    info = pretrain(model, torch.from_numpy(x), None if y is None else torch.from_numpy(y),  # type: ignore[arg-type]
+                    steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, seed=scenario.seed)
+    record = {"kind": "public", "public_data": name, "examples": int(x.shape[0]), "steps": ws.steps,
+              "loss": info["pretrain_loss"], "seconds": info["pretrain_seconds"],
+              "epsilon_charged": 0.0, "guarantee": PUBLIC_GUARANTEE}
+    write_record(run_dir, record)
+    log.info("warm start: pretrained on %s (%d examples, %d steps, %.1f s), charged nothing",
+             name, record["examples"], ws.steps, record["seconds"])
+    return record
+
+
+def release_record(scenario: Scenario, info: dict[str, float]) -> dict[str, Any]:
+    """``warm_start.json`` for a release warm start, from the model's ``server_update`` info."""
+    ws = scenario.warm_start
+    assert ws is not None and ws.release is not None
+    return {"kind": "release", "public_data": None, "epsilon_share": ws.release.epsilon_share,
+            "examples": int(info.get("pretrain_examples", 0)), "steps": ws.steps,
+            "loss": info.get("pretrain_loss"), "seconds": info.get("pretrain_seconds"),
+            "guarantee": RELEASE_GUARANTEE}
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(Path(run_dir) / rundir.WARM_START, json.dumps(record, indent=2))
+
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / rundir.WARM_START
+    return json.loads(path.read_text()) if path.exists() else None

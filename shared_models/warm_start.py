@@ -1,0 +1,160 @@
+"""Non-private pretraining of any DP-SGD family: the warm start's training step.
+
+A warm start trains the global model on the server before round 1, on data that carry no
+privacy cost: a dataset the scenario declares public, or samples of a generator fitted to
+the sites' DP release (post-processing). It runs the family's own
+:meth:`~shared_models.DPSGDTrainable.steps` -- the same steps the sites' DP-SGD loop runs,
+without clipping or noise -- so one mechanism serves vae, gan, flow and diffusion alike.
+
+It lives here, in pure torch, because the server runs it and ``server/`` may not import
+``client/`` (docs/architecture.md §1: shared_models is below both). The sites' loop
+(``client/training.py``) stays the one loop that touches private data; this function is
+handed only the arrays it trains on, so a test can assert that no site data reach it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from .protocol import Batch, DPSGDTrainable, Releasing, TrainingStep
+
+
+def uniform_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Shuffled minibatches of indices without replacement, epoch after epoch."""
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            yield perm[start:start + batch_size]
+
+
+def pretrain(model: DPSGDTrainable, x: Tensor, y: Tensor | None, *, steps: int, batch_size: int, lr: float,
+             seed: int) -> dict[str, float]:
+    """Train ``model`` in place for ``steps`` iterations of its own steps on ``(x, y)``,
+    without DP (public or post-processed data only). Returns ``pretrain_loss`` (the first
+    step's mean loss over the last tenth of the iterations), ``pretrain_steps``,
+    ``pretrain_examples`` and ``pretrain_seconds``."""
+    if not isinstance(model, DPSGDTrainable):
+        raise TypeError(f"{type(model).__name__} is not trained by steps; a warm start pretrains DP-SGD families")
+    n = int(x.shape[0])
+    if n == 0:
+        raise ValueError("a warm start needs at least one example")
+    if model.conditional and y is None:
+        raise ValueError("the model is class-conditional but the warm-start data have no labels")
+    device = model.device
+    t0 = time.time()
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # model-internal draws (z, t, noise)
+    train_steps = model.steps()
+    optimizers = {}
+    for step in train_steps:
+        if id(step) not in optimizers:
+            optimizers[id(step)] = torch.optim.Adam(step.module.parameters(), lr=step.lr or lr, betas=step.betas)
+    batches = uniform_batches(n, min(batch_size, n), generator)
+    first = train_steps[0].name
+    tail = max(1, math.ceil(steps / 10))
+    tail_sum, tail_count = 0.0, 0
+    for it in range(steps):
+        for step in train_steps:
+            model.zero_grad(set_to_none=True)
+            if step.private:  # the step that would see site data sees the warm-start data
+                idx = next(batches)
+                batch = Batch(x=x[idx].to(device), y=None if y is None or not model.conditional
+                              else y[idx].to(device), size=len(idx))
+            else:
+                batch = Batch(x=None, y=None, size=min(batch_size, n))
+            losses = step.loss(batch)
+            losses.mean().backward()
+            optimizers[id(step)].step()
+            if step.name == first and it >= steps - tail:
+                tail_sum += float(losses.detach().sum())
+                tail_count += int(losses.shape[0])
+    model.zero_grad(set_to_none=True)
+    return {"pretrain_loss": tail_sum / max(1, tail_count), "pretrain_steps": float(steps),
+            "pretrain_examples": float(n), "pretrain_seconds": time.time() - t0}
+
+
+class ReleaseWarmStart(DPSGDTrainable, Releasing):
+    """A DP-SGD family warm-started from one DP release: any family, one mechanism.
+
+    Round 1 is a release (the :class:`~shared_models.mmd.MMDGenerator`'s mean embedding of
+    random features, noised and charged ``epsilon_share`` by privacy/release.py at each
+    site; combined by precision at the server). The server then fits the release's
+    generator and pretrains the wrapped family on ``samples`` of its draws
+    (:func:`pretrain`; post-processing: it never sees a record). From round 2 the sites
+    fine-tune the wrapped family by DP-SGD, sigma calibrated so the release plus the
+    planned steps compose to the target (privacy.accounting.calibrate_after, through
+    ``release_epsilon``). Sampling, likelihood and training steps are the wrapped family's.
+    """
+
+    release_buffer = "head.embedding"
+
+    def __init__(self, inner: DPSGDTrainable, head: Releasing, *, epsilon_share: float, steps: int,
+                 batch_size: int, lr: float, samples: int, seed: int = 0) -> None:
+        super().__init__(inner.data_shape, inner.num_classes)
+        if epsilon_share <= 0:
+            raise ValueError(f"epsilon_share must be > 0, got {epsilon_share}")
+        self.inner, self.head = inner, head
+        self.epsilon_share, self.pretrain_steps, self.pretrain_batch = epsilon_share, steps, batch_size
+        self.pretrain_lr, self.pretrain_samples, self.seed = lr, samples, seed
+        self.register_buffer("released", torch.zeros(()))  # 1 once the combined release is in
+        self.register_buffer("pretrained", torch.zeros(()))  # 1 once the inner model is warm
+        self.grad_sample_mode = inner.grad_sample_mode
+
+    # -- the release (Releasing) --------------------------------------------------------
+    @property
+    def release_epsilon(self) -> float:  # type: ignore[override]
+        return self.epsilon_share
+
+    def wants_release(self) -> bool:
+        return not bool(self.released)
+
+    def statistic_sum(self, x: Tensor, y: Tensor | None) -> Tensor:
+        return self.head.statistic_sum(x, y)
+
+    def set_release(self, mean_statistic: Tensor) -> None:
+        self.head.set_release(mean_statistic)
+        self.released.fill_(1.0)
+
+    def combine_releases(self, sums: Tensor, noise_multipliers: Tensor, total_examples: float) -> float:
+        variance = self.head.combine_releases(sums, noise_multipliers, total_examples)
+        self.released.fill_(1.0)
+        return variance
+
+    def server_update(self, release_noise_variance: float | None = None) -> dict[str, float]:
+        """After the release round: fit the release's generator, pretrain the wrapped family
+        on its samples (once); afterwards the wrapped family's own post-processing."""
+        if not bool(self.released) or bool(self.pretrained):
+            return self.inner.server_update(release_noise_variance)
+        info = dict(self.head.server_update(release_noise_variance))
+        x, y = self.generator_samples()
+        info.update(pretrain(self.inner, x, y, steps=self.pretrain_steps, batch_size=self.pretrain_batch,
+                             lr=self.pretrain_lr, seed=self.seed))
+        self.pretrained.fill_(1.0)
+        return info
+
+    @torch.no_grad()
+    def generator_samples(self) -> tuple[Tensor, Tensor | None]:
+        """What the wrapped family is pretrained on: draws of the release's generator only."""
+        torch.manual_seed(self.seed)
+        labels = self.head.balanced_labels(self.pretrain_samples)
+        return self.head.sample(self.pretrain_samples, labels).detach(), labels
+
+    # -- the wrapped family (DPSGDTrainable) --------------------------------------------
+    def steps(self) -> list[TrainingStep]:
+        return self.inner.steps()
+
+    def check_dp_compatible(self) -> None:
+        self.inner.check_dp_compatible()
+
+    @torch.no_grad()
+    def sample(self, n: int, labels: Tensor | None = None) -> Tensor:
+        return self.inner.sample(n, labels)
+
+    def log_likelihood(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.inner.log_likelihood(x, y)
