@@ -483,11 +483,11 @@ class Scenario(_Section):
         # release to secure_aggregation.clip_norm would distort it too.
         if self.federation.secure_aggregation is None:
             return self
-        if not family_has_site_loss(self.model.family) or self.model.options.get("base_release_epsilon"):
-            raise ValueError(f"federation.secure_aggregation: the {self.model.family} family sends a DP release "
-                             "that the server combines per site, which secure aggregation hides; use a DP-SGD "
-                             "family (vae, gan, flow without base_release_epsilon, diffusion) or remove "
-                             "secure_aggregation")
+        if (not family_has_site_loss(self.model.family) or self.model.options.get("base_release_epsilon")
+                or (self.warm_start is not None and self.warm_start.release is not None)):
+            raise ValueError("federation.secure_aggregation: a DP release (the mmd family, the flow's "
+                             "base_release_epsilon, warm_start.release) is combined per site by the server, which "
+                             "secure aggregation hides; train by DP-SGD only, or remove secure_aggregation")
         return self
 
     def resolved(self) -> dict[str, Any]:
