@@ -448,7 +448,9 @@ def plot_privacy_utility(rows: list[dict[str, Any]], combinations: list[Combinat
     as dashed horizontal lines; ``None`` (no file) when no run reported ``metric``."""
     from matplotlib.ticker import FuncFormatter
 
-    from fedgen.evaluation.plots import _save, plt
+    from fedgen.evaluation.plots import _plt, _save
+
+    plt = _plt()
 
     lines, no_dp = privacy_utility_series(rows, combinations, metric, site_level)
     if not lines and not no_dp:

@@ -122,7 +122,9 @@ def test_a_byzantine_site_s_update_is_replaced_by_the_attack():
 def test_the_client_app_installs_the_mod_and_its_handlers_know_no_simulation():
     from fedgen.client import app
 
-    assert app.app._mods == [simulated_faults_mod]
+    from fedgen.client.secagg import secagg_mod
+
+    assert app.app._mods == [secagg_mod, simulated_faults_mod]  # secure aggregation outermost (issue #19)
     for handler in (app.train, app._train, app.evaluate):
         assert "simulat" not in inspect.getsource(handler).lower()
 
@@ -198,7 +200,8 @@ OLD_ROUND_KEYS = {"round", "clients_sampled", "clients_ok", "clients_failed", "c
                   "clients_norm_bounded", "site_level_epsilon", "sites_clipped", "site_update_norm_median",
                   "faults", "server_fit_mmd", "server_fit_steps", "release_noise_variance",
                   "release_noise_energy", "server_update_seconds",
-                  "sites_trained", "sites_refused"}  # issue #23: the summary's per-site table
+                  "sites_trained", "sites_refused",  # issue #23: the summary's per-site table
+                  "secure_aggregation"}  # issue #19: the round's SecAgg+ report
 
 
 def _record(**fields) -> RoundRecord:

@@ -186,12 +186,14 @@ def test_finding7_overlapping_runs_on_one_state_dir_lose_no_spend(tmp_path, digi
     task["training"]["local_steps"] = 3
     replies: dict[int, Message] = {}
 
+    contexts = {run_id: _deployed_site(tmp_path, digits) for run_id in (111, 222)}  # the data file, once
+
     def run(run_id: int) -> None:
-        context = _deployed_site(tmp_path, digits)
+        context = contexts[run_id]
         context.run_id = run_id
         replies[run_id] = train(_task_message(task, _global_arrays(task)), context)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in (111, 222)]
+    threads = [threading.Thread(target=run, args=(r,)) for r in contexts]
     for t in threads:
         t.start()
     for t in threads:
