@@ -474,15 +474,18 @@ def _inconclusive(verdict: dict[str, Any], reason: str) -> None:
 
 
 def _size_gate(audit: dict[str, Any]) -> None:
-    """Membership verdicts on too few candidates become inconclusive (in place). The
-    distance-to-closest-record tests need no gate: they are descriptions (``info``)."""
+    """An "ok" membership verdict on too few candidates becomes inconclusive (in place):
+    the tests are calibrated at any size (privacy/audit/membership.py: pre-declared,
+    Bonferroni), so a warning on few candidates is evidence, but an ok there only says the
+    test had no power. The distance-to-closest-record tests need no gate: they are
+    descriptions (``info``)."""
     n_members = audit["settings"]["n_member_candidates"]
     n_nonmembers = audit["settings"]["n_nonmember_candidates"]
     for v in audit["verdicts"]:
-        if v["level"] in _DECIDED and v["topic"].startswith("membership/") \
+        if v["level"] == "ok" and v["topic"].startswith("membership/") \
                 and min(n_members, n_nonmembers) < MIN_MEMBERSHIP_CANDIDATES:
-            _inconclusive(v, f"{n_members} member and {n_nonmembers} non-member candidates; a membership verdict "
-                             f"needs at least {MIN_MEMBERSHIP_CANDIDATES} of each (half the audited held-out "
+            _inconclusive(v, f"{n_members} member and {n_nonmembers} non-member candidates; an ok membership "
+                             f"verdict needs at least {MIN_MEMBERSHIP_CANDIDATES} of each (half the audited held-out "
                              f"records are non-member candidates: give at least {2 * MIN_MEMBERSHIP_CANDIDATES} "
                              "held-out records, more when a feature space is fit on a quarter of them)")
 
