@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from fedgen.contract.task import PrivacyConfig, TrainingConfig
-from fedgen.privacy.audit import dirac
 from fedgen.privacy.budget import affordable_dp_sgd_steps, charge_dp_sgd_round, dp_sgd_noise_multiplier
 from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
 from fedgen.privacy.ledger import SiteLedger
@@ -33,6 +33,9 @@ from fedgen.privacy.release import plan_release, release_sum
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel, Releasing
 
 from .data import SiteData
+
+if TYPE_CHECKING:
+    from fedgen.privacy.audit import dirac
 
 
 @dataclass
@@ -166,6 +169,8 @@ def run_local_round(
             if white_box is not None and id(step.module) not in canary_modules:
                 canary_modules.add(id(step.module))  # the order of private_parameters()
                 params = opt.params
+                from fedgen.privacy.audit import dirac  # audit runs only: keeps the audit stack off start-up
+
                 offsets = [canary_offset + o for o in dirac.flat_offsets(params)]
                 canary_offset += sum(p.numel() for p in params)
                 dirac.attach(opt.optimizer, params, offsets, white_box, sample_rate=q, generator=sampling)
