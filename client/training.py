@@ -31,6 +31,7 @@ from fedgen.privacy.ledger import SiteLedger
 from fedgen.privacy.randomness import dp_generator
 from fedgen.privacy.release import plan_release, release_sum
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel, Releasing
+from fedgen.shared_models.warm_start import uniform_batches
 
 from .data import SiteData
 
@@ -91,14 +92,6 @@ def plan_dp_round(model: DPSGDTrainable, n: int, *, training: TrainingConfig, pr
                             planned_steps=max(1, rounds) * training.local_steps * per_iteration,
                             target_epsilon=privacy.target_epsilon, delta=privacy.delta, accountant=privacy.accountant)
     return affordable_dp_sgd_steps(ledger, wanted=training.local_steps * per_iteration) // per_iteration
-
-
-def _uniform_batches(n: int, batch_size: int, generator: torch.Generator):
-    """Shuffled minibatches without replacement, epoch after epoch (non-DP training)."""
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            yield perm[start:start + batch_size]
 
 
 def run_local_round(
@@ -179,7 +172,7 @@ def run_local_round(
     optimizers = [by_step[id(step)] for step in steps]
 
     anchor = [p.detach().clone() for p in model.parameters()] if training.proximal_mu > 0 else None
-    batches = _uniform_batches(n, training.batch_size, batch_order)
+    batches = uniform_batches(n, training.batch_size, batch_order)
     sums = {s.name: 0.0 for s in steps}
     counts = {s.name: 0 for s in steps}
     dp_steps = 0

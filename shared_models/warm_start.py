@@ -25,7 +25,8 @@ from .protocol import Batch, DPSGDTrainable, Releasing, TrainingStep
 
 
 def uniform_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Shuffled minibatches of indices without replacement, epoch after epoch."""
+    """Shuffled minibatches of indices without replacement, epoch after epoch: non-DP
+    training (this pretraining, and a site's rounds without DP in client/training.py)."""
     while True:
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
