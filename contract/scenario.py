@@ -242,6 +242,11 @@ class PrivacySection(_Section):
                                              "at one site (default: none); needs example-level DP")
     site_level: SiteLevelConfig = SiteLevelConfig()
 
+    @property
+    def example_level(self) -> bool:
+        """Whether sites run DP-SGD (example-level DP): ``unit`` is ``example`` or ``both``."""
+        return self.enabled and self.unit != "site"
+
 
 class EvaluationConfig(_Section):
     every: int = Field(1, ge=0, description="evaluate every N rounds (0 = only at the end)")
@@ -429,7 +434,7 @@ class Scenario(_Section):
 
     @model_validator(mode="after")
     def _white_box_needs_dp_sgd(self) -> "Scenario":
-        if self.privacy.white_box is not None and (not self.privacy.enabled or self.privacy.unit == "site"):
+        if self.privacy.white_box is not None and not self.privacy.example_level:
             raise ValueError("privacy.white_box: gradient canaries go into DP-SGD steps; it needs privacy.enabled: "
                              "true and privacy.unit: example or both")
         return self
@@ -457,7 +462,7 @@ class Scenario(_Section):
             raise ValueError(f"warm_start: the {self.model.family} family is fitted by a release, not by training "
                              "steps; warm starts are for the DP-SGD families (vae, gan, flow, diffusion)")
         if ws.release is not None:
-            if not self.privacy.enabled or self.privacy.unit == "site":
+            if not self.privacy.example_level:
                 raise ValueError("warm_start.release: a release warm start spends example-level budget; it needs "
                                  "privacy.enabled: true and privacy.unit: example or both")
             if ws.release.epsilon_share >= self.privacy.target_epsilon:

@@ -143,7 +143,7 @@ class TaskConfig:
 
 def example_level(scenario: Scenario) -> bool:
     """Whether sites run DP-SGD (example-level DP): ``unit`` is ``example`` or ``both``."""
-    return scenario.privacy.enabled and scenario.privacy.unit != "site"
+    return scenario.privacy.example_level
 
 
 def site_level(scenario: Scenario) -> bool:
