@@ -143,7 +143,9 @@ def clip_l2(vec: np.ndarray, clip_norm: float) -> tuple[np.ndarray, bool]:
 
 def quantize(vec: np.ndarray, clip: float, num_levels: int, rng: np.random.Generator) -> np.ndarray:
     """Coordinates in [-clip, clip] to integers in [0, num_levels], by stochastic rounding
-    (unbiased: the expected integer is the exact scaled value)."""
+    (unbiased: the expected integer is the exact scaled value). Not Flower's
+    ``secure_aggregation.quantization.quantize``: that rounds into int32 (levels here go
+    up to 2^52) with numpy's global RNG, where this takes the site's OS-entropy ``rng``."""
     scaled = (np.clip(vec, -clip, clip) + clip) * (num_levels / (2.0 * clip))
     low = np.floor(scaled)
     up = rng.random(scaled.shape) < (scaled - low)
