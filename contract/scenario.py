@@ -300,12 +300,29 @@ class SimulationConfig(_Section):
         "inprocess", description="inprocess (default): Flower's ServerApp and ClientApp in the fedgen process, "
         "sites trained one after another; flower: Flower's simulation runtime (SuperLink, Ray actors), for runs "
         "that need parallel sites (docs/simulation.md, 'Engines')")
+    workers: Union[Literal["auto"], int] = Field(
+        1, description="inprocess engine: processes that train the sampled sites in parallel; 1 (default): in "
+        "the fedgen process, one after another; auto: one per core, capped by the sites per round")
     client_cpus: float = Field(1.0, gt=0.0)
     client_gpus: float = Field(0.0, ge=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_actors: int | None = Field(None, ge=1, description="cap on concurrent Ray actors")
     byzantine: ByzantineConfig | None = Field(None, description="simulate attacking sites (default: none)")
     faults: FaultsConfig | None = Field(None, description="simulate dropouts, crashes, stragglers (default: none)")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"workers must be a whole number >= 1 or 'auto', got {value!r}")
+
+    @model_validator(mode="after")
+    def _workers_need_inprocess(self) -> "SimulationConfig":
+        if self.workers != 1 and self.engine != "inprocess":
+            raise ValueError(f"workers: {self.workers!r} needs engine inprocess; the flower engine runs sites in "
+                             "parallel with client_cpus / client_gpus (or set workers: 1)")
+        return self
 
 
 class DeploymentConfig(_Section):

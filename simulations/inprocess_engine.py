@@ -18,7 +18,8 @@ process start-up. What the ClientApp sees is what Flower's simulation runtime gi
   ``TaskIdentity`` names this run and the SuperLink node, so ``Message(...)`` built by the
   ServerApp carries the run id.
 
-Sites train one after another. The round deadline is kept on a per-reply clock (as if
+Sites train one after another, or on a pool of worker processes (``simulation.workers``,
+``worker_pool.py``) that receive each message and context through Flower's serde. The round deadline is kept on a per-reply clock (as if
 every site ran in parallel, like Flower with enough actors): a reply that took longer than
 ``timeout`` to produce is not returned (docs/simulation.md, "Engines").
 """
@@ -41,13 +42,17 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.client_app import ClientAppException
 from flwr.common.config import get_fused_config_from_dir, get_project_config
+from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from .errors import SimulationRunError
 from .flower_engine import APP_ROOT
+from .worker_pool import WorkerPool, available_cores
 
 log = logging.getLogger(__name__)
 
@@ -85,41 +90,90 @@ def _error_reply(message: Message, err: Exception) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
+def dump_message(message: Message) -> bytes:
+    return message_to_proto(message).SerializeToString()
+
+
+def load_message(data: bytes) -> Message:
+    proto = ProtoMessage()
+    proto.ParseFromString(data)
+    return message_from_proto(proto)
+
+
+def dump_context(context: Context) -> bytes:
+    return context_to_proto(context).SerializeToString()
+
+
+def load_context(data: bytes) -> Context:
+    proto = ProtoContext()
+    proto.ParseFromString(data)
+    return context_from_proto(proto)
+
+
+def call_client_app(client_app: ClientApp, message: Message, context: Context) -> tuple[Message, str | None, str | None]:
+    """Run the ClientApp on ``message`` with ``context`` (changed in place): the reply, and
+    for a failure its one-line description and traceback (the reply is then Flower's error
+    reply). The same call in this process and in a worker (``worker_pool.py``)."""
+    run_config = dict(context.run_config)
+    try:
+        reply = client_app(message, context)
+        if context.run_config != run_config:  # Flower refuses this too (update_context)
+            raise ValueError(f"The `run_config` field of the `Context` object cannot be modified "
+                             f"(run_id: {context.run_id}).")
+    except Exception as err:  # noqa: BLE001 -- as Flower: any ClientApp failure is a reply
+        return _error_reply(message, err), f"{type(err).__name__}: {err}", traceback.format_exc()
+    return reply, None, None
+
+
 class SimulatedNode:
-    """One simulated SuperNode: its id, its persistent ``Context``, and the ClientApp."""
+    """One simulated SuperNode: its id, its partition, and its persistent ``Context`` --
+    kept serialised (Flower's serde) between calls, so the sites not sampled in a round are
+    a few bytes each, not live objects (10 000 sites, docs/simulation.md "Engines")."""
+
+    __slots__ = ("node_id", "partition_id", "num_partitions", "run_id", "run_config", "client_app", "_state")
 
     def __init__(self, node_id: int, partition_id: int, num_partitions: int, run_id: int,
-                 run_config: UserConfig, client_app: ClientApp) -> None:
-        self.node_id, self.client_app = node_id, client_app
-        self.run_config = dict(run_config)
-        self.context = Context(run_id=run_id, node_id=node_id,
-                               node_config={PARTITION_ID_KEY: partition_id, NUM_PARTITIONS_KEY: num_partitions},
-                               state=RecordDict(), run_config=dict(run_config))
+                 run_config: UserConfig, client_app: ClientApp | None) -> None:
+        self.node_id, self.partition_id, self.num_partitions = node_id, partition_id, num_partitions
+        self.run_id, self.run_config, self.client_app = run_id, run_config, client_app
+        self._state: bytes | None = None  # the serialised Context; None: never called yet
 
-    def handle(self, message: Message) -> Message:
-        """Run the ClientApp on (a copy of) ``message``; an exception becomes an error reply."""
-        context = copy.deepcopy(self.context)  # committed only if the call succeeds
-        try:
-            reply = self.client_app(copy.deepcopy(message), context)
-            if context.run_config != self.run_config:  # Flower refuses this too (update_context)
-                raise ValueError(f"The `run_config` field of the `Context` object cannot be modified "
-                                 f"(run_id: {context.run_id}).")
-        except Exception as err:  # noqa: BLE001 -- as Flower: any ClientApp failure is a reply
-            log.error("node %d (partition %s): the ClientApp raised %s: %s", self.node_id,
-                      self.context.node_config[PARTITION_ID_KEY], type(err).__name__, err)
-            log.info("%s", traceback.format_exc())  # shown with --verbose
-            reply = _error_reply(message, err)
+    @property
+    def context(self) -> Context:
+        """A fresh copy of the node's context (the one the next call starts from)."""
+        if self._state is not None:
+            return load_context(self._state)
+        return Context(run_id=self.run_id, node_id=self.node_id,
+                       node_config={PARTITION_ID_KEY: self.partition_id, NUM_PARTITIONS_KEY: self.num_partitions},
+                       state=RecordDict(), run_config=dict(self.run_config))
+
+    def context_bytes(self) -> bytes:
+        return self._state if self._state is not None else dump_context(self.context)
+
+    def commit(self, reply: Message, context: bytes | None, error: str | None, details: str | None) -> Message:
+        """Keep the context of a successful call (a failed call's changes are dropped, as
+        Flower's actor works on a copy that is then lost), log a failure, give the reply an id."""
+        if error is None:
+            self._state = context
         else:
-            self.context = context
+            log.error("node %d (partition %s): the ClientApp raised %s", self.node_id, self.partition_id, error)
+            log.info("%s", details)  # shown with --verbose
         reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
         return reply
+
+    def handle(self, message: Message) -> Message:
+        """Run the ClientApp on (a copy of) ``message`` in this process."""
+        context = self.context
+        reply, error, details = call_client_app(cast(ClientApp, self.client_app), copy.deepcopy(message), context)
+        return self.commit(reply, None if error else dump_context(context), error, details)
 
 
 class InProcessGrid(Grid):
     """A ``Grid`` that delivers each message by calling its node's ClientApp directly."""
 
-    def __init__(self, nodes: Iterable[SimulatedNode]) -> None:
+    def __init__(self, nodes: Iterable[SimulatedNode], pool: WorkerPool | None = None) -> None:
         self.nodes = {node.node_id: node for node in nodes}
+        self.pool = pool  # None: every ClientApp call in this process, one after another
         self._run: Run | None = None
         self._replies: dict[str, Message] = {}  # message id -> reply not yet pulled
 
@@ -148,18 +202,34 @@ class InProcessGrid(Grid):
             raise ValueError(f"Invalid message: no node {meta.dst_node_id} in this simulation")
 
     def _deliver(self, messages: Iterable[Message], timeout: float | None) -> list[str]:
-        """Give every message an id, run its node's ClientApp, keep the replies produced
-        within ``timeout`` seconds of the call (each reply on its own clock)."""
-        ids = []
+        """Give every message an id, run its node's ClientApp (here, or on the worker pool),
+        keep the replies produced within ``timeout`` seconds of the call (each reply on its
+        own clock)."""
+        messages = list(messages)
         for message in messages:
             message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self._check_message(message)
-            ids.append(message.metadata.message_id)
-            started = _clock()
-            reply = self.nodes[message.metadata.dst_node_id].handle(message)
-            if timeout is None or _clock() - started <= timeout:
-                self._replies[message.metadata.message_id] = reply
-        return ids
+        if self.pool is None:
+            for message in messages:
+                started = _clock()
+                reply = self.nodes[message.metadata.dst_node_id].handle(message)
+                self._keep(message, reply, _clock() - started, timeout)
+        else:
+            nodes = [self.nodes[message.metadata.dst_node_id] for message in messages]
+            results = self.pool.run([(dump_message(m), node.context_bytes()) for m, node in zip(messages, nodes)])
+            for message, node, result in zip(messages, nodes, results):
+                if result.crashed is not None:  # the worker died in the call: Flower's "crashed" reply
+                    reason = f"the worker process running this site exited with code {result.crashed}"
+                    reply = Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=message)
+                    node.commit(reply, None, reason, None)
+                else:
+                    node.commit(reply := load_message(result.reply), result.context, result.error, result.details)
+                self._keep(message, reply, result.seconds, timeout)
+        return [message.metadata.message_id for message in messages]
+
+    def _keep(self, message: Message, reply: Message, seconds: float, timeout: float | None) -> None:
+        if timeout is None or seconds <= timeout:
+            self._replies[message.metadata.message_id] = reply
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._deliver(messages, timeout=None)
@@ -207,41 +277,61 @@ def _app_logging(verbose: bool) -> Iterator[None]:
         flwr_logger.propagate = saved[2]
 
 
+def resolve_workers(setting: int | str, sites_per_round: int, cores: int | None = None) -> int:
+    """``simulation.workers`` as a number of processes: ``auto`` is one per core, capped by
+    the sites trained per round (a worker more would have nothing to do)."""
+    if setting == "auto":
+        return max(1, min(cores or available_cores(), sites_per_round))
+    return int(setting)
+
+
 class InProcessSimulation:
     """One run of the app in ``app_dir`` (its ``pyproject.toml`` names the ServerApp and the
-    ClientApp) on ``num_supernodes`` simulated nodes, in this process."""
+    ClientApp) on ``num_supernodes`` simulated nodes, in this process; with ``workers`` > 1
+    the ClientApp calls run on a pool of that many worker processes (``worker_pool.py``)."""
 
-    def __init__(self, num_supernodes: int, app_dir: Path = APP_ROOT) -> None:
-        self.num_supernodes, self.app_dir = num_supernodes, Path(app_dir)
+    def __init__(self, num_supernodes: int, app_dir: Path = APP_ROOT, *, workers: int = 1) -> None:
+        self.num_supernodes, self.app_dir, self.workers = num_supernodes, Path(app_dir), workers
         # A checkout (or an editable install) has the app's pyproject.toml; a plain
         # `pip install fedgen` has none: then the installed apps and the given run config.
         self.has_project = (self.app_dir / "pyproject.toml").is_file()
         components = (get_project_config(self.app_dir)["tool"]["flwr"]["app"]["components"] if self.has_project
                       else INSTALLED_COMPONENTS)
         self.server_app = cast(ServerApp, _load_component(components["serverapp"]))
+        self.client_app_reference = components["clientapp"]
         self.client_app = cast(ClientApp, _load_component(components["clientapp"]))
         self.run_id = _random_id()
 
     def nodes(self, run_config: UserConfig) -> list[SimulatedNode]:
-        """The simulated nodes, partition ``i`` on the ``i``-th (Flower's ``_register_nodes``)."""
-        ids: list[int] = []
-        while len(ids) < self.num_supernodes:
+        """The simulated nodes, partition ``i`` on the ``i``-th (Flower's ``_register_nodes``);
+        each holds its ids and the (shared) run config until its first call."""
+        ids: set[int] = set()
+        nodes: list[SimulatedNode] = []
+        while len(nodes) < self.num_supernodes:
             if (node_id := _random_id()) not in ids and node_id != SUPERLINK_NODE_ID:
-                ids.append(node_id)
-        return [SimulatedNode(node_id, i, self.num_supernodes, self.run_id, run_config, self.client_app)
-                for i, node_id in enumerate(ids)]
+                ids.add(node_id)
+                nodes.append(SimulatedNode(node_id, len(nodes), self.num_supernodes, self.run_id, run_config,
+                                           self.client_app))
+        return nodes
+
+    def _pool(self, verbose: bool) -> contextlib.AbstractContextManager[WorkerPool | None]:
+        if self.workers <= 1:
+            return contextlib.nullcontext()
+        threads = max(1, available_cores() // self.workers)
+        return WorkerPool(self.workers, self.client_app_reference, threads=threads,
+                          log_level=logging.INFO if verbose else logging.WARNING)
 
     def run(self, run_config: UserConfig, *, verbose: bool = False) -> None:
         """Run the ServerApp to its end; raises :class:`SimulationRunError` if it fails (the
-        traceback is logged), ``KeyboardInterrupt`` passes through."""
+        traceback is logged), ``KeyboardInterrupt`` passes through (no worker outlives it)."""
         fused = get_fused_config_from_dir(self.app_dir, dict(run_config)) if self.has_project else dict(run_config)
-        grid = InProcessGrid(self.nodes(fused))
         run = Run.create_empty(self.run_id)
         run.override_config = dict(run_config)  # what `flwr run --run-config` records
-        grid.set_run(run)
         context = Context(run_id=self.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
                           run_config=dict(fused))
-        with _app_logging(verbose), _task_identity(self.run_id):
+        with _app_logging(verbose), _task_identity(self.run_id), self._pool(verbose) as pool:
+            grid = InProcessGrid(self.nodes(fused), pool=pool)
+            grid.set_run(run)
             try:
                 self.server_app(grid=grid, context=context)
             except Exception as err:  # noqa: BLE001 -- as Flower: the run fails, one line for the user

@@ -17,7 +17,7 @@ from fedgen.contract import rundir
 
 from .errors import SimulationRunError
 from .flower_engine import FlowerSimulation
-from .inprocess_engine import InProcessSimulation
+from .inprocess_engine import InProcessSimulation, resolve_workers
 from fedgen.contract.scenario import Scenario
 
 
@@ -75,7 +75,10 @@ def _run_engine(run_dir: Path, scenario: Scenario, *, console: Console, verbose:
     run_config = {"run-dir": str(run_dir)}
     sim_cfg = scenario.simulation
     if sim_cfg.engine == "inprocess":
-        InProcessSimulation(num_supernodes=scenario.federation.num_sites).run(run_config, verbose=verbose)
+        fed = scenario.federation
+        per_round = max(fed.min_fit_sites, int(fed.num_sites * fed.fraction_fit))  # Flower's sample size
+        InProcessSimulation(num_supernodes=fed.num_sites, workers=resolve_workers(sim_cfg.workers, per_round)).run(
+            run_config, verbose=verbose)
         return
     sim = FlowerSimulation(num_supernodes=scenario.federation.num_sites, client_cpus=sim_cfg.client_cpus,
                            client_gpus=sim_cfg.client_gpus)

@@ -1,0 +1,186 @@
+"""The in-process engine's worker pool (``simulation.workers``, docs/simulation.md "Engines"):
+ClientApp calls on spawned worker processes, messages and contexts through Flower's serde.
+
+Fast: the Grid's contract on a toy app (``tests/pool_apps.py``) through two workers --
+state kept across rounds, Flower's error reply with the call's changes dropped, a worker
+that dies mid-call becomes a ``CLIENT_APP_CRASHED`` reply and is replaced, the deadline per
+reply; ``workers`` validation; Ctrl-C of the CLI leaves no worker. Integration: the seeded
+quickstart gives the same ledger and losses with workers 1 and 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
+
+from fedgen.contract.errors import ScenarioError
+from fedgen.contract.scenario import load_scenario
+from fedgen.simulations.inprocess_engine import (InProcessGrid, InProcessSimulation, SimulatedNode, _task_identity,
+                                                 resolve_workers)
+from fedgen.simulations.worker_pool import WorkerPool
+
+from .conftest import REPO
+from .test_simulation_flower import QUICK, fedgen
+
+QUICKSTART = REPO / "scenarios" / "quickstart.yaml"
+TOY_APP = "tests.pool_apps:app"
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with WorkerPool(2, TOY_APP, threads=1) as workers:
+        yield workers
+
+
+def _grid(pool: WorkerPool, n: int = 4) -> InProcessGrid:
+    return InProcessGrid((SimulatedNode(1000 + i, i, n, 77, {"run-dir": "x"}, None) for i in range(n)), pool=pool)
+
+
+def _send(grid: InProcessGrid, timeout: float | None = None, **config: int | float) -> tuple[list, list]:
+    with _task_identity(77):
+        messages = [Message(RecordDict({"config": ConfigRecord(dict(config))}), dst_node_id=node,
+                            message_type=MessageType.TRAIN) for node in grid.get_node_ids()]
+    return messages, list(grid.send_and_receive(messages, timeout=timeout))
+
+
+def test_two_workers_share_the_sites_and_each_node_keeps_its_state(pool):
+    grid = _grid(pool)
+    _send(grid)
+    messages, replies = _send(grid)
+    metrics = [r.content["metrics"] for r in replies]
+    assert [(m["partition"], m["of"], m["calls"]) for m in metrics] == [(0, 4, 2), (1, 4, 2), (2, 4, 2), (3, 4, 2)]
+    assert {m["pid"] for m in metrics} <= set(pool.pids) and os.getpid() not in {m["pid"] for m in metrics}
+    for sent, reply in zip(messages, replies):  # ids and links as the SuperLink sets them, through the serde
+        assert sent.metadata.run_id == reply.metadata.run_id == 77
+        assert reply.metadata.src_node_id == sent.metadata.dst_node_id
+        assert reply.metadata.reply_to_message_id == sent.metadata.message_id != ""
+        assert reply.metadata.message_id not in ("", sent.metadata.message_id)
+
+
+def test_torch_threads_per_worker_are_cores_over_workers():
+    with WorkerPool(1, TOY_APP, threads=3) as one:
+        _, replies = _send(_grid(one, n=1))
+    assert replies[0].content["metrics"]["threads"] == 3
+
+
+def test_an_exception_in_a_worker_is_flower_s_error_reply_and_its_state_change_is_dropped(pool):
+    grid = _grid(pool)
+    _send(grid)
+    messages, replies = _send(grid, **{"raise-at": 1})
+    failed = [r for r in replies if r.has_error()]
+    assert len(failed) == 1 and failed[0].metadata.reply_to_message_id == messages[1].metadata.message_id
+    assert failed[0].error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert failed[0].error.reason.startswith("<class 'flwr.clientapp.client_app.ClientAppException'>:<'")
+    assert "boom at the site" in failed[0].error.reason
+    assert grid.nodes[1001].context.state.config_records["n"]["calls"] == 1  # round 2's change dropped
+    assert grid.nodes[1002].context.state.config_records["n"]["calls"] == 2
+
+
+def test_a_worker_that_dies_mid_call_is_a_crashed_reply_and_is_replaced(pool):
+    grid = _grid(pool)
+    before = set(pool.pids)
+    messages, replies = _send(grid, **{"exit-at": 2})
+    assert [r.has_error() for r in replies] == [False, False, True, False]
+    assert replies[2].error.code == ErrorCode.CLIENT_APP_CRASHED
+    assert "exited with code 3" in replies[2].error.reason
+    assert replies[2].metadata.reply_to_message_id == messages[2].metadata.message_id
+    assert len(set(pool.pids) - before) == 1  # one new worker took the dead one's place
+    _, replies = _send(grid)  # the pool goes on; the crashed call left no state behind
+    assert [r.content["metrics"]["calls"] for r in replies] == [2, 2, 1, 2]
+
+
+def test_the_deadline_applies_to_each_reply_s_own_duration(pool):
+    _, replies = _send(_grid(pool), timeout=1.0, **{"sleep-at": 0, "sleep-s": 1.5})
+    assert [r.metadata.src_node_id for r in replies] == [1001, 1002, 1003]
+
+
+def test_auto_is_one_worker_per_core_capped_by_the_sites_per_round():
+    assert resolve_workers("auto", sites_per_round=5, cores=2) == 2
+    assert resolve_workers("auto", sites_per_round=1, cores=16) == 1
+    assert resolve_workers(3, sites_per_round=1, cores=2) == 3
+    assert InProcessSimulation(3).workers == 1  # the default: today's behaviour, no pool
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "workers must be a whole number >= 1 or 'auto', got 0"),
+    ("many", "workers must be a whole number >= 1 or 'auto', got 'many'"),
+    ("1.5", "workers must be a whole number >= 1 or 'auto', got 1.5"),
+])
+def test_a_bad_workers_value_is_one_line(value, message):
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(QUICKSTART, [f"simulation.workers={value}"])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_workers_on_the_flower_engine_is_refused_in_one_line(tmp_path):
+    res = fedgen("simulate", QUICKSTART, "--out", tmp_path / "run", "--set", "simulation.engine=flower",
+                 "--set", "simulation.workers=2", cwd=tmp_path)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "workers: 2 needs engine inprocess" in lines[0], res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _pids_with(tag: str) -> list[int]:
+    needle = f"POOL_TEST_TAG={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0"):
+                if (entry / "stat").read_text().split(") ", 1)[1][:1] != "Z":
+                    pids.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return pids
+
+
+def test_ctrl_c_of_the_cli_with_two_workers_leaves_no_worker(tmp_path):
+    out, tag = tmp_path / "run", uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(QUICKSTART),
+                             "--out", str(out), "--set", "simulation.workers=2", "--set", "federation.rounds=40",
+                             "--set", "evaluation.every=0"], cwd=tmp_path, env={**os.environ, "POOL_TEST_TAG": tag},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoints" / "model-round-0001.pt").exists():
+            time.sleep(0.1)
+        assert (out / "checkpoints" / "model-round-0001.pt").exists(), "round 1 never finished"
+        assert len(_pids_with(tag)) == 3  # the CLI and its two workers
+        proc.send_signal(signal.SIGINT)
+        for pid in _pids_with(tag):
+            if pid != proc.pid:
+                os.kill(pid, signal.SIGINT)  # as the terminal sends it to the workers too
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["stopped_reason"] == "interrupted"
+    assert _pids_with(tag) == []
+
+
+@pytest.mark.integration
+def test_workers_1_and_2_give_the_same_seeded_run(tmp_path):
+    def run(workers: int) -> Path:
+        out = tmp_path / f"w{workers}"
+        sets = [a for item in (*QUICK, "privacy.seeded_noise=true", "federation.rounds=2",
+                               f"simulation.workers={workers}") for a in ("--set", item)]
+        res = fedgen("simulate", QUICKSTART, "--out", out, *sets, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return out
+
+    one, two = run(1), run(2)
+    privacy = [json.loads((r / "privacy.json").read_text()) for r in (one, two)]
+    assert privacy[0]["epsilon"] == privacy[1]["epsilon"] and privacy[0]["sites"] == privacy[1]["sites"]
+    rows = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, two)]
+    assert [r["round"] for r in rows[0]] == [r["round"] for r in rows[1]] == [1, 2]
+    assert [r["train_loss"] for r in rows[1]] == pytest.approx([r["train_loss"] for r in rows[0]], abs=1e-6, rel=0)
