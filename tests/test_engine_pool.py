@@ -155,7 +155,7 @@ def test_ctrl_c_of_the_cli_with_two_workers_leaves_no_worker(tmp_path):
         while time.time() < deadline and not (out / "checkpoints" / "model-round-0001.pt").exists():
             time.sleep(0.1)
         assert (out / "checkpoints" / "model-round-0001.pt").exists(), "round 1 never finished"
-        assert len(_pids_with(tag)) == 3  # the CLI and its two workers
+        assert len(_pids_with(tag)) >= 3  # the CLI, its two workers (and multiprocessing's resource tracker)
         proc.send_signal(signal.SIGINT)
         for pid in _pids_with(tag):
             if pid != proc.pid:
