@@ -3,7 +3,7 @@ loop doing the same federated training (issues 8 and 21): cold start, steady-sta
 per round and peak memory, measured side by side in one invocation.
 
     python benchmarks/sim_overhead.py [--rounds 6] [--engines flower inprocess] [--client-cpus 2 1]
-                                      [--threads 1] [--set K=V] [--result NAME]
+                                      [--workers 1 2] [--threads 1] [--set K=V] [--result NAME]
 
 Engine side: ``python -m fedgen.simulations.cli simulate scenarios/quickstart.yaml --out RUN
 --set evaluation.every=0 --set federation.rounds=6 --set simulation.device=cpu --set
@@ -13,7 +13,9 @@ in-process engine trains the sites one after another in the CLI's process (one r
 ``client_cpus`` gives one Flower run. ``client_cpus=2`` gives one Ray
 actor that trains the sites one after another, like the plain loop (the like-for-like
 comparison); ``client_cpus=1`` (the quickstart's own setting) gives two actors that train
-two sites at a time on the 2 cores. Every process runs with OMP_NUM_THREADS=1
+two sites at a time on the 2 cores. ``--workers 1 2`` runs the in-process engine once per
+``simulation.workers`` value and reports the worker pool's speedup (steady round of workers=1
+over that of workers=N; target >= 1.7x for 2 workers on 2 cores). Every process runs with OMP_NUM_THREADS=1
 (``--threads``): one torch thread per process on both sides.
 
 Plain side: this script in its own process (``--plain RUN``) reads a run directory
@@ -206,16 +208,28 @@ def same_partitions(a: Path, b: Path) -> bool:
         return sorted(x.files) == sorted(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
 
 
-def engine_runs(engines: list[str], client_cpus: list[float]) -> list[tuple[str, list[str]]]:
-    """(name, scenario overrides) of each engine run: Flower once per ``client_cpus``."""
+def engine_runs(engines: list[str], client_cpus: list[float], workers: list[int] | None = None
+                ) -> list[tuple[str, list[str]]]:
+    """(name, scenario overrides) of each engine run: Flower once per ``client_cpus``, the
+    in-process engine once per ``workers`` (default: one run, ``workers`` left at 1)."""
     runs = []
     for engine in engines:
         if engine == "flower":
             runs += [(f"flower client_cpus={cpus:g}", ["simulation.engine=flower", f"simulation.client_cpus={cpus:g}"])
                      for cpus in client_cpus]
+        elif workers:
+            runs += [(f"{engine} workers={w}", [f"simulation.engine={engine}", f"simulation.workers={w}"])
+                     for w in workers]
         else:
             runs.append((engine, [f"simulation.engine={engine}"]))
     return runs
+
+
+def worker_speedups(comparison: dict[str, Any]) -> dict[str, float]:
+    """Steady round of ``inprocess workers=1`` over that of each ``inprocess workers=N``."""
+    one = comparison.get("inprocess workers=1")
+    return {name: round(one["steady_round_s"] / c["steady_round_s"], 3) for name, c in comparison.items()
+            if one and name.startswith("inprocess workers=") and name != "inprocess workers=1"}
 
 
 def main() -> None:
@@ -225,6 +239,8 @@ def main() -> None:
                         help="engines to measure (in this order; Flower once per --client-cpus)")
     parser.add_argument("--client-cpus", type=float, nargs="+", default=[2.0, 1.0],
                         help="simulation.client_cpus of each Flower run (2: one actor; 1: two actors)")
+    parser.add_argument("--workers", type=int, nargs="+", metavar="N",
+                        help="simulation.workers of each in-process run (e.g. 1 2: the worker pool's speedup)")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS of every process (CLI, Ray actors, plain loop); 1 by default: two "
                         "intra-op threads on a busy 2-core machine cost ~10x the CPU of one for this model")
@@ -251,7 +267,7 @@ def main() -> None:
     plains = [run_plain(inputs, args.rounds, work, 0)]
     print(f"plain loop: round 1 ends at {plains[0]['round_end_s'][0]:.1f} s", flush=True)
     runs, comparison, partitions = {}, {}, {}
-    for i, (name, overrides) in enumerate(engine_runs(args.engines, args.client_cpus)):
+    for i, (name, overrides) in enumerate(engine_runs(args.engines, args.client_cpus, args.workers)):
         runs[name] = run_sampled_simulation(SCENARIO, work / f"engine-{i}", [*base, *overrides])
         partitions[name] = same_partitions(inputs, work / f"engine-{i}")
         plains.append(run_plain(inputs, args.rounds, work, i + 1))
@@ -263,7 +279,8 @@ def main() -> None:
         "benchmark": "sim_overhead", "scenario": str(SCENARIO.relative_to(REPO)), "rounds": args.rounds,
         "overrides": base, "targets": {"steady_ratio": STEADY_TARGET, "cold_start_s": COLD_TARGET_S},
         "environment": environment(), "load_start": load_start, "load_end": load_average(),
-        "comparison": comparison, "same_partitions_as_plain": partitions,
+        "comparison": comparison, "worker_speedup": worker_speedups(comparison),
+        "same_partitions_as_plain": partitions,
         "prepare_run_dir_s": round(prepare_s, 2), "import_seconds": import_seconds(IMPORTS),
         "engine_runs": runs, "plain_runs": plains,
     }
@@ -282,6 +299,8 @@ def report(result: dict[str, Any], path: Path) -> None:
               f"{c['steady_cpu_ratio']:9.2f} {c['cold_start_s']:13.1f} {run['peak_rss_mb']:12.0f}  "
               f"ratio {'met' if c['steady_target_met'] else 'MISSED'}, "
               f"cold start {'met' if c['cold_start_target_met'] else 'MISSED'}")
+    for name, speedup in result.get("worker_speedup", {}).items():
+        print(f"{name}: {speedup:.2f}x the steady round of inprocess workers=1 (target >= 1.7x on 2 cores)")
     plain_rss = max(p["peak_rss_mb"] for p in result["plain_runs"])
     print(f"plain loop peak RSS {plain_rss:.0f} MB; load average {result['load_start']} -> {result['load_end']}; -> {path}")
 
