@@ -30,5 +30,6 @@ def train(msg: Message, context: Context) -> Message:
     if partition == config.get("sleep-at", -1):
         time.sleep(float(config.get("sleep-s", 0.0)))
     metrics = MetricRecord({"calls": calls, "partition": partition, "of": int(context.node_config["num-partitions"]),
-                            "pid": os.getpid(), "threads": torch.get_num_threads()})
+                            "pid": os.getpid(), "threads": torch.get_num_threads(),
+                            "cuda-device": torch.cuda.current_device() if torch.cuda.is_available() else -1})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 
@@ -71,6 +72,38 @@ def test_torch_threads_per_worker_are_cores_over_workers():
     with WorkerPool(1, TOY_APP, threads=3) as one:
         _, replies = _send(_grid(one, n=1))
     assert replies[0].content["metrics"]["threads"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA here: the device-aware pool is checked where "
+                    "CUDA exists")
+def test_worker_i_uses_cuda_device_i_mod_the_gpus(pool):
+    _, replies = _send(_grid(pool))
+    index = {pid: i for i, pid in enumerate(pool.pids)}
+    for reply in replies:
+        metrics = reply.content["metrics"]
+        assert metrics["cuda-device"] == index[metrics["pid"]] % torch.cuda.device_count()
+
+
+def test_ten_thousand_nodes_hold_bytes_not_contexts_and_only_the_called_ones_hold_any():
+    """10 000 sites: a node that was never called is its ids; one that was holds its
+    context serialised, not a live ``Context``."""
+    import tracemalloc
+
+    from .pool_apps import app
+
+    tracemalloc.start()
+    grid = InProcessGrid(SimulatedNode(10 + i, i, 10_000, 77, {"run-dir": "x"}, app) for i in range(10_000))
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert size < 5_000_000, f"{size / 1e6:.1f} MB for 10 000 idle nodes"
+    with _task_identity(77):
+        messages = [Message(RecordDict(), dst_node_id=10 + i, message_type=MessageType.TRAIN) for i in range(0, 10_000, 100)]
+    replies = list(grid.send_and_receive(messages))
+    assert len(replies) == 100 and not any(r.has_error() for r in replies)
+    held = {node.node_id: node._state for node in grid.nodes.values() if node._state is not None}
+    assert sorted(held) == [10 + i for i in range(0, 10_000, 100)]
+    assert all(isinstance(state, bytes) for state in held.values())
+    assert grid.nodes[10].context.state.config_records["n"]["calls"] == 1
 
 
 def test_an_exception_in_a_worker_is_flower_s_error_reply_and_its_state_change_is_dropped(pool):
