@@ -302,7 +302,8 @@ def report(result: dict[str, Any], path: Path) -> None:
     for name, speedup in result.get("worker_speedup", {}).items():
         print(f"{name}: {speedup:.2f}x the steady round of inprocess workers=1 (target >= 1.7x on 2 cores)")
     plain_rss = max(p["peak_rss_mb"] for p in result["plain_runs"])
-    print(f"plain loop peak RSS {plain_rss:.0f} MB; load average {result['load_start']} -> {result['load_end']}; -> {path}")
+    print(f"plain loop peak RSS {plain_rss:.0f} MB; load average {result['load_start']} -> {result['load_end']}; "
+          f"-> {path}")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def test_ten_thousand_nodes_hold_bytes_not_contexts_and_only_the_called_ones_hol
     tracemalloc.stop()
     assert size < 5_000_000, f"{size / 1e6:.1f} MB for 10 000 idle nodes"
     with _task_identity(77):
-        messages = [Message(RecordDict(), dst_node_id=10 + i, message_type=MessageType.TRAIN) for i in range(0, 10_000, 100)]
+        messages = [Message(RecordDict(), dst_node_id=10 + i, message_type=MessageType.TRAIN)
+                    for i in range(0, 10_000, 100)]
     replies = list(grid.send_and_receive(messages))
     assert len(replies) == 100 and not any(r.has_error() for r in replies)
     held = {node.node_id: node._state for node in grid.nodes.values() if node._state is not None}
