@@ -63,13 +63,23 @@ class SimulatedSites(RunHooks):
         self.byzantine = set(attack.sites(spec.num_sites)) if attack else set()
         self.faults = scenario.simulation.faults is not None
         self._site_examples = simulated_site_examples(self.run_dir, spec)
+        self._read: dict[str, tuple[int, int, int]] = {}  # site -> (inode, mtime, size) of its ledger when read
 
     def site_examples(self) -> dict[str, int] | None:
         return self._site_examples
 
     def unreported_ledgers(self) -> list[SiteLedger]:
+        """The sites' ledger files written since the last call (a file unchanged since it
+        was read has nothing new to fold; with 10 000 sites every round would re-read them all)."""
         found = []
         for path in sorted((self.run_dir / "sites").glob("*/ledger.json")):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            if self._read.get(path.parent.name) == (stamp := (stat.st_ino, stat.st_mtime_ns, stat.st_size)):
+                continue
+            self._read[path.parent.name] = stamp
             try:  # the file's site must be its folder's: no ledger lands under another site's name
                 found.append(read_site_ledger(path.read_text(), path.parent.name))
             except ReplyError as err:

@@ -218,3 +218,27 @@ def test_workers_1_and_2_give_the_same_seeded_run(tmp_path):
     rows = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, two)]
     assert [r["round"] for r in rows[0]] == [r["round"] for r in rows[1]] == [1, 2]
     assert [r["train_loss"] for r in rows[1]] == pytest.approx([r["train_loss"] for r in rows[0]], abs=1e-6, rel=0)
+
+
+def test_the_server_reads_a_site_ledger_file_again_only_once_it_changed(tmp_path):
+    """With 10 000 sites the server must not re-read every ``sites/*/ledger.json`` each round."""
+    from fedgen.privacy.ledger import SiteLedger
+    from fedgen.simulations.hooks import hooks_for
+    from fedgen.simulations.prepare import write_run_dir
+
+    run_dir = tmp_path / "run"
+    write_run_dir(load_scenario(QUICKSTART, list(QUICK)), run_dir)
+    hooks = hooks_for(run_dir)
+
+    def write(site: str, rounds: int) -> None:
+        ledger = SiteLedger(site=site, accountant="rdp", delta=1e-5, target_epsilon=10.0, max_grad_norm=1.0)
+        for rnd in range(1, rounds + 1):
+            ledger.record_round(round=rnd, steps=3, noise_multiplier=1.0, sample_rate=0.1)
+        (run_dir / "sites" / site).mkdir(parents=True, exist_ok=True)
+        (run_dir / "sites" / site / "ledger.json").write_text(ledger.to_json())
+
+    write("0", 1), write("1", 1)
+    assert [led.site for led in hooks.unreported_ledgers()] == ["0", "1"]
+    assert hooks.unreported_ledgers() == []  # nothing changed since
+    write("1", 2)
+    assert [(led.site, len(led.history)) for led in hooks.unreported_ledgers()] == [("1", 2)]
