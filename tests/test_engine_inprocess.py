@@ -198,18 +198,27 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_gives_the_uninterrupted_led
     assert _ledger(run_dir) == _ledger(ref)
 
 
+def cli_past_round_1(tmp_path: Path, *overrides: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    """``fedgen simulate`` of a 40-round quickstart in-process, returned once round 1 is done."""
+    out = tmp_path / "run"
+    sets = [a for item in (INPROCESS, "federation.rounds=40", "evaluation.every=0", *overrides)
+            for a in ("--set", item)]
+    proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(QUICKSTART),
+                             "--out", str(out), *sets], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "model-round-0001.pt").exists():
+        time.sleep(0.1)
+    if not (out / "checkpoints" / "model-round-0001.pt").exists():
+        proc.kill()
+        pytest.fail("round 1 never finished")
+    return proc, out
+
+
 def test_sigint_of_the_cli_stops_the_run_as_interrupted(tmp_path):
     """A real Ctrl-C (SIGINT to ``fedgen simulate``) mid-run: exit 130, summary ``interrupted``."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(QUICKSTART),
-                             "--out", str(out), "--set", INPROCESS, "--set", "federation.rounds=40",
-                             "--set", "evaluation.every=0"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, out = cli_past_round_1(tmp_path)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (out / "checkpoints" / "model-round-0001.pt").exists():
-            time.sleep(0.1)
-        assert (out / "checkpoints" / "model-round-0001.pt").exists(), "round 1 never finished"
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:

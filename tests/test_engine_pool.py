@@ -13,9 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from fedgen.simulations.inprocess_engine import (InProcessGrid, InProcessSimulat
 from fedgen.simulations.worker_pool import WorkerPool
 
 from .conftest import REPO
+from .test_engine_inprocess import cli_past_round_1
 from .test_simulation_flower import QUICK, fedgen
 
 QUICKSTART = REPO / "scenarios" / "quickstart.yaml"
@@ -179,16 +177,9 @@ def _pids_with(tag: str) -> list[int]:
 
 
 def test_ctrl_c_of_the_cli_with_two_workers_leaves_no_worker(tmp_path):
-    out, tag = tmp_path / "run", uuid.uuid4().hex
-    proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(QUICKSTART),
-                             "--out", str(out), "--set", "simulation.workers=2", "--set", "federation.rounds=40",
-                             "--set", "evaluation.every=0"], cwd=tmp_path, env={**os.environ, "POOL_TEST_TAG": tag},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tag = uuid.uuid4().hex
+    proc, out = cli_past_round_1(tmp_path, "simulation.workers=2", env={**os.environ, "POOL_TEST_TAG": tag})
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (out / "checkpoints" / "model-round-0001.pt").exists():
-            time.sleep(0.1)
-        assert (out / "checkpoints" / "model-round-0001.pt").exists(), "round 1 never finished"
         assert len(_pids_with(tag)) >= 3  # the CLI, its two workers (and multiprocessing's resource tracker)
         proc.send_signal(signal.SIGINT)
         for pid in _pids_with(tag):
