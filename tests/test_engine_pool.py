@@ -233,3 +233,24 @@ def test_the_server_reads_a_site_ledger_file_again_only_once_it_changed(tmp_path
     assert hooks.unreported_ledgers() == []  # nothing changed since
     write("1", 2)
     assert [(led.site, len(led.history)) for led in hooks.unreported_ledgers()] == [("1", 2)]
+
+
+def test_a_site_s_call_reads_the_partition_index_and_sites_json_once_per_run(tmp_path, monkeypatch):
+    """10 000 sites: ``partitions.npz`` has 10 000 members and ``sites.json`` 10 000 entries;
+    re-opening them at every site's call cost ~0.1 s per call."""
+    import numpy as np
+
+    from fedgen.client import feature_skew, site
+
+    np.savez(tmp_path / "partitions.npz", **{f"site_{i}": np.arange(i, i + 2) for i in range(1000)})
+    (tmp_path / "inputs").mkdir()
+    (tmp_path / "inputs" / "sites.json").write_text(json.dumps({str(i): {"examples": 2} for i in range(1000)}))
+    opened, parsed = [], []
+    real_load, real_loads = np.load, json.loads
+    monkeypatch.setattr(site.np, "load", lambda *a, **k: opened.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(feature_skew.json, "loads", lambda *a, **k: parsed.append(1) or real_loads(*a, **k))
+    site._partition.cache_clear(), site._partitions.cache_clear(), feature_skew._sites_json.cache_clear()
+    for i in range(0, 1000, 10):
+        assert list(site._partition(str(tmp_path / "partitions.npz"), i)) == [i, i + 1]
+        assert feature_skew.read_site_skew(tmp_path, i) is None
+    assert len(opened) == 1 and len(parsed) == 1
