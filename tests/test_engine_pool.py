@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -254,3 +256,30 @@ def test_a_site_s_call_reads_the_partition_index_and_sites_json_once_per_run(tmp
         assert list(site._partition(str(tmp_path / "partitions.npz"), i)) == [i, i + 1]
         assert feature_skew.read_site_skew(tmp_path, i) is None
     assert len(opened) == 1 and len(parsed) == 1
+
+
+@pytest.mark.slow
+def test_ten_thousand_sites_with_dp_run_in_one_process_under_2_gb(tmp_path):
+    """Issue #21: 10 000 sites, 1 % per round, DP on, in-process: the run completes and the
+    ``fedgen`` process peaks under 2 GB (MNIST's test split replicated three times)."""
+    import numpy as np
+
+    from fedgen.client.data import load_data
+
+    mnist = load_data("mnist", REPO / ".." / "shared" / "data" / "mnist")
+    x = (np.asarray(mnist.x) * 255).round().astype(np.uint8)
+    np.savez(tmp_path / "mnist3.npz", x=np.concatenate([x] * 3), y=np.concatenate([np.asarray(mnist.y)] * 3))
+    sets = ["data.format=npz", f"data.path={tmp_path / 'mnist3.npz'}", "federation.num_sites=10000",
+            "federation.fraction_fit=0.01", "federation.rounds=2", "partition.min_examples=2", "model.hidden=32",
+            "training.local_steps=5", "training.batch_size=4", "evaluation.every=0", "evaluation.num_samples=50",
+            "simulation.device=cpu"]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(QUICKSTART),
+                                 "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]],
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS
+    assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["clients_ok"]) for r in rows] == [(1, 100), (2, 100)]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epsilon"] <= 10.0
+    assert usage.ru_maxrss < 2 * 1024 * 1024, f"peak RSS {usage.ru_maxrss / 1024:.0f} MB"  # KiB on Linux
