@@ -90,7 +90,7 @@ def plain_sampled(run_dir: Path) -> dict:
     ledgers: dict = {}
     rows = []
     for row in rundir.read_metrics(run_dir):
-        start = time.time()
+        start, cpu_start = time.time(), time.process_time()
         updates = []
         for site in row["sites_trained"]:
             context = Context(run_id=0, node_id=0, node_config={"partition-id": int(site), "num-partitions":
@@ -101,7 +101,8 @@ def plain_sampled(run_dir: Path) -> dict:
             if result.status == "trained":
                 updates.append((model.state_dict(), result.num_examples))
         state = fedavg(updates) if updates else state
-        rows.append({"round": row["round"], "seconds": time.time() - start, "sites": len(updates)})
+        rows.append({"round": row["round"], "seconds": time.time() - start, "sites": len(updates),
+                     "cpu_seconds": time.process_time() - cpu_start})
     return {"rounds": rows, "torch_threads": torch.get_num_threads()}
 
 
@@ -111,6 +112,7 @@ def run_plain(run_dir: Path, work: Path) -> dict:
                         "--plain-out", str(out)], work / f"{run_dir.name}-plain.log")
     rows = json.loads(out.read_text())["rounds"]
     return {"round_seconds": [round(r["seconds"], 2) for r in rows], "sites": [r["sites"] for r in rows],
+            "round_cpu_s": [round(r["cpu_seconds"], 2) for r in rows],
             "process_wall_s": round(done.wall_s, 2), **done.sampler.summary()}
 
 
@@ -164,6 +166,12 @@ def main() -> None:
             runs[name]["summary"]["plain_peak_rss_mb"] = plain["peak_rss_mb"]
             runs[name]["summary"]["round_ratio_vs_plain"] = [round(e / p, 3) for e, p in
                                                              zip(train, plain["round_seconds"])]
+            # CPU seconds per round (engine: its process tree between round ends, so the last
+            # round includes the final evaluation): steadier than wall time on a shared machine
+            runs[name]["summary"]["round_cpu_s"] = run["round_cpu_s"]
+            runs[name]["summary"]["plain_round_cpu_s"] = plain["round_cpu_s"]
+            runs[name]["summary"]["cpu_ratio_vs_plain"] = [round(e / p, 3) for e, p in
+                                                           zip(run["round_cpu_s"][:-1], plain["round_cpu_s"])]
         report(name, runs[name]["summary"])
     path = write_result(args.result, {"benchmark": "scale", "scenario": str(SCENARIO.relative_to(REPO)),
                                       "engine": args.engine, "replicate": args.replicate,
@@ -181,7 +189,8 @@ def report(name: str, s: dict) -> None:
           f"{s['peak_processes']} processes (PSS {s['pss_mb_at_rss_peak']:.0f} MB)", flush=True)
     if "plain_round_s" in s:
         print(f"  plain loop, same sites: rounds {s['plain_round_s']} s, peak RSS {s['plain_peak_rss_mb']:.0f} MB; "
-              f"engine / plain per round {s['round_ratio_vs_plain']}", flush=True)
+              f"engine / plain per round {s['round_ratio_vs_plain']}; CPU s per round {s['round_cpu_s']} vs "
+              f"{s['plain_round_cpu_s']} (ratio, last round left out: {s['cpu_ratio_vs_plain']})", flush=True)
 
 
 if __name__ == "__main__":
