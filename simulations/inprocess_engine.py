@@ -44,11 +44,11 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.client_app import ClientAppException
 from flwr.common.config import get_fused_config_from_dir, get_project_config
-from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID, ErrorCode
-from flwr.serverapp import Grid, ServerApp
+from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -124,7 +124,7 @@ def call_client_app(client_app: ClientApp, message: Message,
             raise ValueError(f"The `run_config` field of the `Context` object cannot be modified "
                              f"(run_id: {context.run_id}).")
     except Exception as err:  # noqa: BLE001 -- as Flower: any ClientApp failure is a reply
-        return _error_reply(message, err), f"{type(err).__name__}: {err}", traceback.format_exc()
+        return _error_reply(message, err), f"the ClientApp raised {type(err).__name__}: {err}", traceback.format_exc()
     return reply, None, None
 
 
@@ -159,7 +159,7 @@ class SimulatedNode:
         if error is None:
             self._state = context
         else:
-            log.error("node %d (partition %s): the ClientApp raised %s", self.node_id, self.partition_id, error)
+            log.error("node %d (partition %s): %s", self.node_id, self.partition_id, error)
             log.info("%s", details)  # shown with --verbose
         reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
         return reply
@@ -222,7 +222,7 @@ class InProcessGrid(Grid):
             results = self.pool.run([(dump_message(m), node.context_bytes()) for m, node in zip(messages, nodes)])
             for message, node, result in zip(messages, nodes, results):
                 if result.crashed is not None:  # the worker died in the call: Flower's "crashed" reply
-                    reason = f"the worker process running this site exited with code {result.crashed}"
+                    reason = f"the worker process running this site's ClientApp exited with code {result.crashed}"
                     reply = Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=message)
                     node.commit(reply, None, reason, None)
                 else:
