@@ -92,14 +92,13 @@ def _error_reply(message: Message, err: Exception) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
+# Messages and contexts as bytes, with Flower's own serde (what its runtime sends between processes)
 def dump_message(message: Message) -> bytes:
     return message_to_proto(message).SerializeToString()
 
 
 def load_message(data: bytes) -> Message:
-    proto = ProtoMessage()
-    proto.ParseFromString(data)
-    return message_from_proto(proto)
+    return message_from_proto(ProtoMessage.FromString(data))
 
 
 def dump_context(context: Context) -> bytes:
@@ -107,9 +106,7 @@ def dump_context(context: Context) -> bytes:
 
 
 def load_context(data: bytes) -> Context:
-    proto = ProtoContext()
-    proto.ParseFromString(data)
-    return context_from_proto(proto)
+    return context_from_proto(ProtoContext.FromString(data))
 
 
 def call_client_app(client_app: ClientApp, message: Message,
