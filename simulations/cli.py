@@ -57,6 +57,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise UserError("give a SCENARIO.yaml (or --resume RUN_DIR)")
         scenario = load_scenario(args.scenario, args.set)
         run_dir = Path(args.out).resolve() if args.out else default_run_dir(scenario, Path("runs"))
+    if scenario.simulation.ray_address is not None:  # before anything is written
+        from .flower_engine import check_ray_address
+
+        check_ray_address(scenario.simulation.ray_address)
+    if not args.resume:
         write_run_dir(scenario, run_dir)
     console.print(f"run directory: [bold]{run_dir}[/]", highlight=False)
     summary = run_simulation_dir(run_dir, scenario, console=console, verbose=args.verbose)

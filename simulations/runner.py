@@ -78,7 +78,7 @@ def _run_engine(run_dir: Path, scenario: Scenario, *, console: Console, verbose:
         InProcessSimulation(num_supernodes=scenario.federation.num_sites).run(run_config, verbose=verbose)
         return
     sim = FlowerSimulation(num_supernodes=scenario.federation.num_sites, client_cpus=sim_cfg.client_cpus,
-                           client_gpus=sim_cfg.client_gpus)
+                           client_gpus=sim_cfg.client_gpus, ray_address=sim_cfg.ray_address)
     on_line = (lambda line: console.print(line.rstrip(), markup=False, highlight=False)) if verbose else None
     try:
         sim.start()
