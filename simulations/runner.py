@@ -69,6 +69,13 @@ def _mark_stopped(run_dir: Path, reason: str) -> None:
 STARTING = {"flower": "starting Flower (SuperLink, Ray actors)", "inprocess": "starting (in-process engine)"}
 
 
+def flower_simulation(scenario: Scenario) -> FlowerSimulation:
+    """The ``flower`` engine for ``scenario``: its sites' Ray resources and Ray cluster."""
+    sim_cfg = scenario.simulation
+    return FlowerSimulation(num_supernodes=scenario.federation.num_sites, client_cpus=sim_cfg.client_cpus,
+                            client_gpus=sim_cfg.client_gpus, ray_address=sim_cfg.ray_address)
+
+
 def _run_engine(run_dir: Path, scenario: Scenario, *, console: Console, verbose: bool) -> None:
     """Run the ServerApp on ``scenario.simulation.engine`` with the run directory as run
     config ``run-dir`` (the ServerApp writes the run directory itself)."""
@@ -77,8 +84,7 @@ def _run_engine(run_dir: Path, scenario: Scenario, *, console: Console, verbose:
     if sim_cfg.engine == "inprocess":
         InProcessSimulation(num_supernodes=scenario.federation.num_sites).run(run_config, verbose=verbose)
         return
-    sim = FlowerSimulation(num_supernodes=scenario.federation.num_sites, client_cpus=sim_cfg.client_cpus,
-                           client_gpus=sim_cfg.client_gpus, ray_address=sim_cfg.ray_address)
+    sim = flower_simulation(scenario)
     on_line = (lambda line: console.print(line.rstrip(), markup=False, highlight=False)) if verbose else None
     try:
         sim.start()
