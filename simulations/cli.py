@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, *USER_ERRORS) as err:
         return _fail(str(err))
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C changes nothing now
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         console.print("[yellow]interrupted[/]: the simulation stopped; resume with --resume RUN_DIR")
         return 130
     except Exception as err:  # a failed run (not a user error): one line, details in the run dir

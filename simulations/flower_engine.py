@@ -179,6 +179,12 @@ def _signals(handler) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def signals_ignored() -> contextlib.AbstractContextManager[None]:
+    """Ctrl-C and SIGTERM ignored for the block: a run that is already stopping (writing
+    how it ended) is not interrupted half-way by a second press."""
+    return _signals(signal.SIG_IGN)
+
+
 def _hurry(signum: int, frame: object) -> None:
     raise _Hurry
 

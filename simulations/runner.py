@@ -16,7 +16,7 @@ from fedgen.privacy.ledger import atomic_write_text
 from fedgen.contract import rundir
 
 from .errors import SimulationRunError
-from .flower_engine import FlowerSimulation
+from .flower_engine import FlowerSimulation, signals_ignored
 from .inprocess_engine import InProcessSimulation
 from fedgen.contract.scenario import Scenario
 
@@ -108,7 +108,8 @@ def run_simulation_dir(run_dir: Path, scenario: Scenario, *, console: Console, v
                 watcher.stop.set()
                 watcher.join()
     except KeyboardInterrupt:
-        _mark_stopped(run_dir, "interrupted")
+        with signals_ignored():
+            _mark_stopped(run_dir, "interrupted")
         raise
     except SimulationRunError:
         _mark_stopped(run_dir, "failed")

@@ -174,7 +174,7 @@ def test_resume_after_kill_gives_the_uninterrupted_ledger(tmp_path, engine):
     """SIGKILL the whole process tree mid-run, resume: no DP step is charged twice or
     forgotten, and metrics.jsonl has each round once."""
     scenario = REPO / "scenarios" / "quickstart.yaml"
-    common = ["--set", f"simulation.engine={engine}", "--set", "federation.rounds=4", "--set", "evaluation.every=0", "--set", "evaluation.num_samples=50"]
+    common = ["--set", f"simulation.engine={engine}", "--set", "federation.rounds=4", "--set", "training.local_steps=5", "--set", "evaluation.every=0", "--set", "evaluation.num_samples=50"]
     ref = tmp_path / "uninterrupted"
     assert fedgen("simulate", scenario, "--out", ref, *common, cwd=tmp_path).returncode == 0
 
