@@ -66,6 +66,16 @@ def test_an_unreachable_cluster_stops_simulate_in_one_line_before_writing_anythi
     assert not (tmp_path / "run").exists() and fedgen_processes() == []
 
 
+def test_a_sweep_on_an_unreachable_cluster_stops_before_its_first_run(tmp_path):
+    port = free_port()
+    res = fedgen("sweep", REPO / "sweeps" / "privacy-utility-digits.yaml", "--out", tmp_path / "sweep",
+                 "--set", FLOWER, "--set", f"simulation.ray_address=127.0.0.1:{port}", cwd=tmp_path)
+    assert res.returncode == 1
+    (line,) = [l for l in res.stderr.splitlines() if l.strip()]
+    assert line.startswith(f"fedgen: error: simulation.ray_address: no Ray cluster answers at 127.0.0.1:{port}")
+    assert not (tmp_path / "sweep").exists()
+
+
 # -- what Flower receives ------------------------------------------------------------------
 
 def _backend_config(sim) -> dict:
@@ -219,3 +229,4 @@ def test_sites_share_a_gpu_at_half_a_gpu_each(tmp_path):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["clients_ok"]) for r in rows] == [(1, 5), (2, 5)]
     assert fedgen_processes() == []
+
