@@ -56,24 +56,16 @@ def test_a_bad_ray_setting_is_refused_in_one_line(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_an_unreachable_cluster_stops_simulate_in_one_line_before_writing_anything(tmp_path):
+@pytest.mark.parametrize("command, target", [
+    ("simulate", QUICKSTART), ("sweep", REPO / "sweeps" / "privacy-utility-digits.yaml")])
+def test_an_unreachable_cluster_stops_the_command_in_one_line_before_writing_anything(tmp_path, command, target):
     port = free_port()  # nothing listens there
-    res = fedgen("simulate", QUICKSTART, "--out", tmp_path / "run", "--set", FLOWER,
+    res = fedgen(command, target, "--out", tmp_path / "out", "--set", FLOWER,
                  "--set", f"simulation.ray_address=127.0.0.1:{port}", cwd=tmp_path)
     assert res.returncode == 1
     (line,) = [l for l in res.stderr.splitlines() if l.strip()]
     assert line.startswith(f"fedgen: error: simulation.ray_address: no Ray cluster answers at 127.0.0.1:{port}")
-    assert not (tmp_path / "run").exists() and fedgen_processes() == []
-
-
-def test_a_sweep_on_an_unreachable_cluster_stops_before_its_first_run(tmp_path):
-    port = free_port()
-    res = fedgen("sweep", REPO / "sweeps" / "privacy-utility-digits.yaml", "--out", tmp_path / "sweep",
-                 "--set", FLOWER, "--set", f"simulation.ray_address=127.0.0.1:{port}", cwd=tmp_path)
-    assert res.returncode == 1
-    (line,) = [l for l in res.stderr.splitlines() if l.strip()]
-    assert line.startswith(f"fedgen: error: simulation.ray_address: no Ray cluster answers at 127.0.0.1:{port}")
-    assert not (tmp_path / "sweep").exists()
+    assert not (tmp_path / "out").exists() and fedgen_processes() == []
 
 
 # -- what Flower receives ------------------------------------------------------------------
