@@ -41,7 +41,7 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .prepare import default_run_dir, write_run_dir
-    from .runner import run_simulation_dir
+    from .runner import check_engine, run_simulation_dir
     from fedgen.contract.scenario import load_scenario
 
     if args.resume:
@@ -57,10 +57,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise UserError("give a SCENARIO.yaml (or --resume RUN_DIR)")
         scenario = load_scenario(args.scenario, args.set)
         run_dir = Path(args.out).resolve() if args.out else default_run_dir(scenario, Path("runs"))
-    if scenario.simulation.ray_address is not None:  # before anything is written
-        from .flower_engine import check_ray_address
-
-        check_ray_address(scenario.simulation.ray_address)
+    check_engine(scenario)  # before anything is written
     if not args.resume:
         write_run_dir(scenario, run_dir)
     console.print(f"run directory: [bold]{run_dir}[/]", highlight=False)

@@ -16,7 +16,7 @@ from fedgen.privacy.ledger import atomic_write_text
 from fedgen.contract import rundir
 
 from .errors import SimulationRunError
-from .flower_engine import FlowerSimulation, signals_ignored
+from .flower_engine import FlowerSimulation, check_ray_address, signals_ignored
 from .inprocess_engine import InProcessSimulation
 from fedgen.contract.scenario import Scenario
 
@@ -67,6 +67,24 @@ def _mark_stopped(run_dir: Path, reason: str) -> None:
 
 
 STARTING = {"flower": "starting Flower (SuperLink, Ray actors)", "inprocess": "starting (in-process engine)"}
+
+
+def check_engine(scenario: Scenario) -> None:
+    """What the scenario's engine needs from this machine, checked before anything is
+    written (one line, :class:`SimulationRunError`): a reachable ``ray_address``; for a
+    private Ray with ``client_gpus`` > 0, a CUDA GPU (else Ray would place no site)."""
+    sim_cfg = scenario.simulation
+    if sim_cfg.engine != "flower":
+        return
+    if sim_cfg.ray_address is not None:
+        check_ray_address(sim_cfg.ray_address)
+    elif sim_cfg.client_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SimulationRunError(f"simulation.client_gpus: {sim_cfg.client_gpus:g} of a GPU per site, but this "
+                                     "machine has no CUDA GPU, so Ray would place no site; set client_gpus: 0, or "
+                                     "ray_address to a cluster with GPUs")
 
 
 def flower_simulation(scenario: Scenario) -> FlowerSimulation:

@@ -314,10 +314,10 @@ def run_sweep(sweep: Sweep, *, console: Console, verbose: bool = False) -> Sweep
     """Plan (validate all), run what is not finished, then write the comparison. Ctrl-C
     (``KeyboardInterrupt``) propagates after the current run has stopped cleanly."""
     plans = plan_sweep(sweep)
-    for address in sorted({p.scenario.simulation.ray_address for p in plans} - {None}):
-        from .flower_engine import check_ray_address
+    from .runner import check_engine
 
-        check_ray_address(address)  # one line before any run directory is written, not one failure per run
+    for plan in plans:  # one line before any run directory is written, not one failure per run
+        check_engine(plan.scenario)
     console.print(f"sweep folder: [bold]{escape(str(sweep.out_dir))}[/] ({len(plans)} runs)", highlight=False)
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
     failed = []

@@ -68,6 +68,17 @@ def test_an_unreachable_cluster_stops_the_command_in_one_line_before_writing_any
     assert not (tmp_path / "out").exists() and fedgen_processes() == []
 
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_gpu_share_without_a_gpu_is_refused_before_writing_anything(tmp_path):
+    res = fedgen("simulate", QUICKSTART, "--out", tmp_path / "out", "--set", FLOWER,
+                 "--set", "simulation.client_gpus=0.5", cwd=tmp_path)
+    assert res.returncode == 1
+    (line,) = [l for l in res.stderr.splitlines() if l.strip()]
+    assert line == ("fedgen: error: simulation.client_gpus: 0.5 of a GPU per site, but this machine has no CUDA "
+                    "GPU, so Ray would place no site; set client_gpus: 0, or ray_address to a cluster with GPUs")
+    assert not (tmp_path / "out").exists()
+
 # -- what Flower receives ------------------------------------------------------------------
 
 def _backend_config(sim) -> dict:
