@@ -307,6 +307,9 @@ class SimulationConfig(_Section):
     client_gpus: float = Field(0.0, ge=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_actors: int | None = Field(None, ge=1, description="cap on concurrent Ray actors")
+    ray_address: str | None = Field(None, description="engine flower only: run the sites on an existing Ray "
+                                    "cluster at this address (host:port, as `ray start --head` prints it) instead "
+                                    "of a private Ray (docs/simulation.md, 'A Ray cluster')")
     byzantine: ByzantineConfig | None = Field(None, description="simulate attacking sites (default: none)")
     faults: FaultsConfig | None = Field(None, description="simulate dropouts, crashes, stragglers (default: none)")
 
@@ -322,6 +325,30 @@ class SimulationConfig(_Section):
         if self.workers != 1 and self.engine != "inprocess":
             raise ValueError(f"workers: {self.workers!r} needs engine inprocess; the flower engine runs sites in "
                              "parallel with client_cpus / client_gpus (or set workers: 1)")
+        return self
+
+    @field_validator("ray_address")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if "://" in value:
+            raise ValueError("give the cluster's address as host:port (what `ray start --head` prints after "
+                             "--address=), not a Ray Client URL")
+        host, sep, port = value.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or " " in host:
+            raise ValueError("expected host:port, e.g. 10.0.0.5:6379 (the head node's address and "
+                             "`ray start --head --port`)")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _ray_settings_need_flower(self) -> "SimulationConfig":
+        if self.ray_address is not None and self.engine != "flower":
+            raise ValueError(f"ray_address: the {self.engine} engine runs no Ray; set simulation.engine: flower to "
+                             "run on the cluster, or remove ray_address")
+        if self.engine == "flower" and not float(self.client_cpus).is_integer():
+            raise ValueError(f"client_cpus: Flower gives each site's Ray actor whole CPUs; use 1, 2, ... (got "
+                             f"{self.client_cpus:g}; client_gpus may be a fraction)")
         return self
 
 

@@ -41,7 +41,7 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .prepare import default_run_dir, write_run_dir
-    from .runner import run_simulation_dir
+    from .runner import check_engine, run_simulation_dir
     from fedgen.contract.scenario import load_scenario
 
     if args.resume:
@@ -57,6 +57,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise UserError("give a SCENARIO.yaml (or --resume RUN_DIR)")
         scenario = load_scenario(args.scenario, args.set)
         run_dir = Path(args.out).resolve() if args.out else default_run_dir(scenario, Path("runs"))
+    check_engine(scenario)  # before anything is written
+    if not args.resume:
         write_run_dir(scenario, run_dir)
     console.print(f"run directory: [bold]{run_dir}[/]", highlight=False)
     summary = run_simulation_dir(run_dir, scenario, console=console, verbose=args.verbose)
@@ -312,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, *USER_ERRORS) as err:
         return _fail(str(err))
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a second Ctrl-C changes nothing now
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         console.print("[yellow]interrupted[/]: the simulation stopped; resume with --resume RUN_DIR")
         return 130
     except Exception as err:  # a failed run (not a user error): one line, details in the run dir

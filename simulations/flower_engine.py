@@ -147,6 +147,19 @@ def tagged_pids(tag: str) -> list[int]:
     return pids
 
 
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Raise :class:`FlowerRunError` (one line) unless something answers at the Ray
+    cluster's ``host:port``; better than flwr-simulation failing deep inside ``ray.init``."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise FlowerRunError(f"simulation.ray_address: no Ray cluster answers at {address} ({reason}); start one "
+                             f"with `ray start --head --port PORT` or fix the address") from None
+
+
 class _Hurry(Exception):
     """A second Ctrl-C / SIGTERM arrived while shutting down: stop being graceful."""
 
@@ -164,6 +177,12 @@ def _signals(handler) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def signals_ignored() -> contextlib.AbstractContextManager[None]:
+    """Ctrl-C and SIGTERM ignored for the block: a run that is already stopping (writing
+    how it ended) is not interrupted half-way by a second press."""
+    return _signals(signal.SIG_IGN)
 
 
 def _hurry(signum: int, frame: object) -> None:
@@ -195,6 +214,7 @@ class FlowerSimulation:
     num_supernodes: int
     client_cpus: float = 1.0
     client_gpus: float = 0.0
+    ray_address: str | None = None  # an existing Ray cluster (host:port); None = a private Ray
     app_dir: Path = APP_ROOT
     tag: str = field(default_factory=lambda: os.environ.get(TAG_CHOICE_VAR) or uuid.uuid4().hex[:12])
 
@@ -210,6 +230,12 @@ class FlowerSimulation:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PYTHONUNBUFFERED": "1",
         }
+        # Flower's Ray backend calls ray.init() without an address (its federation config has no
+        # field for one), so Ray reads RAY_ADDRESS: set, flwr-simulation joins that cluster as a
+        # driver; unset, it starts a private Ray (never one the user's shell happens to name).
+        self.env.pop("RAY_ADDRESS", None)
+        if self.ray_address is not None:
+            self.env["RAY_ADDRESS"] = self.ray_address
         (self.tmp / "ray").mkdir()
         (self.tmp / "flwr").mkdir()
         (self.tmp / "flwr" / "config.toml").write_text(
@@ -225,6 +251,8 @@ class FlowerSimulation:
         if missing:
             raise FlowerRunError(f"{', '.join(missing)} not found next to {sys.executable} nor on PATH; install "
                                  "fedgen's dependencies (flwr[simulation]) into the environment that runs fedgen")
+        if self.ray_address is not None:
+            check_ray_address(self.ray_address)
         reap_orphaned_runs(self.tmp.parent)
         _write_owner(self.tmp, self.tag)
         self.watcher = _start_watcher(self.tmp, self.tag)
@@ -250,11 +278,8 @@ class FlowerSimulation:
             return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
 
         cfg = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        cpus = int(self.client_cpus) if float(self.client_cpus).is_integer() else self.client_cpus
-        fed = (f"num-supernodes={self.num_supernodes} client-resources-num-cpus={cpus} "
-               f"client-resources-num-gpus={self.client_gpus}")
         cmd = [_bin("flwr"), "run", str(self.app_dir), "fedgen", "--run-config", cfg,
-               "--federation-config", fed, "--stream"]
+               "--federation-config", self.federation_config(), "--stream"]
         with open(self.tmp / "flwr-run.log", "w") as out:
             proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, cwd=self.tmp)
@@ -270,6 +295,16 @@ class FlowerSimulation:
         if proc.returncode != 0 or not status.startswith("finished:completed"):
             raise FlowerRunError(f"Flower run {self.run_id} ended as {status or 'unknown'}: "
                                  f"{self._error_summary('flwr-run.log')}")
+
+    def federation_config(self) -> str:
+        """``flwr run --federation-config``: Flower turns it into the Ray backend's client
+        resources (``client-resources-num-cpus`` is an integer field in Flower's
+        SimulationConfig; a fraction of a GPU is kept as it is)."""
+        if not float(self.client_cpus).is_integer():
+            raise FlowerRunError(f"simulation.client_cpus: Flower gives each site whole CPUs; use 1, 2, ... "
+                                 f"(got {self.client_cpus:g})")
+        return (f"num-supernodes={self.num_supernodes} client-resources-num-cpus={int(self.client_cpus)} "
+                f"client-resources-num-gpus={float(self.client_gpus)}")
 
     def _parse_run_id(self, line: str) -> None:
         import re

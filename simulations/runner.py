@@ -16,7 +16,7 @@ from fedgen.privacy.ledger import atomic_write_text
 from fedgen.contract import rundir
 
 from .errors import SimulationRunError
-from .flower_engine import FlowerSimulation
+from .flower_engine import FlowerSimulation, check_ray_address, signals_ignored
 from .inprocess_engine import InProcessSimulation, resolve_workers
 from fedgen.contract.scenario import Scenario
 
@@ -69,6 +69,31 @@ def _mark_stopped(run_dir: Path, reason: str) -> None:
 STARTING = {"flower": "starting Flower (SuperLink, Ray actors)", "inprocess": "starting (in-process engine)"}
 
 
+def check_engine(scenario: Scenario) -> None:
+    """What the scenario's engine needs from this machine, checked before anything is
+    written (one line, :class:`SimulationRunError`): a reachable ``ray_address``; for a
+    private Ray with ``client_gpus`` > 0, a CUDA GPU (else Ray would place no site)."""
+    sim_cfg = scenario.simulation
+    if sim_cfg.engine != "flower":
+        return
+    if sim_cfg.ray_address is not None:
+        check_ray_address(sim_cfg.ray_address)
+    elif sim_cfg.client_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SimulationRunError(f"simulation.client_gpus: {sim_cfg.client_gpus:g} of a GPU per site, but this "
+                                     "machine has no CUDA GPU, so Ray would place no site; set client_gpus: 0, or "
+                                     "ray_address to a cluster with GPUs")
+
+
+def flower_simulation(scenario: Scenario) -> FlowerSimulation:
+    """The ``flower`` engine for ``scenario``: its sites' Ray resources and Ray cluster."""
+    sim_cfg = scenario.simulation
+    return FlowerSimulation(num_supernodes=scenario.federation.num_sites, client_cpus=sim_cfg.client_cpus,
+                            client_gpus=sim_cfg.client_gpus, ray_address=sim_cfg.ray_address)
+
+
 def _run_engine(run_dir: Path, scenario: Scenario, *, console: Console, verbose: bool) -> None:
     """Run the ServerApp on ``scenario.simulation.engine`` with the run directory as run
     config ``run-dir`` (the ServerApp writes the run directory itself)."""
@@ -80,8 +105,7 @@ def _run_engine(run_dir: Path, scenario: Scenario, *, console: Console, verbose:
         InProcessSimulation(num_supernodes=fed.num_sites, workers=resolve_workers(sim_cfg.workers, per_round)).run(
             run_config, verbose=verbose)
         return
-    sim = FlowerSimulation(num_supernodes=scenario.federation.num_sites, client_cpus=sim_cfg.client_cpus,
-                           client_gpus=sim_cfg.client_gpus)
+    sim = flower_simulation(scenario)
     on_line = (lambda line: console.print(line.rstrip(), markup=False, highlight=False)) if verbose else None
     try:
         sim.start()
@@ -105,7 +129,8 @@ def run_simulation_dir(run_dir: Path, scenario: Scenario, *, console: Console, v
                 watcher.stop.set()
                 watcher.join()
     except KeyboardInterrupt:
-        _mark_stopped(run_dir, "interrupted")
+        with signals_ignored():
+            _mark_stopped(run_dir, "interrupted")
         raise
     except SimulationRunError:
         _mark_stopped(run_dir, "failed")

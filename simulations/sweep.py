@@ -314,6 +314,10 @@ def run_sweep(sweep: Sweep, *, console: Console, verbose: bool = False) -> Sweep
     """Plan (validate all), run what is not finished, then write the comparison. Ctrl-C
     (``KeyboardInterrupt``) propagates after the current run has stopped cleanly."""
     plans = plan_sweep(sweep)
+    from .runner import check_engine
+
+    for plan in plans:  # one line before any run directory is written, not one failure per run
+        check_engine(plan.scenario)
     console.print(f"sweep folder: [bold]{escape(str(sweep.out_dir))}[/] ({len(plans)} runs)", highlight=False)
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
     failed = []
