@@ -38,13 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 DELTA = 1e-5
 
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training records, held-out records, and the shadow models' pool (disjoint)."""
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Training records and held-out records (disjoint)."""
     from sklearn.datasets import load_digits
 
     x = torch.tensor(load_digits().data / 16.0, dtype=torch.float32)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return x[order[:N_TRAIN]], x[order[N_TRAIN:N_TRAIN + 600]], x[order[N_TRAIN + 600:]]
+    return x[order[:N_TRAIN]], x[order[N_TRAIN:N_TRAIN + 600]]
 
 
 N_TRAIN = 250
@@ -59,7 +59,7 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
     from fedgen.shared_models import Batch
     from fedgen.shared_models.vae import VAE
 
-    train_x, holdout_x, pool_x = _digits()
+    train_x, holdout_x = _digits()
     training = TrainingConfig(local_steps=steps, batch_size=batch, lr=lr)
     privacy = PrivacyConfig(enabled=True, target_epsilon=epsilon or 1.0, delta=DELTA, max_grad_norm=1.0,
                             planned_rounds=rounds, grad_sample_mode="ghost")
@@ -106,18 +106,16 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
                                                            minus_loss(model, holdout_x)))
         wb = audit["white_box"]["white_box/minus loss"]
         membership = [v["level"] for v in audit["verdicts"] if v["topic"].startswith("membership")]
-        if shadows:  # offline LiRA: shadow models of the same recipe on a disjoint pool
-            from fedgen.privacy.audit.membership import attack_metrics, lira, membership_tests
+        if shadows:  # LiRA as `fedgen audit --shadows K` runs it (privacy/audit/shadows.py)
+            from fedgen.privacy.audit import shadows as lira_
             from fedgen.privacy.audit.report import membership_verdict
 
-            candidates = torch.cat([train_x, holdout_x])
-            is_member = np.r_[np.ones(len(train_x), bool), np.zeros(len(holdout_x), bool)]
-            rng = np.random.default_rng(0)
-            stats = np.stack([minus_loss(train(pool_x[rng.choice(len(pool_x), N_TRAIN, replace=False)],
-                                               init_seed=k + 1)[0], candidates) for k in range(shadows)])
-            score = lira(minus_loss(model, candidates), stats, np.zeros_like(stats, dtype=bool))
-            metrics = {**attack_metrics(score, is_member, n_bootstrap=100, fpr_levels=(0.01, 0.001)).to_dict(),
-                       "test": membership_tests(score, is_member)}
+            cand = lira_.candidates(len(train_x), len(holdout_x), seed=0)
+            records = torch.cat([train_x[cand.members], holdout_x[cand.nonmembers]])
+            plan_in = lira_.shadow_plan(len(records), shadows, seed=0)
+            stats = np.stack([minus_loss(train(records[torch.from_numpy(plan_in[k])], init_seed=k + 1)[0], records)
+                              for k in range(shadows)])
+            metrics = lira_.lira_audit(minus_loss(model, records), stats, plan_in, cand.is_member, n_bootstrap=100)
             row.update({"lira_shadows": shadows, "lira_auc": round(metrics["auc"]["value"], 3),
                         "lira_tpr_at_1pct_fpr": round(metrics["tpr_at_fpr"][0]["value"], 3),
                         "lira_tpr_at_0.1pct_fpr": round(metrics["tpr_at_fpr"][1]["value"], 3),
@@ -154,6 +152,8 @@ def main() -> dict:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--shadows", type=int, default=0, help="LiRA shadow models per row (0: no LiRA)")
+    ap.add_argument("--rows", default=None, help="comma-separated row numbers (0-5) to run; the others keep their "
+                                                 "last results in the JSON file")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     kw = dict(rounds=args.rounds, steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden)
@@ -162,8 +162,14 @@ def main() -> dict:
             ("noise x 0.1 (claims eps=1)", 1.0, _BrokenDP(noise_scale=0.1)),
             ("clipping off (claims eps=1)", 1.0, _BrokenDP(clip=False)),
             ("known noise seed (claims eps=1)", 1.0, _BrokenDP(known_noise_seed=12345))]
+    out = REPO / "benchmarks" / "results" / "audit_power.json"
+    chosen = None if args.rows is None else {int(i) for i in args.rows.split(",")}
+    previous = json.loads(out.read_text())["rows"] if chosen is not None and out.exists() else []
     rows = []
-    for name, eps, broken in runs:
+    for i, (name, eps, broken) in enumerate(runs):
+        if chosen is not None and i not in chosen and i < len(previous):
+            rows.append(previous[i])
+            continue
         white = train_and_audit(name, epsilon=eps, broken=broken, **kw)
         normal = train_and_audit(name, epsilon=eps, broken=broken, canaries=False, shadows=args.shadows, **kw)
         rows.append({**white, **{k: v for k, v in normal.items() if k != "seconds"},
@@ -177,7 +183,6 @@ def main() -> dict:
                                      "white_box_over_normal_run_median": round(float(np.median(ratios)), 2)},
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__}
-    out = REPO / "benchmarks" / "results" / "audit_power.json"
     from fedgen.privacy.ledger import atomic_write_text
 
     atomic_write_text(out, json.dumps(result, indent=1))

@@ -645,6 +645,11 @@ def summary_lines(audit: dict[str, Any]) -> list[str]:
         f"membership inference: highest AUC {best['auc']['value']:.3f} "
         f"(CI {best['auc']['ci'][0]:.3f}-{best['auc']['ci'][1]:.3f}) by {best_name}",
     ]
+    if audit.get("lira"):
+        lira = audit["lira"]
+        lines.append(f"LiRA ({lira['shadows']} shadow federations): AUC {lira['auc']['value']:.3f}, TPR "
+                     + " / ".join(f"{100 * t['value']:.1f} %" for t in lira["tpr_at_fpr"])
+                     + " at " + " / ".join(f"{100 * t['fpr']:g} %" for t in lira["tpr_at_fpr"]) + " FPR")
     if audit.get("white_box_canaries"):
         wb = audit["white_box_canaries"]
         lines.append(f"white-box canaries: epsilon lower bound {wb['epsilon_lower_bound']['value']:.3g} "
@@ -682,6 +687,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if site_args:
             raise AuditError(f"{', '.join(site_args)}: only with --samples (a site's audit); RUN_DIR supplies "
                              "its own data, model and claim")
+        if args.shadows:
+            from fedgen.privacy.audit.shadows import check_shadow_count
+
+            try:
+                check_shadow_count(args.shadows)  # before any slow part
+            except ValueError as err:
+                raise AuditError(str(err)) from None
         n = DEFAULT_SAMPLES if args.n is None else args.n
         if n < MIN_SAMPLES:
             raise AuditError(f"-n must be at least {MIN_SAMPLES}, got {n}")
@@ -693,6 +705,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                              "--node-config (its data-path)")
         if args.n is not None:
             raise AuditError("-n draws samples from a run's model; with --samples the file gives them")
+        if args.shadows:
+            raise AuditError("--shadows trains shadow federations of a run's scenario: only with RUN_DIR")
         inputs = file_inputs(Path(args.samples), Path(args.train) if args.train else None, Path(args.holdout),
                              model=Path(args.model) if args.model else None, fmt=args.format,
                              node_config=parse_node_config(args.node_config) if args.node_config else None,
@@ -700,6 +714,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
                              state_dir=Path(args.state_dir) if args.state_dir else None, site=args.site)
         out = Path(args.out) if args.out else Path("audit")
     result = audit_inputs(inputs, seed=args.seed, check_seeds=args.check_seeds)
+    if args.shadows:
+        from .audit_shadows import lira_run_dir
+
+        result["lira"], verdict = lira_run_dir(Path(args.run_dir), args.shadows, seed=args.seed)
+        result["verdicts"].append(verdict)
     html = render_html(result, synthetic=inputs.synthetic, train=inputs.train.x.numpy())
     json_path, html_path = write_audit(out, result, html)
     for line in summary_lines(result):
@@ -744,6 +763,9 @@ def add_audit_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentPa
                         f"inconclusive (default {DEFAULT_CHECK_SEEDS}; 0: no check)")
     p.add_argument("-n", type=int, default=None, metavar="N_SAMPLES",
                    help=f"samples drawn from RUN_DIR's model (default {DEFAULT_SAMPLES})")
+    p.add_argument("--shadows", type=int, default=0, metavar="K",
+                   help="LiRA (RUN_DIR only): train K shadow federations of the run's scenario on random halves "
+                        "of its training and held-out records, in parallel (2 <= K <= 16; default 0: no LiRA)")
     p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/audit, or ./audit)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling (RUN_DIR), the candidate split, the size-matched subsample and the "
                         "bootstrap; the feature space and the white-box losses use a fixed seed")
