@@ -95,6 +95,7 @@ class AuditInputs:
     source: dict[str, Any] = field(default_factory=dict)  # recorded in audit.json
     white_box_dir: Path | None = None  # a white-box audit run's site state (privacy/audit/dirac.py)
     white_box_claim: float | None = None  # that site's epsilon
+    white_box_received: Path | None = None  # the server's copy of that site's updates, if it kept one
 
 
 # -- the white-box statistic ---------------------------------------------------------
@@ -251,7 +252,8 @@ def _white_box_site(run_dir: Path, scenario: Scenario) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError):
         raise AuditError(f"{run_dir}: privacy.white_box site {site} has no epsilon in {rundir.PRIVACY}; "
                          "the white-box audit run finished no round at that site") from None
-    return {"white_box_dir": run_dir / "sites" / site, "white_box_claim": float(claim)}
+    return {"white_box_dir": run_dir / "sites" / site, "white_box_claim": float(claim),
+            "white_box_received": run_dir / dirac.RECEIVED_DIR / site}
 
 
 #: file suffix -> format, for --train/--holdout given without --format or --node-config
@@ -588,7 +590,8 @@ def _audit_with(inputs: AuditInputs, stats: _Statistics, *, seed: int, settings:
         raise AuditError(str(err)) from None
     if inputs.white_box_dir is not None:
         found = dirac.audit_state_dir(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
-                                      delta=inputs.delta, confidence=settings.confidence)
+                                      delta=inputs.delta, confidence=settings.confidence,
+                                      received_dir=inputs.white_box_received)
         if found is None:
             raise AuditError(f"{inputs.white_box_dir}: no {dirac.FILE_NAME} or recorded updates; the white-box "
                              "audit site trained no round")
