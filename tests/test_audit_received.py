@@ -20,10 +20,11 @@ from fedgen.simulations.runner import run_simulation_dir
 from .test_audit_cli import _feature_cache, fedgen  # noqa: F401 -- fixtures
 
 
-def simulate(root: Path, name: str, *, white_box: bool) -> Path:
+def simulate(root: Path, name: str, *, white_box: bool, secagg: bool = False) -> Path:
     scenario = scenario_from_dict({
         "name": name, "seed": 0, "data": {"format": "digits", "holdout_fraction": 0.5},
-        "federation": {"num_sites": 2, "rounds": 2},
+        "federation": {"num_sites": 2, "rounds": 2,
+                       "secure_aggregation": {"threshold": 2} if secagg else None},
         "model": {"family": "vae", "hidden": 32, "latent_dim": 4},
         "training": {"local_steps": 10, "batch_size": 20, "lr": 1e-2},
         "privacy": {"enabled": True, "target_epsilon": 1.0, "delta": 1e-5, "grad_sample_mode": "ghost",
@@ -55,3 +56,13 @@ def test_server_keeps_the_received_updates_of_a_white_box_run_only(fedgen, tmp_p
     wb = json.loads((run_dir / "audit" / "audit.json").read_text())["white_box_canaries"]
     assert wb["updates_read_from"].startswith("server") and wb["rounds_read"] == 2 and wb["m"] == 2000
     assert wb["epsilon_lower_bound"]["value"] <= wb["claimed_epsilon"]
+
+
+def test_under_secure_aggregation_the_server_keeps_nothing_and_the_audit_reads_the_site(fedgen, tmp_path):
+    """The server sees only the masked sum: it has no site's update to keep."""
+    run_dir = simulate(tmp_path, "wb-secagg", white_box=True, secagg=True)
+    assert not (run_dir / dirac.RECEIVED_DIR).exists()
+    code, _, err = fedgen("audit", run_dir, "-n", 200, "--check-seeds", 0)
+    assert code == 0, err
+    wb = json.loads((run_dir / "audit" / "audit.json").read_text())["white_box_canaries"]
+    assert wb["updates_read_from"].startswith("site") and wb["rounds_read"] == 2
