@@ -203,20 +203,26 @@ class FederatedRun:
 
     def _keep_white_box_updates(self, rnd: int, sent: ArrayRecord, ok: list[Message]) -> None:
         """In a white-box audit run (``privacy.white_box``) only, and never under secure
-        aggregation (this path does not run there): keep the audited site's update as the
-        server received it, before any norm bound or robust rule touches it, for the
-        auditor (``RUN_DIR/white_box_received/<site>/``, docs/audit.md)."""
+        aggregation (this path does not run there): keep the audited site's update (a release
+        family: its raw release) as the server received it, before any norm bound or robust
+        rule touches it, for the auditor (``RUN_DIR/white_box_received/<site>/``, docs/audit.md)."""
         white_box = self.privacy_cfg.white_box
         if white_box is None or not self.privacy_cfg.enabled:
             return
         from fedgen.privacy.audit import dirac  # audit runs only
 
-        site = str(white_box.site)
+        site, releasing = str(white_box.site), self.model.training_mode == "release"
         for msg in ok:
             if site_info(msg)[0] != site:
                 continue
             received = next(iter(msg.content.array_records.values()), None)
-            if received is not None:
+            if received is not None and releasing:  # the raw release: the buffer's mean times the count
+                from fedgen.privacy.audit import release_canaries
+
+                count = float(next(iter(msg.content.metric_records.values()))["num-examples"])
+                release_canaries.record_release(self.run_dir / dirac.RECEIVED_DIR / site, rnd,
+                                                released=received[self.model.release_buffer].numpy() * count)
+            elif received is not None:
                 dirac.record_received(self.run_dir, site, rnd, received.to_torch_state_dict(),
                                       sent.to_torch_state_dict(), dirac.private_parameter_names(self.model))
 

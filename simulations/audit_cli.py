@@ -58,7 +58,8 @@ from fedgen.contract import rundir
 from fedgen.contract.rundir import Canaries, read_canaries
 from fedgen.contract.scenario import Scenario, scenario_from_dict
 from fedgen.contract.task import build_global_model
-from fedgen.privacy.audit import AuditSettings, WhiteBoxScores, dirac, render_html, run_audit, to_json
+from fedgen.privacy.audit import (AuditSettings, WhiteBoxScores, dirac, release_canaries, render_html, run_audit,
+                                  to_json)
 from fedgen.privacy.ledger import SiteLedger, atomic_write_text
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel
 
@@ -592,6 +593,10 @@ def _audit_with(inputs: AuditInputs, stats: _Statistics, *, seed: int, settings:
         found = dirac.audit_state_dir(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
                                       delta=inputs.delta, confidence=settings.confidence,
                                       received_dir=inputs.white_box_received)
+        if found is None:  # a release family's audit run
+            found = release_canaries.audit_site(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
+                                                delta=inputs.delta, confidence=settings.confidence,
+                                                received_dir=inputs.white_box_received)
         if found is None:
             raise AuditError(f"{inputs.white_box_dir}: no {dirac.FILE_NAME} or recorded updates; the white-box "
                              "audit site trained no round")
