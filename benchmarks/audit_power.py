@@ -142,6 +142,39 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
     return row
 
 
+def release_row(name: str, *, epsilon: float, noise_scale: float = 1.0, num_features: int = 20000) -> dict:
+    """One mmd release (Gaussian mechanism) of the 250 training digits at one site, a
+    release canary on every coordinate of the released sum (privacy/audit/release_canaries.py)."""
+    from fedgen.client.data import SiteData
+    from fedgen.client.training import _BrokenDP, new_site_ledger, run_local_round
+    from fedgen.contract.task import PrivacyConfig, TrainingConfig
+    from fedgen.privacy.audit import dirac, release_canaries
+    from fedgen.shared_models import build_model
+
+    train_x, _ = _digits()
+    torch.manual_seed(0)
+    model = build_model("mmd", data_shape=(64,), num_classes=None, architecture="mlp", num_features=num_features,
+                        fit_steps=1)
+    privacy = PrivacyConfig(enabled=True, target_epsilon=epsilon, delta=DELTA, max_grad_norm=1.0, planned_rounds=1)
+    ledger = new_site_ledger("0", privacy)
+    plan = dirac.plan(getattr(model, model.release_buffer).numel())
+    start = time.perf_counter()
+    run_local_round(model, SiteData(x=train_x, y=None, num_classes=None, source="digits"),
+                    training=TrainingConfig(local_steps=1, batch_size=1, lr=1e-3), privacy=privacy, ledger=ledger,
+                    server_round=1, seed=1, white_box=plan,
+                    _broken=None if noise_scale == 1.0 else _BrokenDP(noise_scale=noise_scale))
+    released = (getattr(model, model.release_buffer) * len(train_x)).numpy()
+    score = release_canaries.scores([released], [model.statistic_sum(train_x, None).numpy()], plan,
+                                    [ledger.noise_multiplier])
+    result = dirac.audit(score, plan.included, delta=DELTA)
+    return {"run": name, "claimed_epsilon": epsilon, "accountant_epsilon": ledger.epsilon,
+            "noise_multiplier": ledger.noise_multiplier * noise_scale, "canaries": result.m,
+            "white_box_bound": round(result.epsilon_lower_bound, 3),
+            "max_attainable_bound": round(result.max_attainable, 3), "correct": result.n_correct,
+            "guesses": 2 * result.k, "white_box_verdict": dirac.verdict(result, epsilon)["level"],
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
 def main() -> dict:
     from fedgen.client.training import _BrokenDP
 
@@ -152,8 +185,8 @@ def main() -> dict:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--shadows", type=int, default=0, help="LiRA shadow models per row (0: no LiRA)")
-    ap.add_argument("--rows", default=None, help="comma-separated row numbers (0-5) to run; the others keep their "
-                                                 "last results in the JSON file")
+    ap.add_argument("--rows", default=None, help="comma-separated row numbers (0-5) to run, '' for none; the others "
+                                                 "keep their last results in the JSON file (the release rows always run)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     kw = dict(rounds=args.rounds, steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden)
@@ -163,7 +196,7 @@ def main() -> dict:
             ("clipping off (claims eps=1)", 1.0, _BrokenDP(clip=False)),
             ("known noise seed (claims eps=1)", 1.0, _BrokenDP(known_noise_seed=12345))]
     out = REPO / "benchmarks" / "results" / "audit_power.json"
-    chosen = None if args.rows is None else {int(i) for i in args.rows.split(",")}
+    chosen = None if args.rows is None else {int(i) for i in args.rows.split(",") if i}
     previous = json.loads(out.read_text())["rows"] if chosen is not None and out.exists() else []
     rows = []
     for i, (name, eps, broken) in enumerate(runs):
@@ -176,10 +209,15 @@ def main() -> dict:
                      "seconds_normal_run": normal["seconds"], "seconds_white_box_run": white.pop("seconds")})
         rows[-1].pop("seconds", None)
         print(json.dumps(rows[-1]), flush=True)
+    release_rows = [release_row("mmd release, DP eps=1", epsilon=1.0), release_row("mmd release, DP eps=2", epsilon=2.0),
+                    release_row("mmd release, DP eps=10", epsilon=10.0),
+                    release_row("mmd release, noise x 0.1 (claims eps=1)", epsilon=1.0, noise_scale=0.1)]
+    for row in release_rows:
+        print(json.dumps(row), flush=True)
     ratios = [r["seconds_white_box_run"] / r["seconds_normal_run"] for r in rows]
     result = {"benchmark": "audit_power", "settings": {**kw, "shadows": args.shadows, "n_train": N_TRAIN, "delta": DELTA,
                                                        "data": "sklearn digits 8x8", "model": "VAE mlp latent 8"},
-              "rows": rows, "cost": {"white_box_over_normal_run_max": round(max(ratios), 2),
+              "rows": rows, "release_rows": release_rows, "cost": {"white_box_over_normal_run_max": round(max(ratios), 2),
                                      "white_box_over_normal_run_median": round(float(np.median(ratios)), 2)},
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__}
