@@ -721,11 +721,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
                              ledger=Path(args.ledger) if args.ledger else None,
                              state_dir=Path(args.state_dir) if args.state_dir else None, site=args.site)
         out = Path(args.out) if args.out else Path("audit")
-    result = audit_inputs(inputs, seed=args.seed, check_seeds=args.check_seeds)
+    # With LiRA the audit's membership tests share the family-wise level with it (Bonferroni):
+    # half for run_audit's attacks, half for LiRA, so a leak-free run still warns <= 5 % of the time.
+    settings = AuditSettings(significance=AuditSettings().significance / 2) if args.shadows else AuditSettings()
+    result = audit_inputs(inputs, seed=args.seed, check_seeds=args.check_seeds, settings=settings)
     if args.shadows:
         from .audit_shadows import lira_run_dir
 
-        result["lira"], verdict = lira_run_dir(Path(args.run_dir), args.shadows, seed=args.seed)
+        result["lira"], verdict = lira_run_dir(Path(args.run_dir), args.shadows, seed=args.seed,
+                                               level=settings.significance)
         result["verdicts"].append(verdict)
     html = render_html(result, synthetic=inputs.synthetic, train=inputs.train.x.numpy())
     json_path, html_path = write_audit(out, result, html)

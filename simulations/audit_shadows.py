@@ -85,10 +85,10 @@ def _minus_loss(model, data: SiteData) -> np.ndarray:
     return -per_example_loss(model, data.x, data.y if model.conditional else None, seed=STATISTIC_SEED)
 
 
-def lira_run_dir(run_dir: Path, k: int, *, seed: int = 0, jobs: int | None = None,
-                 n_bootstrap: int = 200) -> tuple[dict[str, Any], dict[str, Any]]:
+def lira_run_dir(run_dir: Path, k: int, *, seed: int = 0, jobs: int | None = None, n_bootstrap: int = 200,
+                 level: float = 0.05) -> tuple[dict[str, Any], dict[str, Any]]:
     """LiRA on ``run_dir``'s final model with ``k`` shadow federations: the ``audit.json``
-    entry ``lira`` and its verdict."""
+    entry ``lira`` and its verdict, its two tests at ``level / 2`` each."""
     from .sampling import load_run_model
 
     try:
@@ -121,5 +121,5 @@ def lira_run_dir(run_dir: Path, k: int, *, seed: int = 0, jobs: int | None = Non
         stats = np.stack([_minus_loss(load_run_model(Path(d)), records) for d in dirs])
     entry = shadows.lira_audit(target, stats, plan, cand.is_member, n_bootstrap=n_bootstrap, seed=seed)
     entry.update({"candidates": {"members": len(cand.members), "nonmembers": len(cand.nonmembers)},
-                  "parallel_jobs": jobs})
-    return entry, membership_verdict("LiRA", entry)
+                  "parallel_jobs": jobs, "significance": level})
+    return entry, membership_verdict("LiRA", entry, level=level)
