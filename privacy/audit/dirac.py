@@ -87,13 +87,14 @@ def load(path: Path) -> DiracCanaries:
                              included=f["included"].astype(bool))
 
 
-def load_or_plan(path: Path, n_coordinates: int, m: int) -> DiracCanaries:
-    """The site's canaries: planned on its first audit round, the same ones afterwards."""
+def load_or_plan(path: Path, n_coordinates: int, m: int, *, what: str = "white-box canaries") -> DiracCanaries:
+    """The site's canaries: planned on its first audit round, the same ones afterwards
+    (``what``: their name in the error; release canaries use the same file format)."""
     path = Path(path)
     if path.exists():
         canaries = load(path)
         if canaries.m != m or canaries.coordinates.max() >= n_coordinates:
-            raise ValueError(f"{path} holds {canaries.m} white-box canaries for another model or "
+            raise ValueError(f"{path} holds {canaries.m} {what} for another model or "
                              f"count (scenario asks {m}); remove it to start a new audit run")
         return canaries
     canaries = plan(n_coordinates, m)

@@ -33,7 +33,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .dirac import DiracCanaries, audit, plan
+from .dirac import DiracCanaries, audit
+from .dirac import load_or_plan as dirac_load_or_plan
 
 FILE_NAME = "white_box_release_canaries.npz"
 RELEASES_DIR = "white_box_releases"
@@ -41,18 +42,7 @@ RELEASES_DIR = "white_box_releases"
 
 def load_or_plan(path: Path, n_coordinates: int, m: int) -> DiracCanaries:
     """The site's release canaries: planned on its first audited release, the same ones after."""
-    from .dirac import load, save
-
-    path = Path(path)
-    if path.exists():
-        canaries = load(path)
-        if canaries.m != m or canaries.coordinates.max() >= n_coordinates:
-            raise ValueError(f"{path} holds {canaries.m} release canaries for another model or count "
-                             f"(scenario asks {m}); remove it to start a new audit run")
-        return canaries
-    canaries = plan(n_coordinates, m)
-    save(path, canaries)
-    return canaries
+    return dirac_load_or_plan(path, n_coordinates, m, what="release canaries")
 
 
 def canary_sum(canaries: DiracCanaries, like: torch.Tensor) -> torch.Tensor:
