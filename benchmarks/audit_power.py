@@ -10,14 +10,21 @@ server receives). "No DP" is DP-SGD with sigma = 0 and no clipping, so the canar
 planted the same way; it has no claimed eps, and a positive bound there is a warning. The
 broken variants claim eps = 1 (the ledger charges as if correct). Each row also runs
 ``run_audit`` on 500 samples with the model's per-record loss (the loss-threshold
-membership attack), and reports its membership verdicts.
+membership attack), and reports its membership verdicts. With ``--shadows K`` it adds LiRA
+exactly as ``fedgen audit --shadows K`` runs it (privacy/audit/shadows.py: candidates = the
+250 training records and 250 held-out ones, K shadows of the same recipe on complementary
+random halves, the family-wise 5 % split between run_audit's attacks and LiRA).
+
+The release rows: one mmd release (the Gaussian mechanism) of the 250 training digits, a
+release canary on each of the 20,001 coordinates of the released sum
+(privacy/audit/release_canaries.py), at eps = 1, 2, 10 and with ten times too little noise.
 
 Each row is trained twice with the same settings: once with canaries (the white-box audit
 run, which a site runs for the audit: a canary on every coordinate disturbs training), once
 without (the normal run, whose model the membership audit examines). Cost: the seconds of
 the white-box audit run over the normal run.
 
-    OMP_NUM_THREADS=1 python benchmarks/audit_power.py [--rounds 5] [--steps 50]
+    OMP_NUM_THREADS=1 python benchmarks/audit_power.py [--rounds 5] [--steps 50] [--shadows 4] [--rows 0,2]
 
 Writes benchmarks/results/audit_power.json.
 """
