@@ -8,7 +8,9 @@ Two modes:
   are scored separately and never counted as members), *non-members* the held-out split,
   *synthetic* data ``-n`` samples of the final global model (class-balanced when it is
   conditional). The white-box statistic, the claimed epsilon (``privacy.json``) and the
-  canaries (``inputs/canaries.npz``) come from the run.
+  canaries (``inputs/canaries.npz``) come from the run. ``--shadows K`` adds LiRA with K
+  shadow federations of the run's scenario (simulations/audit_shadows.py); a white-box
+  audit run's bound reads the updates (or raw releases) the server kept when it kept them.
 * ``fedgen audit --samples S.npz --train T --holdout H [--model CKPT]`` audits any
   generated data against any records, e.g. at a site against the global model: every
   input is local, nothing leaves the machine. At a deployed site ``--node-config`` (the
