@@ -71,8 +71,8 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
     privacy = PrivacyConfig(enabled=True, target_epsilon=epsilon or 1.0, delta=DELTA, max_grad_norm=1.0,
                             planned_rounds=rounds, grad_sample_mode="ghost")
 
-    def train(x: torch.Tensor, plan=None, init_seed: int = 0):
-        torch.manual_seed(init_seed)
+    def train(x: torch.Tensor, plan=None, run_seed: int = 0):
+        torch.manual_seed(0)  # one initialisation, as the run's own scenario seed gives every shadow federation
         model = VAE((64,), latent_dim=8, hidden=hidden)
         data = SiteData(x=x, y=None, num_classes=None, source="digits")
         ledger = new_site_ledger("0", privacy)
@@ -81,7 +81,7 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
         for r in range(1, rounds + 1):
             before = torch.cat([p.detach().reshape(-1).clone() for p in params])
             run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=r,
-                            seed=r + 1000 * init_seed, white_box=plan, _broken=broken)
+                            seed=r + 1000 * run_seed, white_box=plan, _broken=broken)
             updates.append((torch.cat([p.detach().reshape(-1) for p in params]) - before).numpy())
         return model, ledger, updates
 
@@ -123,7 +123,7 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
             cand = lira_.candidates(len(train_x), len(holdout_x), seed=0)
             records = torch.cat([train_x[cand.members], holdout_x[cand.nonmembers]])
             plan_in = lira_.shadow_plan(len(records), shadows, seed=0)
-            stats = np.stack([minus_loss(train(records[torch.from_numpy(plan_in[k])], init_seed=k + 1)[0], records)
+            stats = np.stack([minus_loss(train(records[torch.from_numpy(plan_in[k])], run_seed=k + 1)[0], records)
                               for k in range(shadows)])
             metrics = lira_.lira_audit(minus_loss(model, records), stats, plan_in, cand.is_member, n_bootstrap=100)
             row.update({"lira_shadows": shadows, "lira_auc": round(metrics["auc"]["value"], 3),
