@@ -10,14 +10,21 @@ server receives). "No DP" is DP-SGD with sigma = 0 and no clipping, so the canar
 planted the same way; it has no claimed eps, and a positive bound there is a warning. The
 broken variants claim eps = 1 (the ledger charges as if correct). Each row also runs
 ``run_audit`` on 500 samples with the model's per-record loss (the loss-threshold
-membership attack), and reports its membership verdicts.
+membership attack), and reports its membership verdicts. With ``--shadows K`` it adds LiRA
+exactly as ``fedgen audit --shadows K`` runs it (privacy/audit/shadows.py: candidates = the
+250 training records and 250 held-out ones, K shadows of the same recipe on complementary
+random halves, the family-wise 5 % split between run_audit's attacks and LiRA).
+
+The release rows: one mmd release (the Gaussian mechanism) of the 250 training digits, a
+release canary on each of the 20,001 coordinates of the released sum
+(privacy/audit/release_canaries.py), at eps = 1, 2, 10 and with ten times too little noise.
 
 Each row is trained twice with the same settings: once with canaries (the white-box audit
 run, which a site runs for the audit: a canary on every coordinate disturbs training), once
 without (the normal run, whose model the membership audit examines). Cost: the seconds of
 the white-box audit run over the normal run.
 
-    OMP_NUM_THREADS=1 python benchmarks/audit_power.py [--rounds 5] [--steps 50]
+    OMP_NUM_THREADS=1 python benchmarks/audit_power.py [--rounds 5] [--steps 50] [--shadows 4] [--rows 0,2]
 
 Writes benchmarks/results/audit_power.json.
 """
@@ -38,13 +45,13 @@ REPO = Path(__file__).resolve().parent.parent
 DELTA = 1e-5
 
 
-def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training records, held-out records, and the shadow models' pool (disjoint)."""
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Training records and held-out records (disjoint)."""
     from sklearn.datasets import load_digits
 
     x = torch.tensor(load_digits().data / 16.0, dtype=torch.float32)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return x[order[:N_TRAIN]], x[order[N_TRAIN:N_TRAIN + 600]], x[order[N_TRAIN + 600:]]
+    return x[order[:N_TRAIN]], x[order[N_TRAIN:N_TRAIN + 600]]
 
 
 N_TRAIN = 250
@@ -59,13 +66,13 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
     from fedgen.shared_models import Batch
     from fedgen.shared_models.vae import VAE
 
-    train_x, holdout_x, pool_x = _digits()
+    train_x, holdout_x = _digits()
     training = TrainingConfig(local_steps=steps, batch_size=batch, lr=lr)
     privacy = PrivacyConfig(enabled=True, target_epsilon=epsilon or 1.0, delta=DELTA, max_grad_norm=1.0,
                             planned_rounds=rounds, grad_sample_mode="ghost")
 
-    def train(x: torch.Tensor, plan=None, init_seed: int = 0):
-        torch.manual_seed(init_seed)
+    def train(x: torch.Tensor, plan=None, run_seed: int = 0):
+        torch.manual_seed(0)  # one initialisation, as the run's own scenario seed gives every shadow federation
         model = VAE((64,), latent_dim=8, hidden=hidden)
         data = SiteData(x=x, y=None, num_classes=None, source="digits")
         ledger = new_site_ledger("0", privacy)
@@ -74,7 +81,7 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
         for r in range(1, rounds + 1):
             before = torch.cat([p.detach().reshape(-1).clone() for p in params])
             run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=r,
-                            seed=r + 1000 * init_seed, white_box=plan, _broken=broken)
+                            seed=r + 1000 * run_seed, white_box=plan, _broken=broken)
             updates.append((torch.cat([p.detach().reshape(-1) for p in params]) - before).numpy())
         return model, ledger, updates
 
@@ -101,27 +108,30 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
         with torch.no_grad():
             torch.manual_seed(1)
             synthetic = model.sample(500).numpy()
-        audit = run_audit(synthetic, train_x.numpy(), holdout_x.numpy(), settings=AuditSettings(n_bootstrap=100),
+        # as `fedgen audit --shadows`: with LiRA the family-wise 5 % is split, half for run_audit's attacks
+        significance = 0.025 if shadows else 0.05
+        audit = run_audit(synthetic, train_x.numpy(), holdout_x.numpy(),
+                          settings=AuditSettings(n_bootstrap=100, significance=significance),
                           white_box_scores=WhiteBoxScores("minus loss", minus_loss(model, train_x),
                                                            minus_loss(model, holdout_x)))
         wb = audit["white_box"]["white_box/minus loss"]
         membership = [v["level"] for v in audit["verdicts"] if v["topic"].startswith("membership")]
-        if shadows:  # offline LiRA: shadow models of the same recipe on a disjoint pool
-            from fedgen.privacy.audit.membership import attack_metrics, lira, membership_tests
+        if shadows:  # LiRA as `fedgen audit --shadows K` runs it (privacy/audit/shadows.py)
+            from fedgen.privacy.audit import shadows as lira_
             from fedgen.privacy.audit.report import membership_verdict
 
-            candidates = torch.cat([train_x, holdout_x])
-            is_member = np.r_[np.ones(len(train_x), bool), np.zeros(len(holdout_x), bool)]
-            rng = np.random.default_rng(0)
-            stats = np.stack([minus_loss(train(pool_x[rng.choice(len(pool_x), N_TRAIN, replace=False)],
-                                               init_seed=k + 1)[0], candidates) for k in range(shadows)])
-            score = lira(minus_loss(model, candidates), stats, np.zeros_like(stats, dtype=bool))
-            metrics = {**attack_metrics(score, is_member, n_bootstrap=100, fpr_levels=(0.01, 0.001)).to_dict(),
-                       "test": membership_tests(score, is_member)}
+            cand = lira_.candidates(len(train_x), len(holdout_x), seed=0)
+            records = torch.cat([train_x[cand.members], holdout_x[cand.nonmembers]])
+            plan_in = lira_.shadow_plan(len(records), shadows, seed=0)
+            stats = np.stack([minus_loss(train(records[torch.from_numpy(plan_in[k])], run_seed=k + 1)[0], records)
+                              for k in range(shadows)])
+            metrics = lira_.lira_audit(minus_loss(model, records), stats, plan_in, cand.is_member, n_bootstrap=100)
             row.update({"lira_shadows": shadows, "lira_auc": round(metrics["auc"]["value"], 3),
                         "lira_tpr_at_1pct_fpr": round(metrics["tpr_at_fpr"][0]["value"], 3),
                         "lira_tpr_at_0.1pct_fpr": round(metrics["tpr_at_fpr"][1]["value"], 3),
-                        "lira_verdict": membership_verdict("LiRA", metrics)["level"]})
+                        "lira_auc_p_value": metrics["test"]["auc_p_value"],
+                        "lira_top_k_p_value": metrics["test"]["top_k_p_value"],
+                        "lira_verdict": membership_verdict("LiRA", metrics, level=significance)["level"]})
             membership.append(row["lira_verdict"])
         row.update({"loss_attack_auc": round(wb["auc"]["value"], 3),
                     "loss_attack_tpr_at_1pct_fpr": round(wb["tpr_at_fpr"][0]["value"], 3),
@@ -144,6 +154,39 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
     return row
 
 
+def release_row(name: str, *, epsilon: float, noise_scale: float = 1.0, num_features: int = 20000) -> dict:
+    """One mmd release (Gaussian mechanism) of the 250 training digits at one site, a
+    release canary on every coordinate of the released sum (privacy/audit/release_canaries.py)."""
+    from fedgen.client.data import SiteData
+    from fedgen.client.training import _BrokenDP, new_site_ledger, run_local_round
+    from fedgen.contract.task import PrivacyConfig, TrainingConfig
+    from fedgen.privacy.audit import dirac, release_canaries
+    from fedgen.shared_models import build_model
+
+    train_x, _ = _digits()
+    torch.manual_seed(0)
+    model = build_model("mmd", data_shape=(64,), num_classes=None, architecture="mlp", num_features=num_features,
+                        fit_steps=1)
+    privacy = PrivacyConfig(enabled=True, target_epsilon=epsilon, delta=DELTA, max_grad_norm=1.0, planned_rounds=1)
+    ledger = new_site_ledger("0", privacy)
+    plan = dirac.plan(getattr(model, model.release_buffer).numel())
+    start = time.perf_counter()
+    run_local_round(model, SiteData(x=train_x, y=None, num_classes=None, source="digits"),
+                    training=TrainingConfig(local_steps=1, batch_size=1, lr=1e-3), privacy=privacy, ledger=ledger,
+                    server_round=1, seed=1, white_box=plan,
+                    _broken=None if noise_scale == 1.0 else _BrokenDP(noise_scale=noise_scale))
+    released = (getattr(model, model.release_buffer) * len(train_x)).numpy()
+    score = release_canaries.scores([released], [model.statistic_sum(train_x, None).numpy()], plan,
+                                    [ledger.noise_multiplier])
+    result = dirac.audit(score, plan.included, delta=DELTA)
+    return {"run": name, "claimed_epsilon": epsilon, "accountant_epsilon": ledger.epsilon,
+            "noise_multiplier": ledger.noise_multiplier * noise_scale, "canaries": result.m,
+            "white_box_bound": round(result.epsilon_lower_bound, 3),
+            "max_attainable_bound": round(result.max_attainable, 3), "correct": result.n_correct,
+            "guesses": 2 * result.k, "white_box_verdict": dirac.verdict(result, epsilon)["level"],
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
 def main() -> dict:
     from fedgen.client.training import _BrokenDP
 
@@ -154,6 +197,8 @@ def main() -> dict:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--shadows", type=int, default=0, help="LiRA shadow models per row (0: no LiRA)")
+    ap.add_argument("--rows", default=None, help="comma-separated row numbers (0-5) to run, '' for none; the others "
+                                                 "keep their last results in the JSON file (the release rows always run)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     kw = dict(rounds=args.rounds, steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden)
@@ -162,22 +207,32 @@ def main() -> dict:
             ("noise x 0.1 (claims eps=1)", 1.0, _BrokenDP(noise_scale=0.1)),
             ("clipping off (claims eps=1)", 1.0, _BrokenDP(clip=False)),
             ("known noise seed (claims eps=1)", 1.0, _BrokenDP(known_noise_seed=12345))]
+    out = REPO / "benchmarks" / "results" / "audit_power.json"
+    chosen = None if args.rows is None else {int(i) for i in args.rows.split(",") if i}
+    previous = json.loads(out.read_text())["rows"] if chosen is not None and out.exists() else []
     rows = []
-    for name, eps, broken in runs:
+    for i, (name, eps, broken) in enumerate(runs):
+        if chosen is not None and i not in chosen and i < len(previous):
+            rows.append(previous[i])
+            continue
         white = train_and_audit(name, epsilon=eps, broken=broken, **kw)
         normal = train_and_audit(name, epsilon=eps, broken=broken, canaries=False, shadows=args.shadows, **kw)
         rows.append({**white, **{k: v for k, v in normal.items() if k != "seconds"},
                      "seconds_normal_run": normal["seconds"], "seconds_white_box_run": white.pop("seconds")})
         rows[-1].pop("seconds", None)
         print(json.dumps(rows[-1]), flush=True)
+    release_rows = [release_row("mmd release, DP eps=1", epsilon=1.0), release_row("mmd release, DP eps=2", epsilon=2.0),
+                    release_row("mmd release, DP eps=10", epsilon=10.0),
+                    release_row("mmd release, noise x 0.1 (claims eps=1)", epsilon=1.0, noise_scale=0.1)]
+    for row in release_rows:
+        print(json.dumps(row), flush=True)
     ratios = [r["seconds_white_box_run"] / r["seconds_normal_run"] for r in rows]
     result = {"benchmark": "audit_power", "settings": {**kw, "shadows": args.shadows, "n_train": N_TRAIN, "delta": DELTA,
                                                        "data": "sklearn digits 8x8", "model": "VAE mlp latent 8"},
-              "rows": rows, "cost": {"white_box_over_normal_run_max": round(max(ratios), 2),
+              "rows": rows, "release_rows": release_rows, "cost": {"white_box_over_normal_run_max": round(max(ratios), 2),
                                      "white_box_over_normal_run_median": round(float(np.median(ratios)), 2)},
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__}
-    out = REPO / "benchmarks" / "results" / "audit_power.json"
     from fedgen.privacy.ledger import atomic_write_text
 
     atomic_write_text(out, json.dumps(result, indent=1))

@@ -46,7 +46,8 @@ def train_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.Ten
                state_dir: Path | None = None) -> tuple[GenerativeModel, RoundResult, Any]:
     """One round at one site: load the global weights, train, return the new ledger.
     In a white-box audit run at this site (``privacy.white_box``), its gradient canaries
-    live in ``state_dir`` beside the ledger, with every update the site sends."""
+    (or, in a release round, its release canaries) live in ``state_dir`` beside the ledger,
+    with every update (release) the site sends."""
     check_data_matches(task, data)
     if task.privacy.enabled and ledger is None:
         ledger = new_site_ledger(site, task.privacy)
@@ -54,8 +55,15 @@ def train_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.Ten
     model.load_state_dict(state_dict)
     device = resolve_device(task.device)
     white_box, params, before = None, [], None
-    if (task.privacy.white_box_canaries and task.privacy.enabled and state_dir is not None
-            and site == task.privacy.white_box_site and isinstance(model, DPSGDTrainable)):
+    audited = (task.privacy.white_box_canaries and task.privacy.enabled and state_dir is not None
+               and site == task.privacy.white_box_site)
+    if audited and model.wants_release():  # a release round: canaries in the released sum
+        from fedgen.privacy.audit import release_canaries
+
+        buffer = getattr(model, model.release_buffer)
+        white_box = release_canaries.load_or_plan(Path(state_dir) / release_canaries.FILE_NAME, buffer.numel(),
+                                                  task.privacy.white_box_canaries)
+    elif audited and isinstance(model, DPSGDTrainable):  # DP-SGD: gradient (Dirac) canaries
         from fedgen.privacy.audit import dirac
 
         params = private_parameters(model)
@@ -65,8 +73,14 @@ def train_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.Ten
     result = run_local_round(model, data, training=task.training, privacy=task.privacy, ledger=ledger,
                              server_round=server_round, seed=round_seed(task.seed, site, server_round),
                              device=device, run=run, white_box=white_box)
-    if white_box is not None and result.status == "trained":
+    if white_box is not None and result.status == "trained" and params:
         dirac.record_update(Path(state_dir), server_round, dirac.flat(params) - before, [p.shape for p in params])
+    elif white_box is not None and result.status == "trained":  # the raw release and the records' own sum
+        n = len(data)
+        records = model.statistic_sum(data.x.to(device), None if data.y is None else data.y.to(device))
+        release_canaries.record_release(Path(state_dir), server_round,
+                                        released=(getattr(model, model.release_buffer) * n).cpu().numpy(),
+                                        records_sum=records.cpu().numpy())
     model.to("cpu")
     return model, result, ledger
 

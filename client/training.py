@@ -29,7 +29,7 @@ from fedgen.privacy.budget import affordable_dp_sgd_steps, charge_dp_sgd_round, 
 from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
 from fedgen.privacy.ledger import SiteLedger
 from fedgen.privacy.randomness import dp_generator
-from fedgen.privacy.release import plan_release, release_sum
+from fedgen.privacy.release import GaussianRelease, plan_release, release_sum
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel, Releasing
 from fedgen.shared_models.warm_start import uniform_batches
 
@@ -58,6 +58,16 @@ class _BrokenDP:
     noise_scale: float = 1.0  # e.g. 0.1: ten times too little noise
     clip: bool = True  # False: per-example gradients unclipped (noise still sigma x C)
     known_noise_seed: int | None = None  # noise from seed + round: regenerable by the auditor
+
+
+@dataclass(frozen=True)
+class _ScaledRelease(GaussianRelease):
+    """Tests only (:class:`_BrokenDP`): a release noised at ``scale`` x sigma, charged at sigma."""
+
+    scale: float = 1.0
+
+    def noised(self, statistic_sum: Tensor, generator: torch.Generator) -> Tensor:
+        return GaussianRelease(self.noise_multiplier * self.scale).noised(statistic_sum, generator)
 
 
 def private_parameters(model: DPSGDTrainable) -> list[torch.nn.Parameter]:
@@ -125,7 +135,7 @@ def run_local_round(
     if model.wants_release():
         assert isinstance(model, Releasing)
         return _release_round(model, data, privacy=privacy, ledger=ledger, server_round=server_round,
-                              noise_rng=sampling, device=device, run=run)
+                              noise_rng=sampling, device=device, run=run, white_box=white_box, _broken=_broken)
     if not isinstance(model, DPSGDTrainable):
         raise TypeError(f"{type(model).__name__} has neither a release to make nor DP-SGD steps to train")
     iterations = training.local_steps
@@ -218,10 +228,13 @@ def run_local_round(
 @torch.no_grad()
 def _release_round(model: Releasing, data: SiteData, *, privacy: PrivacyConfig, ledger: SiteLedger | None,
                    server_round: int, noise_rng: torch.Generator, device: torch.device,
-                   run: str | None) -> RoundResult:
+                   run: str | None, white_box: "dirac.DiracCanaries | None" = None,
+                   _broken: _BrokenDP | None = None) -> RoundResult:
     """A release round: the site's sum of unit-norm per-record vectors, under DP noised and
     charged by the Gaussian release (privacy/release.py) at the release's epsilon -- the whole
-    budget for a pure release family, which refuses from then on; a hybrid's ``release_epsilon``."""
+    budget for a pure release family, which refuses from then on; a hybrid's ``release_epsilon``.
+    ``white_box``: an audit run's release canaries (privacy/audit/release_canaries.py), added
+    to the sum before the noise."""
     n = len(data)
     release = None
     if privacy.enabled:
@@ -234,6 +247,12 @@ def _release_round(model: Releasing, data: SiteData, *, privacy: PrivacyConfig, 
                 f"site {ledger.site} refuses to release again: one more release would exceed its target "
                 f"epsilon {ledger.target_epsilon} (spent {ledger.epsilon:.4g})"))
     total = model.statistic_sum(data.x.to(device), None if data.y is None else data.y.to(device))
+    if white_box is not None:
+        from fedgen.privacy.audit.release_canaries import canary_sum  # audit runs only
+
+        total = total + canary_sum(white_box, total)
+    if release is not None and _broken is not None:  # test-only: a release with less noise than charged
+        release = _ScaledRelease(release.noise_multiplier, scale=_broken.noise_scale)
     if release is not None:
         total = release_sum(total, release, ledger, generator=noise_rng, round=server_round, run=run)
     model.set_release(total / n)

@@ -39,8 +39,8 @@ from .site_level import SiteLevelDPStrategy
 from .strategies import ROBUST, build_strategy
 from .summary import RunFailedError, RunPrivacy, failure_line, write_summary
 from .warm_start import public_warm_start, release_record, write_record
-from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, RoundReplies, check_metrics, site_releases, sort_replies,
-                      weighted_mean)
+from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, RoundReplies, check_metrics, site_info, site_releases,
+                      sort_replies, weighted_mean)
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class FederatedRun:
                                    for stage, nodes in secagg_round.dropped.items() for node in nodes]
             else:
                 replies = self._collect(messages, arrays)
+                self._keep_white_box_updates(rnd, arrays, replies.ok)
             record = self._record(rnd, messages, replies)
             if secagg_round is not None and secagg_round.aborted:  # before any input was sent
                 record.secure_aggregation = secagg_round.report()
@@ -199,6 +200,31 @@ class FederatedRun:
         self._fold_unreported_ledgers()
         self.exhausted.update(sorted_.refused)
         return sorted_
+
+    def _keep_white_box_updates(self, rnd: int, sent: ArrayRecord, ok: list[Message]) -> None:
+        """In a white-box audit run (``privacy.white_box``) only, and never under secure
+        aggregation (this path does not run there): keep the audited site's update (a release
+        family: its raw release) as the server received it, before any norm bound or robust
+        rule touches it, for the auditor (``RUN_DIR/white_box_received/<site>/``, docs/audit.md)."""
+        white_box = self.privacy_cfg.white_box
+        if white_box is None or not self.privacy_cfg.enabled:
+            return
+        from fedgen.privacy.audit import dirac  # audit runs only
+
+        site, releasing = str(white_box.site), self.model.training_mode == "release"
+        for msg in ok:
+            if site_info(msg)[0] != site:
+                continue
+            received = next(iter(msg.content.array_records.values()), None)
+            if received is not None and releasing:  # the raw release: the buffer's mean times the count
+                from fedgen.privacy.audit import release_canaries
+
+                count = float(next(iter(msg.content.metric_records.values()))["num-examples"])
+                release_canaries.record_release(self.run_dir / dirac.RECEIVED_DIR / site, rnd,
+                                                released=received[self.model.release_buffer].numpy() * count)
+            elif received is not None:
+                dirac.record_received(self.run_dir, site, rnd, received.to_torch_state_dict(),
+                                      sent.to_torch_state_dict(), dirac.private_parameter_names(self.model))
 
     def _record(self, rnd: int, messages: list[Message], replies: RoundReplies) -> RoundRecord:
         record = RoundRecord(

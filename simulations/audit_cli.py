@@ -8,7 +8,9 @@ Two modes:
   are scored separately and never counted as members), *non-members* the held-out split,
   *synthetic* data ``-n`` samples of the final global model (class-balanced when it is
   conditional). The white-box statistic, the claimed epsilon (``privacy.json``) and the
-  canaries (``inputs/canaries.npz``) come from the run.
+  canaries (``inputs/canaries.npz``) come from the run. ``--shadows K`` adds LiRA with K
+  shadow federations of the run's scenario (simulations/audit_shadows.py); a white-box
+  audit run's bound reads the updates (or raw releases) the server kept when it kept them.
 * ``fedgen audit --samples S.npz --train T --holdout H [--model CKPT]`` audits any
   generated data against any records, e.g. at a site against the global model: every
   input is local, nothing leaves the machine. At a deployed site ``--node-config`` (the
@@ -58,7 +60,8 @@ from fedgen.contract import rundir
 from fedgen.contract.rundir import Canaries, read_canaries
 from fedgen.contract.scenario import Scenario, scenario_from_dict
 from fedgen.contract.task import build_global_model
-from fedgen.privacy.audit import AuditSettings, WhiteBoxScores, dirac, render_html, run_audit, to_json
+from fedgen.privacy.audit import (AuditSettings, WhiteBoxScores, dirac, release_canaries, render_html, run_audit,
+                                  to_json)
 from fedgen.privacy.ledger import SiteLedger, atomic_write_text
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel
 
@@ -95,6 +98,7 @@ class AuditInputs:
     source: dict[str, Any] = field(default_factory=dict)  # recorded in audit.json
     white_box_dir: Path | None = None  # a white-box audit run's site state (privacy/audit/dirac.py)
     white_box_claim: float | None = None  # that site's epsilon
+    white_box_received: Path | None = None  # the server's copy of that site's updates, if it kept one
 
 
 # -- the white-box statistic ---------------------------------------------------------
@@ -251,7 +255,8 @@ def _white_box_site(run_dir: Path, scenario: Scenario) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError):
         raise AuditError(f"{run_dir}: privacy.white_box site {site} has no epsilon in {rundir.PRIVACY}; "
                          "the white-box audit run finished no round at that site") from None
-    return {"white_box_dir": run_dir / "sites" / site, "white_box_claim": float(claim)}
+    return {"white_box_dir": run_dir / "sites" / site, "white_box_claim": float(claim),
+            "white_box_received": run_dir / dirac.RECEIVED_DIR / site}
 
 
 #: file suffix -> format, for --train/--holdout given without --format or --node-config
@@ -588,7 +593,12 @@ def _audit_with(inputs: AuditInputs, stats: _Statistics, *, seed: int, settings:
         raise AuditError(str(err)) from None
     if inputs.white_box_dir is not None:
         found = dirac.audit_state_dir(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
-                                      delta=inputs.delta, confidence=settings.confidence)
+                                      delta=inputs.delta, confidence=settings.confidence,
+                                      received_dir=inputs.white_box_received)
+        if found is None:  # a release family's audit run
+            found = release_canaries.audit_site(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
+                                                delta=inputs.delta, confidence=settings.confidence,
+                                                received_dir=inputs.white_box_received)
         if found is None:
             raise AuditError(f"{inputs.white_box_dir}: no {dirac.FILE_NAME} or recorded updates; the white-box "
                              "audit site trained no round")
@@ -645,6 +655,11 @@ def summary_lines(audit: dict[str, Any]) -> list[str]:
         f"membership inference: highest AUC {best['auc']['value']:.3f} "
         f"(CI {best['auc']['ci'][0]:.3f}-{best['auc']['ci'][1]:.3f}) by {best_name}",
     ]
+    if audit.get("lira"):
+        lira = audit["lira"]
+        lines.append(f"LiRA ({lira['shadows']} shadow federations): AUC {lira['auc']['value']:.3f}, TPR "
+                     + " / ".join(f"{100 * t['value']:.1f} %" for t in lira["tpr_at_fpr"])
+                     + " at " + " / ".join(f"{100 * t['fpr']:g} %" for t in lira["tpr_at_fpr"]) + " FPR")
     if audit.get("white_box_canaries"):
         wb = audit["white_box_canaries"]
         lines.append(f"white-box canaries: epsilon lower bound {wb['epsilon_lower_bound']['value']:.3g} "
@@ -682,6 +697,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if site_args:
             raise AuditError(f"{', '.join(site_args)}: only with --samples (a site's audit); RUN_DIR supplies "
                              "its own data, model and claim")
+        if args.shadows:
+            from fedgen.privacy.audit.shadows import check_shadow_count
+
+            try:
+                check_shadow_count(args.shadows)  # before any slow part
+            except ValueError as err:
+                raise AuditError(str(err)) from None
         n = DEFAULT_SAMPLES if args.n is None else args.n
         if n < MIN_SAMPLES:
             raise AuditError(f"-n must be at least {MIN_SAMPLES}, got {n}")
@@ -693,13 +715,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
                              "--node-config (its data-path)")
         if args.n is not None:
             raise AuditError("-n draws samples from a run's model; with --samples the file gives them")
+        if args.shadows:
+            raise AuditError("--shadows trains shadow federations of a run's scenario: only with RUN_DIR")
         inputs = file_inputs(Path(args.samples), Path(args.train) if args.train else None, Path(args.holdout),
                              model=Path(args.model) if args.model else None, fmt=args.format,
                              node_config=parse_node_config(args.node_config) if args.node_config else None,
                              ledger=Path(args.ledger) if args.ledger else None,
                              state_dir=Path(args.state_dir) if args.state_dir else None, site=args.site)
         out = Path(args.out) if args.out else Path("audit")
-    result = audit_inputs(inputs, seed=args.seed, check_seeds=args.check_seeds)
+    # With LiRA the audit's membership tests share the family-wise level with it (Bonferroni):
+    # half for run_audit's attacks, half for LiRA, so a leak-free run still warns <= 5 % of the time.
+    settings = AuditSettings(significance=AuditSettings().significance / 2) if args.shadows else AuditSettings()
+    result = audit_inputs(inputs, seed=args.seed, check_seeds=args.check_seeds, settings=settings)
+    if args.shadows:
+        from .audit_shadows import lira_run_dir
+
+        result["lira"], verdict = lira_run_dir(Path(args.run_dir), args.shadows, seed=args.seed,
+                                               level=settings.significance)
+        result["verdicts"].append(verdict)
     html = render_html(result, synthetic=inputs.synthetic, train=inputs.train.x.numpy())
     json_path, html_path = write_audit(out, result, html)
     for line in summary_lines(result):
@@ -744,6 +777,9 @@ def add_audit_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentPa
                         f"inconclusive (default {DEFAULT_CHECK_SEEDS}; 0: no check)")
     p.add_argument("-n", type=int, default=None, metavar="N_SAMPLES",
                    help=f"samples drawn from RUN_DIR's model (default {DEFAULT_SAMPLES})")
+    p.add_argument("--shadows", type=int, default=0, metavar="K",
+                   help="LiRA (RUN_DIR only): train K shadow federations of the run's scenario on random halves "
+                        "of its training and held-out records, in parallel (2 <= K <= 16; default 0: no LiRA)")
     p.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/audit, or ./audit)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling (RUN_DIR), the candidate split, the size-matched subsample and the "
                         "bootstrap; the feature space and the white-box losses use a fixed seed")

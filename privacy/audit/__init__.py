@@ -9,6 +9,7 @@ synthetic data may leave a site.
   Steinke, Nasr & Jagielski (2023);
 * :mod:`.dirac` — white-box Dirac gradient canaries in DP-SGD (a site's audit run) and
   their one-run epsilon lower bound from every round's update;
+* :mod:`.shadows` — LiRA, the shadow-model membership attack (``fedgen audit --shadows K``);
 * :mod:`.report` — verdicts in words, ``audit.json`` text and the HTML report;
 * :func:`run_audit` — all of the above on arrays (the CLI reads files and calls it).
 """
@@ -29,7 +30,6 @@ from .membership import (
     domias,
     gan_leaks,
     gan_leaks_calibrated,
-    lira,
     membership_tests,
     roc_curve,
     white_box,
@@ -46,6 +46,8 @@ from .memorization import (
 )
 from .neighbours import nearest_neighbours
 from .report import render_html, to_json
+from . import shadows
+from .shadows import lira, lira_audit
 from .results import fingerprint
 from .run import AuditSettings, WhiteBoxScores, run_audit
 
@@ -71,6 +73,7 @@ __all__ = [
     "gan_leaks",
     "gan_leaks_calibrated",
     "lira",
+    "lira_audit",
     "memorization_audit",
     "membership_tests",
     "near_copies",

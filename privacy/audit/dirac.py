@@ -87,13 +87,14 @@ def load(path: Path) -> DiracCanaries:
                              included=f["included"].astype(bool))
 
 
-def load_or_plan(path: Path, n_coordinates: int, m: int) -> DiracCanaries:
-    """The site's canaries: planned on its first audit round, the same ones afterwards."""
+def load_or_plan(path: Path, n_coordinates: int, m: int, *, what: str = "white-box canaries") -> DiracCanaries:
+    """The site's canaries: planned on its first audit round, the same ones afterwards
+    (``what``: their name in the error; release canaries use the same file format)."""
     path = Path(path)
     if path.exists():
         canaries = load(path)
         if canaries.m != m or canaries.coordinates.max() >= n_coordinates:
-            raise ValueError(f"{path} holds {canaries.m} white-box canaries for another model or "
+            raise ValueError(f"{path} holds {canaries.m} {what} for another model or "
                              f"count (scenario asks {m}); remove it to start a new audit run")
         return canaries
     canaries = plan(n_coordinates, m)
@@ -122,6 +123,40 @@ def record_update(state_dir: Path, server_round: int, update: np.ndarray,
                  lambda fh: fh.write(buffer.getvalue()))
 
 
+#: In a white-box audit run (never a normal run, never under secure aggregation) the server
+#: keeps every update it receives from the audited site: ``RUN_DIR/white_box_received/<site>/``,
+#: in the site's own format (:func:`record_update`). The auditor reads these when present.
+RECEIVED_DIR = "white_box_received"
+
+
+def private_parameter_names(model) -> list[str]:
+    """Names (``model.state_dict()`` keys) of the trainable parameters of the model's
+    private steps, in step order: the flat coordinate space of the canaries, as the site
+    builds it (``client.training.private_parameters``), for the server's copy."""
+    if not hasattr(model, "steps"):  # a release family: no DP-SGD steps, no gradient canaries
+        return []
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: set[int] = set()
+    out = []
+    for step in model.steps():
+        if step.private and id(step.module) not in seen:
+            seen.add(id(step.module))
+            out += [names[id(p)] for p in step.module.parameters() if p.requires_grad]
+    return out
+
+
+def record_received(run_dir: Path, site: str, server_round: int, received: dict, sent: dict,
+                    names: Sequence[str]) -> None:
+    """The server's copy of a white-box audit site's update (``received - sent`` on the
+    private parameters ``names``), kept under ``run_dir/RECEIVED_DIR/<site>/``."""
+    if not names:
+        return
+    update = np.concatenate([(np.asarray(received[n], dtype=np.float64) - np.asarray(sent[n], dtype=np.float64))
+                             .reshape(-1) for n in names])
+    record_update(Path(run_dir) / RECEIVED_DIR / site, server_round, update,
+                  [tuple(np.asarray(sent[n]).shape) for n in names])
+
+
 def read_updates(state_dir: Path) -> tuple[list[np.ndarray], list[tuple[int, ...]]]:
     """Every recorded update of a white-box audit run (round order) and the tensor shapes."""
     files = sorted((Path(state_dir) / UPDATES_DIR).glob("round_*.npz"))
@@ -134,17 +169,23 @@ def read_updates(state_dir: Path) -> tuple[list[np.ndarray], list[tuple[int, ...
 
 
 def audit_state_dir(state_dir: Path, *, claimed_epsilon: float | None, delta: float,
-                    confidence: float = 0.95) -> tuple[dict, dict] | None:
+                    confidence: float = 0.95, received_dir: Path | None = None) -> tuple[dict, dict] | None:
     """The white-box audit of a site's state folder (its canaries and recorded updates):
-    ``(result dict, verdict)``, or None when the folder holds no white-box audit run."""
+    ``(result dict, verdict)``, or None when the folder holds no white-box audit run.
+    ``received_dir``: the server's copy of the updates (:data:`RECEIVED_DIR`), read instead
+    of the site's own when it holds any."""
     path = Path(state_dir) / FILE_NAME
-    updates, shapes = read_updates(state_dir)
+    updates, shapes = read_updates(received_dir) if received_dir is not None else ([], [])
+    source = "server (the updates it received)"
+    if not updates:
+        updates, shapes = read_updates(state_dir)
+        source = "site (its copy of the updates it sent)"
     if not path.exists() or not updates:
         return None
     canaries = load(path)
     result = audit(scores(updates, canaries, shapes), canaries.included, delta=delta, confidence=confidence)
     out = {**result.to_dict(), "state_dir": str(state_dir), "rounds_read": len(updates),
-           "claimed_epsilon": claimed_epsilon}
+           "updates_read_from": source, "claimed_epsilon": claimed_epsilon}
     if claimed_epsilon is None:
         level = "warning" if result.epsilon_lower_bound > 0 else "ok"
         text = (f"White-box canaries without a DP claim: ε lower bound {result.epsilon_lower_bound:.3g} "

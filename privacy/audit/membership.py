@@ -242,32 +242,3 @@ def membership_tests(scores: np.ndarray, is_member: np.ndarray, *, seed: int = 0
             "top_k_members_expected": k * n_in / n, "top_k_p_value": top_p,
             "method": "one-sided Mann-Whitney U (AUC) and hypergeometric tail of members "
                       f"among the top {top_fraction:.0%} (low FPR), Bonferroni-combined"}
-
-
-def lira(target: np.ndarray, shadow: np.ndarray, shadow_in: np.ndarray) -> np.ndarray:
-    """LiRA (Carlini et al. 2022, "Membership Inference Attacks From First Principles"):
-    the likelihood ratio of a record's statistic under the model ("in") and under models
-    that did not train on it ("out"), each a Gaussian fitted on shadow models.
-
-    ``target``: the statistic of each candidate on the audited model (higher = more
-    member-like, e.g. minus the loss), shape ``[n]``; ``shadow``: the same statistic on
-    ``K`` shadow models, ``[K, n]``; ``shadow_in``: whether each shadow trained on each
-    candidate. With few shadows the variance is pooled over records (the paper's
-    fixed-variance variant); a record no shadow trained on gets the offline score
-    ``(t - mu_out) / sigma`` (a one-sided test against the "out" Gaussian)."""
-    t = np.asarray(target, dtype=np.float64).reshape(-1)
-    s = np.asarray(shadow, dtype=np.float64)
-    inn = np.asarray(shadow_in, dtype=bool)
-    if s.shape != inn.shape or s.shape[1] != len(t):
-        raise ValueError(f"LiRA needs shadow statistics and membership of shape [K, {len(t)}], got "
-                         f"{s.shape} and {inn.shape}")
-    n_in, n_out = inn.sum(0), (~inn).sum(0)
-    if (n_out == 0).any():
-        raise ValueError("LiRA: every candidate needs at least one shadow model that did not train on it")
-    mu_in = np.where(n_in > 0, (s * inn).sum(0) / np.maximum(n_in, 1), np.nan)
-    mu_out = (s * ~inn).sum(0) / n_out
-    resid = np.where(inn, s - mu_in, s - mu_out)
-    sigma = float(np.sqrt(np.nanmean(resid ** 2))) or 1.0
-    online = ((t - mu_out) ** 2 - (t - mu_in) ** 2) / (2 * sigma ** 2)
-    offline = (t - mu_out) / sigma
-    return np.where(n_in > 0, online, offline)
