@@ -376,6 +376,8 @@ class ReleaseWarmStartConfig(_Section):
     num_features: int = Field(2000, ge=16, description="random features of the released embedding")
     generator_steps: int = Field(1500, ge=1, description="server steps fitting the release's generator")
     samples: int = Field(10000, ge=10, description="generator samples the model is pretrained on")
+    generator: dict[str, Any] = Field(default_factory=dict, description="further options of the release's mmd "
+                                      "generator (e.g. count_weight, bandwidth, hidden, fit_batch; docs/models.md)")
 
 
 class WarmStartConfig(_Section):

@@ -198,7 +198,7 @@ def _with_warm_start(model: GenerativeModel, ws: WarmStartConfig | None, *, seed
     conv = len(shape) == 3 and shape[1] % 4 == 0 and shape[2] % 4 == 0
     head = build_model("mmd", data_shape=shape, num_classes=model.num_classes,
                        architecture="conv" if conv else "mlp", num_features=ws.release.num_features,
-                       fit_steps=ws.release.generator_steps, feature_seed=seed)
+                       fit_steps=ws.release.generator_steps, feature_seed=seed, **ws.release.generator)
     return ReleaseWarmStart(model, head, epsilon_share=ws.release.epsilon_share, steps=ws.steps,  # type: ignore[arg-type]
                             batch_size=ws.batch_size, lr=ws.lr, samples=ws.release.samples, seed=seed)
 
