@@ -466,13 +466,22 @@ class Scenario(_Section):
         if ws.release is not None:
             if not self.privacy.example_level:
                 raise ValueError("warm_start.release: a release warm start spends example-level budget; it needs "
-                                 "privacy.enabled: true and privacy.unit: example or both")
+                                 "privacy.enabled: true and privacy.unit: example or both (or warm_start: null)")
             if ws.release.epsilon_share >= self.privacy.target_epsilon:
                 raise ValueError(f"warm_start.release.epsilon_share: {ws.release.epsilon_share:g} must be below "
                                  f"privacy.target_epsilon {self.privacy.target_epsilon:g}: the rest trains by DP-SGD")
-            if self.model.options.get("base_release_epsilon") is not None:
-                raise ValueError("warm_start.release: the flow's model.base_release_epsilon is a release of its "
-                                 "own; use one of the two")
+        return self
+
+    @model_validator(mode="after")
+    def _base_release_epsilon_is_warm_start_release(self) -> "Scenario":
+        # issue 18: the flow's own release (its base's class means) became the one mechanism
+        # every DP-SGD family shares, warm_start.release
+        share = self.model.options.get("base_release_epsilon", "absent")
+        if share != "absent":
+            fix = f"warm_start: {{release: {{epsilon_share: {share:g}}}}}" if isinstance(share, (int, float)) \
+                else "nothing (the flow trains by DP-SGD alone)"
+            raise ValueError(f"model.base_release_epsilon: the flow's release became the warm start every DP-SGD "
+                             f"family shares; remove the key and write {fix} (docs/models.md, \"Warm starts\")")
         return self
 
     @model_validator(mode="after")
@@ -485,15 +494,15 @@ class Scenario(_Section):
 
     @model_validator(mode="after")
     def _secure_aggregation_needs_dp_sgd_updates(self) -> "Scenario":
-        # A release (mmd; the flow's base_release_epsilon) is combined per site by its noise
+        # A release (mmd; warm_start.release) is combined per site by its noise
         # precision (Releasing.combine_releases), which a masked sum cannot do; clipping the
         # release to secure_aggregation.clip_norm would distort it too.
         if self.federation.secure_aggregation is None:
             return self
-        if (not family_has_site_loss(self.model.family) or self.model.options.get("base_release_epsilon")
-                or (self.warm_start is not None and self.warm_start.release is not None)):
-            raise ValueError("federation.secure_aggregation: a DP release (the mmd family, the flow's "
-                             "base_release_epsilon, warm_start.release) is combined per site by the server, which "
+        if not family_has_site_loss(self.model.family) or (self.warm_start is not None
+                                                           and self.warm_start.release is not None):
+            raise ValueError("federation.secure_aggregation: a DP release (the mmd family, "
+                             "warm_start.release) is combined per site by the server, which "
                              "secure aggregation hides; train by DP-SGD only, or remove secure_aggregation")
         return self
 
