@@ -173,6 +173,12 @@ class ModelConfig(BaseModel):
     def _known_family_and_options(self) -> "ModelConfig":
         if self.family not in list_models():
             raise ValueError(f"unknown model family {self.family!r}; registered: {', '.join(list_models())}")
+        share = (self.model_extra or {}).get("base_release_epsilon", "absent")
+        if share != "absent":  # issue 18: the flow's own release became the one every DP-SGD family shares
+            fix = f"warm_start: {{release: {{epsilon_share: {share:g}}}}}" if isinstance(share, (int, float)) \
+                else "nothing (the flow trains by DP-SGD alone)"
+            raise ValueError(f"base_release_epsilon: the flow's release became the warm start every DP-SGD family "
+                             f"shares; remove the key and write {fix} (docs/models.md, \"Warm starts\")")
         allowed = set(model_options(self.family))
         unknown = sorted(set(self.model_extra or {}) - allowed)
         if unknown:
@@ -469,19 +475,8 @@ class Scenario(_Section):
                                  "privacy.enabled: true and privacy.unit: example or both (or warm_start: null)")
             if ws.release.epsilon_share >= self.privacy.target_epsilon:
                 raise ValueError(f"warm_start.release.epsilon_share: {ws.release.epsilon_share:g} must be below "
-                                 f"privacy.target_epsilon {self.privacy.target_epsilon:g}: the rest trains by DP-SGD")
-        return self
-
-    @model_validator(mode="after")
-    def _base_release_epsilon_is_warm_start_release(self) -> "Scenario":
-        # issue 18: the flow's own release (its base's class means) became the one mechanism
-        # every DP-SGD family shares, warm_start.release
-        share = self.model.options.get("base_release_epsilon", "absent")
-        if share != "absent":
-            fix = f"warm_start: {{release: {{epsilon_share: {share:g}}}}}" if isinstance(share, (int, float)) \
-                else "nothing (the flow trains by DP-SGD alone)"
-            raise ValueError(f"model.base_release_epsilon: the flow's release became the warm start every DP-SGD "
-                             f"family shares; remove the key and write {fix} (docs/models.md, \"Warm starts\")")
+                                 f"privacy.target_epsilon {self.privacy.target_epsilon:g}: the rest trains by DP-SGD; lower "
+                                 "the share, or set warm_start: null for DP-SGD alone")
         return self
 
     @model_validator(mode="after")

@@ -45,7 +45,7 @@ CASES = {
     "release over budget": (dict(warm_start={"release": {"epsilon_share": 10.0}}),
                             "warm_start.release.epsilon_share: 10 must be below privacy.target_epsilon 10"),
     "flow's old release key": (dict(model={"family": "flow", "levels": 17, "base_release_epsilon": 4.0}),
-                               "model.base_release_epsilon: the flow's release became the warm start"),
+                               "model: base_release_epsilon: the flow's release became the warm start"),
 }
 
 

@@ -442,7 +442,7 @@ def test_flow_base_release_epsilon_is_refused_with_the_warm_start_that_replaces_
     with pytest.raises(ScenarioError) as err:
         scenario_from_dict({"model": {"family": "flow", "levels": 17, "base_release_epsilon": 4.0}}, source="s.yaml")
     text = str(err.value)
-    assert "\n" not in text and "model.base_release_epsilon" in text
+    assert "\n" not in text and "model: base_release_epsilon: the flow's release became the warm start" in text
     assert "warm_start: {release: {epsilon_share: 4}}" in text
     with pytest.raises(TypeError):
         build_model("flow", data_shape=(1, 8, 8), base_release_epsilon=4.0)
