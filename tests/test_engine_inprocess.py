@@ -28,7 +28,7 @@ from fedgen.simulations.prepare import write_run_dir
 from fedgen.simulations.runner import run_simulation_dir
 
 from .conftest import REPO
-from .test_simulation_flower import QUICK, fedgen, quick_run
+from .test_simulation_flower import QUICK, QUICK_WARM, fedgen, quick_run
 
 QUICKSTART = REPO / "scenarios" / "quickstart.yaml"
 INPROCESS = "simulation.engine=inprocess"
@@ -108,7 +108,7 @@ def test_a_reply_slower_than_the_round_timeout_is_left_out(monkeypatch):
 # -- the quickstart on the in-process engine --------------------------------------------------
 
 def _prepare(tmp_path: Path, *overrides: str) -> tuple[Path, object]:
-    scenario = load_scenario(QUICKSTART, [*QUICK, INPROCESS, *overrides])
+    scenario = load_scenario(QUICKSTART, [*QUICK, *QUICK_WARM, INPROCESS, *overrides])
     run_dir = tmp_path / "run"
     write_run_dir(scenario, run_dir)
     return run_dir, scenario
@@ -203,7 +203,8 @@ def test_sigint_of_the_cli_stops_the_run_as_interrupted(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(QUICKSTART),
                              "--out", str(out), "--set", INPROCESS, "--set", "federation.rounds=40",
-                             "--set", "evaluation.every=0"], cwd=tmp_path,
+                             "--set", "evaluation.every=0", *[a for w in QUICK_WARM for a in ("--set", w)]],
+                            cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
