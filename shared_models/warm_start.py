@@ -133,6 +133,7 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
         on its samples (once); afterwards the wrapped family's own post-processing."""
         if not bool(self.released) or bool(self.pretrained):
             return self.inner.server_update(release_noise_variance)
+        torch.manual_seed(self.seed)  # the fit's draws: the same on every engine, whatever ran before in the process
         info = dict(self.head.server_update(release_noise_variance))
         x, y = self.generator_samples()
         info.update(pretrain(self.inner, x, y, steps=self.pretrain_steps, batch_size=self.pretrain_batch,
