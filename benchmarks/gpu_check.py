@@ -58,11 +58,11 @@ SCENARIOS = REPO / "scenarios"
 RESULTS = REPO / "benchmarks" / "results"
 # (label, scenario file, overrides): every registered family, and one round without DP
 CASES: list[tuple[str, str, list[str]]] = [
-    ("vae-dp (quickstart)", "quickstart.yaml", []),
-    ("vae-nodp (quickstart)", "quickstart.yaml", ["privacy.enabled=false"]),
+    ("vae-dp (quickstart)", "quickstart.yaml", ["warm_start=null"]),  # DP-SGD from round 1 (no release round)
+    ("vae-nodp (quickstart)", "quickstart.yaml", ["privacy.enabled=false", "warm_start=null"]),
     ("gan-dp", "gan-digits.yaml", []),
     ("diffusion-dp", "diffusion-digits.yaml", []),
-    ("flow-hybrid (release, then dp)", "flow-digits.yaml", []),
+    ("flow-warm (release warm start, then dp)", "flow-digits.yaml", []),
     ("mmd-release", "mmd-digits.yaml", []),
 ]
 LEDGER_KEYS = ("round", "steps", "noise_multiplier", "sample_rate", "epsilon")

@@ -56,6 +56,7 @@ def overrides(sites: int, fraction: float, rounds: int, extra: list[str], replic
             f"federation.fraction_fit={fraction:g}", f"federation.rounds={rounds}",
             f"partition.min_examples={max(1, per_site)}", "model.hidden=32", "training.local_steps=5",
             "training.batch_size=4", "evaluation.every=0", "evaluation.num_samples=200", "simulation.device=cpu",
+            "warm_start=null",  # DP-SGD from round 1, as the plain loop it is compared with
             *extra]
 
 

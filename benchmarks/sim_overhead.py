@@ -258,7 +258,8 @@ def main() -> None:
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every process, Ray keeps it
     work = Path(tempfile.mkdtemp(prefix="fedgen-bench-", dir=args.keep))
-    base = ["evaluation.every=0", f"federation.rounds={args.rounds}", "simulation.device=cpu", *args.set]
+    base = ["evaluation.every=0", f"federation.rounds={args.rounds}", "simulation.device=cpu",
+            "warm_start=null", *args.set]  # DP-SGD from round 1, as the plain loop
     load_start = load_average()
     inputs = work / "inputs-run"
     prepare_s = prepare_inputs(inputs, base)

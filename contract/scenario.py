@@ -173,6 +173,12 @@ class ModelConfig(BaseModel):
     def _known_family_and_options(self) -> "ModelConfig":
         if self.family not in list_models():
             raise ValueError(f"unknown model family {self.family!r}; registered: {', '.join(list_models())}")
+        share = (self.model_extra or {}).get("base_release_epsilon", "absent")
+        if share != "absent":  # issue 18: the flow's own release became the one every DP-SGD family shares
+            fix = f"warm_start: {{release: {{epsilon_share: {share:g}}}}}" if isinstance(share, (int, float)) \
+                else "nothing (the flow trains by DP-SGD alone)"
+            raise ValueError(f"base_release_epsilon: the flow's release became the warm start every DP-SGD family "
+                             f"shares; remove the key and write {fix} (docs/models.md, \"Warm starts\")")
         allowed = set(model_options(self.family))
         unknown = sorted(set(self.model_extra or {}) - allowed)
         if unknown:
@@ -420,6 +426,8 @@ class ReleaseWarmStartConfig(_Section):
     num_features: int = Field(2000, ge=16, description="random features of the released embedding")
     generator_steps: int = Field(1500, ge=1, description="server steps fitting the release's generator")
     samples: int = Field(10000, ge=10, description="generator samples the model is pretrained on")
+    generator: dict[str, Any] = Field(default_factory=dict, description="further options of the release's mmd "
+                                      "generator (e.g. count_weight, bandwidth, hidden, fit_batch; docs/models.md)")
 
 
 class WarmStartConfig(_Section):
@@ -508,13 +516,11 @@ class Scenario(_Section):
         if ws.release is not None:
             if not self.privacy.example_level:
                 raise ValueError("warm_start.release: a release warm start spends example-level budget; it needs "
-                                 "privacy.enabled: true and privacy.unit: example or both")
+                                 "privacy.enabled: true and privacy.unit: example or both (or warm_start: null)")
             if ws.release.epsilon_share >= self.privacy.target_epsilon:
                 raise ValueError(f"warm_start.release.epsilon_share: {ws.release.epsilon_share:g} must be below "
-                                 f"privacy.target_epsilon {self.privacy.target_epsilon:g}: the rest trains by DP-SGD")
-            if self.model.options.get("base_release_epsilon") is not None:
-                raise ValueError("warm_start.release: the flow's model.base_release_epsilon is a release of its "
-                                 "own; use one of the two")
+                                 f"privacy.target_epsilon {self.privacy.target_epsilon:g}: the rest trains by DP-SGD; lower "
+                                 "the share, or set warm_start: null for DP-SGD alone")
         return self
 
     @model_validator(mode="after")
@@ -527,15 +533,15 @@ class Scenario(_Section):
 
     @model_validator(mode="after")
     def _secure_aggregation_needs_dp_sgd_updates(self) -> "Scenario":
-        # A release (mmd; the flow's base_release_epsilon) is combined per site by its noise
+        # A release (mmd; warm_start.release) is combined per site by its noise
         # precision (Releasing.combine_releases), which a masked sum cannot do; clipping the
         # release to secure_aggregation.clip_norm would distort it too.
         if self.federation.secure_aggregation is None:
             return self
-        if (not family_has_site_loss(self.model.family) or self.model.options.get("base_release_epsilon")
-                or (self.warm_start is not None and self.warm_start.release is not None)):
-            raise ValueError("federation.secure_aggregation: a DP release (the mmd family, the flow's "
-                             "base_release_epsilon, warm_start.release) is combined per site by the server, which "
+        if not family_has_site_loss(self.model.family) or (self.warm_start is not None
+                                                           and self.warm_start.release is not None):
+            raise ValueError("federation.secure_aggregation: a DP release (the mmd family, "
+                             "warm_start.release) is combined per site by the server, which "
                              "secure aggregation hides; train by DP-SGD only, or remove secure_aggregation")
         return self
 

@@ -192,15 +192,12 @@ def _with_warm_start(model: GenerativeModel, ws: WarmStartConfig | None, *, seed
     release warm start: an mmd release head on the same data, the family inside."""
     if ws is None or ws.release is None:
         return model
-    from fedgen.shared_models.warm_start import ReleaseWarmStart
+    from fedgen.shared_models.warm_start import with_release_warm_start
 
-    shape = model.data_shape
-    conv = len(shape) == 3 and shape[1] % 4 == 0 and shape[2] % 4 == 0
-    head = build_model("mmd", data_shape=shape, num_classes=model.num_classes,
-                       architecture="conv" if conv else "mlp", num_features=ws.release.num_features,
-                       fit_steps=ws.release.generator_steps, feature_seed=seed)
-    return ReleaseWarmStart(model, head, epsilon_share=ws.release.epsilon_share, steps=ws.steps,  # type: ignore[arg-type]
-                            batch_size=ws.batch_size, lr=ws.lr, samples=ws.release.samples, seed=seed)
+    r = ws.release
+    return with_release_warm_start(model, epsilon_share=r.epsilon_share, num_features=r.num_features,  # type: ignore[arg-type]
+                                   generator_steps=r.generator_steps, samples=r.samples, steps=ws.steps,
+                                   batch_size=ws.batch_size, lr=ws.lr, seed=seed, **r.generator)
 
 
 def site_level_mechanism(scenario: Scenario, num_sites: int) -> SiteLevelDP | None:

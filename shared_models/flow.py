@@ -39,9 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from .layers import ResBlock, flat_dim, group_norm, is_image_shape, label_planes, mlp, one_hot, soft_clamp, zero_init
-from .protocol import Batch, DPSGDTrainable, Releasing, TrainingStep
+from .protocol import Batch, DPSGDTrainable, TrainingStep
 from .registry import register_model
-from .release import precision_weighted_release
 
 
 def squeeze2x2(x: Tensor) -> Tensor:
@@ -88,7 +87,6 @@ class _MLPCouplingNet(nn.Module):
         return self.net(torch.cat([x_masked, cond], dim=1))
 
 
-_BASE_COUNT_WEIGHT = 0.4  # the count's norm share in a base release: 8 % noise on class sizes, 92 % to pixels
 
 
 class _GaussianPrior(nn.Module):
@@ -101,22 +99,19 @@ class _GaussianPrior(nn.Module):
         self.net = zero_init(nn.Linear(max(cond_dim, 1), 2 * dim))
         self.scale_bound = scale_bound
 
-    def forward(self, cond: Tensor, base: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(mu, log-scale s), each ``[B, D]``; ``base`` ``[classes, D]``: released class
-        means the learned mean is added to (:class:`RealNVP`'s ``base_release_epsilon``)."""
+    def forward(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, log-scale s), each ``[B, D]``."""
         inputs = cond if cond.shape[1] else torch.ones(len(cond), 1, device=cond.device)
         mu, s = self.net(inputs).chunk(2, dim=1)
-        if base is not None:
-            mu = mu + inputs @ base
         return mu, soft_clamp(s, self.scale_bound)
 
-    def log_prob(self, z: Tensor, cond: Tensor, base: Tensor | None = None) -> Tensor:
-        mu, s = self(cond, base)
+    def log_prob(self, z: Tensor, cond: Tensor) -> Tensor:
+        mu, s = self(cond)
         u = (z.flatten(1) - mu) * torch.exp(-s)
         return (-0.5 * (u.pow(2) + math.log(2 * math.pi)) - s).sum(1)
 
-    def sample(self, cond: Tensor, shape: tuple[int, ...], temperature: float, base: Tensor | None = None) -> Tensor:
-        mu, s = self(cond, base)
+    def sample(self, cond: Tensor, shape: tuple[int, ...], temperature: float) -> Tensor:
+        mu, s = self(cond)
         return (mu + torch.exp(s) * temperature * torch.randn_like(mu)).view(-1, *shape)
 
 
@@ -163,9 +158,9 @@ def vector_mask(dim: int, k: int) -> Tensor:
 
 
 @register_model("flow")
-class RealNVP(DPSGDTrainable, Releasing):
-    """RealNVP flow with exact log-likelihood, trained by DP-SGD; with
-    ``base_release_epsilon`` a hybrid that releases its class means first (both capabilities).
+class RealNVP(DPSGDTrainable):
+    """RealNVP flow with exact log-likelihood, trained by DP-SGD (a warm start from a DP
+    release, ``warm_start.release``, wraps it like any DP-SGD family: shared_models/warm_start.py).
 
     Args:
         data_shape: ``(C, H, W)`` images or ``(D,)`` vectors (D >= 2), data in [0, 1].
@@ -184,18 +179,9 @@ class RealNVP(DPSGDTrainable, Releasing):
             for scikit-learn's digits); sets the dequantisation bin width 1 / L.
         temperature: default sampling temperature T, z ~ N(mu_y, T^2 diag(exp(2 s_y)));
             T < 1 trades diversity for cleaner samples (Glow §5 shows T = 0.7).
-        base_release_epsilon: a hybrid (``None``: plain DP-SGD). The site's first round is a
-            release of its per-class pixel sums (each record's ``[sqrt(1 - w^2) (x - 1/2) /
-            (sqrt(D) / 2), w]`` in its class's row: norm <= 1, one Gaussian mechanism at this
-            epsilon); the federation's noisy class means (the sites' class means weighted by
-            their precision, :mod:`shared_models.release`), in logit space, become the base's
-            means (the learned mean is added to them). Later rounds train by DP-SGD on the
-            rest of the budget. Class means are a low-dimensional, strong signal that DP-SGD
-            on ~300 records a site recovers only from epsilon ~ 40 (docs/benchmarks.md).
     """
 
     grad_sample_mode = "bk"  # Book-Keeping (privacy/book_keeping.py): the fastest exact mode for both architectures
-    release_buffer = "base_release"  # the hybrid's (base_release_epsilon)
 
     def __init__(
         self,
@@ -210,7 +196,6 @@ class RealNVP(DPSGDTrainable, Releasing):
         dequantize: bool = True,
         levels: int = 256,
         temperature: float = 1.0,
-        base_release_epsilon: float | None = None,
     ) -> None:
         super().__init__(data_shape, num_classes)
         image = is_image_shape(self.data_shape)
@@ -228,11 +213,6 @@ class RealNVP(DPSGDTrainable, Releasing):
             raise ValueError(f"levels must be >= 2 (values a pixel takes); got {levels}")
         if not 0.0 < alpha < 0.5:
             raise ValueError(f"alpha must lie in (0, 0.5); got {alpha}")
-        if base_release_epsilon is not None and base_release_epsilon <= 0:
-            raise ValueError(f"base_release_epsilon must be > 0 (or null for no release); got {base_release_epsilon}")
-        self.base_release_epsilon = base_release_epsilon
-        # the released noisy mean of the per-record vectors (zeros: nothing released yet)
-        self.register_buffer("base_release", torch.zeros(max(num_classes or 1, 1), flat_dim(self.data_shape) + 1))
         self.architecture = architecture
         self.alpha = alpha
         self.dequantize = dequantize
@@ -300,62 +280,9 @@ class RealNVP(DPSGDTrainable, Releasing):
             return x
         return (x * (self.levels - 1) + torch.rand_like(x)) / self.levels  # uniform dequantisation (RealNVP §4.1)
 
-    # -- the hybrid's release (base_release_epsilon) -----------------------------------
-    @property
-    def release_epsilon(self) -> float | None:  # type: ignore[override]
-        return self.base_release_epsilon
-
-    @property
-    def base_released(self) -> bool:
-        """Whether the model holds a release (its class counts are not all zero)."""
-        return bool(self.base_release[:, -1].abs().sum() > 0)
-
-    def wants_release(self) -> bool:
-        """A hybrid releases until its base is released, then trains by DP-SGD; a plain flow never releases."""
-        return self.base_release_epsilon is not None and not self.base_released
-
-    def _release_vectors(self, x: Tensor) -> Tensor:
-        """``[sqrt(1 - w^2) (x - 1/2) / (sqrt(D) / 2), w]``: L2 norm <= 1 for x in [0, 1]^D."""
-        half_norm = math.sqrt(x[0].numel()) / 2
-        centred = (x.flatten(1) - 0.5) * (math.sqrt(1 - _BASE_COUNT_WEIGHT ** 2) / half_norm)
-        return torch.cat([centred, torch.full((len(x), 1), _BASE_COUNT_WEIGHT, device=x.device)], dim=1)
-
-    @torch.no_grad()
-    def statistic_sum(self, x: Tensor, y: Tensor | None) -> Tensor:
-        """Per class, the sum of :meth:`_release_vectors`; each record contributes norm <= 1.
-        ``x`` and ``y`` may be on another device than the model (a site's data stays on the
-        CPU while the model trains on the GPU): they are moved to the model's, as mmd does."""
-        x = x.to(self.base_release.device)
-        rows = y.long().to(x.device) if self.num_classes is not None and y is not None else \
-            torch.zeros(len(x), dtype=torch.long, device=x.device)
-        return torch.zeros_like(self.base_release).index_add_(0, rows, self._release_vectors(x))
-
-    def set_release(self, mean_statistic: Tensor) -> None:
-        self.base_release.copy_(mean_statistic)
-
-    def combine_releases(self, sums: Tensor, noise_multipliers: Tensor, total_examples: float) -> float:
-        """Each class's site means weighted by their precision (:mod:`shared_models.release`)."""
-        release, noise_variance = precision_weighted_release(sums, noise_multipliers, total_examples,
-                                                             _BASE_COUNT_WEIGHT)
-        self.set_release(release)
-        return noise_variance
-
-    def _base_means(self) -> Tensor | None:
-        """The released class means mapped like the data (mid-bin dequantisation, logit):
-        ``[classes, D]``, or ``None`` before a release."""
-        if self.base_release_epsilon is None or not self.base_released:
-            return None
-        w, d = _BASE_COUNT_WEIGHT, self.base_release.shape[1] - 1
-        counts = (self.base_release[:, -1] / w).clamp_min(1e-6).unsqueeze(1)  # count / N, noisy
-        x = (self.base_release[:, :-1] / counts * (math.sqrt(d) / 2 / math.sqrt(1 - w ** 2)) + 0.5).clamp(0.0, 1.0)
-        if self.dequantize:
-            x = (x * (self.levels - 1) + 0.5) / self.levels
-        p = self.alpha + (1 - 2 * self.alpha) * x
-        return torch.log(p) - torch.log1p(-p)
-
     def _log_density(self, x: Tensor, y: Tensor | None) -> Tensor:
         z, logdet = self.to_latent(self._dequantize(x), y)
-        log_pz = self.prior.log_prob(z, one_hot(y, self.num_classes, x.shape[0], x.device), self._base_means())
+        log_pz = self.prior.log_prob(z, one_hot(y, self.num_classes, x.shape[0], x.device))
         return log_pz + logdet  # change of variables, RealNVP eq. (3)
 
     # -- protocol -------------------------------------------------------------------
@@ -380,6 +307,5 @@ class RealNVP(DPSGDTrainable, Releasing):
     def sample(self, n: int, labels: Tensor | None = None, temperature: float | None = None) -> Tensor:
         labels = self.check_labels(n, labels)
         temperature = self.temperature if temperature is None else temperature
-        z = self.prior.sample(one_hot(labels, self.num_classes, n, self.device), self.data_shape, temperature,
-                              self._base_means())
+        z = self.prior.sample(one_hot(labels, self.num_classes, n, self.device), self.data_shape, temperature)
         return self.from_latent(z, labels).clamp(0.0, 1.0)

@@ -83,8 +83,9 @@ class GenerativeModel(nn.Module, metaclass=ABCMeta):
       (DP-SGD under DP): vae, gan, diffusion, flow.
     - :class:`Releasing`: the site publishes one noisy statistic of its data (one Gaussian
       mechanism, ``privacy/release.py``) and the server fits the model to the aggregate
-      (:meth:`server_update`): mmd; the flow with ``base_release_epsilon`` releases in its
-      first round and trains by DP-SGD afterwards (a hybrid: both capabilities).
+      (:meth:`server_update`): mmd; any DP-SGD family under a release warm start
+      (``warm_start.py``'s :class:`ReleaseWarmStart`) releases in its first round and
+      trains by DP-SGD afterwards (a hybrid: both capabilities).
 
     Subclasses implement :meth:`sample`; families with a tractable likelihood also
     implement :meth:`log_likelihood`.

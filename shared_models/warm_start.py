@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .protocol import Batch, DPSGDTrainable, Releasing, TrainingStep
+from .registry import build_model
 
 
 def uniform_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -132,6 +133,7 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
         on its samples (once); afterwards the wrapped family's own post-processing."""
         if not bool(self.released) or bool(self.pretrained):
             return self.inner.server_update(release_noise_variance)
+        torch.manual_seed(self.seed)  # the fit's draws: the same on every engine, whatever ran before in the process
         info = dict(self.head.server_update(release_noise_variance))
         x, y = self.generator_samples()
         info.update(pretrain(self.inner, x, y, steps=self.pretrain_steps, batch_size=self.pretrain_batch,
@@ -159,3 +161,21 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
 
     def log_likelihood(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         return self.inner.log_likelihood(x, y)
+
+
+def with_release_warm_start(inner: DPSGDTrainable, *, epsilon_share: float, num_features: int = 2000,
+                            generator_steps: int = 1500, samples: int = 10000, steps: int = 500,
+                            batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                            **generator: object) -> ReleaseWarmStart:
+    """``inner`` wrapped for a release warm start (``warm_start.release``): an mmd release
+    head on the same data (conv generator for images whose sides 4 divides, else MLP;
+    ``generator``: its further options), the family inside. The sites and the server build
+    the same wrapped model from the scenario (contract/task.py)."""
+
+    shape = inner.data_shape
+    conv = len(shape) == 3 and shape[1] % 4 == 0 and shape[2] % 4 == 0
+    head = build_model("mmd", data_shape=shape, num_classes=inner.num_classes,
+                       architecture="conv" if conv else "mlp", num_features=num_features,
+                       fit_steps=generator_steps, feature_seed=seed, **generator)
+    return ReleaseWarmStart(inner, head, epsilon_share=epsilon_share, steps=steps,  # type: ignore[arg-type]
+                            batch_size=batch_size, lr=lr, samples=samples, seed=seed)

@@ -59,11 +59,12 @@ def test_cuda_round_matches_cpu(gpu_check, site, label, file, overrides):
 
 
 @needs_cuda
-def test_cuda_flow_hybrid_release_takes_cpu_data_on_a_gpu_model():
-    """The hybrid flow's release round on CUDA failed: ``statistic_sum`` got the site's
-    data on the CPU and index-added it into a buffer on the GPU (a device mismatch)."""
+def test_cuda_release_warm_start_takes_cpu_data_on_a_gpu_model():
+    """A release round on CUDA (the flow hybrid's failed before it became warm_start.release):
+    ``statistic_sum`` gets the site's data on the CPU while the model is on the GPU."""
+    from fedgen.shared_models.warm_start import with_release_warm_start
     torch.manual_seed(0)
-    model = build_model("flow", data_shape=(1, 8, 8), num_classes=10, base_release_epsilon=4.0)
+    model = with_release_warm_start(build_model("flow", data_shape=(1, 8, 8), num_classes=10), epsilon_share=4.0)
     x, y = torch.rand(32, 1, 8, 8), torch.arange(32) % 10
     on_cpu = model.statistic_sum(x, y)
     on_gpu = model.to("cuda").statistic_sum(x, y)

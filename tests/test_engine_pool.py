@@ -199,7 +199,7 @@ def test_ctrl_c_of_the_cli_with_two_workers_leaves_no_worker(tmp_path):
 def test_workers_1_and_2_give_the_same_seeded_run(tmp_path):
     def run(workers: int) -> Path:
         out = tmp_path / f"w{workers}"
-        sets = [a for item in (*QUICK, "privacy.seeded_noise=true", "federation.rounds=2",
+        sets = [a for item in (*QUICK, "privacy.seeded_noise=true", "federation.rounds=2", "warm_start=null",
                                f"simulation.workers={workers}") for a in ("--set", item)]
         res = fedgen("simulate", QUICKSTART, "--out", out, *sets, cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -272,7 +272,7 @@ def test_ten_thousand_sites_with_dp_run_in_one_process_under_2_gb(tmp_path):
     sets = ["data.format=npz", f"data.path={tmp_path / 'mnist3.npz'}", "federation.num_sites=10000",
             "federation.fraction_fit=0.01", "federation.rounds=2", "partition.min_examples=2", "model.hidden=32",
             "training.local_steps=5", "training.batch_size=4", "evaluation.every=0", "evaluation.num_samples=50",
-            "simulation.device=cpu"]
+            "simulation.device=cpu", "warm_start=null"]
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate", str(QUICKSTART),
                                  "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]],

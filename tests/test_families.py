@@ -405,41 +405,20 @@ def test_bad_options_explain_themselves():
         build_model("diffusion", data_shape=(5,), noise_multiplicity=0)
 
 
-def _class_base_means(model, x, y):
-    """What the flow's base should hold after an exact (noiseless) release: each class's
-    mean pixel, mid-bin dequantised and logit-transformed like the data."""
-    rows = []
-    for c in range(10):
-        m = (x[y == c].flatten(1).mean(0) * (model.levels - 1) + 0.5) / model.levels
-        p = model.alpha + (1 - 2 * model.alpha) * m
-        rows.append(torch.log(p) - torch.log1p(-p))
-    return torch.stack(rows)
-
-
-def test_flow_base_release_sets_the_class_means_then_trains_by_dp_sgd_within_the_target(digits):
+def test_flow_release_warm_start_releases_once_then_trains_by_dp_sgd_within_the_target(digits):
+    """The flow's old hybrid (base_release_epsilon) is the shared warm_start.release: one
+    Gaussian release at its share, then DP-SGD with sigma composed to the target."""
     from fedgen.client.training import new_site_ledger, run_local_round
     from fedgen.contract.task import PrivacyConfig, TrainingConfig
     from fedgen.privacy.accounting import calibrate_after, calibrate_noise_multiplier, epsilon_of
+    from fedgen.shared_models.warm_start import with_release_warm_start
     data = digits.subset(range(400))
     training = TrainingConfig(local_steps=5, batch_size=64, lr=1e-3)
 
     torch.manual_seed(0)
-    exact = build_model("flow", data_shape=digits.shape, num_classes=10, levels=17, hidden=16, base_release_epsilon=1.0)
-    assert exact.wants_release()
-    for i in range(5):  # a one-record sum is that record's contribution: the sensitivity is 1
-        assert float(exact.statistic_sum(data.x[i:i + 1], data.y[i:i + 1]).norm()) <= 1.0 + 1e-6
-    extremes = torch.stack([torch.zeros(digits.shape), torch.ones(digits.shape)])
-    assert exact.statistic_sum(extremes, torch.tensor([0, 1])).norm(dim=1)[:2].tolist() == pytest.approx([1.0, 1.0])
-    no_dp = PrivacyConfig(enabled=False, target_epsilon=1.0, delta=1e-5, max_grad_norm=1.0)
-    run_local_round(exact, data, training=training, privacy=no_dp, ledger=None, server_round=1, seed=0)
-    assert not exact.wants_release()
-    assert torch.allclose(exact._base_means(), _class_base_means(exact, data.x, data.y), atol=1e-4)
-    z = exact.sample(20, torch.arange(20) % 10, temperature=1e-6)  # base at its mean, couplings at identity
-    assert torch.allclose(z, exact.from_latent(_class_base_means(exact, data.x, data.y)[torch.arange(20) % 10],
-                                               torch.arange(20) % 10).clamp(0, 1), atol=1e-3)
-
-    torch.manual_seed(0)
-    model = build_model("flow", data_shape=digits.shape, num_classes=10, levels=17, hidden=16, base_release_epsilon=1.0)
+    model = with_release_warm_start(build_model("flow", data_shape=digits.shape, num_classes=10, levels=17, hidden=16),
+                                    epsilon_share=1.0, num_features=200, generator_steps=5, samples=50, steps=2)
+    assert model.wants_release() and model.release_epsilon == 1.0
     privacy = PrivacyConfig(enabled=True, target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, accountant="prv",
                             planned_rounds=3)
     ledger = new_site_ledger("0", privacy)
@@ -447,8 +426,7 @@ def test_flow_base_release_sets_the_class_means_then_trains_by_dp_sgd_within_the
     sigma_release = calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sample_rate=1.0, steps=1, accountant="prv")
     assert first.status == "trained" and ledger.accountant_history() == [(sigma_release, 1.0, 1)]
     assert ledger.noise_multiplier is None and ledger.epsilon <= 1.0  # the DP-SGD sigma is not set by the release
-    noise = (model.statistic_sum(data.x, data.y) / len(data) - model.base_release) * len(data)
-    assert float(noise.std()) == pytest.approx(sigma_release, rel=0.1)
+    assert not model.wants_release()
     for rnd in (2, 3):
         res = run_local_round(model, data, training=training, privacy=privacy, ledger=ledger, server_round=rnd, seed=rnd)
         assert res.status == "trained" and res.dp_steps == 5
@@ -457,3 +435,14 @@ def test_flow_base_release_sets_the_class_means_then_trains_by_dp_sgd_within_the
                                                       sample_rate=q, steps=2 * 5, accountant="prv")
     assert ledger.epsilon == pytest.approx(epsilon_of(ledger.accountant_history(), delta=1e-5, accountant="prv"))
     assert 2.9 <= ledger.epsilon <= 3.0  # the release and the 10 DP-SGD steps compose to the target
+
+
+def test_flow_base_release_epsilon_is_refused_with_the_warm_start_that_replaces_it():
+    from fedgen.contract.scenario import ScenarioError, scenario_from_dict
+    with pytest.raises(ScenarioError) as err:
+        scenario_from_dict({"model": {"family": "flow", "levels": 17, "base_release_epsilon": 4.0}}, source="s.yaml")
+    text = str(err.value)
+    assert "\n" not in text and "model: base_release_epsilon: the flow's release became the warm start" in text
+    assert "warm_start: {release: {epsilon_share: 4}}" in text
+    with pytest.raises(TypeError):
+        build_model("flow", data_shape=(1, 8, 8), base_release_epsilon=4.0)

@@ -194,7 +194,7 @@ def test_two_rounds_on_a_local_two_node_ray_cluster(tmp_path, ray_cluster):
 
     out = tmp_path / "run"
     sets = [FLOWER, f"simulation.ray_address={ray_cluster.address}", "simulation.client_cpus=1", *QUICK,
-            "federation.rounds=2"]
+            "federation.rounds=2", "warm_start=null"]
     res = fedgen("simulate", QUICKSTART, "--out", out, *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -226,7 +226,8 @@ def test_two_rounds_on_a_local_two_node_ray_cluster(tmp_path, ray_cluster):
                     "simulation.client_gpus=0.5 (CPU-only here)")
 def test_sites_share_a_gpu_at_half_a_gpu_each(tmp_path):
     out = tmp_path / "run"
-    sets = [FLOWER, "simulation.client_gpus=0.5", "simulation.device=cuda", *QUICK, "federation.rounds=2"]
+    sets = [FLOWER, "simulation.client_gpus=0.5", "simulation.device=cuda", *QUICK, "federation.rounds=2",
+            "warm_start=null"]
     res = fedgen("simulate", QUICKSTART, "--out", out, *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

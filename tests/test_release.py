@@ -68,14 +68,3 @@ def test_mmd_combines_by_precision_unless_told_fedavg():
     assert variance == pytest.approx(float((SIGMAS.double() ** 2).sum()) / total ** 2)
     with pytest.raises(ValueError, match="choose 'precision' or 'fedavg'"):
         build_model("mmd", data_shape=(1, 8, 8), num_classes=2, architecture="mlp", num_features=FEATURES, combine="median")
-
-
-def test_the_flow_hybrid_combines_its_base_release_by_precision():
-    from fedgen.shared_models.flow import _BASE_COUNT_WEIGHT
-    model = build_model("flow", data_shape=(1, 8, 8), num_classes=2, levels=17, hidden=8, base_release_epsilon=1.0)
-    sums = torch.randn(3, 2, 65, dtype=torch.float64)
-    sums[..., -1] = _BASE_COUNT_WEIGHT * COUNTS.double()
-    variance = model.combine_releases(sums, SIGMAS, float(COUNTS.sum()))
-    expected, expected_variance = precision_weighted_release(sums, SIGMAS, float(COUNTS.sum()), _BASE_COUNT_WEIGHT)
-    torch.testing.assert_close(model.base_release, expected)
-    assert variance == pytest.approx(expected_variance) and model.training_mode == "sgd"  # released

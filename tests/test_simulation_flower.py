@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from fedgen.privacy.accounting import make_accountant
 from fedgen.simulations.flower_engine import TAG_CHOICE_VAR, tagged_pids
@@ -41,6 +42,9 @@ def fedgen(*args, cwd, timeout=900):
 
 
 QUICK = ["training.local_steps=5", "evaluation.every=0", "evaluation.num_samples=100"]
+# a scenario's release warm start (the quickstart's), kept but short: the generator fit and
+# the pretraining cost ~30 s at the scenario's settings
+QUICK_WARM = ["warm_start.steps=50", "warm_start.release.generator_steps=50", "warm_start.release.samples=500"]
 FLOWER = "simulation.engine=flower"  # these tests are about Flower's runtime; the default engine is in-process
 # Behaviours every engine must have: each test taking ``engine`` runs on both.
 ENGINES = [pytest.param("inprocess"), pytest.param("flower", marks=pytest.mark.slow)]
@@ -50,8 +54,10 @@ def quick_run(tmp_path: Path, scenario: str, *overrides: str) -> Path:
     """A short ``fedgen simulate`` of ``scenarios/<scenario>.yaml`` (5 local steps, no
     evaluation before the end) with ``key=value`` overrides; returns the run directory."""
     out = tmp_path / "run"
-    sets = [a for item in (FLOWER, *QUICK, *overrides) for a in ("--set", item)]
-    res = fedgen("simulate", REPO / "scenarios" / f"{scenario}.yaml", "--out", out, *sets, cwd=tmp_path)
+    path = REPO / "scenarios" / f"{scenario}.yaml"
+    warm = QUICK_WARM if "warm_start" in yaml.safe_load(path.read_text()) else []
+    sets = [a for item in (FLOWER, *QUICK, *warm, *overrides) for a in ("--set", item)]
+    res = fedgen("simulate", path, "--out", out, *sets, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -126,7 +132,7 @@ def test_no_flower_or_ray_process_survives(quickstart_run):
 def test_tight_budget_is_never_overspent(tmp_path):
     out = tmp_path / "run"
     res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out, "--set", FLOWER,
-                 "--set", "privacy.target_epsilon=0.5",
+                 "--set", "privacy.target_epsilon=0.5", "--set", "warm_start=null",  # DP-SGD's budget alone
                  "--set", "federation.rounds=50", "--set", "evaluation.every=25", "--set", "evaluation.num_samples=100",
                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -145,8 +151,8 @@ def test_ctrl_c_stops_every_process(tmp_path, presses, engine):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fedgen.simulations.cli", "simulate",
                              str(REPO / "scenarios" / "quickstart.yaml"), "--out", str(out),
-                             "--set", f"simulation.engine={engine}", "--set", "federation.rounds=40"],
-                            cwd=tmp_path, env=_env(),
+                             "--set", f"simulation.engine={engine}", "--set", "federation.rounds=40",
+                             *[a for w in QUICK_WARM for a in ("--set", w)]], cwd=tmp_path, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -177,7 +183,7 @@ def test_resume_after_kill_gives_the_uninterrupted_ledger(tmp_path, engine):
     """SIGKILL the whole process tree mid-run, resume: no DP step is charged twice or
     forgotten, and metrics.jsonl has each round once."""
     scenario = REPO / "scenarios" / "quickstart.yaml"
-    common = ["--set", f"simulation.engine={engine}", "--set", "federation.rounds=4", "--set", "training.local_steps=5", "--set", "evaluation.every=0", "--set", "evaluation.num_samples=50"]
+    common = ["--set", f"simulation.engine={engine}", "--set", "federation.rounds=4", "--set", "training.local_steps=5", "--set", "evaluation.every=0", "--set", "evaluation.num_samples=50", "--set", "warm_start=null"]
     ref = tmp_path / "uninterrupted"
     assert fedgen("simulate", scenario, "--out", ref, *common, cwd=tmp_path).returncode == 0
 

@@ -28,6 +28,8 @@ QUICKSTART = REPO / "scenarios" / "quickstart.yaml"
 
 def write_sweep(folder: Path, **spec) -> Path:
     spec = {"base": str(QUICKSTART), "out": str(folder / "out"), **spec}
+    # DP-SGD alone: the quickstart's release warm start spends epsilon 2, over budgets these grids try
+    spec["set"] = {"warm_start": None, **spec.get("set", {})}
     path = folder / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
