@@ -55,8 +55,12 @@ THREAT_MODEL = ("honest-but-curious server: it follows the protocol; it and any 
                 "(at least threshold sites); up to n - threshold of the n sampled sites may drop out after "
                 "sharing their keys and the round still completes. Not covered: a malicious server that lies "
                 "about who dropped out, sites that send bad updates (they can no longer be checked one by one), "
-                "and the metrics and privacy ledger a site returns, which stay in the clear. DP noise: each site "
-                "still adds its full example-level DP-SGD noise (distributed DP noise is not implemented)")
+                "and the metrics and privacy ledger a site returns, which stay in the clear. DP noise: with "
+                "noise: local each site adds its full DP noise; with noise: distributed each adds a Skellam share "
+                "of mu / threshold, so the released sum carries at least the central variance mu whenever it is "
+                "released (at least threshold sites); the (epsilon, delta) guarantee holds against the server "
+                "and any sites that do not subtract their own shares -- c colluding sites that do leave "
+                "mu (s - c) / threshold of the s survivors' noise")
 
 
 # -- keys -------------------------------------------------------------------------------

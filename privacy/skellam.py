@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -141,11 +140,6 @@ def skellam_noise(shape: tuple[int, ...], variance: float, rng: np.random.Genera
     """Skellam noise of ``variance`` per coordinate: Poisson(v/2) - Poisson(v/2), int64."""
     lam = variance / 2.0
     return rng.poisson(lam, size=shape).astype(np.int64) - rng.poisson(lam, size=shape).astype(np.int64)
-
-
-def secret_numpy_rng() -> np.random.Generator:
-    """A numpy generator seeded with 128 bits of OS entropy (the site's noise share)."""
-    return np.random.default_rng(secrets.randbits(128))
 
 
 def skellam_tail(variance: float, probability: float) -> float:
@@ -271,3 +265,28 @@ def plan_distributed_release(*, epsilon: float, delta: float, bits: int, num_sit
         else:
             high = mid
     return at(low)
+
+
+# -- a site's side ----------------------------------------------------------------------
+
+def site_spend(release: DistributedRelease, ledger) -> tuple[float, dict[str, float]] | None:
+    """The Skellam share a site adds and the spend its ledger records (``{"mu", "l1", "l2"}``),
+    or ``None`` when its budget cannot afford the release. The site's own target (its
+    policy) wins: a stricter one makes it add a larger share (:meth:`DistributedRelease.site_share`)."""
+    own, protected = release.site_share(ledger.target_epsilon, ledger.delta)
+    spend = {"mu": protected, "l1": release.l1, "l2": release.l2}
+    trial = type(ledger).from_dict(ledger.to_dict())
+    trial.record_round(round=-1, steps=1, noise_multiplier=1.0, sample_rate=1.0, run="affordability", skellam=spend)
+    if trial.epsilon > ledger.target_epsilon * (1 + 1e-6):
+        return None
+    return own, spend
+
+
+def noised_integer_sum(integer_sum: Tensor, own_share: float, generator: torch.Generator) -> np.ndarray:
+    """The site's integer sum plus its Skellam share, drawn by a numpy generator seeded from
+    ``generator`` (the site's secret one: OS entropy, privacy/randomness.py)."""
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    exact = integer_sum.detach().cpu().double().numpy()
+    if not np.all(exact == np.round(exact)) or np.abs(exact).max(initial=0) >= 2.0 ** 53:
+        raise ValueError("the rounded release is not an exact integer vector")
+    return exact.astype(np.int64) + skellam_noise(tuple(exact.shape), own_share, np.random.default_rng(seed))
