@@ -31,7 +31,8 @@ from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks
 from fedgen.privacy.ledger import SiteLedger
 from fedgen.privacy.randomness import dp_generator
 from fedgen.privacy.release import plan_release, release_sum
-from fedgen.privacy.skellam import DistributedRelease, conditional_round, noised_integer_sum, site_spend
+from fedgen.privacy.skellam import (DistributedRelease, charge_distributed, conditional_round, noised_integer_sum,
+                                     site_spend)
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel, Releasing
 from fedgen.shared_models.warm_start import uniform_batches
 
@@ -278,8 +279,7 @@ def _distributed_release_round(model: Releasing, data: SiteData, *, release: Dis
         data.x.to(device), None if data.y is None else data.y.to(device),
         transform=lambda rows: conditional_round(rows.double() * release.scale, bound, noise_rng))
     noised = noised_integer_sum(integer_sum, own, noise_rng)
-    ledger.record_round(round=server_round, steps=1, noise_multiplier=spend["mu"] ** 0.5 / spend["l2"],
-                        sample_rate=1.0, run=run, skellam=spend)
+    charge_distributed(ledger, spend, round=server_round, run=run)
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=1, release=noised.ravel())
 
 

@@ -282,6 +282,13 @@ def site_spend(release: DistributedRelease, ledger) -> tuple[float, dict[str, fl
     return own, spend
 
 
+def charge_distributed(ledger, spend: dict[str, float], *, round: int, run: str | int | None):
+    """Record the release in the site's ledger: one Skellam mechanism (its Gaussian-equivalent
+    noise multiplier ``sqrt(mu) / l2`` beside it, for reading)."""
+    return ledger.record_round(round=round, steps=1, noise_multiplier=math.sqrt(spend["mu"]) / spend["l2"],
+                               sample_rate=1.0, run=run, skellam=spend)
+
+
 def noised_integer_sum(integer_sum: Tensor, own_share: float, generator: torch.Generator) -> np.ndarray:
     """The site's integer sum plus its Skellam share, drawn by a numpy generator seeded from
     ``generator`` (the site's secret one: OS entropy, privacy/randomness.py)."""
