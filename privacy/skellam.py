@@ -274,6 +274,10 @@ def site_spend(release: DistributedRelease, ledger) -> tuple[float, dict[str, fl
     or ``None`` when its budget cannot afford the release. The site's own target (its
     policy) wins: a stricter one makes it add a larger share (:meth:`DistributedRelease.site_share`)."""
     own, protected = release.site_share(ledger.target_epsilon, ledger.delta)
+    noise = skellam_tail(release.share * (release.num_sites - 1) + own, OVERFLOW_PROBABILITY / max(release.size, 1))
+    if release.data_bound() + noise >= 2.0 ** (release.bits - 1):
+        raise ValueError(f"site {ledger.site}: its target epsilon {ledger.target_epsilon:g} needs a noise share "
+                         f"the {release.bits}-bit sum cannot hold; raise secure_aggregation.bits")
     spend = {"mu": protected, "l1": release.l1, "l2": release.l2}
     trial = type(ledger).from_dict(ledger.to_dict())
     trial.record_round(round=-1, steps=1, noise_multiplier=1.0, sample_rate=1.0, run="affordability", skellam=spend)

@@ -309,3 +309,19 @@ def test_an_mmd_run_with_distributed_noise_releases_the_sum_and_charges_the_skel
     assert "noise: distributed" in summary["secure_aggregation"]["threat_model"]
     assert summary["secure_aggregation"]["noise"] == "distributed"
     assert summary["epsilon"] == pytest.approx(fresh, rel=0.01)
+
+
+def test_a_site_with_a_stricter_policy_adds_a_larger_share_and_is_charged_its_own_target():
+    rel = sk.plan_distributed_release(epsilon=4.0, delta=DELTA, bits=48, num_sites=10, threshold=7,
+                                      max_records=1000, dim=65, size=650)
+    relaxed = SiteLedger(site="a", accountant="rdp", delta=DELTA, target_epsilon=4.0, max_grad_norm=1.0)
+    strict = SiteLedger(site="b", accountant="rdp", delta=DELTA, target_epsilon=1.0, max_grad_norm=1.0)
+    own_a, spend_a = sk.site_spend(rel, relaxed)
+    own_b, spend_b = sk.site_spend(rel, strict)
+    assert own_a == pytest.approx(rel.mu / 7) and spend_a["mu"] == pytest.approx(rel.mu)
+    assert own_b > own_a  # with t - 1 others at mu / t, its own share brings the sum to its target
+    assert spend_b["mu"] == pytest.approx(own_b + rel.mu / 7 * 6)
+    for ledger, spend, target in ((relaxed, spend_a, 4.0), (strict, spend_b, 1.0)):
+        sk.charge_distributed(ledger, spend, round=1, run=None)
+        assert 0.99 * target <= ledger.epsilon <= target * (1 + 1e-6)
+        assert sk.site_spend(rel, ledger) is None  # its budget is spent: a second release is refused
