@@ -31,7 +31,7 @@ from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks
 from fedgen.privacy.ledger import SiteLedger
 from fedgen.privacy.randomness import dp_generator
 from fedgen.privacy.release import plan_release, release_sum
-from fedgen.privacy.skellam import (DistributedRelease, charge_distributed, conditional_round, noised_integer_sum,
+from fedgen.privacy.skellam import (DistributedRelease, charge_distributed, noised_integer_sum, round_records,
                                      site_spend)
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel, Releasing
 from fedgen.shared_models.warm_start import uniform_batches
@@ -274,10 +274,9 @@ def _distributed_release_round(model: Releasing, data: SiteData, *, release: Dis
             f"site {ledger.site} refuses to release again: the distributed release would exceed its target "
             f"epsilon {ledger.target_epsilon} (spent {ledger.epsilon:.4g})"))
     own, spend = planned
-    bound = release.l2
     integer_sum = model.statistic_sum(  # type: ignore[call-arg] -- mmd only (contract/scenario.py)
         data.x.to(device), None if data.y is None else data.y.to(device),
-        transform=lambda rows: conditional_round(rows.double() * release.scale, bound, noise_rng))
+        transform=lambda rows: round_records(rows, release, noise_rng))
     noised = noised_integer_sum(integer_sum, own, noise_rng)
     charge_distributed(ledger, spend, round=server_round, run=run)
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=1, release=noised.ravel())

@@ -136,6 +136,15 @@ def conditional_round(rows: Tensor, bound: float, generator: torch.Generator) ->
     raise RuntimeError(f"conditional rounding: {len(todo)} rows still above the bound {bound:g} after 1000 draws")
 
 
+def round_records(rows: Tensor, release: "DistributedRelease", generator: torch.Generator) -> Tensor:
+    """Records' vectors (norm <= 1 up to float32 rounding) to the integers a site sums: in
+    float64, projected to norm <= 1 (a float32 norm of 1 + 1e-7 would put a row out of the
+    rounding bound's reach at a large scale), scaled by gamma and conditionally rounded."""
+    rows = rows.double()
+    rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1.0)
+    return conditional_round(rows * release.scale, release.l2, generator)
+
+
 def skellam_noise(shape: tuple[int, ...], variance: float, rng: np.random.Generator) -> np.ndarray:
     """Skellam noise of ``variance`` per coordinate: Poisson(v/2) - Poisson(v/2), int64."""
     lam = variance / 2.0

@@ -325,3 +325,17 @@ def test_a_site_with_a_stricter_policy_adds_a_larger_share_and_is_charged_its_ow
         sk.charge_distributed(ledger, spend, round=1, run=None)
         assert 0.99 * target <= ledger.epsilon <= target * (1 + 1e-6)
         assert sk.site_spend(rel, ledger) is None  # its budget is spent: a second release is refused
+
+
+def test_records_a_hair_above_norm_one_are_still_rounded_at_a_large_scale():
+    """float32 features may have norm 1 + 1e-7; at gamma ~ 1e9 that alone is far beyond the
+    rounding bound's slack, so rows are projected to norm 1 first (in float64)."""
+    rel = sk.DistributedRelease(scale=1.4e9, dim=65, size=65, mu=1e18, threshold=3, num_sites=5, bits=62,
+                                max_records=10)
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(20, 65, generator=gen)
+    rows = (rows / rows.norm(dim=1, keepdim=True) * (1 + 1e-6)).float()
+    out = sk.round_records(rows, rel, gen)
+    assert float(out.norm(dim=1).max()) <= rel.l2 and torch.equal(out, out.round())
+    with pytest.raises(RuntimeError, match="still above the bound"):
+        sk.conditional_round(rows.double() * rel.scale, rel.l2, gen)
