@@ -309,6 +309,8 @@ def test_an_mmd_run_with_distributed_noise_releases_the_sum_and_charges_the_skel
     assert "noise: distributed" in summary["secure_aggregation"]["threat_model"]
     assert summary["secure_aggregation"]["noise"] == "distributed"
     assert summary["epsilon"] == pytest.approx(fresh, rel=0.01)
+    report = (out / "report.html").read_text()
+    assert "distributed Skellam release" in report and "honest-but-curious server" in report
 
 
 def test_a_site_with_a_stricter_policy_adds_a_larger_share_and_is_charged_its_own_target():
