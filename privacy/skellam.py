@@ -57,6 +57,13 @@ ROUNDING_BETA = math.exp(-0.5)
 OVERFLOW_PROBABILITY = 2.0 ** -40
 _CALIBRATION_TOLERANCE = 1e-4  # relative, on mu
 MAX_SCALE = 2.0 ** 30  # finer gains nothing (the rounding's share of l2 is already ~1e-9) and float64 stays exact
+#: the largest Poisson rate a site draws (its share / 2). numpy's Poisson sampler works in
+#: float64: at rates near 1e18 its draws fall on a grid of hundreds (the float spacing), so
+#: the noise would leave the sum's low bits -- and one record's -- exposed (Mironov 2012's
+#: attack in integer form), and its log-gamma terms lose precision. At <= 2^30 every draw is
+#: an exact integer and the acceptance terms are exact to ~1e-6. The scale is capped so
+#: that a share stays below it; the rounding then adds ~1e-5 to l2, nothing in utility.
+MAX_POISSON_RATE = 2.0 ** 30
 
 
 # -- the accountant ---------------------------------------------------------------------
@@ -147,8 +154,15 @@ def round_records(rows: Tensor, release: "DistributedRelease", generator: torch.
 
 def skellam_noise(shape: tuple[int, ...], variance: float, rng: np.random.Generator) -> np.ndarray:
     """Skellam noise of ``variance`` per coordinate: Poisson(v/2) - Poisson(v/2), int64."""
-    lam = variance / 2.0
-    return rng.poisson(lam, size=shape).astype(np.int64) - rng.poisson(lam, size=shape).astype(np.int64)
+    parts = max(1, math.ceil(variance / 2.0 / MAX_POISSON_RATE))  # a sum of Skellams is a Skellam
+    if parts > 64:
+        raise ValueError(f"a Skellam variance of {variance:.3g} needs {parts} draws of the exact sampler; "
+                         "the plan keeps shares far below this")
+    lam = variance / 2.0 / parts
+    out = np.zeros(shape, dtype=np.int64)
+    for _ in range(parts):
+        out += rng.poisson(lam, size=shape).astype(np.int64) - rng.poisson(lam, size=shape).astype(np.int64)
+    return out
 
 
 def skellam_tail(variance: float, probability: float) -> float:
@@ -230,7 +244,9 @@ class DistributedRelease:
         return skellam_tail(self.share * self.num_sites, OVERFLOW_PROBABILITY / max(self.size, 1))
 
     def fits(self) -> bool:
-        return self.data_bound() + self.noise_bound() < 2.0 ** (self.bits - 1)
+        """No wrap-around (but with OVERFLOW_PROBABILITY), an exact Poisson sampler, float64-exact scaling."""
+        return (self.share / 2.0 <= MAX_POISSON_RATE and self.scale <= MAX_SCALE
+                and self.data_bound() + self.noise_bound() < 2.0 ** (self.bits - 1))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -264,8 +280,6 @@ def plan_distributed_release(*, epsilon: float, delta: float, bits: int, num_sit
                            f"its noise at a useful scale; raise secure_aggregation.bits to at least {need}")
     low, high = coarsest, coarsest * 2.0
     while at(high).fits():
-        if high >= MAX_SCALE:
-            return at(MAX_SCALE)
         low, high = high, high * 2.0
     while high / low > 1.001:
         mid = math.sqrt(low * high)
@@ -284,9 +298,11 @@ def site_spend(release: DistributedRelease, ledger) -> tuple[float, dict[str, fl
     policy) wins: a stricter one makes it add a larger share (:meth:`DistributedRelease.site_share`)."""
     own, protected = release.site_share(ledger.target_epsilon, ledger.delta)
     noise = skellam_tail(release.share * (release.num_sites - 1) + own, OVERFLOW_PROBABILITY / max(release.size, 1))
-    if release.data_bound() + noise >= 2.0 ** (release.bits - 1):
+    if release.data_bound() + noise >= 2.0 ** (release.bits - 1) or own / 2.0 > 64 * MAX_POISSON_RATE:
         raise ValueError(f"site {ledger.site}: its target epsilon {ledger.target_epsilon:g} needs a noise share "
-                         f"the {release.bits}-bit sum cannot hold; raise secure_aggregation.bits")
+                         f"{own / release.share:.3g} times the planned one, more than the {release.bits}-bit sum "
+                         "(or 64 draws of the exact sampler) can hold; align the site's policy with the scenario's "
+                         "epsilon")
     spend = {"mu": protected, "l1": release.l1, "l2": release.l2}
     trial = type(ledger).from_dict(ledger.to_dict())
     trial.record_round(round=-1, steps=1, noise_multiplier=1.0, sample_rate=1.0, run="affordability", skellam=spend)

@@ -139,12 +139,12 @@ def test_the_mmd_release_rounds_every_record():
 # -- wrap-around ------------------------------------------------------------------------
 
 def test_the_planned_scale_never_wraps_the_sum_and_twice_it_would():
-    """Bits 30, 5 sites x 20 records: the worst data sum (every record's whole bound on one
+    """Bits 20, 5 sites x 20 records: the worst data sum (every record's whole bound on one
     coordinate) plus the noise of all five shares, over 200 draws, decodes to itself; at
     twice the planned scale the worst data sum alone leaves the signed range."""
-    rel = sk.plan_distributed_release(epsilon=1.0, delta=DELTA, bits=30, num_sites=5, threshold=3, max_records=20,
+    rel = sk.plan_distributed_release(epsilon=1.0, delta=DELTA, bits=20, num_sites=5, threshold=3, max_records=20,
                                       dim=65, size=195)
-    assert rel.data_bound() + rel.noise_bound() < 2 ** 29
+    assert rel.data_bound() + rel.noise_bound() < 2 ** 19
     worst = np.full(rel.size, math.floor(rel.data_bound()), dtype=np.int64)
     rng = np.random.default_rng(5)
     for sign in (1, -1):
@@ -155,7 +155,7 @@ def test_the_planned_scale_never_wraps_the_sum_and_twice_it_would():
                 total = sa.add_mod(total, sa.encode_signed(part, rel.bits), 1, rel.bits)
             assert np.array_equal(sa.decode_signed(total, rel.bits), noisy)
     double = 2 * rel.num_sites * rel.max_records * sk.rounded_l2_bound(2 * rel.scale, rel.dim)
-    assert double >= 2 ** 29  # the bits are used: the scale is within 2x of the largest that fits
+    assert double >= 2 ** 19  # the bits are used: the scale is within 2x of the largest that fits
     with pytest.raises(sk.BitsTooSmall, match="raise secure_aggregation.bits to at least"):
         sk.plan_distributed_release(epsilon=1.0, delta=DELTA, bits=9, num_sites=5, threshold=3, max_records=20,
                                     dim=65, size=195)
@@ -234,7 +234,8 @@ def test_fewer_survivors_than_the_threshold_release_nothing():
 
 def test_a_site_refuses_parameters_that_could_wrap_around():
     rel = _release(5, 3)
-    bad = sk.DistributedRelease(**{**json.loads(rel.to_json()), "scale": rel.scale * 64})
+    bad = sk.DistributedRelease(**{**json.loads(rel.to_json()), "scale": rel.scale * 1e5})
+    assert not bad.fits()
     sites = ReleasingSites(5, rel)
     wf = SecAggWorkflow(threshold=3, bits=rel.bits, clip_norm=1.0, distributed=bad)
     arrays = ArrayRecord({"w": Array(np.zeros(3))})
@@ -317,22 +318,25 @@ def test_a_site_with_a_stricter_policy_adds_a_larger_share_and_is_charged_its_ow
     rel = sk.plan_distributed_release(epsilon=4.0, delta=DELTA, bits=48, num_sites=10, threshold=7,
                                       max_records=1000, dim=65, size=650)
     relaxed = SiteLedger(site="a", accountant="rdp", delta=DELTA, target_epsilon=4.0, max_grad_norm=1.0)
-    strict = SiteLedger(site="b", accountant="rdp", delta=DELTA, target_epsilon=1.0, max_grad_norm=1.0)
+    strict = SiteLedger(site="b", accountant="rdp", delta=DELTA, target_epsilon=2.0, max_grad_norm=1.0)
     own_a, spend_a = sk.site_spend(rel, relaxed)
     own_b, spend_b = sk.site_spend(rel, strict)
     assert own_a == pytest.approx(rel.mu / 7) and spend_a["mu"] == pytest.approx(rel.mu)
     assert own_b > own_a  # with t - 1 others at mu / t, its own share brings the sum to its target
     assert spend_b["mu"] == pytest.approx(own_b + rel.mu / 7 * 6)
-    for ledger, spend, target in ((relaxed, spend_a, 4.0), (strict, spend_b, 1.0)):
+    for ledger, spend, target in ((relaxed, spend_a, 4.0), (strict, spend_b, 2.0)):
         sk.charge_distributed(ledger, spend, round=1, run=None)
         assert 0.99 * target <= ledger.epsilon <= target * (1 + 1e-6)
         assert sk.site_spend(rel, ledger) is None  # its budget is spent: a second release is refused
+    far = SiteLedger(site="c", accountant="rdp", delta=DELTA, target_epsilon=0.5, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="align the site's policy"):
+        sk.site_spend(rel, far)
 
 
 def test_records_a_hair_above_norm_one_are_still_rounded_at_a_large_scale():
     """float32 features may have norm 1 + 1e-7; at gamma ~ 1e9 that alone is far beyond the
     rounding bound's slack, so rows are projected to norm 1 first (in float64)."""
-    rel = sk.DistributedRelease(scale=1.4e9, dim=65, size=65, mu=1e18, threshold=3, num_sites=5, bits=62,
+    rel = sk.DistributedRelease(scale=2.0 ** 30, dim=65, size=65, mu=1e9, threshold=3, num_sites=5, bits=62,
                                 max_records=10)
     gen = torch.Generator().manual_seed(3)
     rows = torch.randn(20, 65, generator=gen)
@@ -341,3 +345,19 @@ def test_records_a_hair_above_norm_one_are_still_rounded_at_a_large_scale():
     assert float(out.norm(dim=1).max()) <= rel.l2 and torch.equal(out, out.round())
     with pytest.raises(RuntimeError, match="still above the bound"):
         sk.conditional_round(rows.double() * rel.scale, rel.l2, gen)
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 1.0, 10.0])
+def test_the_planned_shares_stay_in_the_exact_range_of_the_poisson_sampler(epsilon):
+    """At 48 bits the bits alone would allow gamma ~ 1e9 and Poisson rates ~ 1e18, where
+    float64 draws land on a grid (the noise's low bits would be constant): the plan caps
+    the rate, and at the cap the draws are still every integer (odd and even alike)."""
+    rel = sk.plan_distributed_release(epsilon=epsilon, delta=DELTA, bits=48, num_sites=10, threshold=7,
+                                      max_records=10000, dim=4001, size=40010)
+    assert rel.share / 2 <= sk.MAX_POISSON_RATE and rel.fits()
+    assert rel.l2 / rel.scale < 1.001  # the rounding still costs nothing
+    draws = sk.skellam_noise((20000,), 2 * sk.MAX_POISSON_RATE, np.random.default_rng(0))
+    assert {int(v) for v in np.unique(draws % 4)} == {0, 1, 2, 3}
+    big = sk.skellam_noise((20000,), 20 * sk.MAX_POISSON_RATE, np.random.default_rng(1))  # drawn in 10 parts
+    assert big.std() == pytest.approx(math.sqrt(20 * sk.MAX_POISSON_RATE), rel=0.03)
+    assert {int(v) for v in np.unique(big % 4)} == {0, 1, 2, 3}
