@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """A Flower ClientApp mod: one stage of secure aggregation, or a pass-through."""
     if sa.RECORD not in msg.content.config_records:
+        config = msg.content.config_records.get("config")
+        if config is not None and sa.DISTRIBUTED in config:
+            # only this mod may ask for a distributed release: it carries just a share of
+            # the noise and must never leave the site unmasked
+            del config[sa.DISTRIBUTED]
         return call_next(msg, context)
     cfg = msg.content.config_records[sa.RECORD]
     stage = str(cfg.get("stage", ""))

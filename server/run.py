@@ -276,21 +276,22 @@ class FederatedRun:
         """Secure aggregation's stage 4: unmask the sum of the valid masked inputs ``ok``
         (server/secagg.py). An aborted round leaves the global model as it was: nothing
         was decoded, so nothing of the sites' updates was released."""
-        if self.secagg.distributed is not None:  # a release with distributed noise: only its sum
-            total = None if rnd.aborted else self.secagg.unmask_sum(self.grid, rnd, ok, self.secagg.distributed.size)
-            new_arrays = None if total is None else arrays
-            if total is not None:
+        released = False
+        if rnd.aborted:
+            pass
+        elif (dist := self.secagg.distributed) is not None:  # a release with distributed noise: only its sum
+            if (total := self.secagg.unmask_sum(self.grid, rnd, ok, dist.size)) is not None:
                 self.model.load_state_dict(arrays.to_torch_state_dict())
                 record.release_noise_variance = self.secagg.release_from_sum(rnd, total, self.model)
-        else:
-            new_arrays = None if rnd.aborted else self.secagg.unmask(self.grid, rnd, ok, arrays)
+                released = True
+        elif (new_arrays := self.secagg.unmask(self.grid, rnd, ok, arrays)) is not None:
+            self.model.load_state_dict(new_arrays.to_torch_state_dict())
+            released = True
         record.secure_aggregation = rnd.report()
-        if new_arrays is None:
+        if not released:
             log.warning("round %d: secure aggregation aborted: %s", rnd.round, rnd.aborted)
             ok.clear()  # no site's update went into the model
             return arrays
-        if self.secagg.distributed is None:
-            self.model.load_state_dict(new_arrays.to_torch_state_dict())
         return self._server_update(record)
 
     def _distributed_release(self) -> DistributedRelease:

@@ -245,6 +245,20 @@ def test_a_site_refuses_parameters_that_could_wrap_around():
     assert replies and all(r.has_error() for r in replies) and not sites.seen  # nothing left any site
 
 
+def test_a_server_cannot_ask_for_an_unmasked_distributed_release():
+    """A plain train message (no secure-aggregation stage) that names the distributed
+    release in its config: the mod strips it, so the training never makes a release that
+    carries only a share of the noise outside a masked sum."""
+    rel = _release(3, 2)
+    sites = ReleasingSites(3, rel)
+    node = sites.grid.get_node_ids()[0]
+    msg = Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(3))}),
+                                      "config": ConfigRecord({"server-round": 1, sa.DISTRIBUTED: rel.to_json()})}),
+                  message_type=MessageType.TRAIN, dst_node_id=node)
+    (reply,) = sites.grid.send_and_receive([msg])
+    assert reply.has_error() and not sites.seen  # the test training found no release to make
+
+
 # -- the scenario keys ------------------------------------------------------------------
 
 _DIST = {"threshold": 3, "noise": "distributed", "bits": 48}
