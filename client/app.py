@@ -13,10 +13,13 @@ import logging
 import math
 from dataclasses import replace
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedgen.contract import secagg as sa
 from fedgen.contract.task import ReplyStatus, TaskConfig
+from fedgen.privacy.skellam import DistributedRelease
 from fedgen.simulations.faults import simulated_faults_mod
 
 from .data_binding import bind_site_data
@@ -62,10 +65,12 @@ def _train(msg: Message, context: Context, task: TaskConfig, site: str, server_r
         ledger = load_ledger(context, site, run_dir)
         if ledger is not None and task.privacy.enabled:
             ledger.set_target_epsilon(task.privacy.target_epsilon)  # this run's target, capped by the site
+        distributed = msg.content["config"].get(sa.DISTRIBUTED)  # set by client/secagg.py
         model, result, ledger = train_site(
             task, data, msg.content["arrays"].to_torch_state_dict(), site=site,
             server_round=server_round, ledger=ledger, run=ledger_run(context),
-            state_dir=_white_box_state(context, task, site, run_dir))
+            state_dir=_white_box_state(context, task, site, run_dir),
+            distributed=DistributedRelease.from_json(str(distributed)) if distributed else None)
         if ledger is not None:
             save_ledger(context, ledger, run_dir)  # before the update leaves the site
     metrics = {
@@ -77,6 +82,8 @@ def _train(msg: Message, context: Context, task: TaskConfig, site: str, server_r
     if result.status == "trained" and math.isfinite(result.train_loss):  # a release round has no loss
         metrics["train-loss"] = result.train_loss
     arrays = ArrayRecord(model.state_dict()) if result.status == "trained" else None
+    if arrays is not None and result.release is not None:  # only the noised integer sum, for masking
+        arrays = ArrayRecord({sa.DISTRIBUTED: Array(np.ascontiguousarray(result.release))})
     return site_reply(msg, site, metrics, ledger=ledger, message=result.message, arrays=arrays)
 
 

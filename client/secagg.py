@@ -35,6 +35,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (share_keys_plaintex
                                                              share_keys_plaintext_separate)
 
 from fedgen.contract import secagg as sa
+from fedgen.privacy.skellam import DistributedRelease
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """A Flower ClientApp mod: one stage of secure aggregation, or a pass-through."""
     if sa.RECORD not in msg.content.config_records:
+        config = msg.content.config_records.get("config")
+        if config is not None and sa.DISTRIBUTED in config:
+            # only this mod may ask for a distributed release: it carries just a share of
+            # the noise and must never leave the site unmasked
+            del config[sa.DISTRIBUTED]
         return call_next(msg, context)
     cfg = msg.content.config_records[sa.RECORD]
     stage = str(cfg.get("stage", ""))
@@ -145,14 +151,23 @@ def _collect(msg: Message, cfg: ConfigRecord, context: Context, call_next: Clien
     state["sk-shares"] = [sk_from[i] for i in sorted(sk_from)]
 
     global_arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    distributed = str(cfg.get("distributed", ""))
+    if distributed:  # noise: distributed -- the training releases an integer sum with its noise share
+        _check_distributed(distributed, params)
+        msg.content["config"][sa.DISTRIBUTED] = distributed
     del msg.content[sa.RECORD]
     reply = call_next(msg, context)  # training, with every other mod around it
     if reply.has_error() or "arrays" not in reply.content.array_records:
         return reply  # nothing to mask: the site failed, refused or dropped out
-    trained = {k: v.numpy() for k, v in reply.content["arrays"].items()}
-    keys = sa.float_keys(global_arrays)
-    update, _ = sa.clip_l2(sa.flatten(trained, keys) - sa.flatten(global_arrays, keys), params.clip_norm)
-    y = sa.quantize(update, params.clip_norm, params.levels, np.random.default_rng())  # OS entropy
+    if distributed:
+        if sa.DISTRIBUTED not in reply.content["arrays"]:
+            raise sa.SecAggError("the site's training returned no distributed release to mask")
+        y = sa.encode_signed(reply.content["arrays"][sa.DISTRIBUTED].numpy(), params.bits)
+    else:
+        trained = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        keys = sa.float_keys(global_arrays)
+        update, _ = sa.clip_l2(sa.flatten(trained, keys) - sa.flatten(global_arrays, keys), params.clip_norm)
+        y = sa.quantize(update, params.clip_norm, params.levels, np.random.default_rng())  # OS entropy
     y = sa.add_mod(y, sa.expand_mask(bytes(state["seed"]), y.size, params.bits), 1, params.bits)
     sk_mask = sa.load_private(bytes(state["sk-mask"]))
     for j in srcs:  # the neighbours that shared their keys: their masks cancel ours
@@ -161,6 +176,19 @@ def _collect(msg: Message, cfg: ConfigRecord, context: Context, call_next: Clien
     del reply.content["arrays"]
     reply.content[sa.MASKED] = ArrayRecord({sa.MASKED_KEY: Array(np.ascontiguousarray(y))})
     return reply
+
+
+def _check_distributed(text: str, params: sa.SecAggParams) -> None:
+    """The site checks the release's public parameters against the round's before it
+    releases anything: the same modulus and threshold, and a scale whose sum cannot wrap."""
+    try:
+        release = DistributedRelease.from_json(text)
+    except (ValueError, KeyError, TypeError):
+        raise sa.SecAggError("malformed distributed-noise parameters") from None
+    if release.bits != params.bits or release.threshold != params.threshold:
+        raise sa.SecAggError("the distributed-noise parameters do not match the round's bits and threshold")
+    if release.num_sites < params.num_sites or not (release.mu > 0 and release.scale >= 1) or not release.fits():
+        raise sa.SecAggError("the distributed-noise parameters could wrap the sum around or carry no noise")
 
 
 def _unmask(cfg: ConfigRecord, context: Context) -> dict:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from fedgen.contract.task import TaskConfig
+from fedgen.privacy.skellam import DistributedRelease
 from fedgen.shared_models import DPSGDTrainable, GenerativeModel
 
 from .data import SiteData
@@ -42,8 +43,8 @@ def check_data_matches(task: TaskConfig, data: SiteData) -> None:
 
 
 def train_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.Tensor], *, site: str,
-               server_round: int, ledger, run: str | None = None,
-               state_dir: Path | None = None) -> tuple[GenerativeModel, RoundResult, Any]:
+               server_round: int, ledger, run: str | None = None, state_dir: Path | None = None,
+               distributed: DistributedRelease | None = None) -> tuple[GenerativeModel, RoundResult, Any]:
     """One round at one site: load the global weights, train, return the new ledger.
     In a white-box audit run at this site (``privacy.white_box``), its gradient canaries
     (or, in a release round, its release canaries) live in ``state_dir`` beside the ledger,
@@ -72,7 +73,7 @@ def train_site(task: TaskConfig, data: SiteData, state_dict: dict[str, torch.Ten
         before = dirac.flat(params)
     result = run_local_round(model, data, training=task.training, privacy=task.privacy, ledger=ledger,
                              server_round=server_round, seed=round_seed(task.seed, site, server_round),
-                             device=device, run=run, white_box=white_box)
+                             device=device, run=run, white_box=white_box, distributed=distributed)
     if white_box is not None and result.status == "trained" and params:
         dirac.record_update(Path(state_dir), server_round, dirac.flat(params) - before, [p.shape for p in params])
     elif white_box is not None and result.status == "trained":  # the raw release and the records' own sum

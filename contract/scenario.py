@@ -118,6 +118,12 @@ class SecureAggregationConfig(_Section):
     clip_norm: float = Field(100.0, gt=0.0, description="L2 bound on each site's update w_k - w before quantising")
     neighbours: int | None = Field(None, ge=2, description="SecAgg+: share keys with this many ring neighbours "
                                    "(null = with every sampled site, as SecAgg)")
+    noise: Literal["local", "distributed"] = Field(
+        "local", description="local: each site adds its full DP noise; distributed: a release (mmd) is rounded "
+        "to integers and each site adds only its Skellam share, the sum carrying the central noise "
+        "(privacy/skellam.py)")
+    max_records: int = Field(100_000, ge=1, description="noise: distributed: a public bound on one site's "
+                             "records, bounding the sum against wrap-around (a site holding more refuses)")
 
 
 class FederationConfig(_Section):
@@ -535,14 +541,38 @@ class Scenario(_Section):
     def _secure_aggregation_needs_dp_sgd_updates(self) -> "Scenario":
         # A release (mmd; warm_start.release) is combined per site by its noise
         # precision (Releasing.combine_releases), which a masked sum cannot do; clipping the
-        # release to secure_aggregation.clip_norm would distort it too.
-        if self.federation.secure_aggregation is None:
+        # release to secure_aggregation.clip_norm would distort it too. With noise:
+        # distributed the mmd release is summed exactly instead (privacy/skellam.py).
+        sec = self.federation.secure_aggregation
+        if sec is None:
             return self
+        if sec.noise == "distributed":
+            return self._distributed_noise_fits(sec)
         if not family_has_site_loss(self.model.family) or (self.warm_start is not None
                                                            and self.warm_start.release is not None):
             raise ValueError("federation.secure_aggregation: a DP release (the mmd family, "
                              "warm_start.release) is combined per site by the server, which "
                              "secure aggregation hides; train by DP-SGD only, or remove secure_aggregation")
+        return self
+
+    def _distributed_noise_fits(self, sec: SecureAggregationConfig) -> "Scenario":
+        """noise: distributed needs a pure release family under DP, and bits that hold the sum."""
+        if self.model.family != "mmd" or self.model.options.get("base_release_epsilon") or self.warm_start is not None:
+            raise ValueError(f"federation.secure_aggregation.noise: distributed is implemented for the mmd family's "
+                             f"release only, not {self.model.family} (DP-SGD updates are not one linear statistic); "
+                             "use noise: local")
+        if not self.privacy.enabled or self.privacy.unit != "example":
+            raise ValueError("federation.secure_aggregation.noise: distributed needs example-level DP "
+                             "(privacy.enabled: true, unit: example); use noise: local")
+        from fedgen.privacy.skellam import BitsTooSmall, plan_distributed_release
+
+        dim = int(self.model.options.get("num_features", 4000)) + 1
+        try:  # 1 000 classes: a generous size, so the server's plan for the real one fits too
+            plan_distributed_release(epsilon=self.privacy.target_epsilon, delta=self.privacy.delta, bits=sec.bits,
+                                     num_sites=self.federation.num_sites, threshold=sec.threshold,
+                                     max_records=sec.max_records, dim=dim, size=dim * 1000)
+        except BitsTooSmall as err:
+            raise ValueError(f"federation.secure_aggregation.bits: {err}") from None
         return self
 
     def resolved(self) -> dict[str, Any]:

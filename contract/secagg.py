@@ -31,6 +31,11 @@ RECORD = "secagg"
 #: the ArrayRecord of a masked input (the site's update never leaves it in the clear)
 MASKED = "secagg-masked"
 MASKED_KEY = "y"
+#: distributed DP (``noise: distributed``): the release's public parameters travel to the
+#: site in the collect stage's record and on to its training in the train config under
+#: this key (privacy/skellam.py's ``DistributedRelease`` as JSON); the site's noised
+#: integer release comes back from its training in the reply's arrays under the same key
+DISTRIBUTED = "secagg-distributed"
 #: where a site keeps its round secrets between the stages (``Context.state``)
 STATE = "secagg-state"
 
@@ -50,8 +55,12 @@ THREAT_MODEL = ("honest-but-curious server: it follows the protocol; it and any 
                 "(at least threshold sites); up to n - threshold of the n sampled sites may drop out after "
                 "sharing their keys and the round still completes. Not covered: a malicious server that lies "
                 "about who dropped out, sites that send bad updates (they can no longer be checked one by one), "
-                "and the metrics and privacy ledger a site returns, which stay in the clear. DP noise: each site "
-                "still adds its full example-level DP-SGD noise (distributed DP noise is not implemented)")
+                "and the metrics and privacy ledger a site returns, which stay in the clear. DP noise: with "
+                "noise: local each site adds its full DP noise; with noise: distributed each adds a Skellam share "
+                "of mu / threshold, so the released sum carries at least the central variance mu whenever it is "
+                "released (at least threshold sites); the (epsilon, delta) guarantee holds against the server "
+                "and any sites that do not subtract their own shares -- c colluding sites that do leave "
+                "mu (s - c) / threshold of the s survivors' noise")
 
 
 # -- keys -------------------------------------------------------------------------------
@@ -155,6 +164,21 @@ def quantize(vec: np.ndarray, clip: float, num_levels: int, rng: np.random.Gener
 def dequantize_sum(total: np.ndarray, count: int, clip: float, num_levels: int) -> np.ndarray:
     """The sum of ``count`` real vectors from the sum of their encodings."""
     return total.astype(np.float64) * (2.0 * clip / num_levels) - count * clip
+
+
+def encode_signed(vec: np.ndarray, bits: int) -> np.ndarray:
+    """Signed integers (int64) as residues modulo 2^bits (two's complement, truncated)."""
+    return np.asarray(vec, dtype=np.int64).astype(np.uint64) & np.uint64(modulus_mask(bits))
+
+
+def decode_signed(total: np.ndarray, bits: int) -> np.ndarray:
+    """Residues modulo 2^bits back to the signed integers in [-2^(bits-1), 2^(bits-1)) they
+    stand for: the integer sum, as long as it never left that range (privacy/skellam.py
+    chooses the scale so that it does not, but with negligible probability)."""
+    total = np.asarray(total, dtype=np.uint64) & np.uint64(modulus_mask(bits))
+    signed = total.astype(np.int64)
+    return np.where(total >= np.uint64(1 << (bits - 1)), signed - np.int64(1 << (bits - 1)) * 2, signed) \
+        if bits < 64 else signed
 
 
 # -- which tensors travel ---------------------------------------------------------------

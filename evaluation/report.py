@@ -89,6 +89,14 @@ def write_run_report(run_dir: Path) -> Path:
                      f"{html.escape(str(warm.get('guarantee', '')))}.</p>")
     if run.summary.get("warning"):  # e.g. seeded noise: the privacy guarantee does not hold
         parts.append(f"<p class='warning'><strong>Privacy warning:</strong> {html.escape(run.summary['warning'])}</p>")
+    for g in run.summary.get("guarantees") or []:  # server/summary.py: which guarantee, against whom
+        parts.append(f"<p><strong>Guarantee ({html.escape(str(g.get('unit')))}-level):</strong> "
+                     f"epsilon {_fmt(g.get('epsilon'))} at delta {_fmt(g.get('delta'))}; "
+                     f"{html.escape(str(g.get('mechanism', '')))}; protects {html.escape(str(g.get('protects', '')))}.</p>")
+    if sec := run.summary.get("secure_aggregation"):
+        parts.append(f"<p><strong>Secure aggregation</strong> (noise: {html.escape(str(sec.get('noise', 'local')))}, "
+                     f"threshold {_fmt(sec.get('threshold'))}). Threat model: "
+                     f"{html.escape(str(sec.get('threat_model', '')))}.</p>")
     flat = run.flat()
     rows = "".join(f"<tr><th>{html.escape(_label(k))}</th><td>{_fmt(flat[k])}</td></tr>" for k in TABLE_KEYS if k in flat)
     parts.append(f"<h2>Summary</h2><table>{rows}</table>")

@@ -16,6 +16,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from .accounting import HistoryEntry, epsilon_of
+from .skellam import gaussian_rdp, rdp_epsilon, skellam_rdp
+
+
+def skellam_ledger_epsilon(history: list["RoundSpend"], delta: float) -> float:
+    """Epsilon of a history holding a distributed Skellam release: every entry's RDP (the
+    Skellam bound, or the subsampled Gaussian's) composed at integer orders and converted
+    as ``privacy/accounting.py`` does (module docstring of ``privacy/skellam.py``)."""
+    rdp = sum((skellam_rdp(h.skellam["mu"], h.skellam["l1"], h.skellam["l2"]) * h.steps if h.skellam
+               else gaussian_rdp(float(h.noise_multiplier), float(h.sample_rate)) * h.steps)
+              for h in history if h.steps > 0)
+    return rdp_epsilon(rdp, delta) if not isinstance(rdp, int) else 0.0
 
 
 @dataclass
@@ -31,6 +42,10 @@ class RoundSpend:
     # run numbers its rounds from 1). A string: Flower's run ids are uint64, beyond JSON's
     # safe integers. None in simulation, where the ledger belongs to one run directory.
     run: str | None = None
+    # A distributed Skellam release under secure aggregation (privacy/skellam.py):
+    # {"mu": variance protecting the site, "l1": ..., "l2": integer sensitivities}. The entry's
+    # noise_multiplier is then its Gaussian equivalent sqrt(mu) / l2, for reading only.
+    skellam: dict[str, float] | None = None
 
 
 @dataclass
@@ -55,6 +70,8 @@ class SiteLedger:
 
     @property
     def epsilon(self) -> float:
+        if any(h.skellam for h in self.history):
+            return skellam_ledger_epsilon(self.history, self.delta)
         return epsilon_of(self.accountant_history(), delta=self.delta, accountant=self.accountant)
 
     def rounds(self, run: str | None = None) -> set[int]:
@@ -67,7 +84,7 @@ class SiteLedger:
         self.target_epsilon = target_epsilon
 
     def record_round(self, *, round: int, steps: int, noise_multiplier: float, sample_rate: float,
-                     run: str | int | None = None) -> RoundSpend:
+                     run: str | int | None = None, skellam: dict[str, float] | None = None) -> RoundSpend:
         """Append one round's spend. A (run, round) is recorded at most once, so a retried
         message can never be charged twice or silently dropped; a later run of the same
         federation starts its rounds at 1 again and adds to the same history (epsilon
@@ -77,7 +94,7 @@ class SiteLedger:
             where = f"run {run}, round {round}" if run is not None else f"round {round}"
             raise ValueError(f"site {self.site}: {where} is already in the ledger")
         entry = RoundSpend(round=round, steps=steps, noise_multiplier=noise_multiplier,
-                           sample_rate=sample_rate, epsilon=0.0, run=run)
+                           sample_rate=sample_rate, epsilon=0.0, run=run, skellam=skellam)
         self.history.append(entry)
         entry.epsilon = self.epsilon
         return entry
@@ -91,7 +108,8 @@ class SiteLedger:
             "steps": self.steps,
             "epsilon": self.epsilon,
             "target_epsilon": self.target_epsilon,
-            "history": [{k: v for k, v in asdict(h).items() if k != "run" or v is not None} for h in self.history],
+            "history": [{k: v for k, v in asdict(h).items() if k not in ("run", "skellam") or v is not None}
+                        for h in self.history],
             # fields needed to rebuild the ledger (not part of the public contract)
             "site": self.site,
             "accountant": self.accountant,

@@ -28,6 +28,7 @@ from fedgen.contract import rundir
 from fedgen.contract.task import build_global_model, example_level, site_level_mechanism, task_from_scenario
 from fedgen.privacy.ledger import PrivacyLedger, SiteLedger, site_sort_key
 from fedgen.privacy.site_level import SiteLevelDP
+from fedgen.privacy.skellam import DistributedRelease, plan_distributed_release
 
 from . import checkpoint
 from .aggregation import bound_update_norms, robust_report, site_label
@@ -75,7 +76,8 @@ class FederatedRun:
         #: SecAgg+ (server/secagg.py) when the scenario asks for it: the server sees only sums
         self.secagg = None if sec is None else SecAggWorkflow(
             threshold=sec.threshold, bits=sec.bits, clip_norm=sec.clip_norm, num_neighbours=sec.neighbours,
-            timeout=self.fed.round_timeout_s, rng=self.sampling_rng)
+            timeout=self.fed.round_timeout_s, rng=self.sampling_rng,
+            distributed=None if sec is None or sec.noise != "distributed" else self._distributed_release())
         #: DP-FedAvg (server/site_level.py) when the scenario asks for site-level DP, else None
         self.site_dp = self.strategy if isinstance(self.strategy, SiteLevelDPStrategy) else None
         if self.site_dp is not None:
@@ -300,14 +302,33 @@ class FederatedRun:
         """Secure aggregation's stage 4: unmask the sum of the valid masked inputs ``ok``
         (server/secagg.py). An aborted round leaves the global model as it was: nothing
         was decoded, so nothing of the sites' updates was released."""
-        new_arrays = None if rnd.aborted else self.secagg.unmask(self.grid, rnd, ok, arrays)
+        released = False
+        if rnd.aborted:
+            pass
+        elif (dist := self.secagg.distributed) is not None:  # a release with distributed noise: only its sum
+            if (total := self.secagg.unmask_sum(self.grid, rnd, ok, dist.size)) is not None:
+                self.model.load_state_dict(arrays.to_torch_state_dict())
+                record.release_noise_variance = self.secagg.release_from_sum(rnd, total, self.model)
+                released = True
+        elif (new_arrays := self.secagg.unmask(self.grid, rnd, ok, arrays)) is not None:
+            self.model.load_state_dict(new_arrays.to_torch_state_dict())
+            released = True
         record.secure_aggregation = rnd.report()
-        if new_arrays is None:
+        if not released:
             log.warning("round %d: secure aggregation aborted: %s", rnd.round, rnd.aborted)
             ok.clear()  # no site's update went into the model
             return arrays
-        self.model.load_state_dict(new_arrays.to_torch_state_dict())
         return self._server_update(record)
+
+    def _distributed_release(self) -> DistributedRelease:
+        """The public parameters of the distributed Skellam release (privacy/skellam.py),
+        planned once before round 1 from the scenario: every site's epsilon target, the bit
+        width, the threshold and the model's release shape."""
+        sec, cfg = self.fed.secure_aggregation, self.privacy_cfg
+        shape = tuple(self.model.state_dict()[self.model.release_buffer].shape)
+        return plan_distributed_release(epsilon=cfg.target_epsilon, delta=cfg.delta, bits=sec.bits,
+                                        num_sites=self.fed.num_sites, threshold=sec.threshold,
+                                        max_records=sec.max_records, dim=shape[-1], size=int(np.prod(shape)))
 
     def _prepare_updates(self, ok: list[Message], arrays: ArrayRecord, record: RoundRecord) -> None:
         """Norm bounding and the robust rules' report, before a plain strategy aggregates.

@@ -25,6 +25,7 @@ decoded, the global model stays, and the round's row says why. The site side is
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +33,11 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+import torch
 from flwr.serverapp import Grid
 
 from fedgen.contract import secagg as sa
+from fedgen.privacy.skellam import DistributedRelease
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class SecAggRound:
     total: np.ndarray | None = None  # the unmasked integer sum: all the server learns of the inputs
     sites_aggregated: int = 0
     sites_recovered: int = 0  # dropped after sharing keys, masks removed via their key shares
+    distributed: dict[str, float] | None = None  # noise: distributed, what the released sum carries
 
     def index_of(self, node: int) -> int:
         return self.order.index(node)
@@ -70,6 +74,8 @@ class SecAggRound:
                                "threshold": self.params.threshold, "bits": self.params.bits}
         if self.aborted:
             out["aborted"] = self.aborted
+        if self.distributed:
+            out["distributed_noise"] = self.distributed
         dropped = {k: len(v) for k, v in self.dropped.items() if v}
         if dropped:
             out["dropped_at"] = dropped
@@ -80,8 +86,11 @@ class SecAggWorkflow:
     """SecAgg+ over a ``Grid``; ``rng`` orders the sites (a ``random.SystemRandom`` by default)."""
 
     def __init__(self, *, threshold: int, bits: int, clip_norm: float, num_neighbours: int | None = None,
-                 timeout: float | None = None, rng: Any = None) -> None:
+                 timeout: float | None = None, rng: Any = None, distributed: DistributedRelease | None = None) -> None:
         self.threshold, self.bits, self.clip_norm = threshold, bits, clip_norm
+        #: ``noise: distributed``: the release's public parameters (privacy/skellam.py); the
+        #: sites then send their noised integer release sums instead of quantised updates
+        self.distributed = distributed
         self.num_neighbours = num_neighbours
         self.timeout = timeout
         self.rng = rng if rng is not None else random.SystemRandom()
@@ -147,9 +156,11 @@ class SecAggWorkflow:
         sent: list[Message] = []
         for node in (nodes[i] for i in sorted(rnd.shared)):
             train = by_node[node]
+            collect = {"stage": sa.COLLECT, "src": inbox[node][0], "ct": inbox[node][1]}
+            if self.distributed is not None:
+                collect["distributed"] = self.distributed.to_json()
             content = RecordDict({"arrays": train.content["arrays"], "config": train.content["config"],
-                                  sa.RECORD: ConfigRecord({"stage": sa.COLLECT, "src": inbox[node][0],
-                                                           "ct": inbox[node][1]})})
+                                  sa.RECORD: ConfigRecord(collect)})
             sent.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         return rnd, sent, list(grid.send_and_receive(sent, timeout=self.timeout))
 
@@ -160,7 +171,19 @@ class SecAggWorkflow:
         validated); ``None`` when the round aborts (``rnd.aborted`` says why)."""
         like = {k: v.numpy() for k, v in global_arrays.items()}
         keys = sa.float_keys(like)
-        size = int(sum(np.asarray(like[k]).size for k in keys))
+        total = self.unmask_sum(grid, rnd, accepted, int(sum(np.asarray(like[k]).size for k in keys)))
+        if total is None:
+            return None
+        survivors = rnd.sites_aggregated
+        mean = sa.dequantize_sum(total, survivors, rnd.params.clip_norm, rnd.params.levels) / survivors
+        delta = sa.unflatten(mean, like, keys)
+        new = {k: (np.asarray(v) + delta[k]).astype(np.asarray(v).dtype) if k in delta else np.asarray(v)
+               for k, v in like.items()}
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()})
+
+    def unmask_sum(self, grid: Grid, rnd: SecAggRound, accepted: list[Message], size: int) -> np.ndarray | None:
+        """Stage 4 proper: the integer sum (mod 2^bits) of the valid masked inputs of ``size``
+        values in ``accepted``; ``None`` when the round aborts (``rnd.aborted`` says why)."""
         bits = rnd.params.bits
         for msg in accepted:
             node = msg.metadata.src_node_id
@@ -208,13 +231,24 @@ class SecAggWorkflow:
             return None
         rnd.total = total
         rnd.sites_aggregated, rnd.sites_recovered = len(survivors), len(dropped)
-        mean = sa.dequantize_sum(total, len(survivors), rnd.params.clip_norm, rnd.params.levels) / len(survivors)
-        delta = sa.unflatten(mean, like, keys)
-        new = {k: (np.asarray(v) + delta[k]).astype(np.asarray(v).dtype) if k in delta else np.asarray(v)
-               for k, v in like.items()}
         log.info("round %d: secure aggregation of %d sites (%d dropped after sharing keys, recovered)",
                  rnd.round, len(survivors), len(dropped))
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()})
+        return total
+
+    def release_from_sum(self, rnd: SecAggRound, total: np.ndarray, model: Any) -> float:
+        """``noise: distributed``: set the release family's statistic from the unmasked sum
+        -- (the sum of every record's rounded vector + Skellam noise) / the noisy record
+        count read off the release's own count feature, the central DP-MERF release -- and
+        return the per-coordinate variance of the noise it carries (all post-processing)."""
+        rel = self.distributed
+        assert rel is not None
+        sums = torch.from_numpy(sa.decode_signed(total, rnd.params.bits).astype(np.float64) / rel.scale)
+        sums = sums.reshape(model.state_dict()[model.release_buffer].shape)
+        count = max(float(sums[..., -1].sum()) / model.count_weight, 1.0)  # noisy, from the release itself
+        sigma = math.sqrt(rel.share * rnd.sites_aggregated) / rel.scale  # every survivor's share
+        rnd.distributed = {"scale": rel.scale, "skellam_variance": rel.share * rnd.sites_aggregated,
+                           "guaranteed_variance": rel.mu, "noise_std": sigma, "noisy_count": count}
+        return model.combine_releases(sums.unsqueeze(0), torch.tensor([sigma], dtype=torch.float64), count)
 
     # -- helpers ------------------------------------------------------------------------
     def _reconstruct(self, shares: list[bytes], what: str) -> bytes:

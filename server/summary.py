@@ -117,6 +117,11 @@ def guarantees(scenario: Scenario, model: GenerativeModel, privacy: RunPrivacy) 
     if example_level(scenario):
         if model.release_epsilon is not None:  # a hybrid: release round, then DP-SGD
             mechanism = "a Gaussian release of per-class sums, then DP-SGD, at every site"
+        elif (sec := scenario.federation.secure_aggregation) is not None and sec.noise == "distributed":
+            mechanism = ("one distributed Skellam release of a per-class statistic: every record rounded to "
+                         "integers, each site adding a share of the noise under secure aggregation; the "
+                         f"server sees only the sum, which carries the full noise whenever at least {sec.threshold} "
+                         "sites are in it (fewer abort the round: nothing released); RDP of the Skellam mechanism")
         elif model.training_mode == "release":
             mechanism = "one Gaussian release of a per-class statistic at every site"
         else:

@@ -102,7 +102,7 @@ def read_site_ledger(text: str, site: str | None = None) -> SiteLedger:
     for i, h in enumerate(d.get("history", [])):
         where = f"ledger history[{i}]"
         _require(isinstance(h, dict) and set(h) <= {"round", "steps", "noise_multiplier", "sample_rate",
-                                                    "epsilon", "run"}, f"{where} has unknown fields")
+                                                    "epsilon", "run", "skellam"}, f"{where} has unknown fields")
         for key in ("round", "steps"):
             _require(type(h.get(key)) is int and h[key] >= (1 if key == "round" else 0),
                      f"{where}.{key} is {h.get(key)!r}, not a {'positive' if key == 'round' else 'non-negative'} "
@@ -113,6 +113,11 @@ def read_site_ledger(text: str, site: str | None = None) -> SiteLedger:
         _require(0.0 < rate <= 1.0, f"{where}.sample_rate {rate} is not in (0, 1]")
         _finite_number(h.get("epsilon", 0.0), f"{where}.epsilon")
         _require(h.get("run") is None or isinstance(h["run"], str), f"{where}.run is not a string")
+        if h.get("skellam") is not None:  # a distributed release (privacy/skellam.py)
+            sk = h["skellam"]
+            _require(isinstance(sk, dict) and set(sk) == {"mu", "l1", "l2"}
+                     and all(_finite_number(sk[k], f"{where}.skellam.{k}") > 0.0 for k in sk),
+                     f"{where}.skellam must be {{mu, l1, l2}}, each > 0")
     try:
         return SiteLedger.from_dict(d)
     except (KeyError, TypeError, ValueError) as err:

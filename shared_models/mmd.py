@@ -45,6 +45,7 @@ what the generator reaches, so the fit runs all ``fit_steps``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -172,13 +173,17 @@ class MMDGenerator(Releasing):
         return torch.cat([phi, torch.full((len(x), 1), self.count_weight, device=x.device)], dim=1)
 
     @torch.no_grad()
-    def statistic_sum(self, x: Tensor, y: Tensor | None, chunk: int = 1000) -> Tensor:
-        """``sum_i v(x_i, y_i)`` as ``[classes, F + 1]``; each record contributes norm 1."""
-        total = torch.zeros_like(self.embedding)
+    def statistic_sum(self, x: Tensor, y: Tensor | None, chunk: int = 1000,
+                      transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """``sum_i v(x_i, y_i)`` as ``[classes, F + 1]``; each record contributes norm 1.
+        ``transform`` maps each record's ``v`` before summing (in float64): the distributed
+        release rounds every record's scaled vector to integers (privacy/skellam.py)."""
+        total = torch.zeros_like(self.embedding, dtype=torch.float64 if transform else self.embedding.dtype)
         for start in range(0, len(x), chunk):
             xb = x[start:start + chunk].to(self.embedding.device)
             labels = self._class_index(y[start:start + chunk] if y is not None else None, len(xb))
-            total.index_add_(0, labels, self.features(xb))
+            rows = self.features(xb)
+            total.index_add_(0, labels, rows if transform is None else transform(rows).to(total.dtype))
         return total
 
     def set_release(self, mean_embedding: Tensor) -> None:
