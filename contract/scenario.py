@@ -557,7 +557,7 @@ class Scenario(_Section):
 
     def _distributed_noise_fits(self, sec: SecureAggregationConfig) -> "Scenario":
         """noise: distributed needs a pure release family under DP, and bits that hold the sum."""
-        if self.model.family != "mmd" or self.model.options.get("base_release_epsilon") or self.warm_start is not None:
+        if self.model.family != "mmd" or self.warm_start is not None:
             raise ValueError(f"federation.secure_aggregation.noise: distributed is implemented for the mmd family's "
                              f"release only, not {self.model.family} (DP-SGD updates are not one linear statistic); "
                              "use noise: local")
