@@ -130,12 +130,16 @@ class SimulatedNode:
     kept serialised (Flower's serde) between calls, so the sites not sampled in a round are
     a few bytes each, not live objects (10 000 sites, docs/simulation.md "Engines")."""
 
-    __slots__ = ("node_id", "partition_id", "num_partitions", "run_id", "run_config", "client_app", "_state")
+    __slots__ = ("node_id", "partition_id", "num_partitions", "run_id", "run_config", "client_app", "node_config",
+                 "_state")
 
     def __init__(self, node_id: int, partition_id: int, num_partitions: int, run_id: int,
-                 run_config: UserConfig, client_app: ClientApp | None) -> None:
+                 run_config: UserConfig, client_app: ClientApp | None, *,
+                 node_config: UserConfig | None = None) -> None:
         self.node_id, self.partition_id, self.num_partitions = node_id, partition_id, num_partitions
         self.run_id, self.run_config, self.client_app = run_id, run_config, client_app
+        # a SuperNode's --node-config in place of the simulated partition (tests of deployed runs)
+        self.node_config = node_config
         self._state: bytes | None = None  # the serialised Context; None: never called yet
 
     @property
@@ -143,8 +147,9 @@ class SimulatedNode:
         """A fresh copy of the node's context (the one the next call starts from)."""
         if self._state is not None:
             return load_context(self._state)
-        return Context(run_id=self.run_id, node_id=self.node_id,
-                       node_config={PARTITION_ID_KEY: self.partition_id, NUM_PARTITIONS_KEY: self.num_partitions},
+        node_config = self.node_config if self.node_config is not None else {
+            PARTITION_ID_KEY: self.partition_id, NUM_PARTITIONS_KEY: self.num_partitions}
+        return Context(run_id=self.run_id, node_id=self.node_id, node_config=dict(node_config),
                        state=RecordDict(), run_config=dict(self.run_config))
 
     def context_bytes(self) -> bytes:

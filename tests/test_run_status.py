@@ -117,9 +117,8 @@ def _deploy(tmp: Path, digits, scenario: dict, *, broken: bool = False, damage=N
     if damage is not None:
         damage(run_dir)
     run_config = {"run-dir": str(run_dir)}
-    nodes = [SimulatedNode(9000 + i, i, 2, RUN_ID, run_config, client_app.app) for i in range(2)]
-    for node, site in zip(nodes, _sites(tmp, digits, broken=broken)):
-        node.context.node_config = dict(site)  # a SuperNode's --node-config, no partition id
+    nodes = [SimulatedNode(9000 + i, i, 2, RUN_ID, run_config, client_app.app, node_config=site)  # --node-config
+             for i, site in enumerate(_sites(tmp, digits, broken=broken))]
     grid = RecordingGrid(nodes)
     grid.set_run(Run.create_empty(RUN_ID))
     context = Context(run_id=RUN_ID, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
