@@ -77,7 +77,7 @@ class FederatedRun:
         self.secagg = None if sec is None else SecAggWorkflow(
             threshold=sec.threshold, bits=sec.bits, clip_norm=sec.clip_norm, num_neighbours=sec.neighbours,
             timeout=self.fed.round_timeout_s, rng=self.sampling_rng,
-            distributed=None if sec is None or sec.noise != "distributed" else self._distributed_release())
+            distributed=self._distributed_release() if sec.noise == "distributed" else None)
         #: DP-FedAvg (server/site_level.py) when the scenario asks for site-level DP, else None
         self.site_dp = self.strategy if isinstance(self.strategy, SiteLevelDPStrategy) else None
         if self.site_dp is not None:
