@@ -7,8 +7,10 @@ saved in ``context.state`` or on disk can never drift from what Opacus would rep
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from functools import lru_cache
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -21,6 +23,17 @@ from .errors import PrivacyConfigError
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
 HistoryEntry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
+
+
+@contextlib.contextmanager
+def quiet_opacus() -> Iterator[None]:
+    """Opacus' accountants without their console noise: the PRV's numpy divide-by-zero in a
+    masked-out branch, and RDP's "optimal order is the smallest/largest alpha" (the bound
+    is then valid but loose -- never an underestimate). Epsilons are unchanged."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants")
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        yield
 
 
 def make_accountant(kind: str, history: Iterable[HistoryEntry] = ()) -> IAccountant:
@@ -70,9 +83,10 @@ def epsilon_of(history: Iterable[HistoryEntry], *, delta: float, accountant: str
     entries = merge_history(history)
     if not entries:
         return 0.0
-    if accountant == "rdp":
-        return _rdp_epsilon(entries, delta)
-    return float(make_accountant(accountant, entries).get_epsilon(delta=delta))
+    with quiet_opacus():
+        if accountant == "rdp":
+            return _rdp_epsilon(entries, delta)
+        return float(make_accountant(accountant, entries).get_epsilon(delta=delta))
 
 
 @lru_cache(maxsize=256)
@@ -91,16 +105,17 @@ def calibrate_noise_multiplier(
     if steps < 1:
         raise PrivacyConfigError(f"planned DP-SGD steps must be >= 1, got {steps}")
     try:
-        sigma = float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=0.01,
+        with quiet_opacus():
+            sigma = float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=0.01,
+                )
             )
-        )
     except ValueError as err:
         raise PrivacyConfigError(
             f"no noise multiplier reaches epsilon={target_epsilon} at delta={delta} with "

@@ -49,6 +49,8 @@ import torch
 from opacus.accountants.analysis import rdp as rdp_analysis
 from torch import Tensor
 
+from .accounting import quiet_opacus
+
 #: integer Renyi orders (the theorem's); composition with Gaussian entries uses the same
 ORDERS: tuple[int, ...] = tuple(range(2, 65)) + tuple(range(72, 257, 8)) + (384, 512, 1024)
 #: beta of Kairouz et al.'s rounded-norm bound: a rounding is redrawn with probability < beta
@@ -85,7 +87,8 @@ def gaussian_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
 def rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
     """(eps, delta) from an RDP curve at :data:`ORDERS`: Opacus' conversion (Balle et al. 2020)."""
-    eps, _ = rdp_analysis.get_privacy_spent(orders=list(map(float, ORDERS)), rdp=rdp, delta=delta)
+    with quiet_opacus():
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(map(float, ORDERS)), rdp=rdp, delta=delta)
     return float(eps)
 
 

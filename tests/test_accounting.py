@@ -104,3 +104,17 @@ def test_calibration_after_a_release_composes_to_the_target(kind):
         calibrate_noise_multiplier(target_epsilon=10.0, delta=1e-5, sample_rate=0.4, steps=600, accountant=kind)
     with pytest.raises(PrivacyConfigError, match="already spent"):
         calibrate_after(release, target_epsilon=3.0, delta=1e-5, sample_rate=0.4, steps=600, accountant=kind)
+
+
+def test_accounting_leaves_the_console_quiet(recwarn):
+    """Opacus' PRV numerics and RDP's 'optimal order' notices never reach a user's console;
+    the epsilons themselves are what Opacus computes."""
+    from fedgen.privacy.skellam import skellam_epsilon
+
+    prv = epsilon_of([(1.1, 1.0, 1)], delta=1e-5, accountant="prv")  # a release (q = 1): numpy's log(0)
+    # a variance so small that the smallest Renyi order is the optimum (a calibration's early guesses)
+    skellam = skellam_epsilon(mu=0.05 * 2.3e5 ** 2, l1=2.3e5, l2=2.3e5, delta=1e-5)
+    calibrate_noise_multiplier.cache_clear()
+    calibrate_noise_multiplier(target_epsilon=10.0, delta=1e-5, sample_rate=0.05, steps=200, accountant="prv")
+    assert prv > 0 and skellam > 25
+    assert [str(w.message) for w in recwarn] == []
