@@ -71,6 +71,8 @@ def _train(msg: Message, context: Context, task: TaskConfig, site: str, server_r
             server_round=server_round, ledger=ledger, run=ledger_run(context),
             state_dir=_white_box_state(context, task, site, run_dir),
             distributed=DistributedRelease.from_json(str(distributed)) if distributed else None)
+        if ledger is not None and msg.content["config"].get(sa.PENDING):  # set by client/secagg.py
+            ledger.mark_pending(round=server_round, run=ledger_run(context))  # until unmask or abort
         if ledger is not None:
             save_ledger(context, ledger, run_dir)  # before the update leaves the site
     metrics = {

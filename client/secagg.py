@@ -18,6 +18,13 @@ server's ``server/secagg.py`` drives; any other message passes straight through.
    share of their ``b``; for those listed as dropped, its share of their mask secret key
    -- never both for the same site, and nothing when fewer than ``t`` survived. The
    round's secrets are then erased.
+5. ``abort`` (instead of 4, when fewer than ``t`` valid masked inputs arrived): the round's
+   secrets are erased, so this site can never reveal them.
+
+The site's spend of the round is written to its ledger as *pending* before its masked input
+leaves (``client/app.py``); answering ``unmask`` appends ``released`` to it, ``abort``
+appends ``aborted`` and the spend stops counting (docs/aggregation.md, "Aborted rounds").
+Either reply carries the site's ledger, so the server's copy follows.
 
 The encoding and primitives are ``contract/secagg.py``'s.
 """
@@ -35,7 +42,10 @@ from flwr.common.secure_aggregation.secaggplus_utils import (share_keys_plaintex
                                                              share_keys_plaintext_separate)
 
 from fedgen.contract import secagg as sa
+from fedgen.privacy.ledger import ABORTED, RELEASED
 from fedgen.privacy.skellam import DistributedRelease
+
+from .site import ledger_lock, ledger_run, load_ledger, save_ledger, site_id
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +54,11 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     """A Flower ClientApp mod: one stage of secure aggregation, or a pass-through."""
     if sa.RECORD not in msg.content.config_records:
         config = msg.content.config_records.get("config")
-        if config is not None and sa.DISTRIBUTED in config:
-            # only this mod may ask for a distributed release: it carries just a share of
-            # the noise and must never leave the site unmasked
-            del config[sa.DISTRIBUTED]
+        for key in (sa.DISTRIBUTED, sa.PENDING):
+            if config is not None and key in config:
+                # only this mod may ask for a distributed release (it carries just a share
+                # of the noise and must never leave the site unmasked) or a pending spend
+                del config[key]
         return call_next(msg, context)
     cfg = msg.content.config_records[sa.RECORD]
     stage = str(cfg.get("stage", ""))
@@ -60,6 +71,8 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             return _collect(msg, cfg, context, call_next)
         elif stage == sa.UNMASK:
             out = _unmask(cfg, context)
+        elif stage == sa.ABORT:
+            out = _abort(cfg, context)
         else:
             raise sa.SecAggError(f"unknown secure-aggregation stage {stage!r}")
     except sa.SecAggError as err:
@@ -156,6 +169,11 @@ def _collect(msg: Message, cfg: ConfigRecord, context: Context, call_next: Clien
         _check_distributed(distributed, params)
         msg.content["config"][sa.DISTRIBUTED] = distributed
     del msg.content[sa.RECORD]
+    train_config = msg.content["config"]
+    if "server-round" in train_config:  # the spend this round records is pending (client/app.py)
+        train_config[sa.PENDING] = True
+        state["train-round"] = int(train_config["server-round"])
+        state["run-dir"] = str(train_config.get("run-dir", ""))
     reply = call_next(msg, context)  # training, with every other mod around it
     if reply.has_error() or "arrays" not in reply.content.array_records:
         return reply  # nothing to mask: the site failed, refused or dropped out
@@ -208,5 +226,34 @@ def _unmask(cfg: ConfigRecord, context: Context) -> dict:
     sk_shares = dict(zip(held, (bytes(b) for b in state["sk-shares"])))
     out = {"stage": sa.UNMASK, "b-of": sorted(active), "b-shares": [b_shares[i] for i in sorted(active)],
            "sk-of": sorted(dropped), "sk-shares": [sk_shares[i] for i in sorted(dropped)]}
+    ledger = _resolve(context, state, RELEASED)  # the shares leave: the spend is committed
     del context.state[sa.STATE]  # the round's secrets end here
-    return out
+    return out if ledger is None else {**out, "ledger": ledger}
+
+
+def _abort(cfg: ConfigRecord, context: Context) -> dict:
+    """The server aborted the round before asking anyone to unmask: erase the round's
+    secrets first (this site can then never reveal its shares), then record the pending
+    spend as aborted. A crash between the two leaves it pending, i.e. charged."""
+    state = _state(context)
+    if int(cfg.get("round", -1)) != int(state["round"]):
+        raise sa.SecAggError(f"an abort for round {cfg.get('round')}, but this site is in round {state['round']}")
+    del context.state[sa.STATE]
+    ledger = _resolve(context, state, ABORTED)
+    return {"stage": sa.ABORT} if ledger is None else {"stage": sa.ABORT, "ledger": ledger}
+
+
+def _resolve(context: Context, state: ConfigRecord, outcome: str) -> str | None:
+    """Append ``outcome`` to the site's pending spend of the round (privacy/ledger.py) and
+    return its ledger as JSON for the reply; ``None`` when the site keeps no ledger."""
+    if "train-round" not in state:
+        return None
+    site, run_dir = site_id(context), str(state.get("run-dir", ""))
+    with ledger_lock(context, site, run_dir):
+        ledger = load_ledger(context, site, run_dir)
+        if ledger is None:
+            return None
+        if ledger.resolve(round=int(state["train-round"]), run=ledger_run(context), outcome=outcome) is not None:
+            save_ledger(context, ledger, run_dir)
+            log.info("site %s: round %s's spend %s", site, state["train-round"], outcome)
+        return ledger.to_json()

@@ -36,11 +36,17 @@ MASKED_KEY = "y"
 #: this key (privacy/skellam.py's ``DistributedRelease`` as JSON); the site's noised
 #: integer release comes back from its training in the reply's arrays under the same key
 DISTRIBUTED = "secagg-distributed"
+#: the train config key by which the mod tells the site's training that its spend is
+#: pending: the masked input leaves, and the round may still abort (privacy/ledger.py)
+PENDING = "secagg-pending"
 #: where a site keeps its round secrets between the stages (``Context.state``)
 STATE = "secagg-state"
 
 SETUP, SHARE_KEYS, COLLECT, UNMASK = "setup", "share-keys", "collect-masked-input", "unmask"
-STAGES = (SETUP, SHARE_KEYS, COLLECT, UNMASK)
+#: the server aborts the round before any unmask: the site erases its round secrets (it can
+#: then never reveal them) and records its pending spend as aborted
+ABORT = "abort"
+STAGES = (SETUP, SHARE_KEYS, COLLECT, UNMASK, ABORT)
 
 MAX_BITS = 62  # sums of two values below 2^62 fit an unsigned 64-bit integer
 MIN_LEVELS = 2 ** 8  # fewer quantisation levels per site than this is refused

@@ -19,13 +19,29 @@ from .accounting import HistoryEntry, epsilon_of
 from .skellam import gaussian_rdp, rdp_epsilon, skellam_rdp
 
 
+#: secure aggregation (docs/aggregation.md, "Aborted rounds"): a spend whose masked input left
+#: the site is ``pending`` (it counts); the site appends a zero-step resolution entry of the
+#: same run and round when it answers the unmask stage (``released``: it keeps counting) or
+#: when the server aborts the round before any unmask (``aborted``: it stops counting)
+PENDING, RELEASED, ABORTED = "pending", "released", "aborted"
+SECAGG_STATES = (PENDING, RELEASED, ABORTED)
+
+
+def charged(history: list["RoundSpend"]) -> list["RoundSpend"]:
+    """The entries that count towards epsilon: every spend except those of a secure-
+    aggregation round that a later ``aborted`` entry resolved (nothing of it was released);
+    resolution entries take no steps. Every reader recomputing epsilon starts here."""
+    aborted = {(h.run, h.round) for h in history if h.secagg == ABORTED}
+    return [h for h in history if not (h.secagg == PENDING and (h.run, h.round) in aborted)]
+
+
 def skellam_ledger_epsilon(history: list["RoundSpend"], delta: float) -> float:
     """Epsilon of a history holding a distributed Skellam release: every entry's RDP (the
     Skellam bound, or the subsampled Gaussian's) composed at integer orders and converted
     as ``privacy/accounting.py`` does (module docstring of ``privacy/skellam.py``)."""
     rdp = sum((skellam_rdp(h.skellam["mu"], h.skellam["l1"], h.skellam["l2"]) * h.steps if h.skellam
                else gaussian_rdp(float(h.noise_multiplier), float(h.sample_rate)) * h.steps)
-              for h in history if h.steps > 0)
+              for h in charged(history) if h.steps > 0)
     return rdp_epsilon(rdp, delta) if not isinstance(rdp, int) else 0.0
 
 
@@ -46,6 +62,9 @@ class RoundSpend:
     # {"mu": variance protecting the site, "l1": ..., "l2": integer sensitivities}. The entry's
     # noise_multiplier is then its Gaussian equivalent sqrt(mu) / l2, for reading only.
     skellam: dict[str, float] | None = None
+    # Secure aggregation only: ``pending`` on a spend whose masked input left the site, or
+    # ``released`` / ``aborted`` on the zero-step entry that resolves it (SECAGG_STATES).
+    secagg: str | None = None
 
 
 @dataclass
@@ -63,14 +82,14 @@ class SiteLedger:
 
     @property
     def steps(self) -> int:
-        return sum(h.steps for h in self.history)
+        return sum(h.steps for h in charged(self.history))
 
     def accountant_history(self) -> list[HistoryEntry]:
-        return [(h.noise_multiplier, h.sample_rate, h.steps) for h in self.history]
+        return [(h.noise_multiplier, h.sample_rate, h.steps) for h in charged(self.history)]
 
     @property
     def epsilon(self) -> float:
-        if any(h.skellam for h in self.history):
+        if any(h.skellam for h in charged(self.history)):
             return skellam_ledger_epsilon(self.history, self.delta)
         return epsilon_of(self.accountant_history(), delta=self.delta, accountant=self.accountant)
 
@@ -99,6 +118,41 @@ class SiteLedger:
         entry.epsilon = self.epsilon
         return entry
 
+    # -- secure aggregation: pending spends and their resolution (docs/aggregation.md) --
+    def mark_pending(self, *, round: int, run: str | int | None) -> int:
+        """Mark the spends just recorded for (``run``, ``round``) -- not yet written anywhere
+        -- as ``pending``: their masked input is about to leave the site. They count as
+        spent until resolved. Returns how many were marked."""
+        run = None if run is None else str(run)
+        entries = [h for h in self.history if h.run == run and h.round == round and h.steps > 0]
+        for h in entries:
+            h.secagg = PENDING
+        return len(entries)
+
+    def unresolved(self, *, round: int, run: str | int | None) -> list[RoundSpend]:
+        run = None if run is None else str(run)
+        mine = [h for h in self.history if h.run == run and h.round == round]
+        if any(h.secagg in (RELEASED, ABORTED) for h in mine):
+            return []
+        return [h for h in mine if h.secagg == PENDING]
+
+    def resolve(self, *, round: int, run: str | int | None, outcome: str) -> RoundSpend | None:
+        """Append the resolution of (``run``, ``round``)'s pending spends: ``released`` (the
+        site answered the unmask stage: they stay charged) or ``aborted`` (the server aborted
+        the round before any unmask: they stop counting). Append-only: the spends themselves
+        are never changed; ``None`` when nothing is pending for that round."""
+        if outcome not in (RELEASED, ABORTED):
+            raise ValueError(f"a pending spend resolves as {RELEASED!r} or {ABORTED!r}, not {outcome!r}")
+        pending = self.unresolved(round=round, run=run)
+        if not pending:
+            return None
+        last = pending[-1]
+        entry = RoundSpend(round=round, steps=0, noise_multiplier=last.noise_multiplier,
+                           sample_rate=last.sample_rate, epsilon=0.0, run=last.run, secagg=outcome)
+        self.history.append(entry)
+        entry.epsilon = self.epsilon
+        return entry
+
     # -- serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,7 +162,7 @@ class SiteLedger:
             "steps": self.steps,
             "epsilon": self.epsilon,
             "target_epsilon": self.target_epsilon,
-            "history": [{k: v for k, v in asdict(h).items() if k not in ("run", "skellam") or v is not None}
+            "history": [{k: v for k, v in asdict(h).items() if k not in ("run", "skellam", "secagg") or v is not None}
                         for h in self.history],
             # fields needed to rebuild the ledger (not part of the public contract)
             "site": self.site,

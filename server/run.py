@@ -40,8 +40,8 @@ from .site_level import SiteLevelDPStrategy
 from .strategies import ROBUST, build_strategy
 from .summary import RunFailedError, RunPrivacy, failure_line, write_summary
 from .warm_start import public_warm_start, release_record, write_record
-from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, RoundReplies, check_metrics, site_info, site_releases,
-                      sort_replies, weighted_mean)
+from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, RoundReplies, check_metrics, read_site_ledger, site_info,
+                      site_releases, sort_replies, weighted_mean)
 
 log = logging.getLogger(__name__)
 
@@ -314,11 +314,28 @@ class FederatedRun:
             self.model.load_state_dict(new_arrays.to_torch_state_dict())
             released = True
         record.secure_aggregation = rnd.report()
+        self._fold_secagg_ledgers(rnd, record)
         if not released:
             log.warning("round %d: secure aggregation aborted: %s", rnd.round, rnd.aborted)
             ok.clear()  # no site's update went into the model
             return arrays
         return self._server_update(record)
+
+    def _fold_secagg_ledgers(self, rnd: SecAggRound, record: RoundRecord) -> None:
+        """The sites' ledgers from the unmask and abort replies: their pending spend of the
+        round resolved (released, or aborted and no longer counting). Checked like a train
+        reply's ledger; one that fails is left out (the copy on record stays, conservative)."""
+        for node, text in rnd.ledgers.items():
+            site = self.node_sites.get(node)
+            if site is None:
+                continue
+            try:
+                self._update_site_ledger(read_site_ledger(text, site))
+            except ReplyError as err:
+                log.warning("round %d: ledger of site %s from the secure-aggregation stage left out: %s",
+                            rnd.round, site, err)
+        if rnd.ledgers and example_level(self.scenario):
+            record.epsilon = self.ledger.epsilon
 
     def _distributed_release(self) -> DistributedRelease:
         """The public parameters of the distributed Skellam release (privacy/skellam.py),

@@ -18,7 +18,10 @@ One round, over the sites the strategy sampled (each stage one ``send_and_receiv
 
 A site that does not answer a stage drops out of the rest of the round. Fewer than
 ``threshold`` sites at the masked-input or unmask stage abort the round: nothing is
-decoded, the global model stays, and the round's row says why. The site side is
+decoded, the global model stays, and the round's row says why. An abort before any unmask
+request is announced to every site that got the masked-input stage (``abort``): each
+erases its round secrets and records its pending spend as aborted, so its epsilon does not
+move; the sites' ledgers from the ``unmask`` and ``abort`` replies are in :attr:`SecAggRound.ledgers`. The site side is
 ``client/secagg.py``; the shared encoding ``contract/secagg.py``.
 """
 
@@ -60,6 +63,9 @@ class SecAggRound:
     sites_aggregated: int = 0
     sites_recovered: int = 0  # dropped after sharing keys, masks removed via their key shares
     distributed: dict[str, float] | None = None  # noise: distributed, what the released sum carries
+    collected: list[int] = field(default_factory=list)  # node ids sent the masked-input stage
+    ledgers: dict[int, str] = field(default_factory=dict)  # node -> its ledger (JSON) from unmask / abort
+    abort_acknowledged: int = 0  # sites that erased their secrets on the abort (their spend withdrawn)
 
     def index_of(self, node: int) -> int:
         return self.order.index(node)
@@ -74,6 +80,8 @@ class SecAggRound:
                                "threshold": self.params.threshold, "bits": self.params.bits}
         if self.aborted:
             out["aborted"] = self.aborted
+            if self.collected:
+                out["sites_abort_acknowledged"] = self.abort_acknowledged
         if self.distributed:
             out["distributed_noise"] = self.distributed
         dropped = {k: len(v) for k, v in self.dropped.items() if v}
@@ -162,6 +170,7 @@ class SecAggWorkflow:
             content = RecordDict({"arrays": train.content["arrays"], "config": train.content["config"],
                                   sa.RECORD: ConfigRecord(collect)})
             sent.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        rnd.collected = [m.metadata.dst_node_id for m in sent]
         return rnd, sent, list(grid.send_and_receive(sent, timeout=self.timeout))
 
     # -- stage 4 ------------------------------------------------------------------------
@@ -195,6 +204,7 @@ class SecAggWorkflow:
         survivors = sorted(rnd.masked)
         if why := self._too_few(len(survivors), "sent a valid masked input"):
             rnd.aborted = why
+            self._abort(grid, rnd)
             return None
         dropped = sorted(rnd.shared - set(survivors))
         msgs = {}
@@ -203,6 +213,7 @@ class SecAggWorkflow:
             msgs[rnd.order[i]] = self._stage(sa.UNMASK, {"active": sorted(held & set(survivors)),
                                                          "dropped": sorted(held & set(dropped))})
         revealed = self._exchange(grid, msgs, rnd, sa.UNMASK)
+        rnd.ledgers.update({node: str(cfg["ledger"]) for node, cfg in revealed.items() if "ledger" in cfg})
         if why := self._too_few(len(revealed), "revealed their shares"):
             rnd.aborted = why
             return None
@@ -249,6 +260,18 @@ class SecAggWorkflow:
         rnd.distributed = {"scale": rel.scale, "skellam_variance": rel.share * rnd.sites_aggregated,
                            "guaranteed_variance": rel.mu, "noise_std": sigma, "noisy_count": count}
         return model.combine_releases(sums.unsqueeze(0), torch.tensor([sigma], dtype=torch.float64), count)
+
+    def _abort(self, grid: Grid, rnd: SecAggRound) -> None:
+        """Tell every site sent the masked-input stage that the round is aborted before any
+        unmask: no share of any self-mask seed was asked for, and none will be, so no masked
+        input can be decoded. A site that answers has erased its secrets and withdrawn its
+        pending spend; one that does not stays charged (docs/aggregation.md, "Aborted rounds")."""
+        if not rnd.collected:
+            return
+        acked = self._exchange(grid, {n: self._stage(sa.ABORT, {"round": rnd.round}) for n in rnd.collected},
+                               rnd, sa.ABORT)
+        rnd.abort_acknowledged = len(acked)
+        rnd.ledgers.update({node: str(cfg["ledger"]) for node, cfg in acked.items() if "ledger" in cfg})
 
     # -- helpers ------------------------------------------------------------------------
     def _reconstruct(self, shares: list[bytes], what: str) -> bytes:

@@ -39,7 +39,7 @@ from fedgen.contract.task import METRIC_KEYS, ReplyStatus
 from fedgen.privacy import site_id
 from fedgen.privacy.accounting import ACCOUNTANTS
 from fedgen.privacy.errors import SiteIdError
-from fedgen.privacy.ledger import SiteLedger
+from fedgen.privacy.ledger import PENDING, SECAGG_STATES, SiteLedger
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,11 @@ def read_site_ledger(text: str, site: str | None = None) -> SiteLedger:
     for i, h in enumerate(d.get("history", [])):
         where = f"ledger history[{i}]"
         _require(isinstance(h, dict) and set(h) <= {"round", "steps", "noise_multiplier", "sample_rate",
-                                                    "epsilon", "run", "skellam"}, f"{where} has unknown fields")
+                                                    "epsilon", "run", "skellam", "secagg"}, f"{where} has unknown fields")
+        _require(h.get("secagg") is None or h["secagg"] in SECAGG_STATES,
+                 f"{where}.secagg is {h.get('secagg')!r}, not one of {', '.join(SECAGG_STATES)}")
+        _require(h.get("secagg") in (None, PENDING) or h.get("steps") == 0,
+                 f"{where} resolves a secure-aggregation round and must take 0 steps")
         for key in ("round", "steps"):
             _require(type(h.get(key)) is int and h[key] >= (1 if key == "round" else 0),
                      f"{where}.{key} is {h.get(key)!r}, not a {'positive' if key == 'round' else 'non-negative'} "
