@@ -62,7 +62,7 @@ from fedgen.contract.scenario import Scenario, scenario_from_dict
 from fedgen.contract.task import build_global_model
 from fedgen.privacy.audit import (AuditSettings, WhiteBoxScores, dirac, release_canaries, render_html, run_audit,
                                   to_json)
-from fedgen.privacy.ledger import SiteLedger, atomic_write_text
+from fedgen.privacy.ledger import SiteLedger, atomic_write_text, charged
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel
 
 from .errors import AuditError
@@ -368,8 +368,10 @@ def site_claim(ledger_path: Path, site: str | None) -> tuple[float, float, str, 
                          "the ledger in this site's state-dir")
     if not ledger.history:
         raise AuditError(f"--ledger {ledger_path}: no DP round recorded yet, so nothing is claimed")
+    # (run, round) pairs that count: an aborted secure-aggregation round and resolution entries do not
+    charged_rounds = {(h.run, h.round) for h in charged(ledger.history) if h.steps > 0}
     return (ledger.epsilon, ledger.delta, f"{ledger_path} epsilon (site {ledger.site}, composed over "
-            f"{len(ledger.history)} rounds of {len({h.run for h in ledger.history})} run(s))", ledger.site)
+            f"{len(charged_rounds)} rounds of {len({run for run, _ in charged_rounds})} run(s))", ledger.site)
 
 
 def file_inputs(samples: Path, train: Path | None, holdout: Path, *, model: Path | None = None,
