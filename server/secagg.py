@@ -21,8 +21,9 @@ A site that does not answer a stage drops out of the rest of the round. Fewer th
 decoded, the global model stays, and the round's row says why. An abort before any unmask
 request is announced to every site that got the masked-input stage (``abort``): each
 erases its round secrets and records its pending spend as aborted, so its epsilon does not
-move; the sites' ledgers from the ``unmask`` and ``abort`` replies are in :attr:`SecAggRound.ledgers`. The site side is
-``client/secagg.py``; the shared encoding ``contract/secagg.py``.
+move. The sites' ledgers from the ``unmask`` and ``abort`` replies are kept in
+:attr:`SecAggRound.ledgers`. The site side is ``client/secagg.py``; the shared encoding
+``contract/secagg.py``.
 """
 
 from __future__ import annotations

@@ -101,8 +101,8 @@ def read_site_ledger(text: str, site: str | None = None) -> SiteLedger:
             _finite_number(d[key], f"ledger {key}")
     for i, h in enumerate(d.get("history", [])):
         where = f"ledger history[{i}]"
-        _require(isinstance(h, dict) and set(h) <= {"round", "steps", "noise_multiplier", "sample_rate",
-                                                    "epsilon", "run", "skellam", "secagg"}, f"{where} has unknown fields")
+        _require(isinstance(h, dict) and set(h) <= {"round", "steps", "noise_multiplier", "sample_rate", "epsilon",
+                                                    "run", "skellam", "secagg"}, f"{where} has unknown fields")
         _require(h.get("secagg") is None or h["secagg"] in SECAGG_STATES,
                  f"{where}.secagg is {h.get('secagg')!r}, not one of {', '.join(SECAGG_STATES)}")
         _require(h.get("secagg") in (None, PENDING) or h.get("steps") == 0,
