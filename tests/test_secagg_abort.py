@@ -17,6 +17,7 @@ from opacus.accountants import RDPAccountant
 from rich.console import Console
 
 from fedgen.client import app as client_app
+from fedgen.client import secagg as client_secagg
 from fedgen.contract import secagg as sa
 from fedgen.contract.scenario import load_scenario
 from fedgen.privacy.accounting import quiet_opacus
@@ -225,3 +226,34 @@ def test_an_aborted_round_moves_no_sites_epsilon_and_a_resumed_run_after_it_matc
     assert [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert _spends(run_dir) == spends
     assert json.loads((run_dir / "privacy.json").read_text())["epsilon"] == privacy["epsilon"]
+
+
+@pytest.mark.slow
+def test_a_site_killed_between_its_masked_input_and_the_unmask_stays_charged(tmp_path, monkeypatch):
+    """Site 3 sends its masked input, then dies before the unmask stage: the four others
+    reveal its seed's shares (threshold 4), so its input is in the released sum without
+    its answer -- and its pending spend, never resolved, stays charged."""
+    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", [
+        "federation.rounds=1", "federation.secure_aggregation.threshold=4", "training.local_steps=5",
+        "evaluation.every=0", "evaluation.num_samples=100", "warm_start=null", "simulation.engine=inprocess"])
+    run_dir = tmp_path / "run"
+    write_run_dir(scenario, run_dir)
+    real_unmask = client_secagg._unmask
+
+    def unmask(cfg, context):
+        if context.node_config["partition-id"] == 3:
+            raise RuntimeError("site process killed (test)")
+        return real_unmask(cfg, context)
+
+    monkeypatch.setattr(client_secagg, "_unmask", unmask)
+    run_simulation_dir(run_dir, scenario, console=Console(quiet=True))
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["secure_aggregation"]
+    assert row["released"] is True and row["sites_aggregated"] == 5 and row["dropped_at"] == {"unmask": 1}
+    spends = _spends(run_dir)
+    sigma_q = spends["3"][0][2:4]
+    assert spends["3"] == [(1, 5, *sigma_q, PENDING)]  # never resolved: charged
+    assert spends["4"] == [(1, 5, *sigma_q, PENDING), (1, 0, *sigma_q, RELEASED)]
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    fresh = _fresh_epsilon([(*sigma_q, 5)])
+    assert privacy["sites"]["3"]["epsilon"] == privacy["sites"]["4"]["epsilon"] == pytest.approx(fresh, rel=1e-9)
+    assert fresh > 0
