@@ -102,19 +102,20 @@ class _GaussianPrior(nn.Module):
         self.net = zero_init(nn.Linear(max(cond_dim, 1), 2 * dim))
         self.scale_bound = scale_bound
 
-    def forward(self, cond: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, cond: Tensor, base: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(mu, log-scale s), each ``[B, D]``; ``base`` ``[classes, D]``: released class
         means the learned mean is added to (zeros until a release warm start hands them over)."""
         inputs = cond if cond.shape[1] else torch.ones(len(cond), 1, device=cond.device)
         mu, s = self.net(inputs).chunk(2, dim=1)
-        return mu + inputs @ base, soft_clamp(s, self.scale_bound)
+        return mu if base is None else mu + inputs @ base, soft_clamp(s, self.scale_bound)
 
-    def log_prob(self, z: Tensor, cond: Tensor, base: Tensor) -> Tensor:
+    def log_prob(self, z: Tensor, cond: Tensor, base: Tensor | None = None) -> Tensor:
         mu, s = self(cond, base)
         u = (z.flatten(1) - mu) * torch.exp(-s)
         return (-0.5 * (u.pow(2) + math.log(2 * math.pi)) - s).sum(1)
 
-    def sample(self, cond: Tensor, shape: tuple[int, ...], temperature: float, base: Tensor) -> Tensor:
+    def sample(self, cond: Tensor, shape: tuple[int, ...], temperature: float,
+               base: Tensor | None = None) -> Tensor:
         mu, s = self(cond, base)
         return (mu + torch.exp(s) * temperature * torch.randn_like(mu)).view(-1, *shape)
 
