@@ -3,7 +3,7 @@
 scikit-learn's 1 797 digits are split in two disjoint parts by a fixed permutation: 600
 declared public, 1 197 private (the sites' data and the held-out 20 %). The quickstart
 scenario runs on the private part three ways -- no warm start, a public warm start on the
-600 public digits, and a DP-release warm start (epsilon_share of each site's budget) --
+600 public digits, and a DP-release warm start (epsilon_fraction of each site's budget) --
 and the evaluation module's label agreement, TSTR (held-out split only) and domain FID
 are read from each run's summary.json. Results: benchmarks/results/warm_start_digits.json.
 
@@ -29,7 +29,7 @@ PUBLIC_COUNT = 600
 VARIANTS = {
     "cold": None,
     "public": {"public": {"format": "npz", "path": "PUBLIC"}, "steps": 2000, "batch_size": 128, "lr": 0.001},
-    "release": {"release": {"epsilon_share": 2.0}, "steps": 2000, "batch_size": 128, "lr": 0.001},
+    "release": {"release": {"epsilon_fraction": 0.2}, "steps": 2000, "batch_size": 128, "lr": 0.001},
     # the public warm start, fine-tuned at a tenth of the quickstart's DP-SGD learning rate
     "public-lr0.002": {"public": {"format": "npz", "path": "PUBLIC"}, "steps": 2000, "batch_size": 128, "lr": 0.001},
 }

@@ -181,7 +181,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"unknown model family {self.family!r}; registered: {', '.join(list_models())}")
         share = (self.model_extra or {}).get("base_release_epsilon", "absent")
         if share != "absent":  # issue 18: the flow's own release became the one every DP-SGD family shares
-            fix = f"warm_start: {{release: {{epsilon_share: {share:g}}}}}" if isinstance(share, (int, float)) \
+            fix = f"warm_start: {{release: {{epsilon_fraction: F}}}} with F = {share:g} / privacy.target_epsilon" \
+                if isinstance(share, (int, float)) \
                 else "nothing (the flow trains by DP-SGD alone)"
             raise ValueError(f"base_release_epsilon: the flow's release became the warm start every DP-SGD family "
                              f"shares; remove the key and write {fix} (docs/models.md, \"Warm starts\")")
@@ -423,17 +424,29 @@ class PublicDataConfig(_Section):
 
 
 class ReleaseWarmStartConfig(_Section):
-    """Each site spends ``epsilon_share`` of its budget on one DP release (the mmd family's
-    mean embedding); the server fits a generator to the combined release and pretrains the
-    model on its samples; DP-SGD spends the rest (docs/models.md, "Warm starts")."""
+    """Each site spends ``epsilon_fraction`` of its target epsilon on one DP release (the mmd
+    family's mean embedding, and the family's own statistic where it has one); the server
+    fits a generator to the combined release and pretrains the model on its samples; DP-SGD
+    spends the rest (docs/models.md, "Warm starts")."""
 
-    epsilon_share: float = Field(..., gt=0.0, description="the epsilon each site's release spends; the rest of "
-                                 "privacy.target_epsilon trains by DP-SGD")
+    epsilon_fraction: float = Field(..., description="the fraction of privacy.target_epsilon each site's "
+                                    "release spends, in (0, 1); the rest trains by DP-SGD")
+    family_share: float = Field(0.5, ge=0.0, lt=1.0, description="the share of the release's squared "
+                                "sensitivity given to the family's own statistic (the flow's class means; 0: "
+                                "none); families without one ignore it")
     num_features: int = Field(2000, ge=16, description="random features of the released embedding")
     generator_steps: int = Field(1500, ge=1, description="server steps fitting the release's generator")
     samples: int = Field(10000, ge=10, description="generator samples the model is pretrained on")
     generator: dict[str, Any] = Field(default_factory=dict, description="further options of the release's mmd "
                                       "generator (e.g. count_weight, bandwidth, hidden, fit_batch; docs/models.md)")
+
+    @field_validator("epsilon_fraction")
+    @classmethod
+    def _a_fraction(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError("must lie in (0, 1): the fraction of privacy.target_epsilon the release spends "
+                             "(e.g. 0.4); the rest trains by DP-SGD")
+        return value
 
 
 class WarmStartConfig(_Section):
@@ -449,7 +462,7 @@ class WarmStartConfig(_Section):
     @model_validator(mode="after")
     def _one_source(self) -> "WarmStartConfig":
         if (self.public is None) == (self.release is None):
-            raise ValueError("give exactly one of public: {format: ...} or release: {epsilon_share: ...}")
+            raise ValueError("give exactly one of public: {format: ...} or release: {epsilon_fraction: ...}")
         return self
 
 
@@ -474,6 +487,22 @@ class Scenario(_Section):
     deployment: DeploymentConfig | None = None  # set for `fedgen prepare` (real SuperNodes)
     warm_start: WarmStartConfig | None = Field(None, description="pretrain before round 1 on public data or a DP "
                                                "release (docs/models.md, 'Warm starts'); default: none")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _share_became_a_fraction(cls, data: Any) -> Any:
+        """``warm_start.release.epsilon_share`` (an absolute epsilon) became ``epsilon_fraction``
+        (of the target), so one scenario runs at any ``privacy.target_epsilon``: say what to write."""
+        release = ((data or {}).get("warm_start") or {}).get("release") if isinstance(data, dict) else None
+        if isinstance(release, dict) and "epsilon_share" in release:
+            share = release["epsilon_share"]
+            target = (data.get("privacy") or {}).get("target_epsilon", PrivacySection().target_epsilon)
+            fix = f"epsilon_fraction: {share / target:.3g} ({share:g} of privacy.target_epsilon {target:g})" \
+                if isinstance(share, (int, float)) and isinstance(target, (int, float)) and target > 0 \
+                else "epsilon_fraction: share / privacy.target_epsilon"
+            raise ValueError(f"warm_start.release.epsilon_share: the release's share is a fraction of the target "
+                             f"now; write {fix}")
+        return data
 
     @model_validator(mode="after")
     def _seeded_noise_only_in_simulation(self) -> "Scenario":
@@ -523,10 +552,6 @@ class Scenario(_Section):
             if not self.privacy.example_level:
                 raise ValueError("warm_start.release: a release warm start spends example-level budget; it needs "
                                  "privacy.enabled: true and privacy.unit: example or both (or warm_start: null)")
-            if ws.release.epsilon_share >= self.privacy.target_epsilon:
-                raise ValueError(f"warm_start.release.epsilon_share: {ws.release.epsilon_share:g} must be below "
-                                 f"privacy.target_epsilon {self.privacy.target_epsilon:g}: the rest trains by DP-SGD; lower "
-                                 "the share, or set warm_start: null for DP-SGD alone")
         return self
 
     @model_validator(mode="after")

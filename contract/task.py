@@ -106,7 +106,7 @@ class TaskConfig:
     def build_model(self) -> GenerativeModel:
         return _with_warm_start(build_model(self.model.family, data_shape=self.data_shape,
                                             num_classes=self.num_classes, **self.model.options),
-                                self.warm_start, seed=self.seed)
+                                self.warm_start, seed=self.seed, target_epsilon=self.privacy.target_epsilon)
 
     # -- the wire format: JSON in the train message's config["fedgen"] ---------------------
     def to_json(self) -> str:
@@ -177,7 +177,8 @@ def build_global_model(scenario: Scenario, spec: DataSpec) -> GenerativeModel:
     (wrapped for a release warm start: :func:`_with_warm_start`)."""
     torch.manual_seed(scenario.seed)
     return _with_warm_start(build_model(scenario.model.family, data_shape=spec.shape, num_classes=spec.num_classes,
-                                        **scenario.model.options), release_warm_start(scenario), seed=scenario.seed)
+                                        **scenario.model.options), release_warm_start(scenario), seed=scenario.seed,
+                            target_epsilon=scenario.privacy.target_epsilon)
 
 
 def release_warm_start(scenario: Scenario) -> WarmStartConfig | None:
@@ -187,15 +188,18 @@ def release_warm_start(scenario: Scenario) -> WarmStartConfig | None:
     return ws if ws is not None and ws.release is not None else None
 
 
-def _with_warm_start(model: GenerativeModel, ws: WarmStartConfig | None, *, seed: int) -> GenerativeModel:
+def _with_warm_start(model: GenerativeModel, ws: WarmStartConfig | None, *, seed: int,
+                     target_epsilon: float) -> GenerativeModel:
     """``model`` wrapped in :class:`~fedgen.shared_models.warm_start.ReleaseWarmStart` for a
-    release warm start: an mmd release head on the same data, the family inside."""
+    release warm start: an mmd release head on the same data, the family inside; the release
+    spends ``epsilon_fraction`` of ``target_epsilon``."""
     if ws is None or ws.release is None:
         return model
     from fedgen.shared_models.warm_start import with_release_warm_start
 
     r = ws.release
-    return with_release_warm_start(model, epsilon_share=r.epsilon_share, num_features=r.num_features,  # type: ignore[arg-type]
+    return with_release_warm_start(model, release_epsilon=r.epsilon_fraction * target_epsilon,  # type: ignore[arg-type]
+                                   num_features=r.num_features, family_share=r.family_share,
                                    generator_steps=r.generator_steps, samples=r.samples, steps=ws.steps,
                                    batch_size=ws.batch_size, lr=ws.lr, seed=seed, **r.generator)
 

@@ -71,7 +71,8 @@ def release_record(scenario: Scenario, info: dict[str, float]) -> dict[str, Any]
     """``warm_start.json`` for a release warm start, from the model's ``server_update`` info."""
     ws = scenario.warm_start
     assert ws is not None and ws.release is not None
-    return {"kind": "release", "public_data": None, "epsilon_share": ws.release.epsilon_share,
+    return {"kind": "release", "public_data": None, "epsilon_fraction": ws.release.epsilon_fraction,
+            "epsilon": ws.release.epsilon_fraction * scenario.privacy.target_epsilon,
             "examples": int(info.get("pretrain_examples", 0)), "steps": ws.steps,
             "loss": info.get("pretrain_loss"), "seconds": info.get("pretrain_seconds"),
             "guarantee": RELEASE_GUARANTEE}

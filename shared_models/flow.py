@@ -25,7 +25,10 @@ The base distribution is learned (Glow, Kingma & Dhariwal 2018, §5 and their
 class-conditional prior): p(z | y) = N(mu_y, diag(exp(2 s_y))) from one zero-initialised
 Linear layer of the one-hot label. Under DP it helps: a class's mean is a strong,
 low-dimensional gradient signal, which survives the noise sooner than the coupling
-networks learn to use the label (measured: docs/benchmarks.md).
+networks learn to use the label (measured: docs/benchmarks.md). Under a release warm start
+(shared_models/warm_start.py) the flow's share of the one release is its per-class pixel
+means (:meth:`RealNVP.release_vectors`); their noisy federation means, in logit space, are
+added to the learned means (``base_mean``, :meth:`RealNVP.adopt_release`).
 
 Every parameter lives in Linear / Conv2d / GroupNorm layers (no free ``nn.Parameter``),
 each used once per example, so every clipping mode is correct; see ``grad_sample_mode``.
@@ -99,19 +102,21 @@ class _GaussianPrior(nn.Module):
         self.net = zero_init(nn.Linear(max(cond_dim, 1), 2 * dim))
         self.scale_bound = scale_bound
 
-    def forward(self, cond: Tensor) -> tuple[Tensor, Tensor]:
-        """(mu, log-scale s), each ``[B, D]``."""
+    def forward(self, cond: Tensor, base: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(mu, log-scale s), each ``[B, D]``; ``base`` ``[classes, D]``: released class
+        means the learned mean is added to (zeros until a release warm start hands them over)."""
         inputs = cond if cond.shape[1] else torch.ones(len(cond), 1, device=cond.device)
         mu, s = self.net(inputs).chunk(2, dim=1)
-        return mu, soft_clamp(s, self.scale_bound)
+        return mu if base is None else mu + inputs @ base, soft_clamp(s, self.scale_bound)
 
-    def log_prob(self, z: Tensor, cond: Tensor) -> Tensor:
-        mu, s = self(cond)
+    def log_prob(self, z: Tensor, cond: Tensor, base: Tensor | None = None) -> Tensor:
+        mu, s = self(cond, base)
         u = (z.flatten(1) - mu) * torch.exp(-s)
         return (-0.5 * (u.pow(2) + math.log(2 * math.pi)) - s).sum(1)
 
-    def sample(self, cond: Tensor, shape: tuple[int, ...], temperature: float) -> Tensor:
-        mu, s = self(cond)
+    def sample(self, cond: Tensor, shape: tuple[int, ...], temperature: float,
+               base: Tensor | None = None) -> Tensor:
+        mu, s = self(cond, base)
         return (mu + torch.exp(s) * temperature * torch.randn_like(mu)).view(-1, *shape)
 
 
@@ -220,6 +225,9 @@ class RealNVP(DPSGDTrainable):
         self.temperature = temperature
         k = num_classes or 0
         self.prior = _GaussianPrior(flat_dim(self.data_shape), k, scale_bound)
+        # released class means in the flow's latent space (zeros: none; adopt_release)
+        self.register_buffer("base_mean", torch.zeros(max(k, 1), flat_dim(self.data_shape)))
+        self.release_width = flat_dim(self.data_shape)
         self.stage1 = nn.ModuleList()  # at data resolution
         self.stage2 = nn.ModuleList()  # after a 2x2 squeeze (conv only)
         if architecture == "conv":
@@ -280,9 +288,26 @@ class RealNVP(DPSGDTrainable):
             return x
         return (x * (self.levels - 1) + torch.rand_like(x)) / self.levels  # uniform dequantisation (RealNVP §4.1)
 
+    # -- what a release warm start releases for the flow: its class means ------------
+    def release_vectors(self, x: Tensor) -> Tensor:
+        """``(x - 1/2) / (sqrt(D) / 2)``: L2 norm <= 1 for x in [0, 1]^D."""
+        return (x.flatten(1) - 0.5) / (math.sqrt(self.release_width) / 2)
+
+    @torch.no_grad()
+    def adopt_release(self, class_means: Tensor) -> None:
+        """The federation's noisy class means of :meth:`release_vectors`, mapped like the
+        data (mid-bin dequantisation, logit), become the base's means: a class's mean is a
+        low-dimensional, strong signal that DP-SGD on a few hundred records a site recovers
+        only from epsilon ~ 40 (docs/benchmarks.md)."""
+        x = (class_means * (math.sqrt(self.release_width) / 2) + 0.5).clamp(0.0, 1.0)
+        if self.dequantize:
+            x = (x * (self.levels - 1) + 0.5) / self.levels
+        p = self.alpha + (1 - 2 * self.alpha) * x
+        self.base_mean.copy_((torch.log(p) - torch.log1p(-p)).reshape(self.base_mean.shape))
+
     def _log_density(self, x: Tensor, y: Tensor | None) -> Tensor:
         z, logdet = self.to_latent(self._dequantize(x), y)
-        log_pz = self.prior.log_prob(z, one_hot(y, self.num_classes, x.shape[0], x.device))
+        log_pz = self.prior.log_prob(z, one_hot(y, self.num_classes, x.shape[0], x.device), self.base_mean)
         return log_pz + logdet  # change of variables, RealNVP eq. (3)
 
     # -- protocol -------------------------------------------------------------------
@@ -307,5 +332,6 @@ class RealNVP(DPSGDTrainable):
     def sample(self, n: int, labels: Tensor | None = None, temperature: float | None = None) -> Tensor:
         labels = self.check_labels(n, labels)
         temperature = self.temperature if temperature is None else temperature
-        z = self.prior.sample(one_hot(labels, self.num_classes, n, self.device), self.data_shape, temperature)
+        z = self.prior.sample(one_hot(labels, self.num_classes, n, self.device), self.data_shape, temperature,
+                              self.base_mean)
         return self.from_latent(z, labels).clamp(0.0, 1.0)

@@ -183,6 +183,20 @@ class DPSGDTrainable(GenerativeModel):
         overrides it for options whose per-example gradients Opacus cannot compute (e.g.
         the GAN's WGAN-GP gradient penalty)."""
 
+    # -- what a release warm start may release for the family (shared_models/warm_start.py) --
+    #: Width of the family's own per-record vector in a release warm start's one release
+    #: (:meth:`release_vectors`); 0: the family takes the generator's draws only.
+    release_width: int = 0
+
+    def release_vectors(self, x: Tensor) -> Tensor:
+        """``[B, release_width]`` per-record vectors of L2 norm <= 1 that a release warm
+        start adds to its release (its norm share of the one Gaussian mechanism)."""
+        raise NotImplementedError(f"{type(self).__name__} releases nothing of its own (release_width 0)")
+
+    def adopt_release(self, class_means: Tensor) -> None:
+        """On the server, after the release round: the federation's noisy per-class means of
+        :meth:`release_vectors` (``[classes, release_width]``; post-processing). Default: none."""
+
 
 class Releasing(GenerativeModel):
     """Capability: a site publishes one noisy statistic of its data.

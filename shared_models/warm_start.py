@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .protocol import Batch, DPSGDTrainable, Releasing, TrainingStep
 from .registry import build_model
+from .release import precision_weighted_release
 
 
 def uniform_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -84,55 +85,113 @@ def pretrain(model: DPSGDTrainable, x: Tensor, y: Tensor | None, *, steps: int, 
 class ReleaseWarmStart(DPSGDTrainable, Releasing):
     """A DP-SGD family warm-started from one DP release: any family, one mechanism.
 
-    Round 1 is a release (the :class:`~shared_models.mmd.MMDGenerator`'s mean embedding of
-    random features, noised and charged ``epsilon_share`` by privacy/release.py at each
-    site; combined by precision at the server). The server then fits the release's
-    generator and pretrains the wrapped family on ``samples`` of its draws
-    (:func:`pretrain`; post-processing: it never sees a record). From round 2 the sites
-    fine-tune the wrapped family by DP-SGD, sigma calibrated so the release plus the
-    planned steps compose to the target (privacy.accounting.calibrate_after, through
-    ``release_epsilon``). Sampling, likelihood and training steps are the wrapped family's.
+    Round 1 is one release, noised and charged ``release_epsilon`` by privacy/release.py at
+    each site and combined by precision at the server: the
+    :class:`~shared_models.mmd.MMDGenerator`'s mean embedding of random features and, when
+    the wrapped family has a statistic of its own (``release_width`` > 0, e.g. the flow's
+    per-class pixel means), that statistic beside it in the same release. Each record's
+    vector is ``[a u_head, b u_family, a w]`` with ``a^2 + b^2 = 1`` (``b^2`` =
+    ``family_share``; 0 releases the head's embedding alone), so its norm stays <= 1: one Gaussian mechanism of sensitivity 1, one
+    ledger entry. The server then hands the family its noisy class means
+    (:meth:`~shared_models.DPSGDTrainable.adopt_release`), fits the release's generator and
+    pretrains the wrapped family on ``samples`` of its draws (:func:`pretrain`;
+    post-processing: it never sees a record). From round 2 the sites fine-tune the wrapped
+    family by DP-SGD, sigma calibrated so the release plus the planned steps compose to the
+    target (privacy.accounting.calibrate_after, through ``release_epsilon``). Sampling,
+    likelihood and training steps are the wrapped family's.
     """
 
-    release_buffer = "head.embedding"
+    release_buffer = "head.embedding"  # "joint" when the family releases a statistic of its own
 
-    def __init__(self, inner: DPSGDTrainable, head: Releasing, *, epsilon_share: float, steps: int,
-                 batch_size: int, lr: float, samples: int, seed: int = 0) -> None:
+    def __init__(self, inner: DPSGDTrainable, head: Releasing, *, release_epsilon: float, steps: int,
+                 batch_size: int, lr: float, samples: int, seed: int = 0, family_share: float = 0.5) -> None:
         super().__init__(inner.data_shape, inner.num_classes)
-        if epsilon_share <= 0:
-            raise ValueError(f"epsilon_share must be > 0, got {epsilon_share}")
+        if release_epsilon <= 0:
+            raise ValueError(f"release_epsilon must be > 0, got {release_epsilon}")
+        if not 0.0 <= family_share < 1.0:
+            raise ValueError(f"family_share must lie in [0, 1), got {family_share}")
+        width = int(inner.release_width) if family_share > 0 else 0
         self.inner, self.head = inner, head
-        self.epsilon_share, self.pretrain_steps, self.pretrain_batch = epsilon_share, steps, batch_size
+        self.epsilon, self.pretrain_steps, self.pretrain_batch = release_epsilon, steps, batch_size
         self.pretrain_lr, self.pretrain_samples, self.seed = lr, samples, seed
+        self.family_share = family_share if width else 0.0
         self.register_buffer("released", torch.zeros(()))  # 1 once the combined release is in
         self.register_buffer("pretrained", torch.zeros(()))  # 1 once the inner model is warm
+        if width:  # the site's noisy mean of [a u_head, b u_family, a w], per class
+            classes, head_width = head.state_dict()[head.release_buffer].shape
+            self.register_buffer("joint", torch.zeros(classes, head_width + width))
+            self.release_buffer = "joint"
         self.grad_sample_mode = inner.grad_sample_mode
 
     # -- the release (Releasing) --------------------------------------------------------
     @property
     def release_epsilon(self) -> float:  # type: ignore[override]
-        return self.epsilon_share
+        return self.epsilon
+
+    @property
+    def _scales(self) -> tuple[float, float]:
+        """``(a, b)``: the head's and the family's norm factors, ``a^2 + b^2 = 1``."""
+        return math.sqrt(1.0 - self.family_share), math.sqrt(self.family_share)
 
     def wants_release(self) -> bool:
         return not bool(self.released)
 
+    @torch.no_grad()
     def statistic_sum(self, x: Tensor, y: Tensor | None) -> Tensor:
-        return self.head.statistic_sum(x, y)
+        head = self.head.statistic_sum(x, y)
+        if not self.family_share:
+            return head
+        a, b = self._scales
+        x = x.to(head.device)
+        rows = y.long().to(head.device) if self.conditional and y is not None else \
+            torch.zeros(len(x), dtype=torch.long, device=head.device)
+        own = torch.zeros(len(head), self.inner.release_width, device=head.device)
+        own.index_add_(0, rows, b * self.inner.release_vectors(x).to(own.dtype))
+        return torch.cat([a * head[:, :-1], own, a * head[:, -1:]], dim=1)
 
     def set_release(self, mean_statistic: Tensor) -> None:
-        self.head.set_release(mean_statistic)
+        if self.family_share:
+            self.joint.copy_(mean_statistic)
+        else:
+            self.head.set_release(mean_statistic)
         self.released.fill_(1.0)
 
     def combine_releases(self, sums: Tensor, noise_multipliers: Tensor, total_examples: float) -> float:
-        variance = self.head.combine_releases(sums, noise_multipliers, total_examples)
+        """The head combines the release (its own way: by precision, or FedAvg's mean); with a
+        family statistic, the joint rows are combined the same way and the returned noise
+        variance is the head's part's (divided by ``a^2``, as :meth:`server_update` unpacks it)."""
+        if not self.family_share:
+            variance = self.head.combine_releases(sums, noise_multipliers, total_examples)
+        else:
+            a, _ = self._scales
+            count_weight = a * float(getattr(self.head, "count_weight"))
+            if getattr(self.head, "combine", "precision") == "precision":
+                release, variance = precision_weighted_release(sums, noise_multipliers, total_examples, count_weight)
+            else:
+                release = sums.sum(0) / total_examples
+                variance = float((noise_multipliers.double() ** 2).sum()) / total_examples ** 2
+            self.joint.copy_(release)
+            variance /= a * a
         self.released.fill_(1.0)
         return variance
 
+    def _unpack_release(self) -> None:
+        """Split the combined joint release: the head's embedding (its own layout, ``/ a``)
+        and the family's noisy class means (``/ b``, divided by the class share)."""
+        a, b = self._scales
+        joint, head_width = self.joint, self.joint.shape[1] - self.inner.release_width
+        self.head.set_release(torch.cat([joint[:, :head_width - 1], joint[:, -1:]], dim=1) / a)
+        share = (joint[:, -1] / (a * float(getattr(self.head, "count_weight")))).clamp_min(1e-6)
+        self.inner.adopt_release(joint[:, head_width - 1:-1] / b / share.unsqueeze(1))
+
     def server_update(self, release_noise_variance: float | None = None) -> dict[str, float]:
-        """After the release round: fit the release's generator, pretrain the wrapped family
-        on its samples (once); afterwards the wrapped family's own post-processing."""
+        """After the release round: hand the family its part of the release, fit the
+        release's generator, pretrain the wrapped family on its samples (once); afterwards
+        the wrapped family's own post-processing."""
         if not bool(self.released) or bool(self.pretrained):
             return self.inner.server_update(release_noise_variance)
+        if self.family_share:
+            self._unpack_release()
         torch.manual_seed(self.seed)  # the fit's draws: the same on every engine, whatever ran before in the process
         info = dict(self.head.server_update(release_noise_variance))
         x, y = self.generator_samples()
@@ -163,19 +222,20 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
         return self.inner.log_likelihood(x, y)
 
 
-def with_release_warm_start(inner: DPSGDTrainable, *, epsilon_share: float, num_features: int = 2000,
+def with_release_warm_start(inner: DPSGDTrainable, *, release_epsilon: float, num_features: int = 2000,
                             generator_steps: int = 1500, samples: int = 10000, steps: int = 500,
-                            batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                            batch_size: int = 128, lr: float = 1e-3, seed: int = 0, family_share: float = 0.5,
                             **generator: object) -> ReleaseWarmStart:
     """``inner`` wrapped for a release warm start (``warm_start.release``): an mmd release
     head on the same data (conv generator for images whose sides 4 divides, else MLP;
-    ``generator``: its further options), the family inside. The sites and the server build
-    the same wrapped model from the scenario (contract/task.py)."""
+    ``generator``: its further options), the family inside. ``release_epsilon``: what the
+    release spends (absolute; the scenario's fraction times its target). The sites and the
+    server build the same wrapped model from the scenario (contract/task.py)."""
 
     shape = inner.data_shape
     conv = len(shape) == 3 and shape[1] % 4 == 0 and shape[2] % 4 == 0
     head = build_model("mmd", data_shape=shape, num_classes=inner.num_classes,
                        architecture="conv" if conv else "mlp", num_features=num_features,
                        fit_steps=generator_steps, feature_seed=seed, **generator)
-    return ReleaseWarmStart(inner, head, epsilon_share=epsilon_share, steps=steps,  # type: ignore[arg-type]
-                            batch_size=batch_size, lr=lr, samples=samples, seed=seed)
+    return ReleaseWarmStart(inner, head, release_epsilon=release_epsilon, steps=steps,  # type: ignore[arg-type]
+                            batch_size=batch_size, lr=lr, samples=samples, seed=seed, family_share=family_share)

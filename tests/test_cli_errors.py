@@ -42,8 +42,8 @@ CASES = {
     "wrong type": (dict(federation={"rounds": "two"}), "federation.rounds: Input should be a valid integer"),
     "missing data file": (dict(data={"format": "npz", "path": "/nonexistent/site.npz"}), "site.npz: file not found"),
     "alpha <= 0": (dict(partition={"name": "dirichlet", "alpha": 0}), "partition.alpha: Input should be greater than 0"),
-    "release over budget": (dict(warm_start={"release": {"epsilon_share": 10.0}}),
-                            "warm_start.release.epsilon_share: 10 must be below privacy.target_epsilon 10"),
+    "release share not a fraction": (dict(warm_start={"release": {"epsilon_fraction": 1.0}}),
+                                     "warm_start.release.epsilon_fraction: must lie in (0, 1)"),
     "flow's old release key": (dict(model={"family": "flow", "levels": 17, "base_release_epsilon": 4.0}),
                                "model: base_release_epsilon: the flow's release became the warm start"),
 }

@@ -64,7 +64,7 @@ def test_cuda_release_warm_start_takes_cpu_data_on_a_gpu_model():
     ``statistic_sum`` gets the site's data on the CPU while the model is on the GPU."""
     from fedgen.shared_models.warm_start import with_release_warm_start
     torch.manual_seed(0)
-    model = with_release_warm_start(build_model("flow", data_shape=(1, 8, 8), num_classes=10), epsilon_share=4.0)
+    model = with_release_warm_start(build_model("flow", data_shape=(1, 8, 8), num_classes=10), release_epsilon=4.0)
     x, y = torch.rand(32, 1, 8, 8), torch.arange(32) % 10
     on_cpu = model.statistic_sum(x, y)
     on_gpu = model.to("cuda").statistic_sum(x, y)

@@ -417,7 +417,7 @@ def test_flow_release_warm_start_releases_once_then_trains_by_dp_sgd_within_the_
 
     torch.manual_seed(0)
     model = with_release_warm_start(build_model("flow", data_shape=digits.shape, num_classes=10, levels=17, hidden=16),
-                                    epsilon_share=1.0, num_features=200, generator_steps=5, samples=50, steps=2)
+                                    release_epsilon=1.0, num_features=200, generator_steps=5, samples=50, steps=2)
     assert model.wants_release() and model.release_epsilon == 1.0
     privacy = PrivacyConfig(enabled=True, target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, accountant="prv",
                             planned_rounds=3)
@@ -443,6 +443,6 @@ def test_flow_base_release_epsilon_is_refused_with_the_warm_start_that_replaces_
         scenario_from_dict({"model": {"family": "flow", "levels": 17, "base_release_epsilon": 4.0}}, source="s.yaml")
     text = str(err.value)
     assert "\n" not in text and "model: base_release_epsilon: the flow's release became the warm start" in text
-    assert "warm_start: {release: {epsilon_share: 4}}" in text
+    assert "warm_start: {release: {epsilon_fraction: F}} with F = 4 / privacy.target_epsilon" in text
     with pytest.raises(TypeError):
         build_model("flow", data_shape=(1, 8, 8), base_release_epsilon=4.0)

@@ -46,7 +46,7 @@ def _build(family: str, digits, conditional=True, **extra) -> GenerativeModel:
 def _hybrid(family: str, digits) -> GenerativeModel:
     """``family`` under a release warm start at epsilon 1 (a small head, a short fit)."""
     from fedgen.shared_models.warm_start import with_release_warm_start
-    return with_release_warm_start(_build(family, digits), epsilon_share=1.0, num_features=200, generator_steps=5,
+    return with_release_warm_start(_build(family, digits), release_epsilon=1.0, num_features=200, generator_steps=5,
                                    samples=50, steps=2)
 
 

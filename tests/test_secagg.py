@@ -222,7 +222,7 @@ def test_scenario_keys_are_checked_with_one_line(federation, privacy, message):
 
 
 @pytest.mark.parametrize("extra", [{"model": {"family": "mmd"}},
-                                   {"warm_start": {"release": {"epsilon_share": 0.2}}}])
+                                   {"warm_start": {"release": {"epsilon_fraction": 0.2}}}])
 def test_releases_are_refused_under_secure_aggregation(extra):
     """A release is combined per site by its noise precision; a masked sum cannot do that."""
     with pytest.raises(ScenarioError, match="is combined per site by the server"):
