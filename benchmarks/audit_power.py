@@ -148,10 +148,22 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
         level = "warning" if result.epsilon_lower_bound > 0 else "ok"
     else:
         level = dirac.verdict(result, epsilon)["level"]
-    row.update({"canaries": result.m, "white_box_bound": round(result.epsilon_lower_bound, 3),
-                "max_attainable_bound": round(result.max_attainable, 3), "correct": result.n_correct,
-                "guesses": 2 * result.k, "white_box_verdict": level})
+    row.update({"canaries": result.m, **_bounds(result), "white_box_verdict": level})
     return row
+
+
+def _bounds(result) -> dict:
+    """Every one-run bound of a canary audit (privacy/audit/dirac.py, fdp.py): the verdict's
+    (f-DP; for a Gaussian release its Gaussian-DP bound as an eps at delta), Steinke et al.'s
+    and the Gaussian-DP one, with the guesses that gave the verdict's bound."""
+    return {"white_box_bound": round(result.epsilon_lower_bound, 3), "bound_basis": result.basis,
+            "max_attainable_bound": round(result.max_attainable, 3),
+            "steinke_bound": round(result.steinke_epsilon_lower_bound, 3),
+            "steinke_max_attainable": round(result.steinke_max_attainable, 3),
+            "fdp_epsilon_delta_bound": round(result.fdp_epsilon_lower_bound, 3),
+            "gdp_mu_bound": round(result.gdp_mu_lower_bound, 3),
+            "gdp_epsilon_equivalent": round(result.gdp_epsilon_equivalent, 3),
+            "correct": result.n_correct, "guesses": 2 * result.k}
 
 
 def release_row(name: str, *, epsilon: float, noise_scale: float = 1.0, num_features: int = 20000) -> dict:
@@ -178,12 +190,10 @@ def release_row(name: str, *, epsilon: float, noise_scale: float = 1.0, num_feat
     released = (getattr(model, model.release_buffer) * len(train_x)).numpy()
     score = release_canaries.scores([released], [model.statistic_sum(train_x, None).numpy()], plan,
                                     [ledger.noise_multiplier])
-    result = dirac.audit(score, plan.included, delta=DELTA)
+    result = dirac.audit(score, plan.included, delta=DELTA, gaussian=True)
     return {"run": name, "claimed_epsilon": epsilon, "accountant_epsilon": ledger.epsilon,
             "noise_multiplier": ledger.noise_multiplier * noise_scale, "canaries": result.m,
-            "white_box_bound": round(result.epsilon_lower_bound, 3),
-            "max_attainable_bound": round(result.max_attainable, 3), "correct": result.n_correct,
-            "guesses": 2 * result.k, "white_box_verdict": dirac.verdict(result, epsilon)["level"],
+            **_bounds(result), "white_box_verdict": dirac.verdict(result, epsilon)["level"],
             "seconds": round(time.perf_counter() - start, 2)}
 
 
