@@ -104,7 +104,7 @@ def lira(target: np.ndarray, shadow: np.ndarray, shadow_in: np.ndarray) -> np.nd
     between "in" and "out" are pooled over records (the paper's fixed-variance variant,
     extended to the gap). A per-record "in" and "out" mean from 2 + 2 shadows is mostly
     noise: on the 250-record memorising benchmark the per-record online variant got AUC
-    0.57 where this one gets 0.68 (docs/audit.md). The statistic is modelled as
+    0.58 where this one gets 0.68 (docs/audit.md). The statistic is modelled as
     ``a(x) + gap * in + N(0, sigma^2)``; the score is the log likelihood ratio of ``t`` under
     "in" against "out". Without any "in" shadow (the offline attack) it is ``(t - a(x)) /
     sigma``, a one-sided test against the "out" Gaussian."""
