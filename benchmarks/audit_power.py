@@ -85,12 +85,12 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
             updates.append((torch.cat([p.detach().reshape(-1) for p in params]) - before).numpy())
         return model, ledger, updates
 
-    def minus_loss(model, x: torch.Tensor) -> np.ndarray:
+    def minus_loss(model, x: torch.Tensor, draws: int = 4) -> np.ndarray:
         model.eval()
         step = next(s for s in model.steps() if s.private)
         with torch.no_grad():
             torch.manual_seed(2)
-            return -np.mean([step.loss(Batch(x=x, y=None, size=len(x))).numpy() for _ in range(4)], axis=0)
+            return -np.mean([step.loss(Batch(x=x, y=None, size=len(x))).numpy() for _ in range(draws)], axis=0)
 
     torch.manual_seed(0)
     params0 = private_parameters(VAE((64,), latent_dim=8, hidden=hidden))
@@ -119,13 +119,16 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
         if shadows:  # LiRA as `fedgen audit --shadows K` runs it (privacy/audit/shadows.py)
             from fedgen.privacy.audit import shadows as lira_
             from fedgen.privacy.audit.report import membership_verdict
+            from fedgen.simulations.audit_shadows import STATISTIC_DRAWS
 
             cand = lira_.candidates(len(train_x), len(holdout_x), seed=0)
             records = torch.cat([train_x[cand.members], holdout_x[cand.nonmembers]])
             plan_in = lira_.shadow_plan(len(records), shadows, seed=0)
-            stats = np.stack([minus_loss(train(records[torch.from_numpy(plan_in[k])], run_seed=k + 1)[0], records)
-                              for k in range(shadows)])
-            metrics = lira_.lira_audit(minus_loss(model, records), stats, plan_in, cand.is_member, n_bootstrap=100)
+            draws = STATISTIC_DRAWS  # as simulations/audit_shadows.py
+            stats = np.stack([minus_loss(train(records[torch.from_numpy(plan_in[k])], run_seed=k + 1)[0], records,
+                                         draws) for k in range(shadows)])
+            metrics = lira_.lira_audit(minus_loss(model, records, draws), stats, plan_in, cand.is_member,
+                                       n_bootstrap=100)
             row.update({"lira_shadows": shadows, "lira_auc": round(metrics["auc"]["value"], 3),
                         "lira_tpr_at_1pct_fpr": round(metrics["tpr_at_fpr"][0]["value"], 3),
                         "lira_tpr_at_0.1pct_fpr": round(metrics["tpr_at_fpr"][1]["value"], 3),
@@ -148,10 +151,22 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
         level = "warning" if result.epsilon_lower_bound > 0 else "ok"
     else:
         level = dirac.verdict(result, epsilon)["level"]
-    row.update({"canaries": result.m, "white_box_bound": round(result.epsilon_lower_bound, 3),
-                "max_attainable_bound": round(result.max_attainable, 3), "correct": result.n_correct,
-                "guesses": 2 * result.k, "white_box_verdict": level})
+    row.update({"canaries": result.m, **_bounds(result), "white_box_verdict": level})
     return row
+
+
+def _bounds(result) -> dict:
+    """Every one-run bound of a canary audit (privacy/audit/dirac.py, fdp.py): the verdict's
+    (f-DP; for a Gaussian release its Gaussian-DP bound as an eps at delta), Steinke et al.'s
+    and the Gaussian-DP one, with the guesses that gave the verdict's bound."""
+    return {"white_box_bound": round(result.epsilon_lower_bound, 3), "bound_basis": result.basis,
+            "max_attainable_bound": round(result.max_attainable, 3),
+            "steinke_bound": round(result.steinke_epsilon_lower_bound, 3),
+            "steinke_max_attainable": round(result.steinke_max_attainable, 3),
+            "fdp_epsilon_delta_bound": round(result.fdp_epsilon_lower_bound, 3),
+            "gdp_mu_bound": round(result.gdp_mu_lower_bound, 3),
+            "gdp_epsilon_equivalent": round(result.gdp_epsilon_equivalent, 3),
+            "correct": result.n_correct, "guesses": 2 * result.k}
 
 
 def release_row(name: str, *, epsilon: float, noise_scale: float = 1.0, num_features: int = 20000) -> dict:
@@ -178,12 +193,10 @@ def release_row(name: str, *, epsilon: float, noise_scale: float = 1.0, num_feat
     released = (getattr(model, model.release_buffer) * len(train_x)).numpy()
     score = release_canaries.scores([released], [model.statistic_sum(train_x, None).numpy()], plan,
                                     [ledger.noise_multiplier])
-    result = dirac.audit(score, plan.included, delta=DELTA)
+    result = dirac.audit(score, plan.included, delta=DELTA, gaussian=True)
     return {"run": name, "claimed_epsilon": epsilon, "accountant_epsilon": ledger.epsilon,
             "noise_multiplier": ledger.noise_multiplier * noise_scale, "canaries": result.m,
-            "white_box_bound": round(result.epsilon_lower_bound, 3),
-            "max_attainable_bound": round(result.max_attainable, 3), "correct": result.n_correct,
-            "guesses": 2 * result.k, "white_box_verdict": dirac.verdict(result, epsilon)["level"],
+            **_bounds(result), "white_box_verdict": dirac.verdict(result, epsilon)["level"],
             "seconds": round(time.perf_counter() - start, 2)}
 
 

@@ -664,8 +664,10 @@ def summary_lines(audit: dict[str, Any]) -> list[str]:
                      + " at " + " / ".join(f"{100 * t['fpr']:g} %" for t in lira["tpr_at_fpr"]) + " FPR")
     if audit.get("white_box_canaries"):
         wb = audit["white_box_canaries"]
+        steinke = wb.get("steinke_epsilon_lower_bound", {}).get("value")
         lines.append(f"white-box canaries: epsilon lower bound {wb['epsilon_lower_bound']['value']:.3g} "
-                     f"(at most {wb['max_attainable_bound']:.3g} attainable) vs claimed "
+                     f"(at most {wb['max_attainable_bound']:.3g} attainable"
+                     + ("" if steinke is None else f"; Steinke et al. {steinke:.3g}") + ") vs claimed "
                      + ("none (no DP)" if wb["claimed_epsilon"] is None else f"{wb['claimed_epsilon']:.3g}"))
     if audit.get("canaries"):
         bound = audit["canaries"]["epsilon_lower_bound"]["value"]

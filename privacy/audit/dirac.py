@@ -26,7 +26,10 @@ Protocol, at one site, for an audit run (scenario ``privacy.white_box: {canaries
   facts only, so the bound keeps its confidence.
 * Guesses: "included" for the ``k`` highest scores, "excluded" for the ``k`` lowest, at
   two guess budgets fixed in advance (:data:`GUESS_FRACTIONS`), each tested at half the
-  level (Bonferroni); the bound is the larger. :func:`audit` also reports the largest
+  level (Bonferroni); the bound is the larger. The count of correct guesses is turned into
+  a bound by the f-DP test of Mahloujifar, Melis & Chaudhuri (2024, :mod:`.fdp`) on the
+  (ε, δ) curve (the verdict's), and reported beside it: Steinke et al.'s (ε, δ) theorem
+  and the Gaussian-DP bound (the verdict's for a Gaussian release, ``gaussian=True``). :func:`audit` also reports the largest
   bound this number of canaries could give at all (every guess right): if it is below
   the claimed ε, no outcome of this audit could refute the claim.
 """
@@ -277,6 +280,11 @@ def known_noise_replay(shapes: Sequence[Sequence[int]], steps_per_round: Sequenc
 
 @dataclass(frozen=True)
 class DiracAudit:
+    """The one-run bounds of a canary audit. ``epsilon_lower_bound`` and ``max_attainable``
+    are the verdict's: the f-DP test (Mahloujifar, Melis & Chaudhuri 2024, :mod:`.fdp`) of
+    the (ε, δ) curve, or, for a Gaussian mechanism (``basis == "gdp"``), the ε-equivalent
+    of its Gaussian-DP bound. Steinke et al.'s bound and the GDP bound are reported beside."""
+
     epsilon_lower_bound: float
     max_attainable: float  # every guess right, at the better budget
     m: int
@@ -284,48 +292,84 @@ class DiracAudit:
     n_correct: int
     delta: float
     confidence: float
+    steinke_epsilon_lower_bound: float = 0.0  # Steinke, Nasr & Jagielski 2023, same guesses
+    steinke_max_attainable: float = 0.0
+    fdp_epsilon_lower_bound: float = 0.0  # f-DP test of the (ε, δ) curve
+    gdp_mu_lower_bound: float = 0.0  # f-DP test of Gaussian DP
+    gdp_epsilon_equivalent: float = 0.0  # its ε at δ
+    basis: str = "epsilon-delta"  # which bound the verdict uses: "epsilon-delta" or "gdp"
 
     def to_dict(self) -> dict:
-        from .results import LOWER_IS_PRIVATE, described
+        from .results import INFORMATIONAL, LOWER_IS_PRIVATE, described
 
+        method = ("Mahloujifar, Melis & Chaudhuri 2024 (f-DP in one run), "
+                  + ("Gaussian-DP curve, as its ε at δ" if self.basis == "gdp" else "the (ε, δ) curve")
+                  + "; Dirac gradient canaries read from every round's update; two guess budgets, Bonferroni")
         return {
             "epsilon_lower_bound": described(
                 "white_box_epsilon_lower_bound", self.epsilon_lower_bound, direction=LOWER_IS_PRIVATE,
-                units="epsilon (nats)", confidence=self.confidence, delta=self.delta,
-                method="Steinke, Nasr & Jagielski 2023, one run; Dirac gradient canaries read "
-                       "from every round's update; two guess budgets, Bonferroni"),
+                units="epsilon (nats)", confidence=self.confidence, delta=self.delta, method=method),
             "max_attainable_bound": self.max_attainable,
+            "bound_basis": self.basis,
+            "steinke_epsilon_lower_bound": described(
+                "white_box_steinke_epsilon_lower_bound", self.steinke_epsilon_lower_bound, direction=INFORMATIONAL,
+                units="epsilon (nats)", confidence=self.confidence, delta=self.delta,
+                method="Steinke, Nasr & Jagielski 2023 (the (ε, δ) theorem), the same guesses"),
+            "steinke_max_attainable_bound": self.steinke_max_attainable,
+            "fdp_epsilon_lower_bound": self.fdp_epsilon_lower_bound,
+            "gdp_mu_lower_bound": described(
+                "white_box_gdp_mu_lower_bound", self.gdp_mu_lower_bound, direction=INFORMATIONAL,
+                units="mu (Gaussian DP)", confidence=self.confidence,
+                method="f-DP in one run: the largest mu for which mu-GDP is rejected"),
+            "gdp_epsilon_equivalent": self.gdp_epsilon_equivalent,
             "m": self.m, "k_plus": self.k, "k_minus": self.k, "n_guesses": 2 * self.k,
             "n_correct": self.n_correct, "guess_fractions": list(GUESS_FRACTIONS),
         }
 
 
 def audit(score: np.ndarray, included: np.ndarray, *, delta: float,
-          confidence: float = 0.95) -> DiracAudit:
-    """The ε lower bound from canary scores: both pre-declared guess budgets, each at
-    level ``(1 - confidence) / 2``; the larger bound and the largest attainable one."""
+          confidence: float = 0.95, gaussian: bool = False) -> DiracAudit:
+    """The ε lower bounds from canary scores: both pre-declared guess budgets, each at
+    level ``(1 - confidence) / 2``; per method the larger bound and the largest attainable
+    one. The verdict's bound is the f-DP test of the (ε, δ) curve (sound against any
+    (ε, δ) claim) or, with ``gaussian`` (a Gaussian mechanism, exactly mu-GDP, whose claim
+    is that curve), the ε-equivalent of the Gaussian-DP bound."""
+    from . import fdp
+
     score = np.asarray(score, dtype=np.float64).reshape(-1)
     m = len(score)
-    level = 1 - (1 - confidence) / len(GUESS_FRACTIONS)
-    best, best_max = None, 0.0
+    beta = (1 - confidence) / len(GUESS_FRACTIONS)
+    best: dict[str, tuple[float, int, int]] = {}
+    tops = {"steinke": 0.0, "fdp": 0.0, "gdp": 0.0}
     for fraction in GUESS_FRACTIONS:
         k = max(1, min(m // 2, int(round(fraction * m))))
         v = count_correct(score, included, k_plus=k, k_minus=k)
-        bound = epsilon_from_counts(m, 2 * k, v, delta=delta, confidence=level)
-        best_max = max(best_max, epsilon_from_counts(m, 2 * k, 2 * k, delta=delta, confidence=level))
-        if best is None or bound > best[0]:
-            best = (bound, k, v)
-    return DiracAudit(epsilon_lower_bound=best[0], max_attainable=best_max, m=m, k=best[1],
-                      n_correct=best[2], delta=delta, confidence=confidence)
+        bounds = {"steinke": lambda c: epsilon_from_counts(m, 2 * k, c, delta=delta, confidence=1 - beta),
+                  "fdp": lambda c: fdp.epsdelta_lower_bound(m, 2 * k, c, delta=delta, beta=beta),
+                  "gdp": lambda c: fdp.gdp_lower_bound(m, 2 * k, c, beta=beta)}
+        for name, bound in bounds.items():
+            value = bound(v)
+            tops[name] = max(tops[name], bound(2 * k))
+            if name not in best or value > best[name][0]:
+                best[name] = (value, k, v)
+    gdp_eps, gdp_top = fdp.gdp_epsilon(best["gdp"][0], delta), fdp.gdp_epsilon(tops["gdp"], delta)
+    chosen, top = (("gdp", gdp_eps), gdp_top) if gaussian else (("fdp", best["fdp"][0]), tops["fdp"])
+    _, k, v = best[chosen[0]]
+    return DiracAudit(epsilon_lower_bound=chosen[1], max_attainable=top, m=m, k=k, n_correct=v, delta=delta,
+                      confidence=confidence, steinke_epsilon_lower_bound=best["steinke"][0],
+                      steinke_max_attainable=tops["steinke"], fdp_epsilon_lower_bound=best["fdp"][0],
+                      gdp_mu_lower_bound=best["gdp"][0], gdp_epsilon_equivalent=gdp_eps,
+                      basis="gdp" if gaussian else "epsilon-delta")
 
 
 def verdict(result: DiracAudit, claimed_epsilon: float) -> dict:
     """violation iff the bound exceeds the claim; inconclusive when even a perfect guess
     could not have exceeded it; ok otherwise."""
-    what = (f"white-box canary ε lower bound {result.epsilon_lower_bound:.3g} "
-            f"({100 * result.confidence:g} % confidence, δ = {result.delta:.2g}; {result.n_correct} of "
+    basis = "Gaussian-DP" if result.basis == "gdp" else "f-DP"
+    what = (f"white-box canary ε lower bound {result.epsilon_lower_bound:.3g} ({basis}, "
+            f"{100 * result.confidence:g} % confidence, δ = {result.delta:.2g}; {result.n_correct} of "
             f"{2 * result.k} guesses correct, m = {result.m}; at most {result.max_attainable:.3g} "
-            "attainable with this many canaries)")
+            f"attainable with this many canaries; Steinke et al.'s bound {result.steinke_epsilon_lower_bound:.3g})")
     if result.epsilon_lower_bound > claimed_epsilon:
         return {"level": "violation", "topic": "white_box_canaries",
                 "text": f"The privacy accounting or implementation is broken: the {what} exceeds the "
