@@ -312,8 +312,10 @@ def test_an_mmd_run_with_distributed_noise_releases_the_sum_and_charges_the_skel
     sites = privacy["sites"]
     assert len(sites) == 5
     for site in sites.values():
-        (entry,) = site["history"]
-        spend = entry["skellam"]
+        spend_entry, resolution = site["history"]  # the pending spend, then its unmask resolution
+        assert resolution["secagg"] == "released" and resolution["steps"] == 0
+        assert spend_entry["secagg"] == "pending"
+        spend = spend_entry["skellam"]
         assert spend["mu"] == pytest.approx(noise["guaranteed_variance"], rel=1e-12)
         fresh = _fresh_epsilon(spend["mu"], spend["l1"], spend["l2"], DELTA)
         assert site["epsilon"] == pytest.approx(fresh, rel=0.01)
