@@ -95,6 +95,8 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
     """
 
     release_buffer = "head.embedding"
+    #: set by the server (server/fit_cache.py): ``fit(head, noise_variance, seed)`` in place of the head's own fit
+    fit_cache = None
 
     def __init__(self, inner: DPSGDTrainable, head: Releasing, *, epsilon_share: float, steps: int,
                  batch_size: int, lr: float, samples: int, seed: int = 0) -> None:
@@ -134,7 +136,8 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
         if not bool(self.released) or bool(self.pretrained):
             return self.inner.server_update(release_noise_variance)
         torch.manual_seed(self.seed)  # the fit's draws: the same on every engine, whatever ran before in the process
-        info = dict(self.head.server_update(release_noise_variance))
+        info = dict(self.head.server_update(release_noise_variance) if self.fit_cache is None
+                    else self.fit_cache.fit(self.head, release_noise_variance, self.seed))
         x, y = self.generator_samples()
         info.update(pretrain(self.inner, x, y, steps=self.pretrain_steps, batch_size=self.pretrain_batch,
                              lr=self.pretrain_lr, seed=self.seed))
