@@ -177,8 +177,10 @@ def with_release_warm_start(inner: DPSGDTrainable, *, epsilon_share: float, num_
 
     shape = inner.data_shape
     conv = len(shape) == 3 and shape[1] % 4 == 0 and shape[2] % 4 == 0
-    head = build_model("mmd", data_shape=shape, num_classes=inner.num_classes,
-                       architecture="conv" if conv else "mlp", num_features=num_features,
-                       fit_steps=generator_steps, feature_seed=seed, **generator)
+    with torch.random.fork_rng(devices=[]):  # the head's init from the seed alone, whatever the family:
+        torch.manual_seed(seed)  # every family's run fits the same generator (server/fit_cache.py shares it)
+        head = build_model("mmd", data_shape=shape, num_classes=inner.num_classes,
+                           architecture="conv" if conv else "mlp", num_features=num_features,
+                           fit_steps=generator_steps, feature_seed=seed, **generator)
     return ReleaseWarmStart(inner, head, epsilon_share=epsilon_share, steps=steps,  # type: ignore[arg-type]
                             batch_size=batch_size, lr=lr, samples=samples, seed=seed)
