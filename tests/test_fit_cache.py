@@ -20,12 +20,12 @@ from fedgen.simulations.cli import main as fedgen
 from .conftest import REPO
 
 
-def _wrapped(digits, *, seed: int = 0, generator_steps: int = 40) -> ReleaseWarmStart:
+def _wrapped(digits, *, seed: int = 0, generator_steps: int = 10) -> ReleaseWarmStart:
     """A small vae under a release warm start, its release set from the digits (no noise)."""
     torch.manual_seed(0)
     inner = build_model("vae", data_shape=(1, 8, 8), num_classes=10, hidden=32, latent_dim=4)
     model = with_release_warm_start(inner, epsilon_share=2.0, num_features=200, generator_steps=generator_steps,
-                                    samples=300, steps=20, batch_size=64, seed=seed)
+                                    samples=200, steps=10, batch_size=64, seed=seed)
     x, y = digits.x[:500].reshape(-1, 1, 8, 8), digits.y[:500]
     model.set_release(model.statistic_sum(x, y) / len(x))
     return model
@@ -60,10 +60,17 @@ def test_a_hit_gives_exactly_the_pretraining_of_a_miss(tmp_path, digits):
 def test_what_determines_the_fit_changes_the_key(digits):
     base = _wrapped(digits)
     key = fit_key(base.head, 1e-6, 0)
+    # ... and nothing of the family: a sweep's families share one fit
+    torch.manual_seed(0)
+    diffusion = with_release_warm_start(build_model("diffusion", data_shape=(1, 8, 8), num_classes=10, hidden=8),
+                                        epsilon_share=2.0, num_features=200, generator_steps=10, samples=200,
+                                        steps=10, batch_size=64, seed=0)
+    diffusion.set_release(base.head.embedding.clone())
+    assert fit_key(diffusion.head, 1e-6, 0) == key
     assert fit_key(_wrapped(digits).head, 1e-6, 0) == key  # deterministic
     assert fit_key(base.head, 2e-6, 0) != key  # the noise level (where the fit stops)
     assert fit_key(base.head, 1e-6, 1) != key  # the fit's seed
-    assert fit_key(_wrapped(digits, generator_steps=41).head, 1e-6, 0) != key  # the generator config
+    assert fit_key(_wrapped(digits, generator_steps=11).head, 1e-6, 0) != key  # the generator config
     other = _wrapped(digits)
     other.head.embedding[0, 0] += 1e-7  # one release coordinate
     assert fit_key(other.head, 1e-6, 0) != key
