@@ -5,7 +5,8 @@ Meng & Ermon, "Denoising Diffusion Implicit Models", ICLR 2021).
 - Schedules: ``linear`` (Ho et al. §4, beta 1e-4 -> 0.02 at T = 1000, rescaled by 1000/T
   for other T as in Nichol & Dhariwal 2021) and ``cosine`` (Nichol & Dhariwal, "Improved
   DDPM", 2021, eq. 17).
-- Loss: L_simple (Ho eq. 14), per example, with data mapped to [-1, 1].
+- Loss: L_simple (Ho eq. 14), per example, with data mapped to [-1, 1]; an MLP denoiser
+  narrower than the data predicts x0 instead, with the min-SNR-5 weight (``prediction``).
 - DP noise multiplicity (Dockhorn et al., "Differentially Private Diffusion Models", TMLR
   2023, eq. 6): example i's loss averages K independent (t, eps) draws. The denoiser is
   called K times on [B]-shaped inputs, so Opacus still sees B examples and each gets one
