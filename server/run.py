@@ -29,10 +29,12 @@ from fedgen.contract.task import build_global_model, example_level, site_level_m
 from fedgen.privacy.ledger import PrivacyLedger, SiteLedger, site_sort_key
 from fedgen.privacy.site_level import SiteLevelDP
 from fedgen.privacy.skellam import DistributedRelease, plan_distributed_release
+from fedgen.shared_models.warm_start import ReleaseWarmStart
 
 from . import checkpoint
 from .aggregation import bound_update_norms, robust_report, site_label
 from .evaluate import GlobalEvaluator
+from .fit_cache import GeneratorFitCache
 from .hooks import RunHooks
 from .record import RoundRecord, ServerUpdate, short_reason
 from .secagg import SecAggRound, SecAggWorkflow
@@ -71,6 +73,8 @@ class FederatedRun:
         self.seeded_noise = self.privacy_cfg.seeded_noise and self.hooks.allows_seeded_noise
         self.sampling_rng: Any = random if self.seeded_noise else random.SystemRandom()
         self.noise_rng = np.random.default_rng(self.scenario.seed if self.seeded_noise else None)
+        if self.seeded_noise and isinstance(self.model, ReleaseWarmStart):  # only a seeded release can recur
+            self.model.fit_cache = GeneratorFitCache()
         self.strategy = self._build_strategy()
         sec = self.fed.secure_aggregation
         #: SecAgg+ (server/secagg.py) when the scenario asks for it: the server sees only sums

@@ -102,6 +102,8 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
     """
 
     release_buffer = "head.embedding"  # "joint" when the family releases a statistic of its own
+    #: set by the server (server/fit_cache.py): ``fit(head, noise_variance, seed)`` in place of the head's own fit
+    fit_cache = None
 
     def __init__(self, inner: DPSGDTrainable, head: Releasing, *, release_epsilon: float, steps: int,
                  batch_size: int, lr: float, samples: int, seed: int = 0, family_share: float = 0.5) -> None:
@@ -193,7 +195,8 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
         if self.family_share:
             self._unpack_release()
         torch.manual_seed(self.seed)  # the fit's draws: the same on every engine, whatever ran before in the process
-        info = dict(self.head.server_update(release_noise_variance))
+        info = dict(self.head.server_update(release_noise_variance) if self.fit_cache is None
+                    else self.fit_cache.fit(self.head, release_noise_variance, self.seed))
         x, y = self.generator_samples()
         info.update(pretrain(self.inner, x, y, steps=self.pretrain_steps, batch_size=self.pretrain_batch,
                              lr=self.pretrain_lr, seed=self.seed))
@@ -234,8 +237,10 @@ def with_release_warm_start(inner: DPSGDTrainable, *, release_epsilon: float, nu
 
     shape = inner.data_shape
     conv = len(shape) == 3 and shape[1] % 4 == 0 and shape[2] % 4 == 0
-    head = build_model("mmd", data_shape=shape, num_classes=inner.num_classes,
-                       architecture="conv" if conv else "mlp", num_features=num_features,
-                       fit_steps=generator_steps, feature_seed=seed, **generator)
+    with torch.random.fork_rng(devices=[]):  # the head's init from the seed alone, whatever the family:
+        torch.manual_seed(seed)  # every family's run fits the same generator (server/fit_cache.py shares it)
+        head = build_model("mmd", data_shape=shape, num_classes=inner.num_classes,
+                           architecture="conv" if conv else "mlp", num_features=num_features,
+                           fit_steps=generator_steps, feature_seed=seed, **generator)
     return ReleaseWarmStart(inner, head, release_epsilon=release_epsilon, steps=steps,  # type: ignore[arg-type]
                             batch_size=batch_size, lr=lr, samples=samples, seed=seed, family_share=family_share)
