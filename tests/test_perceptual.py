@@ -150,10 +150,12 @@ def test_the_release_spends_the_same_epsilon_as_without_perceptual_features(digi
     ({"perceptual_weight": 0.5}, None, "model.perceptual_weight: the perceptual features are trained on a "
                                        "declared-public set"),
     ({"perceptual_weight": 0.99}, {"public": {"format": "digits-28"}}, "perceptual_weight must lie in"),
+    ({"family": "vae"}, {"release": {"epsilon_share": 1.0, "generator": {"perceptual_weight": 0.5}}},
+     "warm_start.release.generator.perceptual_weight: a release warm start's generator has no public set"),
 ])
 def test_scenario_refuses_perceptual_features_without_a_public_set(tmp_path, model, warm_start, message):
     raw = _scenario(0.0)
-    raw["model"].update(model)
+    raw["model"] = {"family": "vae"} if model.get("family") == "vae" else {**raw["model"], **model}
     if warm_start:
         raw["warm_start"] = warm_start
     path = tmp_path / "s.yaml"
