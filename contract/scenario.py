@@ -543,7 +543,14 @@ class Scenario(_Section):
     @model_validator(mode="after")
     def _warm_start_fits(self) -> "Scenario":
         ws = self.warm_start
-        if ws is None:
+        perceptual = float(self.model.options.get("perceptual_weight") or 0.0) > 0.0
+        if perceptual and (ws is None or ws.public is None):
+            raise ValueError("model.perceptual_weight: the perceptual features are trained on a declared-public "
+                             "set; add warm_start: {public: {format: digits-28}} (or set perceptual_weight: 0)")
+        if ws is not None and ws.release is not None and float(ws.release.generator.get("perceptual_weight") or 0):
+            raise ValueError("warm_start.release.generator.perceptual_weight: a release warm start's generator has no "
+                             "public set to train perceptual features on; leave it out")
+        if ws is None or perceptual:  # mmd with perceptual features: its public set trains the feature network
             return self
         if not family_has_site_loss(self.model.family):
             raise ValueError(f"warm_start: the {self.model.family} family is fitted by a release, not by training "

@@ -56,8 +56,11 @@ def public_warm_start(model: GenerativeModel, run_dir: Path, scenario: Scenario)
     if ws is None or ws.public is None:
         return None
     x, y, name = public_inputs(run_dir)
-    info = pretrain(model, torch.from_numpy(x), None if y is None else torch.from_numpy(y),  # type: ignore[arg-type]
-                    steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, seed=scenario.seed)
+    xt, yt = torch.from_numpy(x), None if y is None else torch.from_numpy(y)
+    fit = getattr(model, "fit_public_features", None)  # mmd's perceptual features (DP-MEPF), else the family
+    info = (fit(xt, yt, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, seed=scenario.seed) if fit is not None
+            else pretrain(model, xt, yt, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr,  # type: ignore[arg-type]
+                          seed=scenario.seed))
     record = {"kind": "public", "public_data": name, "examples": int(x.shape[0]), "steps": ws.steps,
               "loss": info["pretrain_loss"], "seconds": info["pretrain_seconds"],
               "epsilon_charged": 0.0, "guarantee": PUBLIC_GUARANTEE}

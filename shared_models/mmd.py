@@ -40,6 +40,18 @@ epsilon 1 with FedAvg's average, one noise draw: stopped there after 186 steps, 
 after 1 000 steps and 61.1 % after 2 000; with the precision weighting the seeded scenario
 stops after 377 steps at TSTR 78 %, FID 28). At epsilon 10 the noise energy lies far below
 what the generator reaches, so the fit runs all ``fit_steps``.
+
+Perceptual features (DP-MEPF, Harder, Asadabadi, Sutherland & Park, TMLR 2023): with
+``perceptual_weight`` ``p > 0`` the vector becomes
+
+    v(x, y) = [sqrt(1 - w^2 - p^2) phi(x), p psi(x), w] (x) e_y
+
+with ``psi`` the unit-norm activations of a small network trained on a declared-PUBLIC set
+(:mod:`shared_models.perceptual`; the server trains it before round 1 and ships it in the
+model). The site does not trust that network: :func:`bounded_rows` scales every record's
+vector to norm <= 1 (and zeroes one that is not finite) before it is summed, so the sum's
+sensitivity stays 1 whatever weights arrive, and the release, its accountant, the precision
+combine and the distributed (Skellam) path are unchanged.
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .layers import ConvUpsampler, flat_dim, is_image_shape, mlp, one_hot
+from .perceptual import PerceptualFeatures, train_on_public
 from .protocol import Releasing
 from .registry import register_model
 from .release import precision_weighted_release
@@ -59,6 +72,18 @@ from .release import precision_weighted_release
 
 _SMOOTHING = 0.95  # of the fit loss's moving average (about the last 20 steps)
 _WARMUP_STEPS = 20  # steps before the moving average may stop the fit
+
+
+def bounded_rows(rows: Tensor) -> Tensor:
+    """Every record's vector scaled to L2 norm <= 1, a non-finite one replaced by zeros: the
+    site's own guarantee of sensitivity 1, whatever feature network the server sent."""
+    rows64 = rows.double()
+    finite = torch.isfinite(rows64).all(dim=1, keepdim=True)
+    rows64 = torch.where(finite, rows64, torch.zeros_like(rows64))
+    norms = rows64.norm(dim=1, keepdim=True)
+    scale = torch.where(torch.isfinite(norms) & (norms > 1.0), 1.0 / norms, torch.ones_like(norms))
+    bounded = torch.where(torch.isfinite(norms), rows64 * scale, torch.zeros_like(rows64))
+    return bounded.to(rows.dtype)
 
 
 @register_model("mmd")
@@ -106,6 +131,10 @@ class MMDGenerator(Releasing):
             site's class means by their inverse variance (:mod:`shared_models.release`: under
             label skew the noise of sites that hardly hold a class stays out of it);
             ``"fedavg"`` takes FedAvg's plain average.
+        perceptual_weight: ``p``, the norm share of the perceptual features (DP-MEPF, module
+            docstring; images only); 0 (default) releases random features alone. Needs a
+            declared-public set (``warm_start.public``) the server trains the network on;
+            ``count_weight^2 + p^2`` must stay below 1.
     """
 
     release_buffer = "embedding"
@@ -116,7 +145,7 @@ class MMDGenerator(Releasing):
                  fit_batch: int = 500, fit_lr: float = 1e-3, feature_seed: int = 0,
                  pool_sizes: tuple[int, ...] = (1,), count_weight: float = 1 / math.sqrt(2.0),
                  fit_tolerance: float | None = 1.0, temperature: float = 1.0, combine: str = "precision",
-                 fit_unbiased: bool = False) -> None:
+                 fit_unbiased: bool = False, perceptual_weight: float = 0.0) -> None:
         super().__init__(data_shape, num_classes)
         pool_sizes = tuple(pool_sizes)
         if not pool_sizes or num_features < 2 * len(pool_sizes) or num_features % (2 * len(pool_sizes)):
@@ -129,6 +158,12 @@ class MMDGenerator(Releasing):
                              f"got shape {self.data_shape}; use pool_sizes: [1]")
         if not 0.0 < count_weight < 1.0:
             raise ValueError(f"count_weight must lie in (0, 1), got {count_weight}")
+        if not 0.0 <= perceptual_weight < 1.0 or count_weight ** 2 + perceptual_weight ** 2 >= 1.0:
+            raise ValueError(f"perceptual_weight must lie in [0, 1) with count_weight^2 + perceptual_weight^2 < 1, "
+                             f"got {perceptual_weight} (count_weight {count_weight})")
+        if perceptual_weight > 0 and not is_image_shape(self.data_shape):
+            raise ValueError(f"perceptual_weight needs images (channels, H, W), got shape {self.data_shape}; "
+                             "use perceptual_weight: 0")
         if combine not in ("precision", "fedavg"):
             raise ValueError(f"unknown combine {combine!r}; choose 'precision' or 'fedavg'")
         if temperature <= 0:
@@ -138,13 +173,19 @@ class MMDGenerator(Releasing):
         self.latent_dim, self.fit_steps, self.fit_batch, self.fit_lr = latent_dim, fit_steps, fit_batch, fit_lr
         self.pool_sizes, self.count_weight, self.fit_tolerance = pool_sizes, count_weight, fit_tolerance
         self.temperature, self.combine, self.fit_unbiased = temperature, combine, fit_unbiased
+        self.perceptual_weight = perceptual_weight
         self.dim = flat_dim(self.data_shape)
         classes = num_classes or 1
         gen = torch.Generator().manual_seed(feature_seed)
         for i, p in enumerate(pool_sizes):  # public frequencies, rebuilt from the seed
             freqs = torch.randn(self.dim // (p * p), num_features // (2 * len(pool_sizes)), generator=gen)
             self.register_buffer(f"frequencies_{i}", freqs * p / bandwidth, persistent=False)
-        self.register_buffer("embedding", torch.zeros(classes, num_features + 1))  # the released noisy mean
+        perceptual_dim = 0
+        if perceptual_weight > 0:  # trained on public data by the server, shipped in the model's state
+            self.perceptual = PerceptualFeatures(*self.data_shape, num_classes=max(classes, 10))
+            self.perceptual.requires_grad_(False)
+            perceptual_dim = self.perceptual.dim
+        self.register_buffer("embedding", torch.zeros(classes, num_features + perceptual_dim + 1))  # the noisy mean
         inputs = latent_dim + (num_classes or 0)
         images = is_image_shape(self.data_shape) and self.data_shape[1] % 4 == 0 and self.data_shape[2] % 4 == 0
         if architecture == "auto":
@@ -162,15 +203,28 @@ class MMDGenerator(Releasing):
 
     # -- the released statistic -------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:
-        """``[sqrt(1 - w^2) phi(x), w]``: unit-norm random Fourier features plus a constant."""
+        """``[sqrt(1 - w^2 - p^2) phi(x), p psi(x), w]``: unit-norm random Fourier features,
+        the perceptual features when ``p > 0``, a constant."""
         blocks = []
         for i, p in enumerate(self.pool_sizes):
             xp = x if p == 1 else F.avg_pool2d(x.reshape(len(x), *self.data_shape), p)
             proj = xp.reshape(len(x), -1) @ getattr(self, f"frequencies_{i}")
             # each scale's block has norm 1 / sqrt(#scales): phi has norm 1
             blocks.append(torch.cat([proj.cos(), proj.sin()], dim=1) / math.sqrt(proj.shape[1] * len(self.pool_sizes)))
-        phi = torch.cat(blocks, dim=1) * math.sqrt(1.0 - self.count_weight ** 2)
-        return torch.cat([phi, torch.full((len(x), 1), self.count_weight, device=x.device)], dim=1)
+        p = self.perceptual_weight
+        parts = [torch.cat(blocks, dim=1) * math.sqrt(1.0 - self.count_weight ** 2 - p ** 2)]
+        if p > 0:
+            parts.append(p * self.perceptual.features(x.reshape(len(x), *self.data_shape)))
+        parts.append(torch.full((len(x), 1), self.count_weight, device=x.device))
+        return torch.cat(parts, dim=1)
+
+    def fit_public_features(self, x: Tensor, y: Tensor | None, *, steps: int, batch_size: int, lr: float,
+                            seed: int) -> dict[str, float]:
+        """Train the perceptual network on a declared-public set (the server, before round 1)."""
+        if self.perceptual_weight <= 0:
+            raise ValueError("the mmd model has no perceptual features (perceptual_weight 0) to train")
+        return train_on_public(self.perceptual, x.reshape(len(x), *self.data_shape), y, steps=steps,
+                               batch_size=batch_size, lr=lr, seed=seed)
 
     @torch.no_grad()
     def statistic_sum(self, x: Tensor, y: Tensor | None, chunk: int = 1000,
@@ -182,7 +236,7 @@ class MMDGenerator(Releasing):
         for start in range(0, len(x), chunk):
             xb = x[start:start + chunk].to(self.embedding.device)
             labels = self._class_index(y[start:start + chunk] if y is not None else None, len(xb))
-            rows = self.features(xb)
+            rows = bounded_rows(self.features(xb))  # the site's own bound: sensitivity 1
             total.index_add_(0, labels, rows if transform is None else transform(rows).to(total.dtype))
         return total
 
