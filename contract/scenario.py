@@ -596,6 +596,13 @@ class Scenario(_Section):
         if not self.privacy.enabled or self.privacy.unit != "example":
             raise ValueError("federation.secure_aggregation.noise: distributed needs example-level DP "
                              "(privacy.enabled: true, unit: example); use noise: local")
+        if self.privacy.white_box is not None:
+            # the distributed release takes no canaries (client/training.py) and the site's
+            # own share is not the Gaussian release the release-canary audit tests: its bound
+            # and verdict would be about nothing this run released
+            raise ValueError("privacy.white_box: the release-canary audit tests a Gaussian release with "
+                             "noise: local; it does not audit a distributed Skellam release (remove "
+                             "privacy.white_box or use noise: local)")
         from fedgen.privacy.skellam import BitsTooSmall, plan_distributed_release
 
         dim = int(self.model.options.get("num_features", 4000)) + 1

@@ -65,3 +65,13 @@ def test_a_release_audit_uses_gaussian_dp_and_a_dp_sgd_audit_the_epsilon_delta_c
     # both sound (below eps = 4.4 of 1-GDP) and both at least Steinke et al.'s bound on the same guesses
     assert sgd.steinke_epsilon_lower_bound <= sgd.epsilon_lower_bound < release.epsilon_lower_bound <= 4.4
     assert release.to_dict()["bound_basis"] == "gdp"
+
+
+def test_the_gdp_epsilon_equivalent_is_never_above_the_exact_one():
+    """The verdict's bound for a Gaussian release is gdp_epsilon of a rejected mu: rounding
+    it up would put it above the true epsilon."""
+    for mu in (0.3, 1.0, 2.0, 5.0):
+        for delta in (1e-5, 1e-3):
+            eps = fdp.gdp_epsilon(mu, delta)
+            assert eps > 0 and fdp.gdp_delta(mu, eps) > delta  # mu-GDP is not (eps, delta)-DP
+            assert fdp.gdp_delta(mu, eps + 2e-6) <= delta

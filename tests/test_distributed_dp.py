@@ -271,6 +271,8 @@ _DIST = {"threshold": 3, "noise": "distributed", "bits": 48}
      "federation.secure_aggregation.bits: 24 bits cannot hold the sum of 5 sites x 100000 records"),
     ({"model": {"family": "mmd"}, "federation": {"num_sites": 5, "secure_aggregation": {**_DIST, "noise": "central"}}},
      "federation.secure_aggregation.noise: Input should be 'local' or 'distributed'"),
+    ({"model": {"family": "mmd"}, "privacy": {"enabled": True, "white_box": {"canaries": 64}}},
+     "privacy.white_box: the release-canary audit tests a Gaussian release with noise: local"),
 ])
 def test_distributed_noise_keys_are_checked_with_one_line(extra, message):
     doc = {"federation": {"num_sites": 5, "secure_aggregation": _DIST}, "privacy": {"enabled": True}, **extra}

@@ -100,7 +100,8 @@ def gdp_delta(mu: float, epsilon: float) -> float:
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
-    """The smallest ε with ``mu``-GDP ⇒ (ε, δ)-DP: the ε-equivalent of a GDP bound."""
+    """The smallest ε with ``mu``-GDP ⇒ (ε, δ)-DP: the ε-equivalent of a GDP bound, from
+    below (within 1e-6): a lower bound on ``mu`` stays a lower bound on ε."""
     if mu <= 0 or gdp_delta(mu, 0.0) <= delta:
         return 0.0
     lo, hi = 0.0, 1.0
@@ -109,7 +110,7 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     while hi - lo > 1e-6:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if gdp_delta(mu, mid) > delta else (lo, mid)
-    return hi
+    return lo  # gdp_delta(mu, lo) > delta: never above the exact ε-equivalent
 
 
 def gaussian_mu(noise_multipliers) -> float:
