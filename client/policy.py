@@ -12,6 +12,14 @@ and the task may only make the guarantee stronger (a lower epsilon), never weake
 | ``accountant`` | the task's (``rdp`` or ``prv``) | run with the site's accountant |
 | ``require-dp`` | ``true`` | refused when it turns DP off (``privacy.enabled: false``, ``unit: site``) |
 | seeded noise | never | refused: DP noise and sampling come from the site's OS entropy |
+| ``trust-secagg-abort`` | ``false`` | -- (a secure-aggregation round the server says it aborted stays charged) |
+
+``trust-secagg-abort``: under secure aggregation a site's spend is *pending* while its
+masked input is out, and the server's ``abort`` (fewer than the threshold survived) would
+withdraw it. The site cannot verify that claim: a server that deviates from the protocol
+could ask the site's neighbours for its shares, decode its input and still tell the site
+"aborted" (docs/aggregation.md, "Aborted rounds"). So a deployed site keeps the charge
+unless its operator trusts the coordinator to follow the protocol (``true``).
 
 Whatever the policy, ``delta`` must be below ``1 / n`` for the site's ``n`` records
 (at ``delta >= 1/n`` a mechanism may publish a record outright and still be "DP").
@@ -48,19 +56,22 @@ class SitePolicy:
     max_delta: float = DEFAULT_MAX_DELTA
     accountant: str | None = None  # None: the task's
     allow_seeded_noise: bool = False
+    trust_secagg_abort: bool = False  # withdraw a pending spend on the server's word that the round aborted
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object]) -> "SitePolicy":
         """The policy of the node: strict for a deployed site (``data-path`` set), the
         scenario's own for a simulated one. Bad values raise a one-line :class:`DataError`."""
         simulated = "data-path" not in node_config
-        base = cls(require_dp=False, max_delta=1.0, allow_seeded_noise=True) if simulated else cls()
+        base = (cls(require_dp=False, max_delta=1.0, allow_seeded_noise=True, trust_secagg_abort=True) if simulated
+                else cls())
         return replace(
             base,
             max_epsilon=_positive(node_config, "max-epsilon", base.max_epsilon),
             max_delta=_positive(node_config, "max-delta", base.max_delta, below_one=True),
             require_dp=_boolean(node_config, "require-dp", base.require_dp),
             accountant=_accountant(node_config, base.accountant),
+            trust_secagg_abort=_boolean(node_config, "trust-secagg-abort", base.trust_secagg_abort),
         )
 
     def apply(self, privacy: PrivacyConfig, *, num_examples: int) -> PrivacyConfig:

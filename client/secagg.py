@@ -45,6 +45,7 @@ from fedgen.contract import secagg as sa
 from fedgen.privacy.ledger import ABORTED, RELEASED
 from fedgen.privacy.skellam import DistributedRelease
 
+from .policy import SitePolicy
 from .site import ledger_lock, ledger_run, load_ledger, save_ledger, site_id
 
 log = logging.getLogger(__name__)
@@ -234,18 +235,27 @@ def _unmask(cfg: ConfigRecord, context: Context) -> dict:
 def _abort(cfg: ConfigRecord, context: Context) -> dict:
     """The server aborted the round before asking anyone to unmask: erase the round's
     secrets first (this site can then never reveal its shares), then record the pending
-    spend as aborted. A crash between the two leaves it pending, i.e. charged."""
+    spend as aborted -- only where the site's policy trusts the server's word for it
+    (``trust-secagg-abort``, client/policy.py: a deviating server could have decoded the
+    input from the neighbours' shares); otherwise it stays pending, i.e. charged. A crash
+    between the two steps also leaves it pending."""
     state = _state(context)
     if int(cfg.get("round", -1)) != int(state["round"]):
         raise sa.SecAggError(f"an abort for round {cfg.get('round')}, but this site is in round {state['round']}")
     del context.state[sa.STATE]
+    if not SitePolicy.from_node_config(context.node_config).trust_secagg_abort:
+        log.info("site %s: round %s aborted by the server; its spend stays charged (trust-secagg-abort is off)",
+                 site_id(context), state.get("train-round"))
+        ledger = _resolve(context, state, None)
+        return {"stage": sa.ABORT} if ledger is None else {"stage": sa.ABORT, "ledger": ledger}
     ledger = _resolve(context, state, ABORTED)
     return {"stage": sa.ABORT} if ledger is None else {"stage": sa.ABORT, "ledger": ledger}
 
 
-def _resolve(context: Context, state: ConfigRecord, outcome: str) -> str | None:
-    """Append ``outcome`` to the site's pending spend of the round (privacy/ledger.py) and
-    return its ledger as JSON for the reply; ``None`` when the site keeps no ledger."""
+def _resolve(context: Context, state: ConfigRecord, outcome: str | None) -> str | None:
+    """Append ``outcome`` to the site's pending spend of the round (privacy/ledger.py;
+    ``None``: leave it pending) and return its ledger as JSON for the reply; ``None`` when
+    the site keeps no ledger."""
     if "train-round" not in state:
         return None
     site, run_dir = site_id(context), str(state.get("run-dir", ""))
@@ -253,7 +263,8 @@ def _resolve(context: Context, state: ConfigRecord, outcome: str) -> str | None:
         ledger = load_ledger(context, site, run_dir)
         if ledger is None:
             return None
-        if ledger.resolve(round=int(state["train-round"]), run=ledger_run(context), outcome=outcome) is not None:
+        if outcome is not None and ledger.resolve(round=int(state["train-round"]), run=ledger_run(context),
+                                                  outcome=outcome) is not None:
             save_ledger(context, ledger, run_dir)
             log.info("site %s: round %s's spend %s", site, state["train-round"], outcome)
         return ledger.to_json()

@@ -66,7 +66,9 @@ THREAT_MODEL = ("honest-but-curious server: it follows the protocol; it and any 
                 "of mu / threshold, so the released sum carries at least the central variance mu whenever it is "
                 "released (at least threshold sites); the (epsilon, delta) guarantee holds against the server "
                 "and any sites that do not subtract their own shares -- c colluding sites that do leave "
-                "mu (s - c) / threshold of the s survivors' noise")
+                "mu (s - c) / threshold of the s survivors' noise. An aborted round's spend is withdrawn only "
+                "at a site that trusts the server's word (node-config trust-secagg-abort; deployed default: "
+                "it stays charged)")
 
 
 # -- keys -------------------------------------------------------------------------------

@@ -257,3 +257,49 @@ def test_a_site_killed_between_its_masked_input_and_the_unmask_stays_charged(tmp
     fresh = _fresh_epsilon([(*sigma_q, 5)])
     assert privacy["sites"]["3"]["epsilon"] == privacy["sites"]["4"]["epsilon"] == pytest.approx(fresh, rel=1e-9)
     assert fresh > 0
+
+
+def test_only_a_site_that_trusts_the_server_withdraws_on_its_abort():
+    """A deployed site cannot verify an abort (a deviating server could have decoded its
+    input from the neighbours' shares): it keeps the charge unless its operator sets
+    trust-secagg-abort; a simulated node (the researcher's own data) trusts its harness."""
+    from fedgen.client.errors import DataError
+    from fedgen.client.policy import SitePolicy
+
+    deployed = {"data-path": "/data/site"}
+    assert SitePolicy.from_node_config(deployed).trust_secagg_abort is False
+    assert SitePolicy.from_node_config({**deployed, "trust-secagg-abort": "true"}).trust_secagg_abort is True
+    assert SitePolicy.from_node_config({}).trust_secagg_abort is True
+    assert SitePolicy.from_node_config({"trust-secagg-abort": "false"}).trust_secagg_abort is False
+    with pytest.raises(DataError, match="trust-secagg-abort='maybe': expected true or false"):
+        SitePolicy.from_node_config({**deployed, "trust-secagg-abort": "maybe"})
+
+
+@pytest.mark.slow
+def test_a_site_that_does_not_trust_aborts_stays_charged_for_an_aborted_round(tmp_path, monkeypatch):
+    """The aborting round of ABORTING, with site 3's operator not trusting the server's
+    abort (node-config trust-secagg-abort=false): its round-1 spend stays pending, i.e.
+    charged, while the sites that trust the abort withdraw theirs."""
+    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", [*ABORTING, "federation.rounds=1"])
+    run_dir = tmp_path / "run"
+    write_run_dir(scenario, run_dir)
+    real_abort = client_secagg._abort
+
+    def abort(cfg, context):
+        if context.node_config["partition-id"] == 3:
+            context.node_config["trust-secagg-abort"] = "false"
+        return real_abort(cfg, context)
+
+    monkeypatch.setattr(client_secagg, "_abort", abort)
+    run_simulation_dir(run_dir, scenario, console=Console(quiet=True))
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["secure_aggregation"]
+    assert row["released"] is False
+    spends = _spends(run_dir)
+    sigma_q = spends["3"][0][2:4]
+    assert spends["3"] == [(1, 5, *sigma_q, PENDING)]  # not withdrawn: charged
+    other = spends["1"][0][2:4]
+    assert spends["1"] == [(1, 5, *other, PENDING), (1, 0, *other, ABORTED)]
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    fresh = _fresh_epsilon([(*sigma_q, 5)])
+    assert privacy["sites"]["3"]["epsilon"] == pytest.approx(fresh, rel=1e-9) and fresh > 0
+    assert privacy["sites"]["1"]["epsilon"] == 0.0
