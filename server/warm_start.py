@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 PUBLIC_GUARANTEE = ("the DP guarantee covers the sites' private data only; the public set was used without "
                     "privacy protection and charged nothing")
-RELEASE_GUARANTEE = ("pretrained on samples of a generator fitted to the sites' DP release (post-processing); "
+RELEASE_GUARANTEE = ("pretrained on samples of a generator fitted to the sites' DP release, and handed the family's "
+                     "own statistic from the same release where it has one (both post-processing); "
                      "the release and the DP-SGD fine-tuning are both charged in privacy.json")
 
 
