@@ -22,8 +22,10 @@ server's ``server/secagg.py`` drives; any other message passes straight through.
    secrets are erased, so this site can never reveal them.
 
 The site's spend of the round is written to its ledger as *pending* before its masked input
-leaves (``client/app.py``); answering ``unmask`` appends ``released`` to it, ``abort``
-appends ``aborted`` and the spend stops counting (docs/aggregation.md, "Aborted rounds").
+leaves (``client/app.py``); answering ``unmask`` appends ``released`` to it; ``abort``
+appends ``aborted``, and the spend stops counting, only at a site whose policy trusts the
+server's abort (``trust-secagg-abort``, client/policy.py; otherwise it stays charged;
+docs/aggregation.md, "Aborted rounds").
 Either reply carries the site's ledger, so the server's copy follows.
 
 The encoding and primitives are ``contract/secagg.py``'s.
@@ -243,12 +245,11 @@ def _abort(cfg: ConfigRecord, context: Context) -> dict:
     if int(cfg.get("round", -1)) != int(state["round"]):
         raise sa.SecAggError(f"an abort for round {cfg.get('round')}, but this site is in round {state['round']}")
     del context.state[sa.STATE]
-    if not SitePolicy.from_node_config(context.node_config).trust_secagg_abort:
+    trusted = SitePolicy.from_node_config(context.node_config).trust_secagg_abort
+    if not trusted:
         log.info("site %s: round %s aborted by the server; its spend stays charged (trust-secagg-abort is off)",
                  site_id(context), state.get("train-round"))
-        ledger = _resolve(context, state, None)
-        return {"stage": sa.ABORT} if ledger is None else {"stage": sa.ABORT, "ledger": ledger}
-    ledger = _resolve(context, state, ABORTED)
+    ledger = _resolve(context, state, ABORTED if trusted else None)
     return {"stage": sa.ABORT} if ledger is None else {"stage": sa.ABORT, "ledger": ledger}
 
 

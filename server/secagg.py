@@ -20,8 +20,9 @@ A site that does not answer a stage drops out of the rest of the round. Fewer th
 ``threshold`` sites at the masked-input or unmask stage abort the round: nothing is
 decoded, the global model stays, and the round's row says why. An abort before any unmask
 request is announced to every site that got the masked-input stage (``abort``): each
-erases its round secrets and records its pending spend as aborted, so its epsilon does not
-move. The sites' ledgers from the ``unmask`` and ``abort`` replies are kept in
+erases its round secrets, and a site that trusts the server's abort (node-config
+``trust-secagg-abort``) records its pending spend as aborted, so its epsilon does not move;
+any other site stays charged. The sites' ledgers from the ``unmask`` and ``abort`` replies are kept in
 :attr:`SecAggRound.ledgers`. The site side is ``client/secagg.py``; the shared encoding
 ``contract/secagg.py``.
 """
