@@ -164,18 +164,16 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
         variance is the head's part's (divided by ``a^2``, as :meth:`server_update` unpacks it)."""
         if not self.family_share:
             variance = self.head.combine_releases(sums, noise_multipliers, total_examples)
-        else:
-            a, _ = self._scales
-            count_weight = a * float(getattr(self.head, "count_weight"))
-            if getattr(self.head, "combine", "precision") == "precision":
-                release, variance = precision_weighted_release(sums, noise_multipliers, total_examples, count_weight)
-            else:
-                release = sums.sum(0) / total_examples
-                variance = float((noise_multipliers.double() ** 2).sum()) / total_examples ** 2
-            self.joint.copy_(release)
-            variance /= a * a
-        self.released.fill_(1.0)
-        return variance
+            self.released.fill_(1.0)
+            return variance
+        a, _ = self._scales
+        if getattr(self.head, "combine", "precision") == "precision":
+            release, variance = precision_weighted_release(sums, noise_multipliers, total_examples,
+                                                           a * float(getattr(self.head, "count_weight")))
+            self.set_release(release)
+        else:  # the protocol's default: FedAvg's average, into the joint rows
+            variance = Releasing.combine_releases(self, sums, noise_multipliers, total_examples)
+        return variance / (a * a)
 
     def _unpack_release(self) -> None:
         """Split the combined joint release: the head's embedding (its own layout, ``/ a``)
