@@ -95,6 +95,7 @@ class AuditInputs:
     canaries: Canaries | None = None
     claimed_epsilon: float | None = None
     delta: float | None = None
+    members_epsilon: float | None = None  # the claim that covers every member (default: claimed_epsilon)
     source: dict[str, Any] = field(default_factory=dict)  # recorded in audit.json
     white_box_dir: Path | None = None  # a white-box audit run's site state (privacy/audit/dirac.py)
     white_box_claim: float | None = None  # that site's epsilon
@@ -238,11 +239,19 @@ def run_dir_inputs(run_dir: Path, *, n_samples: int = DEFAULT_SAMPLES, seed: int
     return AuditInputs(
         synthetic=synthetic, train=data.subset(np.sort(members)), holdout=data.subset(holdout_idx), model=model,
         canaries=canaries, claimed_epsilon=claimed, delta=delta,
+        members_epsilon=None if claimed is None else _members_claim(run_dir, claimed),
         source={"mode": "run_dir", "run_dir": str(run_dir.resolve()), "model_family": scenario.model.family,
                 "members": "union of the sites' training partitions (canaries excluded)",
                 "nonmembers": "the run's held-out split", "n_samples": n_samples, "sample_seed": seed,
                 "claimed_epsilon_source": claim_source},
         **_white_box_site(run_dir, scenario))
+
+
+def _members_claim(run_dir: Path, claimed: float) -> float:
+    """The ε that covers every member (the ledger's max over sites): a membership attack
+    tests the sites' records together, so under several sites' claims it tests the largest."""
+    epsilon = json.loads((run_dir / rundir.PRIVACY).read_text()).get("epsilon")
+    return claimed if epsilon is None else max(claimed, float(epsilon))
 
 
 def _white_box_site(run_dir: Path, scenario: Scenario) -> dict[str, Any]:
@@ -590,16 +599,20 @@ def _audit_with(inputs: AuditInputs, stats: _Statistics, *, seed: int, settings:
             inputs.synthetic, inputs.train.x.numpy(), holdout.x.numpy(), white_box_scores=white,
             canary_scores=stats.canary_scores, canary_included=stats.canary_included,
             claimed_epsilon=inputs.claimed_epsilon, delta=inputs.delta, features_fn=stats.features_fn,
-            seed=seed, settings=settings)
+            seed=seed, settings=settings, members_epsilon=inputs.members_epsilon,
+            white_box_canaries=inputs.white_box_dir is not None and inputs.white_box_claim is not None)
     except ValueError as err:  # privacy.audit validates its arrays (NaN, sizes): the user's inputs
         raise AuditError(str(err)) from None
     if inputs.white_box_dir is not None:
+        # under a claim its share of the violation level (run_audit: report.violation_levels)
+        share = result["settings"]["violation_levels"].get("white_box_canaries")
+        confidence = settings.confidence if share is None else 1 - share
         found = dirac.audit_state_dir(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
-                                      delta=inputs.delta, confidence=settings.confidence,
+                                      delta=inputs.delta, confidence=confidence,
                                       received_dir=inputs.white_box_received)
         if found is None:  # a release family's audit run
             found = release_canaries.audit_site(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
-                                                delta=inputs.delta, confidence=settings.confidence,
+                                                delta=inputs.delta, confidence=confidence,
                                                 received_dir=inputs.white_box_received)
         if found is None:
             raise AuditError(f"{inputs.white_box_dir}: no {dirac.FILE_NAME} or recorded updates; the white-box "
@@ -727,16 +740,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
                              ledger=Path(args.ledger) if args.ledger else None,
                              state_dir=Path(args.state_dir) if args.state_dir else None, site=args.site)
         out = Path(args.out) if args.out else Path("audit")
-    # With LiRA the audit's membership tests share the family-wise level with it (Bonferroni):
-    # half for run_audit's attacks, half for LiRA, so a leak-free run still warns <= 5 % of the time.
-    settings = AuditSettings(significance=AuditSettings().significance / 2) if args.shadows else AuditSettings()
+    # With LiRA the audit's membership tests share the membership family's level with it
+    # (Bonferroni): half for run_audit's attacks, half for LiRA, so a leak-free run still warns
+    # <= 5 % of the time, and under a DP claim the violation level stays sound.
+    settings = AuditSettings(membership_share=0.5) if args.shadows else AuditSettings()
     result = audit_inputs(inputs, seed=args.seed, check_seeds=args.check_seeds, settings=settings)
     if args.shadows:
         from .audit_shadows import lira_run_dir
 
-        result["lira"], verdict = lira_run_dir(Path(args.run_dir), args.shadows, seed=args.seed,
-                                               level=settings.significance)
+        claim = result["settings"]["members_epsilon"]
+        result["lira"], verdict = lira_run_dir(
+            Path(args.run_dir), args.shadows, seed=args.seed,
+            level=result["settings"]["membership_family_level"] * (1 - settings.membership_share),
+            claimed_epsilon=claim, delta=result["settings"]["delta"])
         result["verdicts"].append(verdict)
+        result["accounting_violation"] = result["accounting_violation"] or verdict["level"] == "violation"
     html = render_html(result, synthetic=inputs.synthetic, train=inputs.train.x.numpy())
     json_path, html_path = write_audit(out, result, html)
     for line in summary_lines(result):

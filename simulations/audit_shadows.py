@@ -89,9 +89,11 @@ def _minus_loss(model, data: SiteData) -> np.ndarray:
 
 
 def lira_run_dir(run_dir: Path, k: int, *, seed: int = 0, jobs: int | None = None, n_bootstrap: int = 200,
-                 level: float = 0.05) -> tuple[dict[str, Any], dict[str, Any]]:
+                 level: float = 0.05, claimed_epsilon: float | None = None,
+                 delta: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """LiRA on ``run_dir``'s final model with ``k`` shadow federations: the ``audit.json``
-    entry ``lira`` and its verdict, its two tests at ``level / 2`` each."""
+    entry ``lira`` and its verdict, its two tests at ``level / 2`` each; under a DP claim
+    (``claimed_epsilon`` at ``delta``) the verdict tests the claim at ``level``."""
     from .sampling import load_run_model
 
     try:
@@ -122,7 +124,8 @@ def lira_run_dir(run_dir: Path, k: int, *, seed: int = 0, jobs: int | None = Non
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
             dirs = list(ex.map(_train_shadow, work))
         stats = np.stack([_minus_loss(load_run_model(Path(d)), records) for d in dirs])
-    entry = shadows.lira_audit(target, stats, plan, cand.is_member, n_bootstrap=n_bootstrap, seed=seed)
+    entry = shadows.lira_audit(target, stats, plan, cand.is_member, n_bootstrap=n_bootstrap, seed=seed,
+                               dp=None if claimed_epsilon is None else (delta, level))
     entry.update({"candidates": {"members": len(cand.members), "nonmembers": len(cand.nonmembers)},
                   "parallel_jobs": jobs, "significance": level})
-    return entry, membership_verdict("LiRA", entry, level=level)
+    return entry, membership_verdict("LiRA", entry, level=level, claimed_epsilon=claimed_epsilon)

@@ -277,7 +277,8 @@ def test_html_states_verdicts_and_embeds_figures(audits, pages):
     # DCR is described, never a verdict (issue #22); membership attacks give the verdicts
     assert "Distance to closest record (data space, a description, not a verdict)" in leaky
     assert "Closest (synthetic, training) pairs" in leaky
-    assert "li class='warning'>Membership inference" in leaky
+    # under its claim of eps = 1 the memorising generator leaks more than the claim permits
+    assert "li class='violation'>Membership inference" in leaky
     assert "li class='warning'" not in clean
     for audit, page in ((audits["leaky"], leaky), (audits["clean"], clean)):
         for verdict in audit["verdicts"]:
@@ -294,9 +295,7 @@ def test_red_warning_iff_lower_bound_exceeds_claimed_epsilon(audits, pages):
     assert warning not in pages["clean"] and "class='violation'" not in pages["clean"]
     # the same audit with a claim above the bound: no red warning
     claim = leaky["canaries"]["epsilon_lower_bound"]["value"] + 0.5
-    relaxed = {**leaky, "verdicts": [v for v in leaky["verdicts"] if v["topic"] != "canaries"]
-               + [canary_verdict(leaky["canaries"], claim)], "accounting_violation": False}
-    assert not any(v["level"] == "violation" for v in relaxed["verdicts"])
+    assert canary_verdict(leaky["canaries"], claim)["level"] != "violation"
 
 
 def test_run_audit_refuses_a_claim_without_delta(digits):

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import gaussian_kde, hypergeom, mannwhitneyu
+from scipy.stats import beta as beta_dist, gaussian_kde, hypergeom, mannwhitneyu
 from sklearn.decomposition import PCA
 from sklearn.model_selection import KFold
 
@@ -44,6 +44,9 @@ from .results import HALF_IS_PRIVATE, LOWER_IS_PRIVATE, described
 DEFAULT_FPR_LEVELS: tuple[float, ...] = (0.01, 0.001)
 MIN_CANDIDATES = 100  # members and non-members together; fewer and a verdict is inconclusive
 TOP_FRACTION = 0.02  # the pre-declared low-FPR test looks at the top 2 % of all candidates
+#: The operating points whose implied ε lower bound tests a DP claim (:func:`dp_claim_test`):
+#: "member" for the top 2 % of candidates (low FPR) and for the top half (the median split).
+OPERATING_FRACTIONS: tuple[float, ...] = (TOP_FRACTION, 0.5)
 
 
 # ---------------------------------------------------------------------------------- attacks
@@ -242,3 +245,56 @@ def membership_tests(scores: np.ndarray, is_member: np.ndarray, *, seed: int = 0
             "top_k_members_expected": k * n_in / n, "top_k_p_value": top_p,
             "method": "one-sided Mann-Whitney U (AUC) and hypergeometric tail of members "
                       f"among the top {top_fraction:.0%} (low FPR), Bonferroni-combined"}
+
+
+def implied_epsilon(tp: int, n_members: int, fp: int, n_nonmembers: int, *, delta: float, beta: float) -> float:
+    """The ε lower bound that one operating point of an attack implies, at confidence
+    ``1 - beta``: (ε, δ)-DP bounds every test of membership by ``TPR <= e^ε FPR + δ`` and
+    ``1 - FPR <= e^ε (1 - TPR) + δ`` (Kairouz, Oh & Viswanath 2015), so with a one-sided
+    Clopper-Pearson lower limit on the TPR and upper limit on the FPR (each at ``beta / 2``)
+    ``ε >= max(log((TPR_lo - δ) / FPR_hi), log((1 - FPR_hi - δ) / (1 - TPR_lo)))``
+    (Jagielski, Ullman & Oprea 2020; Nasr et al. 2021). 0 when neither is positive."""
+    b = beta / 2
+    tpr_lo = float(beta_dist.ppf(b, tp, n_members - tp + 1)) if tp > 0 else 0.0
+    fpr_hi = float(beta_dist.ppf(1 - b, fp + 1, n_nonmembers - fp)) if fp < n_nonmembers else 1.0
+    bounds = [0.0]
+    if tpr_lo - delta > 0:
+        bounds.append(np.log((tpr_lo - delta) / fpr_hi))
+    if 1 - fpr_hi - delta > 0 and tpr_lo < 1:
+        bounds.append(np.log((1 - fpr_hi - delta) / (1 - tpr_lo)))
+    return float(max(bounds))
+
+
+def dp_claim_test(scores: np.ndarray, is_member: np.ndarray, *, delta: float, level: float, seed: int = 0,
+                  fractions: tuple[float, ...] = OPERATING_FRACTIONS) -> dict:
+    """What one attack says about a DP claim: at each pre-declared operating point (the
+    ``fraction`` highest-scored candidates called members, ties broken at random with
+    ``seed``) the ε lower bound it implies (:func:`implied_epsilon`) at ``level / len(fractions)``
+    (Bonferroni); the bound is the largest. ``max_attainable``: the bound a perfect attack
+    would give with these candidates (every call right), which says how large a claim this
+    audit can refute at all.
+
+    The Clopper-Pearson intervals treat candidates as independent trials; a model ties
+    them together, so this follows the usual practice of membership-based audits (ibid.)
+    rather than a one-run theorem; canaries (Steinke, Nasr & Jagielski 2023) are the
+    audit's exact test of a claim."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    is_member = np.asarray(is_member, dtype=bool).reshape(-1)
+    n, n_in = len(scores), int(is_member.sum())
+    n_out = n - n_in
+    beta = level / len(fractions)
+    order = np.lexsort((np.random.default_rng(seed).random(n), -scores))
+    points, best, top = [], 0.0, 0.0
+    for fraction in fractions:
+        k = max(1, int(round(fraction * n)))
+        tp = int(is_member[order[:k]].sum())
+        fp = k - tp
+        bound = implied_epsilon(tp, n_in, fp, n_out, delta=delta, beta=beta)
+        perfect = implied_epsilon(min(k, n_in), n_in, k - min(k, n_in), n_out, delta=delta, beta=beta)
+        points.append({"fraction": fraction, "called_members": k, "tpr": tp / max(n_in, 1),
+                       "fpr": fp / max(n_out, 1), "epsilon_lower_bound": bound})
+        best, top = max(best, bound), max(top, perfect)
+    return {"epsilon_lower_bound": best, "max_attainable": top, "level": level, "delta": delta,
+            "operating_points": points,
+            "method": "ε implied by TPR <= e^ε FPR + δ and its mirror at each pre-declared operating point, "
+                      "one-sided Clopper-Pearson limits, Bonferroni over the points"}

@@ -68,11 +68,40 @@ def memorization_verdicts(space: str, mem: dict) -> list[dict]:
             for text in (dcr_text, copy_text)]
 
 
-def membership_verdict(title: str, metrics: dict, *, level: float = 0.05) -> dict:
-    """Verdict on one membership inference attack from its two pre-declared tests
+#: How the family-wise level of a violation is shared (:func:`violation_levels`): the canary
+#: tests, built to test a claim, weigh twice as much as all membership attacks together.
+VIOLATION_WEIGHTS = {"canaries": 2.0, "white_box_canaries": 2.0, "membership": 1.0}
+
+
+def violation_levels(significance: float, groups) -> dict[str, float]:
+    """The level of each group of tests that can flag a *violation* in one audit (weighted
+    Bonferroni, :data:`VIOLATION_WEIGHTS`): the levels add up to ``significance``, so a
+    mechanism that meets its claim is flagged in at most ``significance`` of audits."""
+    groups = list(dict.fromkeys(groups))
+    total = sum(VIOLATION_WEIGHTS[g] for g in groups)
+    return {g: significance * VIOLATION_WEIGHTS[g] / total for g in groups}
+
+
+def _permitted_tpr(epsilon: float, delta: float, fpr: float) -> float:
+    """The largest TPR an (ε, δ)-DP mechanism lets an attack reach at this FPR."""
+    return min(1.0, fpr * float(np.exp(min(epsilon, 700.0))) + delta)
+
+
+def membership_verdict(title: str, metrics: dict, *, level: float = 0.05,
+                       claimed_epsilon: float | None = None) -> dict:
+    """Verdict on one membership inference attack.
+
+    Without a DP claim: from its two pre-declared tests of "no leakage"
     (membership.membership_tests: AUC and the low-FPR top-k count), each at ``level / 2``
-    (Bonferroni). The caller divides the audit's significance by the number of attacks,
-    so the chance of any false warning on data that leaks nothing stays below it.
+    (Bonferroni); a warning when either finds leakage. The caller divides the audit's
+    significance by the number of attacks, so the chance of any false warning on data that
+    leaks nothing stays below it.
+
+    Under a DP claim ``claimed_epsilon`` the question is whether the model leaks *more*
+    than its guarantee permits: ``metrics["dp_test"]`` (membership.dp_claim_test, run at
+    the caller's share of the violation level) gives the ε lower bound the attack's
+    operating points imply; above the claim it is a violation, otherwise ok, and the line
+    states the measured leakage and what the claim permits.
     Fewer than ``MIN_CANDIDATES`` candidates (members and non-members together): inconclusive."""
     auc = metrics["auc"]
     lo, hi = auc["ci"]
@@ -87,14 +116,34 @@ def membership_verdict(title: str, metrics: dict, *, level: float = 0.05) -> dic
         return {"level": INCONCLUSIVE, "topic": topic,
                 "text": described_ + f" — inconclusive: {n} candidates, the test needs "
                         f"{MIN_CANDIDATES} (more training or held-out records)."}
+    tests = (f"tests: AUC p {_p(test['auc_p_value'])}, {test['top_k_members']} members "
+             f"among the top {test['top_k']} candidates ({test['top_k_members_expected']:.3g} expected, "
+             f"p {_p(test['top_k_p_value'])})")
+    if claimed_epsilon is not None:
+        return _membership_under_claim(described_, tests, topic, metrics, claimed_epsilon)
     p = min(test["auc_p_value"], test["top_k_p_value"])
     above = p < level / 2
-    text = (described_ + f"; tests: AUC p {_p(test['auc_p_value'])}, {test['top_k_members']} members "
-            f"among the top {test['top_k']} candidates ({test['top_k_members_expected']:.3g} expected, "
-            f"p {_p(test['top_k_p_value'])}), significant below {level / 2:.2g} — "
+    text = (described_ + f"; {tests}, significant below {level / 2:.2g} — "
             + ("better than chance: the attack tells training records from new ones."
                if above else "no better than chance."))
     return {"level": WARNING if above else OK, "topic": topic, "text": text}
+
+
+def _membership_under_claim(described_: str, tests: str, topic: str, metrics: dict, claim: float) -> dict:
+    dp = metrics["dp_test"]
+    bound, delta = dp["epsilon_lower_bound"], dp["delta"]
+    what = (f"the ε lower bound its operating points imply is {bound:.3g} ({100 * (1 - dp['level']):.4g} % "
+            f"confidence, δ = {delta:.2g}; at most {dp['max_attainable']:.3g} attainable with these candidates)")
+    if bound > claim:
+        return {"level": VIOLATION, "topic": topic,
+                "text": f"{described_}; {what}: more leakage than the claimed ε = {claim:.3g} permits. The "
+                        "privacy accounting or implementation is broken: do not release data from this run."}
+    fpr = metrics["tpr_at_fpr"][0]["fpr"]
+    permits = _permitted_tpr(claim, delta, fpr)
+    return {"level": OK, "topic": topic,
+            "text": f"{described_} ({tests}); {what}, within the claimed ε = {claim:.3g}: consistent with the "
+                    f"DP guarantee, which permits an attack up to {_pct(permits)} TPR at {_pct(fpr)} FPR. "
+                    "The leakage measured is what the claim allows, not proof of a smaller one."}
 
 
 def canary_verdict(canaries: dict, claimed_epsilon: float | None) -> dict:

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from .canaries import epsilon_lower_bound
-from .membership import attack_metrics, domias, membership_tests, gan_leaks, gan_leaks_calibrated, white_box
+from .membership import (attack_metrics, domias, dp_claim_test, membership_tests, gan_leaks, gan_leaks_calibrated,
+                         white_box)
 from .memorization import memorization_audit
 from .neighbours import as_matrix
-from .report import VIOLATION, canary_verdict, membership_verdict, memorization_verdicts
+from .report import VIOLATION, canary_verdict, membership_verdict, memorization_verdicts, violation_levels
 from .results import fingerprint, jsonable
 
 SCHEMA = "fedgen.audit/1"
@@ -48,7 +49,8 @@ class AuditSettings:
     domias_bandwidth: str = "scott"  # "scott" or "cv"
     n_bootstrap: int = 1000
     confidence: float = 0.95  # of bootstrap CIs and of the canary bound
-    significance: float = 0.05  # family-wise level of all membership verdicts of one audit
+    significance: float = 0.05  # family-wise level of the membership warnings, and of a violation, of one audit
+    membership_share: float = 1.0  # of the membership family's level, for these attacks (the rest: LiRA's)
     canary_fraction: float = 0.1  # k+ = k- = round(fraction x m), fixed before looking
     chunk_size: int = 1024  # query rows per nearest-neighbour block
 
@@ -62,6 +64,9 @@ class WhiteBoxScores:
     train: np.ndarray
     holdout: np.ndarray
     higher_means_member: bool = True  # False for a loss
+
+
+_ATTACKS = ("gan_leaks", "gan_leaks_calibrated", "domias")  # the black-box attacks of every space
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ def _split_candidates(n_train: int, n_holdout: int, seed: int) -> _Candidates:
 
 def _space_audit(synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray,
                  reference_synthetic: np.ndarray | None, cand: _Candidates, settings: AuditSettings,
-                 seed: int) -> dict:
+                 seed: int, dp: tuple[float, float] | None = None) -> dict:
     """Memorisation and black-box membership audits in one space (arrays already in it)."""
     mem = memorization_audit(synthetic, train, holdout, seed=seed,
                              near_copy_quantile=settings.near_copy_quantile,
@@ -98,7 +103,7 @@ def _space_audit(synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray,
     reference_data = holdout[cand.reference]
     calib = reference_synthetic if reference_synthetic is not None else reference_data
     k, chunk = settings.gan_leaks_k, settings.chunk_size
-    attacks = {
+    attacks = {  # the keys are _ATTACKS
         "gan_leaks": ("GAN-Leaks full black-box (Chen et al. 2020)",
                       lambda: gan_leaks(candidates, synthetic, k=k, chunk_size=chunk)),
         "gan_leaks_calibrated": (
@@ -111,19 +116,25 @@ def _space_audit(synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray,
                                   bandwidth=settings.domias_bandwidth, seed=seed)),
     }
     membership = {name: {"attack": title, "score_direction": "higher = more likely member",
-                         **_metrics(attack(), cand.is_member, settings, seed)}
+                         **_metrics(attack(), cand.is_member, settings, seed, dp)}
                   for name, (title, attack) in attacks.items()}
     return {"memorization": mem.to_dict(), "membership": membership}
 
 
-def _metrics(scores: np.ndarray, is_member: np.ndarray, settings: AuditSettings, seed: int) -> dict:
-    return {**attack_metrics(scores, is_member, n_bootstrap=settings.n_bootstrap, seed=seed,
-                             confidence=settings.confidence).to_dict(),
-            "test": membership_tests(scores, is_member, seed=seed)}
+def _metrics(scores: np.ndarray, is_member: np.ndarray, settings: AuditSettings, seed: int,
+             dp: tuple[float, float] | None = None) -> dict:
+    """An attack's metrics and tests; with ``dp = (delta, level)`` (a DP claim) also the ε
+    lower bound its operating points imply (membership.dp_claim_test)."""
+    out = {**attack_metrics(scores, is_member, n_bootstrap=settings.n_bootstrap, seed=seed,
+                            confidence=settings.confidence).to_dict(),
+           "test": membership_tests(scores, is_member, seed=seed)}
+    if dp is not None:
+        out["dp_test"] = dp_claim_test(scores, is_member, delta=dp[0], level=dp[1], seed=seed)
+    return out
 
 
 def _white_box(scores: Sequence[WhiteBoxScores], cand: _Candidates, settings: AuditSettings,
-               seed: int) -> dict:
+               seed: int, dp: tuple[float, float] | None = None) -> dict:
     out = {}
     for s in scores:
         statistic = np.r_[np.asarray(s.train, float).reshape(-1)[cand.members],
@@ -132,7 +143,7 @@ def _white_box(scores: Sequence[WhiteBoxScores], cand: _Candidates, settings: Au
         out[f"white_box/{s.name}"] = {
             "attack": f"white-box {s.name} (LOGAN, Hayes et al. 2019; Yeom et al. 2018)",
             "score_direction": "higher = more likely member",
-            **_metrics(oriented, cand.is_member, settings, seed)}
+            **_metrics(oriented, cand.is_member, settings, seed, dp)}
     return out
 
 
@@ -150,6 +161,8 @@ def run_audit(
     features_fn: Callable[[np.ndarray], np.ndarray] | None = None,
     seed: int = 0,
     settings: AuditSettings | None = None,
+    white_box_canaries: bool = False,
+    members_epsilon: float | None = None,
 ) -> dict:
     """Run every applicable audit and return the JSON-ready ``audit.json`` dict.
 
@@ -160,11 +173,21 @@ def run_audit(
     (Steinke et al. 2023), compared with ``claimed_epsilon`` at ``delta``.
     ``features_fn`` maps a batch of records to feature vectors; the memorisation and
     black-box audits are then repeated in that space.
+
+    Under a claim (``claimed_epsilon``), every test that can flag a *violation* gets a share
+    of ``settings.significance`` (report.violation_levels): the record canaries, the white-box
+    canaries the caller runs beside this audit (``white_box_canaries``: its level is
+    ``settings["violation_levels"]["white_box_canaries"]`` of the result) and the membership
+    attacks, whose verdicts then test the claim that covers every member, ``members_epsilon``
+    (default ``claimed_epsilon``; with several sites, the largest of their claims)
+    (report.membership_verdict). So a mechanism
+    that meets its claim is flagged in at most ``significance`` of audits.
     """
     settings = settings or AuditSettings()
+    members_epsilon = claimed_epsilon if members_epsilon is None else members_epsilon
     if (canary_scores is None) != (canary_included is None):
         raise ValueError("canary audit needs both canary_scores and canary_included")
-    if (canary_scores is not None or claimed_epsilon is not None) and delta is None:
+    if (canary_scores is not None or members_epsilon is not None) and delta is None:
         raise ValueError("delta is required with canaries or a claimed epsilon: the lower bound "
                          "and the claim are both (epsilon, delta) statements")
     raw = {"synthetic": synthetic, "train": train, "holdout": holdout}
@@ -178,31 +201,43 @@ def run_audit(
     if features_fn is not None:
         spaces_in["features"] = {k: as_matrix(features_fn(a), name=f"features of {k}")
                                  for k, a in arrays.items()}
-    spaces = {space: _space_audit(x["synthetic"], x["train"], x["holdout"],
-                                  x.get("reference_synthetic"), cand, settings, seed)
-              for space, x in spaces_in.items()}
     if isinstance(white_box_scores, WhiteBoxScores):
         white_box_scores = [white_box_scores]
-    white = _white_box(white_box_scores or [], cand, settings, seed)
+    white_box_scores = list(white_box_scores or [])
+    # Who can flag a violation shares the family-wise level (report.violation_levels).
+    groups = ((["canaries"] if canary_scores is not None and claimed_epsilon is not None else [])
+              + (["white_box_canaries"] if white_box_canaries else [])
+              + (["membership"] if members_epsilon is not None else []))
+    levels = violation_levels(settings.significance, groups) if groups else {}
+    # One family of membership tests per audit: Bonferroni over every attack in every space,
+    # so the chance of any false membership warning (no claim), or of a false violation
+    # (under a claim, its share), is at most the family's level.
+    family = levels.get("membership", settings.significance)
+    n_attacks = len(_ATTACKS) * len(spaces_in) + len(white_box_scores)
+    level = family * settings.membership_share / max(n_attacks, 1)
+    dp = None if members_epsilon is None else (delta, level)
+    spaces = {space: _space_audit(x["synthetic"], x["train"], x["holdout"],
+                                  x.get("reference_synthetic"), cand, settings, seed, dp)
+              for space, x in spaces_in.items()}
+    white = _white_box(white_box_scores, cand, settings, seed, dp)
     canaries = None
     if canary_scores is not None:
         scores = np.asarray(canary_scores, dtype=float).reshape(-1)
         k = max(1, round(settings.canary_fraction * len(scores)))
+        confidence = 1 - levels["canaries"] if "canaries" in levels else settings.confidence
         canaries = epsilon_lower_bound(scores, np.asarray(canary_included, bool), delta=delta,
-                                       k_plus=k, k_minus=k, confidence=settings.confidence).to_dict()
+                                       k_plus=k, k_minus=k, confidence=confidence).to_dict()
         inputs["canary_scores"] = fingerprint(scores)
         inputs["canary_included"] = fingerprint(np.asarray(canary_included, bool))
 
-    # One family of membership tests per audit: Bonferroni over every attack in every space,
-    # so the chance of any false membership warning is at most ``significance``.
-    n_attacks = sum(len(r["membership"]) for r in spaces.values()) + len(white)
-    level = settings.significance / max(n_attacks, 1)
     verdicts = []
     for space, result in spaces.items():
         verdicts += memorization_verdicts(space, result["memorization"])
-        verdicts += [membership_verdict(f"{m['attack']} ({space} space)", m, level=level)
+        verdicts += [membership_verdict(f"{m['attack']} ({space} space)", m, level=level,
+                                        claimed_epsilon=members_epsilon)
                      for m in result["membership"].values()]
-    verdicts += [membership_verdict(m["attack"], m, level=level) for m in white.values()]
+    verdicts += [membership_verdict(m["attack"], m, level=level, claimed_epsilon=members_epsilon)
+                 for m in white.values()]
     if canaries is not None:
         verdicts.append(canary_verdict(canaries, claimed_epsilon))
     first = arrays["synthetic"]
@@ -210,7 +245,9 @@ def run_audit(
         "schema": SCHEMA,
         "inputs": inputs,
         "settings": {**asdict(settings), "seed": seed, "delta": delta,
-                     "claimed_epsilon": claimed_epsilon,
+                     "claimed_epsilon": claimed_epsilon, "members_epsilon": members_epsilon,
+                     "violation_levels": levels, "membership_family_level": family,
+                     "membership_attack_level": level,
                      "image_shape": list(first.shape[1:]) if first.ndim >= 3 else None,
                      "spaces": list(spaces),
                      "n_member_candidates": len(cand.members),

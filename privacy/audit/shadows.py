@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .membership import attack_metrics, membership_tests
+from .membership import attack_metrics, dp_claim_test, membership_tests
 
 #: The most shadow trainings an audit may ask for (each is a whole federated training).
 MAX_SHADOWS = 16
@@ -132,13 +132,17 @@ def lira(target: np.ndarray, shadow: np.ndarray, shadow_in: np.ndarray) -> np.nd
 
 
 def lira_audit(target: np.ndarray, shadow: np.ndarray, shadow_in: np.ndarray, is_member: np.ndarray, *,
-               n_bootstrap: int = 200, seed: int = 0, confidence: float = 0.95) -> dict:
+               n_bootstrap: int = 200, seed: int = 0, confidence: float = 0.95,
+               dp: tuple[float, float] | None = None) -> dict:
     """LiRA's scores, metrics (AUC, TPR at 1 % and 0.1 % FPR, bootstrap intervals) and its
     two pre-declared tests, as the ``audit.json`` entry ``lira`` (the verdict:
-    ``report.membership_verdict`` on it)."""
+    ``report.membership_verdict`` on it); with ``dp = (delta, level)`` (a DP claim) also the
+    ε lower bound its operating points imply (:func:`membership.dp_claim_test`)."""
     score = lira(target, shadow, shadow_in)
     metrics = attack_metrics(score, is_member, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence,
                              fpr_levels=FPR_LEVELS).to_dict()
+    if dp is not None:
+        metrics["dp_test"] = dp_claim_test(score, is_member, delta=dp[0], level=dp[1], seed=seed)
     return {**metrics, "test": membership_tests(score, is_member, seed=seed),
             "shadows": int(np.asarray(shadow).shape[0]),
             "method": "LiRA (Carlini et al. 2022), online; per-record mean from all shadows, variance and "
