@@ -224,6 +224,11 @@ def test_white_box_audit_run_end_to_end(fedgen, tmp_path):
     verdict = next(v for v in audit["verdicts"] if v["topic"] == "white_box_canaries")
     assert verdict["level"] == "ok" and not audit["accounting_violation"]
     assert "white-box canaries: epsilon lower bound" in out
+    # the white-box canaries and the membership attacks share the violation level (5 % in all)
+    levels = audit["settings"]["violation_levels"]
+    assert set(levels) == {"white_box_canaries", "membership"} and abs(sum(levels.values()) - 0.05) < 1e-12
+    assert abs(wb["epsilon_lower_bound"]["confidence"] - (1 - levels["white_box_canaries"])) < 1e-12
+    assert all(v["level"] in ("ok", "inconclusive") for v in audit["verdicts"] if v["topic"].startswith("membership"))
 
 
 @pytest.mark.slow

@@ -25,8 +25,12 @@ Protocol, at one site, for an audit run (scenario ``privacy.white_box: {canaries
   deviation (:func:`scores`). Every quantity is a function of the output and of public
   facts only, so the bound keeps its confidence.
 * Guesses: "included" for the ``k`` highest scores, "excluded" for the ``k`` lowest, at
-  two guess budgets fixed in advance (:data:`GUESS_FRACTIONS`), each tested at half the
-  level (Bonferroni); the bound is the larger. The count of correct guesses is turned into
+  three guess budgets fixed in advance (:data:`GUESS_FRACTIONS`), each tested at a third
+  of the level (Bonferroni); the bound is the largest. The third budget guesses on every
+  canary: the only one whose perfect outcome can exceed a claim of ε = 10 with one canary
+  per parameter of a small model (171,088: at most 9.1 with 10 % per side, 10.6 with all),
+  so such a claim can be refuted at all; it fires only when nearly every canary is told
+  apart (clipping off). The count of correct guesses is turned into
   a bound by the f-DP test of Mahloujifar, Melis & Chaudhuri (2024, :mod:`.fdp`) on the
   (ε, δ) curve (the verdict's), and reported beside it: Steinke et al.'s (ε, δ) theorem
   and the Gaussian-DP bound (the verdict's for a Gaussian release, ``gaussian=True``). :func:`audit` also reports the largest
@@ -48,7 +52,7 @@ from .canaries import count_correct, epsilon_from_counts
 
 FILE_NAME = "white_box_canaries.npz"
 CANARY_NORM = 1e3  # the crafted gradient's size before clipping (a gross outlier)
-GUESS_FRACTIONS = (0.01, 0.1)  # k = fraction x m guesses on each side, pre-declared
+GUESS_FRACTIONS = (0.01, 0.1, 0.5)  # k = fraction x m guesses on each side, pre-declared
 
 
 @dataclass(frozen=True)
@@ -304,7 +308,7 @@ class DiracAudit:
 
         method = ("Mahloujifar, Melis & Chaudhuri 2024 (f-DP in one run), "
                   + ("Gaussian-DP curve, as its ε at δ" if self.basis == "gdp" else "the (ε, δ) curve")
-                  + "; Dirac gradient canaries read from every round's update; two guess budgets, Bonferroni")
+                  + "; Dirac gradient canaries read from every round's update; three guess budgets, Bonferroni")
         return {
             "epsilon_lower_bound": described(
                 "white_box_epsilon_lower_bound", self.epsilon_lower_bound, direction=LOWER_IS_PRIVATE,
@@ -329,9 +333,9 @@ class DiracAudit:
 
 def audit(score: np.ndarray, included: np.ndarray, *, delta: float,
           confidence: float = 0.95, gaussian: bool = False) -> DiracAudit:
-    """The ε lower bounds from canary scores: both pre-declared guess budgets, each at
-    level ``(1 - confidence) / 2``; per method the larger bound and the largest attainable
-    one. The verdict's bound is the f-DP test of the (ε, δ) curve (sound against any
+    """The ε lower bounds from canary scores: every pre-declared guess budget, each at
+    level ``(1 - confidence) / len(GUESS_FRACTIONS)``; per method the largest bound and the
+    largest attainable one. The verdict's bound is the f-DP test of the (ε, δ) curve (sound against any
     (ε, δ) claim) or, with ``gaussian`` (a Gaussian mechanism, exactly mu-GDP, whose claim
     is that curve), the ε-equivalent of the Gaussian-DP bound."""
     from . import fdp

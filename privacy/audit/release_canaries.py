@@ -20,7 +20,7 @@ In a white-box audit run (``privacy.white_box``) at a release family's site:
   included, noise if not (:func:`scores`). The records' sum does not depend on the bits, so
   subtracting it (an adversary who knows every other record: the one DP protects against)
   keeps the bound valid, and leaves exactly the Gaussian mechanism to test.
-* Guesses and the bound: the one-run machinery of :mod:`.dirac` (two pre-declared guess
+* Guesses and the bound: the one-run machinery of :mod:`.dirac` (three pre-declared guess
   budgets, Bonferroni). The release is a Gaussian mechanism, exactly mu-GDP with
   ``mu = sqrt(sum 1/sigma_r^2)``, so the verdict uses the f-DP test of Gaussian DP
   (Mahloujifar, Melis & Chaudhuri 2024), as its ε-equivalent at δ: much tighter than
@@ -133,7 +133,7 @@ def audit_site(state_dir: Path, *, claimed_epsilon: float | None, delta: float, 
     out["epsilon_lower_bound"]["method"] = ("Mahloujifar, Melis & Chaudhuri 2024 (f-DP in one run), the Gaussian-DP "
                                             "curve as its ε at δ: the release is a Gaussian mechanism, exactly "
                                             "mu-GDP; release canaries (unit vectors on distinct coordinates of the "
-                                            "released sum) read from the raw release; two guess budgets, Bonferroni")
+                                            "released sum) read from the raw release; three guess budgets, Bonferroni")
     if claimed_epsilon is None:
         level = "warning" if result.epsilon_lower_bound > 0 else "ok"
         return out, {"level": level, "topic": "white_box_canaries",
