@@ -13,7 +13,10 @@ broken variants claim eps = 1 (the ledger charges as if correct). Each row also 
 membership attack), and reports its membership verdicts. With ``--shadows K`` it adds LiRA
 exactly as ``fedgen audit --shadows K`` runs it (privacy/audit/shadows.py: candidates = the
 250 training records and 250 held-out ones, K shadows of the same recipe on complementary
-random halves, the family-wise 5 % split between run_audit's attacks and LiRA).
+random halves, the membership family's level split between run_audit's attacks and LiRA).
+Under a claim the membership verdicts test the claim (ok, or violation if an attack implies
+more than the claimed eps), and the white-box canaries and the membership attacks share the
+audit's 5 % violation level (report.violation_levels), as `fedgen audit` does.
 
 The release rows: one mmd release (the Gaussian mechanism) of the 250 training digits, a
 release canary on each of the 20,001 coordinates of the released sum
@@ -108,14 +111,17 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
         with torch.no_grad():
             torch.manual_seed(1)
             synthetic = model.sample(500).numpy()
-        # as `fedgen audit --shadows`: with LiRA the family-wise 5 % is split, half for run_audit's attacks
-        significance = 0.025 if shadows else 0.05
+        # as `fedgen audit --shadows` on the white-box audit run: with LiRA the membership family's
+        # level is split, half for run_audit's attacks; under a claim the white-box canaries and the
+        # membership attacks share the violation level (report.violation_levels)
         audit = run_audit(synthetic, train_x.numpy(), holdout_x.numpy(),
-                          settings=AuditSettings(n_bootstrap=100, significance=significance),
+                          settings=AuditSettings(n_bootstrap=100, membership_share=0.5 if shadows else 1.0),
                           white_box_scores=WhiteBoxScores("minus loss", minus_loss(model, train_x),
-                                                           minus_loss(model, holdout_x)))
+                                                           minus_loss(model, holdout_x)),
+                          claimed_epsilon=epsilon, delta=DELTA, white_box_canaries=epsilon is not None)
         wb = audit["white_box"]["white_box/minus loss"]
         membership = [v["level"] for v in audit["verdicts"] if v["topic"].startswith("membership")]
+        level = audit["settings"]["membership_family_level"] * (0.5 if shadows else 1.0)
         if shadows:  # LiRA as `fedgen audit --shadows K` runs it (privacy/audit/shadows.py)
             from fedgen.privacy.audit import shadows as lira_
             from fedgen.privacy.audit.report import membership_verdict
@@ -128,31 +134,45 @@ def train_and_audit(name: str, *, epsilon: float | None, broken, rounds: int, st
             stats = np.stack([minus_loss(train(records[torch.from_numpy(plan_in[k])], run_seed=k + 1)[0], records,
                                          draws) for k in range(shadows)])
             metrics = lira_.lira_audit(minus_loss(model, records, draws), stats, plan_in, cand.is_member,
-                                       n_bootstrap=100)
+                                       n_bootstrap=100, dp=None if epsilon is None else (DELTA, level))
             row.update({"lira_shadows": shadows, "lira_auc": round(metrics["auc"]["value"], 3),
                         "lira_tpr_at_1pct_fpr": round(metrics["tpr_at_fpr"][0]["value"], 3),
                         "lira_tpr_at_0.1pct_fpr": round(metrics["tpr_at_fpr"][1]["value"], 3),
                         "lira_auc_p_value": metrics["test"]["auc_p_value"],
                         "lira_top_k_p_value": metrics["test"]["top_k_p_value"],
-                        "lira_verdict": membership_verdict("LiRA", metrics, level=significance)["level"]})
+                        "lira_implied_epsilon": (metrics.get("dp_test") or {}).get("epsilon_lower_bound"),
+                        "lira_verdict": membership_verdict("LiRA", metrics, level=level,
+                                                           claimed_epsilon=epsilon)["level"]})
             membership.append(row["lira_verdict"])
         row.update({"loss_attack_auc": round(wb["auc"]["value"], 3),
                     "loss_attack_tpr_at_1pct_fpr": round(wb["tpr_at_fpr"][0]["value"], 3),
+                    "loss_attack_implied_epsilon": (wb.get("dp_test") or {}).get("epsilon_lower_bound"),
                     "membership_warnings": membership.count("warning"), "membership_ok": membership.count("ok"),
-                    "membership_verdict": "warning" if "warning" in membership else "ok"})
+                    "membership_violations": membership.count("violation"),
+                    "membership_verdict": next((lv for lv in ("violation", "warning") if lv in membership), "ok")})
         return row
     known = None
     if broken is not None and broken.known_noise_seed is not None:
         known = dirac.known_noise_replay(shapes, [steps] * rounds,
                                          [broken.known_noise_seed + r for r in range(1, rounds + 1)],
                                          noise_std=ledger.noise_multiplier * privacy.max_grad_norm / batch, lr=lr)
-    result = dirac.audit(dirac.scores(updates, plan, shapes, known_noise=known), plan.included, delta=DELTA)
+    result = dirac.audit(dirac.scores(updates, plan, shapes, known_noise=known), plan.included, delta=DELTA,
+                         confidence=_white_box_confidence(epsilon))
     if epsilon is None:  # nothing claimed: any positive bound is evidence of leakage
         level = "warning" if result.epsilon_lower_bound > 0 else "ok"
     else:
         level = dirac.verdict(result, epsilon)["level"]
     row.update({"canaries": result.m, **_bounds(result), "white_box_verdict": level})
     return row
+
+
+def _white_box_confidence(epsilon: float | None) -> float:
+    """The white-box canaries' confidence as `fedgen audit` sets it: under a claim, their share
+    of the violation level beside the membership attacks (report.violation_levels)."""
+    from fedgen.privacy.audit.report import violation_levels
+
+    return 0.95 if epsilon is None else 1 - violation_levels(0.05, ["white_box_canaries", "membership"])[
+        "white_box_canaries"]
 
 
 def _bounds(result) -> dict:
@@ -193,7 +213,7 @@ def release_row(name: str, *, epsilon: float, noise_scale: float = 1.0, num_feat
     released = (getattr(model, model.release_buffer) * len(train_x)).numpy()
     score = release_canaries.scores([released], [model.statistic_sum(train_x, None).numpy()], plan,
                                     [ledger.noise_multiplier])
-    result = dirac.audit(score, plan.included, delta=DELTA, gaussian=True)
+    result = dirac.audit(score, plan.included, delta=DELTA, gaussian=True, confidence=_white_box_confidence(epsilon))
     return {"run": name, "claimed_epsilon": epsilon, "accountant_epsilon": ledger.epsilon,
             "noise_multiplier": ledger.noise_multiplier * noise_scale, "canaries": result.m,
             **_bounds(result), "white_box_verdict": dirac.verdict(result, epsilon)["level"],
