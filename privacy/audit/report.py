@@ -143,7 +143,7 @@ def _membership_under_claim(described_: str, tests: str, topic: str, metrics: di
     return {"level": OK, "topic": topic,
             "text": f"{described_} ({tests}); {what}, within the claimed ε = {claim:.3g}: consistent with the "
                     f"DP guarantee, which permits an attack up to {_pct(permits)} TPR at {_pct(fpr)} FPR. "
-                    "The leakage measured is what the claim allows, not proof of a smaller one."}
+                    f"ok means consistent with ε = {claim:.3g}, not that the model does not leak."}
 
 
 def canary_verdict(canaries: dict, claimed_epsilon: float | None) -> dict:
