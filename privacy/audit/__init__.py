@@ -4,7 +4,8 @@ synthetic data may leave a site.
 * :mod:`.memorization` — distance to closest record: DCR share sign test, near-copies,
   closest pairs;
 * :mod:`.membership` — membership inference (GAN-Leaks, calibrated GAN-Leaks, DOMIAS,
-  LOGAN / loss-threshold white-box) and :func:`attack_metrics`;
+  LOGAN / loss-threshold white-box), :func:`attack_metrics` and, under a DP claim, the ε
+  an attack implies (:func:`dp_claim_test`);
 * :mod:`.canaries` — canary plans and the one-run empirical epsilon lower bound of
   Steinke, Nasr & Jagielski (2023);
 * :mod:`.dirac` — white-box Dirac gradient canaries in DP-SGD (a site's audit run) and
@@ -28,6 +29,7 @@ from .membership import (
     AttackMetrics,
     attack_metrics,
     domias,
+    dp_claim_test,
     gan_leaks,
     gan_leaks_calibrated,
     membership_tests,
@@ -66,6 +68,7 @@ __all__ = [
     "count_correct",
     "dcr_share_test",
     "domias",
+    "dp_claim_test",
     "epsilon_from_counts",
     "epsilon_lower_bound",
     "epsilon_lower_bound_over_grid",
