@@ -148,6 +148,9 @@ def run_local_round(
                               noise_rng=sampling, device=device, run=run, white_box=white_box, _broken=_broken)
     if not isinstance(model, DPSGDTrainable):
         raise TypeError(f"{type(model).__name__} has neither a release to make nor DP-SGD steps to train")
+    if distributed is not None:  # DP-FedSGD under secure aggregation with distributed noise
+        return distributed_sgd_round(model, data, plan=distributed, clip_norm=privacy.max_grad_norm, ledger=ledger,
+                                     server_round=server_round, sampling=sampling, device=device, run=run)
     iterations = training.local_steps
     if privacy.enabled:
         assert ledger is not None, "DP training needs the site's ledger"
@@ -299,6 +302,72 @@ def _distributed_release_round(model: Releasing, data: SiteData, *, release: Dis
     noised = noised_integer_sum(integer_sum, own, noise_rng)
     charge_distributed(ledger, spend, round=server_round, run=run)
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=1, release=noised.ravel())
+
+
+def the_private_step(model: DPSGDTrainable):
+    """The family's one step when it is a single private step (a round of DP-FedSGD is
+    then one linear statistic: the sum of clipped per-record gradients); else ValueError."""
+    steps = model.steps()
+    if len(steps) != 1 or not steps[0].private:
+        raise ValueError(f"{type(model).__name__} trains by {len(steps)} steps a round, not one private step: "
+                         "its round is not one linear statistic, so it cannot take distributed noise")
+    return steps[0]
+
+
+def private_step_parameters(model: DPSGDTrainable) -> list[torch.nn.Parameter]:
+    """The parameters one DP-FedSGD gradient covers, in the order of its flat vector (the
+    server's optimizer step uses the same order)."""
+    return [p for p in the_private_step(model).module.parameters() if p.requires_grad]
+
+
+def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: DistributedRelease, clip_norm: float,
+                          ledger: SiteLedger | None, server_round: int, sampling: torch.Generator,
+                          device: torch.device, run: str | None) -> RoundResult:
+    """One round of DP-FedSGD under secure aggregation with distributed noise: exactly one
+    private step. The site Poisson-samples its records at the plan's rate, takes every
+    sampled record's gradient alone (per-example, one backward pass each), divides it by the
+    clip norm ``C`` and rounds it (``round_records``: projected to norm <= 1, i.e. clipped to
+    ``C``, scaled by gamma, conditionally rounded), sums the integers and adds its Skellam
+    share (privacy/skellam.py). It charges the Poisson-subsampled Skellam mechanism before
+    the vector leaves (the secagg mod marks it pending, client/app.py). The model is not
+    updated: the server takes the optimizer step on the decoded sum. ``sampling`` (CPU, the
+    site's secret generator: OS entropy unless the simulation opted into seeded noise) draws
+    the sample, the rounding and the seed of the share."""
+    n = len(data)
+    if ledger is None:
+        raise ValueError("DP-FedSGD with distributed noise needs DP (privacy.enabled) and the site's ledger")
+    if n > plan.max_records:
+        raise ValueError(f"the site holds {n} records, more than secure_aggregation.max_records "
+                         f"{plan.max_records}, which bounds the sum against wrap-around; raise it")
+    step = the_private_step(model)
+    params = private_step_parameters(model)
+    size = sum(p.numel() for p in params)
+    if size != plan.dim or size != plan.size:
+        raise ValueError(f"the distributed noise is planned for {plan.size} values, the model's private step "
+                         f"has {size} parameters")
+    planned = site_spend(plan, ledger)
+    if planned is None:
+        return RoundResult(status="budget_exhausted", num_examples=n, message=(
+            f"site {ledger.site} refuses to train: one more DP-FedSGD round would exceed its target "
+            f"epsilon {ledger.target_epsilon} (spent {ledger.epsilon:.4g})"))
+    own, spend = planned
+    idx = poisson_sample(n, plan.sample_rate, sampling)
+    rows, loss_sum = [], 0.0
+    for i in idx.tolist():  # per-example gradients: one record per backward pass
+        batch = Batch(x=data.x[i:i + 1].to(device), y=None if data.y is None else data.y[i:i + 1].to(device), size=1)
+        loss = step.loss(batch).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double()
+                               for p, g in zip(params, grads)]))
+        loss_sum += float(loss.detach())
+    if rows:
+        integer_sum = round_records(torch.stack(rows) / clip_norm, plan, sampling).sum(dim=0)
+    else:  # an empty Poisson sample: a noise-only round
+        integer_sum = torch.zeros(size, dtype=torch.float64)
+    noised = noised_integer_sum(integer_sum, own, sampling)
+    charge_distributed(ledger, spend, round=server_round, run=run, sample_rate=plan.sample_rate)
+    return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=1,
+                       train_loss=loss_sum / len(rows) if rows else float("nan"), release=noised)
 
 
 @torch.no_grad()

@@ -48,6 +48,7 @@ from typing import Callable
 import numpy as np
 import torch
 from opacus.accountants.analysis import rdp as rdp_analysis
+from scipy.special import gammaln
 from torch import Tensor
 
 from .accounting import quiet_opacus
@@ -121,7 +122,7 @@ def poisson_subsampled_rdp(rdp_at: Callable[[np.ndarray], np.ndarray], sample_ra
     out = np.empty(len(alphas))
     for i, a in enumerate(alphas):
         l = ls[: a - 1]  # 2 .. alpha
-        log_binom = np.array([math.lgamma(a + 1) - math.lgamma(k + 1) - math.lgamma(a - k + 1) for k in l])
+        log_binom = gammaln(a + 1.0) - gammaln(l + 1.0) - gammaln(a - l + 1.0)
         terms = log_binom + l * log_q + (a - l) * log_1q + log_excess[: a - 1]
         top = float(terms.max())
         log_sum = top + math.log(float(np.exp(terms - top).sum()))
