@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fedgen.contract.task import PrivacyConfig, TrainingConfig
 from fedgen.privacy.budget import affordable_dp_sgd_steps, charge_dp_sgd_round, dp_sgd_noise_multiplier
+from fedgen.privacy.dp_fedsgd import private_step_parameters, the_private_step
 from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
 from fedgen.privacy.ledger import SiteLedger
 from fedgen.privacy.randomness import dp_generator
@@ -304,22 +305,6 @@ def _distributed_release_round(model: Releasing, data: SiteData, *, release: Dis
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=1, release=noised.ravel())
 
 
-def the_private_step(model: DPSGDTrainable):
-    """The family's one step when it is a single private step (a round of DP-FedSGD is
-    then one linear statistic: the sum of clipped per-record gradients); else ValueError."""
-    steps = model.steps()
-    if len(steps) != 1 or not steps[0].private:
-        raise ValueError(f"{type(model).__name__} trains by {len(steps)} steps a round, not one private step: "
-                         "its round is not one linear statistic, so it cannot take distributed noise")
-    return steps[0]
-
-
-def private_step_parameters(model: DPSGDTrainable) -> list[torch.nn.Parameter]:
-    """The parameters one DP-FedSGD gradient covers, in the order of its flat vector (the
-    server's optimizer step uses the same order)."""
-    return [p for p in the_private_step(model).module.parameters() if p.requires_grad]
-
-
 def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: DistributedRelease, clip_norm: float,
                           ledger: SiteLedger | None, server_round: int, sampling: torch.Generator,
                           device: torch.device, run: str | None) -> RoundResult:
@@ -339,6 +324,7 @@ def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: Distri
     if n > plan.max_records:
         raise ValueError(f"the site holds {n} records, more than secure_aggregation.max_records "
                          f"{plan.max_records}, which bounds the sum against wrap-around; raise it")
+    model.check_dp_compatible()
     step = the_private_step(model)
     params = private_step_parameters(model)
     size = sum(p.numel() for p in params)
