@@ -105,3 +105,148 @@ def test_the_quickstart_vae_gradient_fits_62_bits_and_the_parameters_round_trip(
     assert sk.DistributedRelease.from_json(plan.to_json()) == plan
     old = sk.DistributedRelease.from_json(plan.to_json().replace('"rounds": 20', '"x": 0'))
     assert old.rounds == 1  # a release's parameters (no rounds) read as one round
+
+
+# -- the site's round and the server's decode, through the real SecAgg+ ------------------
+
+import torch  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from fedgen.client.data import SiteData  # noqa: E402
+from fedgen.client.secagg import secagg_mod  # noqa: E402
+from fedgen.client.training import distributed_sgd_round  # noqa: E402
+from fedgen.contract.errors import ScenarioError  # noqa: E402
+from fedgen.contract.scenario import scenario_from_dict  # noqa: E402
+from fedgen.privacy.dp_fedsgd import private_step_parameters, the_private_step  # noqa: E402
+from fedgen.privacy.dp_sgd import poisson_sample  # noqa: E402
+from fedgen.server.dpfedsgd import ServerOptimizer  # noqa: E402
+from fedgen.server.secagg import SecAggWorkflow  # noqa: E402
+from fedgen.shared_models import Batch, build_model  # noqa: E402
+from fedgen.simulations.inprocess_engine import InProcessGrid, SimulatedNode, _task_identity  # noqa: E402
+
+CLIP = 0.5
+
+
+def _vae():
+    torch.manual_seed(0)
+    return build_model("vae", data_shape=(1, 8, 8), num_classes=10, hidden=16, latent_dim=4)
+
+
+def _site_data(k: int, n: int = 40) -> SiteData:
+    g = torch.Generator().manual_seed(100 + k)
+    return SiteData(x=torch.rand(n, 1, 8, 8, generator=g), y=torch.randint(0, 10, (n,), generator=g),
+                    num_classes=10, source="test")
+
+
+def _plaintext_clipped_sum(model, data: SiteData, idx, seed: int) -> np.ndarray:
+    step, params = the_private_step(model), private_step_parameters(model)
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    torch.manual_seed(seed)  # the VAE's z draws, record by record as at the site
+    for i in idx.tolist():
+        loss = step.loss(Batch(x=data.x[i:i + 1], y=data.y[i:i + 1], size=1)).sum()
+        g = torch.cat([gr.reshape(-1).double() for gr in torch.autograd.grad(loss, params)])
+        total += g * min(1.0, CLIP / float(g.norm()))
+    return total.numpy()
+
+
+def test_the_servers_decoded_gradient_is_the_plaintext_clipped_sum_within_the_rounding_bound(monkeypatch):
+    """Three sites run the real DP-FedSGD round (Poisson sample, per-example gradients,
+    clipping, conditional rounding, a share of ~zero noise) under the real secagg mod; the
+    server unmasks the sum and decodes it: the clipped plaintext sum over the same samples,
+    divided by q N, within the rounding's bound (one unit per coordinate and record)."""
+    model = _vae()
+    size = sum(p.numel() for p in private_step_parameters(model))
+    plan = sk.DistributedRelease(scale=2.0 ** 14, dim=size, size=size, mu=1e-9, threshold=2, num_sites=3, bits=62,
+                                 max_records=40, sample_rate=0.3, rounds=5)
+    datas = [_site_data(k) for k in range(3)]
+    app = ClientApp(mods=[secagg_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        k = int(context.node_config["partition-id"])
+        site = _vae()
+        torch.manual_seed(1000 + k)  # the VAE's z draws
+        ledger = SiteLedger(site=str(k), accountant="rdp", delta=DELTA, target_epsilon=1e30, max_grad_norm=CLIP)
+        res = distributed_sgd_round(site, datas[k], plan=sk.DistributedRelease.from_json(
+            str(msg.content["config"][sa.DISTRIBUTED])), clip_norm=CLIP, ledger=ledger, server_round=1,
+            sampling=torch.Generator().manual_seed(k), device=torch.device("cpu"), run=None)
+        assert res.status == "trained" and ledger.history[-1].sample_rate == plan.sample_rate
+        return Message(content=RecordDict({"arrays": ArrayRecord({sa.DISTRIBUTED: Array(res.release)}),
+                                           "metrics": MetricRecord({"num-examples": len(datas[k])})}),
+                       reply_to=msg)
+
+    with _task_identity(11):
+        grid = InProcessGrid(SimulatedNode(8000 + i, i, 3, 11, {}, app) for i in range(3))
+        wf = SecAggWorkflow(threshold=2, bits=62, clip_norm=1.0, distributed=plan)
+        arrays = ArrayRecord({"w": Array(np.zeros(3))})
+        msgs = [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                        message_type=MessageType.TRAIN, dst_node_id=node) for node in grid.get_node_ids()]
+        rnd, _, replies = wf.collect(grid, 1, msgs)
+        ok = [r for r in replies if not r.has_error()]
+        assert len(ok) == 3, [r.error.reason for r in replies if r.has_error()]
+        total = wf.unmask_sum(grid, rnd, ok, plan.size)
+        decoded = wf.gradient_from_sum(rnd, total, ok, clip_norm=CLIP)
+    expected_batch = plan.sample_rate * 120
+    assert rnd.distributed["expected_batch"] == pytest.approx(expected_batch)
+    plain, sampled = np.zeros(size), 0
+    for k in range(3):  # the same Poisson samples (the site's generator draws the sample first)
+        idx = poisson_sample(40, plan.sample_rate, torch.Generator().manual_seed(k))
+        sampled += len(idx)
+        plain += _plaintext_clipped_sum(_vae(), datas[k], idx, 1000 + k)
+    plain /= expected_batch
+    # per coordinate: each record's rounding moves it by < 1 unit of C / scale
+    bound = sampled * CLIP / plan.scale / expected_batch
+    err = np.abs(decoded - plain)
+    assert err.max() <= bound
+    assert np.linalg.norm(plain) > 100 * np.linalg.norm(decoded - plain)  # the signal, far above the error
+
+
+def test_the_server_optimizer_state_round_trips_through_its_checkpoint_tensors():
+    """Resume: a fresh optimizer loaded with the saved state takes the same next step."""
+    a, b = _vae(), _vae()
+    opt_a = ServerOptimizer(a, lr=0.01)
+    size = sum(p.numel() for p in opt_a.params)
+    g = np.random.default_rng(0).normal(size=(3, size))
+    opt_a.step(g[0])
+    opt_a.step(g[1])
+    b.load_state_dict(a.state_dict())
+    opt_b = ServerOptimizer(b, lr=0.01)
+    opt_b.load_state_tensors({k: v.clone() for k, v in opt_a.state_tensors().items()})
+    opt_a.step(g[2])
+    opt_b.step(g[2])
+    for pa, pb in zip(opt_a.params, opt_b.params):
+        assert torch.equal(pa, pb)
+    fresh = _vae()
+    ServerOptimizer(fresh, lr=0.01).step(g[2])  # without the state the step differs
+    assert not torch.equal(next(iter(fresh.parameters())), opt_a.params[0])
+
+
+# -- the scenario's checks -----------------------------------------------------------------
+
+_DIST = {"threshold": 3, "noise": "distributed", "bits": 62, "max_records": 400}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"model": {"family": "gan"}}, "noise: distributed works for the mmd release and for DP-FedSGD of vae, flow, "
+     "diffusion, not gan"),
+    ({"training": {"local_steps": 5}}, "training.local_steps: noise: distributed with vae runs DP-FedSGD, exactly "
+     "one private step a round; set training.local_steps: 1 (not 5)"),
+    ({"warm_start": {"release": {"epsilon_fraction": 0.2}}}, "warm_start: DP-FedSGD with noise: distributed"),
+    ({"privacy": {"enabled": True, "unit": "both"}}, "site-level DP (privacy.unit: both)"),
+    ({"privacy": {"enabled": False}}, "noise: distributed needs example-level DP"),
+])
+def test_dp_fedsgd_scenario_keys_are_checked_with_one_line(extra, message):
+    doc = {"federation": {"num_sites": 5, "secure_aggregation": _DIST}, "privacy": {"enabled": True},
+           "model": {"family": "vae"}, "training": {"local_steps": 1}, **extra}
+    with pytest.raises(ScenarioError) as err:
+        scenario_from_dict(doc, source="s.yaml")
+    text = str(err.value)
+    assert message in text and "\n" not in text
+
+
+@pytest.mark.parametrize("family", ["vae", "flow", "diffusion"])
+def test_a_one_step_family_is_accepted_with_distributed_noise(family):
+    s = scenario_from_dict({"federation": {"num_sites": 5, "secure_aggregation": _DIST}, "model": {"family": family},
+                            "training": {"local_steps": 1}, "privacy": {"enabled": True}}, source="s.yaml")
+    assert s.federation.secure_aggregation.noise == "distributed"
