@@ -284,18 +284,13 @@ def _distributed_release_round(model: Releasing, data: SiteData, *, release: Dis
     n = len(data)
     if ledger is None:
         raise ValueError("a distributed release needs DP (privacy.enabled) and the site's ledger")
-    if n > release.max_records:
-        raise ValueError(f"the site holds {n} records, more than secure_aggregation.max_records "
-                         f"{release.max_records}, which bounds the sum against wrap-around; raise it")
     shape = tuple(model.state_dict()[model.release_buffer].shape)
     if shape[-1] != release.dim or int(np.prod(shape)) != release.size:
         raise ValueError(f"the distributed release is planned for {release.size} values of {release.dim}, "
                          f"the model's release has shape {list(shape)}")
-    planned = site_spend(release, ledger)
-    if planned is None:
-        return RoundResult(status="budget_exhausted", num_examples=n, message=(
-            f"site {ledger.site} refuses to release again: the distributed release would exceed its target "
-            f"epsilon {ledger.target_epsilon} (spent {ledger.epsilon:.4g})"))
+    planned = _distributed_spend(release, ledger, n, refusal="refuses to release again: the distributed release")
+    if isinstance(planned, RoundResult):
+        return planned
     own, spend = planned
     integer_sum = model.statistic_sum(  # type: ignore[call-arg] -- mmd only (contract/scenario.py)
         data.x.to(device), None if data.y is None else data.y.to(device),
@@ -321,9 +316,6 @@ def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: Distri
     n = len(data)
     if ledger is None:
         raise ValueError("DP-FedSGD with distributed noise needs DP (privacy.enabled) and the site's ledger")
-    if n > plan.max_records:
-        raise ValueError(f"the site holds {n} records, more than secure_aggregation.max_records "
-                         f"{plan.max_records}, which bounds the sum against wrap-around; raise it")
     model.check_dp_compatible()
     step = the_private_step(model)
     params = private_step_parameters(model)
@@ -331,11 +323,9 @@ def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: Distri
     if size != plan.dim or size != plan.size:
         raise ValueError(f"the distributed noise is planned for {plan.size} values, the model's private step "
                          f"has {size} parameters")
-    planned = site_spend(plan, ledger)
-    if planned is None:
-        return RoundResult(status="budget_exhausted", num_examples=n, message=(
-            f"site {ledger.site} refuses to train: one more DP-FedSGD round would exceed its target "
-            f"epsilon {ledger.target_epsilon} (spent {ledger.epsilon:.4g})"))
+    if isinstance(planned := _distributed_spend(plan, ledger, n, refusal="refuses to train: one more DP-FedSGD round"),
+                  RoundResult):
+        return planned  # the site's budget cannot afford the round
     own, spend = planned
     idx = poisson_sample(n, plan.sample_rate, sampling)
     rows, loss_sum = [], 0.0
@@ -354,6 +344,22 @@ def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: Distri
     charge_distributed(ledger, spend, round=server_round, run=run, sample_rate=plan.sample_rate)
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=1,
                        train_loss=loss_sum / len(rows) if rows else float("nan"), release=noised)
+
+
+def _distributed_spend(plan: DistributedRelease, ledger: SiteLedger, n: int, *,
+                       refusal: str) -> tuple[float, dict[str, float]] | RoundResult:
+    """The site's Skellam share and spend for a round with distributed noise (a release or
+    DP-FedSGD), or the refusal when its budget cannot afford it; a site holding more records
+    than the plan's public bound cannot take part (its sum could wrap around)."""
+    if n > plan.max_records:
+        raise ValueError(f"the site holds {n} records, more than secure_aggregation.max_records "
+                         f"{plan.max_records}, which bounds the sum against wrap-around; raise it")
+    planned = site_spend(plan, ledger)
+    if planned is None:
+        return RoundResult(status="budget_exhausted", num_examples=n, message=(
+            f"site {ledger.site} {refusal} would exceed its target epsilon {ledger.target_epsilon} "
+            f"(spent {ledger.epsilon:.4g})"))
+    return planned
 
 
 @torch.no_grad()

@@ -125,6 +125,14 @@ from fedgen.server.dpfedsgd import ServerOptimizer  # noqa: E402
 from fedgen.server.secagg import SecAggWorkflow  # noqa: E402
 from fedgen.shared_models import Batch, build_model  # noqa: E402
 from fedgen.simulations.inprocess_engine import InProcessGrid, SimulatedNode, _task_identity  # noqa: E402
+from fedgen.contract.scenario import load_scenario  # noqa: E402
+from fedgen.server.run import FederatedRun  # noqa: E402
+from fedgen.simulations.prepare import write_run_dir  # noqa: E402
+from fedgen.simulations.runner import run_simulation_dir  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from .conftest import REPO  # noqa: E402
+from .test_simulation_flower import fedgen  # noqa: E402
 
 CLIP = 0.5
 
@@ -264,23 +272,18 @@ DP_FEDSGD = ["warm_start=null", "training.local_steps=1", "training.batch_size=1
              "simulation.engine=inprocess"]
 
 
+def _quickstart_rows(out, sets: list[str], *, cwd) -> list[dict]:
+    """``fedgen simulate`` of the quickstart with ``sets`` into ``out``: its metrics rows."""
+    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out,
+                 *[a for item in sets for a in ("--set", item)], cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_a_dp_fedsgd_run_moves_the_model_charges_the_subsampled_skellam_and_resumes(tmp_path, monkeypatch):
-    from rich.console import Console
-
-    from fedgen.client import app as client_app
-    from fedgen.contract.scenario import load_scenario
-    from fedgen.simulations.prepare import write_run_dir
-    from fedgen.simulations.runner import run_simulation_dir
-
-    from .conftest import REPO
-    from .test_simulation_flower import fedgen
-
     ref = tmp_path / "ref"
-    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", ref,
-                 *[a for item in DP_FEDSGD for a in ("--set", item)], cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    rows = _quickstart_rows(ref, DP_FEDSGD, cwd=tmp_path)
     assert [r["secure_aggregation"]["released"] for r in rows] == [True] * 3
     noise = rows[-1]["secure_aggregation"]["distributed_noise"]
     assert noise["sample_rate"] == pytest.approx(1 / 3)
@@ -305,24 +308,22 @@ def test_a_dp_fedsgd_run_moves_the_model_charges_the_subsampled_skellam_and_resu
     summary = json.loads((ref / "summary.json").read_text())
     assert "DP-FedSGD with distributed Skellam noise" in summary["guarantees"][0]["mechanism"]
 
-    # the same run, Ctrl-C in round 3 (after round 2 was committed), resumed: the same model and ledger
+    # the same run, stopped (Ctrl-C) right after round 2's checkpoint, resumed: the same model and ledger
     scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", DP_FEDSGD)
     run_dir = tmp_path / "resumed"
     write_run_dir(scenario, run_dir)
-    real_site_id, calls = client_app.site_id, {"n": 0}
+    commit = FederatedRun._checkpoint
 
-    def site_id(context):
-        if context.node_config["partition-id"] == 3:
-            calls["n"] += 1
-            if calls["n"] == 3:  # round 3's training
-                raise KeyboardInterrupt
-        return real_site_id(context)
+    def commit_then_stop(self, next_round: int, wall: float) -> None:
+        commit(self, next_round, wall)
+        if next_round == 3:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(client_app, "site_id", site_id)
+    monkeypatch.setattr(FederatedRun, "_checkpoint", commit_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run_simulation_dir(run_dir, scenario, console=Console(quiet=True))
-    assert json.loads((run_dir / "summary.json").read_text())["rounds_completed"] == 2
     monkeypatch.undo()
+    assert [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     res = fedgen("simulate", "--resume", run_dir, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = torch.load(run_dir / "checkpoints" / "model-round-0003.pt")
