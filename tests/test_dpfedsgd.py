@@ -264,8 +264,8 @@ def test_a_one_step_family_is_accepted_with_distributed_noise(family):
 # -- a whole run: the real ClientApp and ServerApp ----------------------------------------
 
 #: the quickstart VAE (digits, 5 sites of ~287 records) by DP-FedSGD: 3 rounds of one
-#: private step, q = 100 / 300, distributed noise under SecAgg+ (threshold 3), seeded
-DP_FEDSGD = ["warm_start=null", "training.local_steps=1", "training.batch_size=100", "federation.rounds=3",
+#: private step, q = 60 / 300, distributed noise under SecAgg+ (threshold 3), seeded
+DP_FEDSGD = ["warm_start=null", "training.local_steps=1", "training.batch_size=60", "federation.rounds=3",
              "federation.secure_aggregation.threshold=3", "federation.secure_aggregation.bits=62",
              "federation.secure_aggregation.noise=distributed", "federation.secure_aggregation.max_records=300",
              "evaluation.every=0", "evaluation.num_samples=100", "privacy.seeded_noise=true",
@@ -286,7 +286,7 @@ def test_a_dp_fedsgd_run_moves_the_model_charges_the_subsampled_skellam_and_resu
     rows = _quickstart_rows(ref, DP_FEDSGD, cwd=tmp_path)
     assert [r["secure_aggregation"]["released"] for r in rows] == [True] * 3
     noise = rows[-1]["secure_aggregation"]["distributed_noise"]
-    assert noise["sample_rate"] == pytest.approx(1 / 3)
+    assert noise["sample_rate"] == pytest.approx(0.2)
     assert noise["skellam_variance"] == pytest.approx(noise["guaranteed_variance"] * 5 / 3, rel=1e-9)
     # the model moves, and its loss falls
     first, last = (torch.load(ref / "checkpoints" / f"model-round-000{r}.pt") for r in (1, 3))
@@ -331,3 +331,15 @@ def test_a_dp_fedsgd_run_moves_the_model_charges_the_subsampled_skellam_and_resu
         assert torch.allclose(resumed[k], last[k], rtol=0, atol=1e-6), k
     again = json.loads((run_dir / "privacy.json").read_text())
     assert again["epsilon"] == pytest.approx(privacy["epsilon"], rel=1e-12)
+
+
+def test_a_site_refuses_a_sample_rate_outside_0_1():
+    from fedgen.client.secagg import _check_distributed
+
+    plan = _plan()
+    params = sa.SecAggParams(threshold=plan.threshold, bits=plan.bits, clip_norm=1.0, num_sites=plan.num_sites)
+    _check_distributed(plan.to_json(), params)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(sa.SecAggError, match="no valid sample rate"):
+            _check_distributed(plan.to_json().replace(f'"sample_rate": {plan.sample_rate}', f'"sample_rate": {bad}'),
+                               params)
