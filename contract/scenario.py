@@ -119,11 +119,13 @@ class SecureAggregationConfig(_Section):
     neighbours: int | None = Field(None, ge=2, description="SecAgg+: share keys with this many ring neighbours "
                                    "(null = with every sampled site, as SecAgg)")
     noise: Literal["local", "distributed"] = Field(
-        "local", description="local: each site adds its full DP noise; distributed: a release (mmd) is rounded "
-        "to integers and each site adds only its Skellam share, the sum carrying the central noise "
-        "(privacy/skellam.py)")
+        "local", description="local: each site adds its full DP noise; distributed: a release (mmd), or one "
+        "DP-FedSGD step a round (vae, flow, diffusion; training.local_steps: 1), is rounded to integers and each "
+        "site adds only its Skellam share, the sum carrying the central noise (privacy/skellam.py, "
+        "privacy/dp_fedsgd.py)")
     max_records: int = Field(100_000, ge=1, description="noise: distributed: a public bound on one site's "
-                             "records, bounding the sum against wrap-around (a site holding more refuses)")
+                             "records, bounding the sum against wrap-around (a site holding more refuses); "
+                             "DP-FedSGD samples at q = training.batch_size / max_records")
 
 
 class FederationConfig(_Section):
