@@ -210,6 +210,8 @@ def _check_distributed(text: str, params: sa.SecAggParams) -> None:
         raise sa.SecAggError("the distributed-noise parameters do not match the round's bits and threshold")
     if release.num_sites < params.num_sites or not (release.mu > 0 and release.scale >= 1) or not release.fits():
         raise sa.SecAggError("the distributed-noise parameters could wrap the sum around or carry no noise")
+    if not (0.0 < release.sample_rate <= 1.0 and release.rounds >= 1):
+        raise sa.SecAggError("the distributed-noise parameters name no valid sample rate or round count")
 
 
 def _unmask(cfg: ConfigRecord, context: Context) -> dict:

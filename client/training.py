@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fedgen.contract.task import PrivacyConfig, TrainingConfig
 from fedgen.privacy.budget import affordable_dp_sgd_steps, charge_dp_sgd_round, dp_sgd_noise_multiplier
+from fedgen.privacy.dp_fedsgd import private_step_parameters, the_private_step
 from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
 from fedgen.privacy.ledger import SiteLedger
 from fedgen.privacy.randomness import dp_generator
@@ -148,6 +149,9 @@ def run_local_round(
                               noise_rng=sampling, device=device, run=run, white_box=white_box, _broken=_broken)
     if not isinstance(model, DPSGDTrainable):
         raise TypeError(f"{type(model).__name__} has neither a release to make nor DP-SGD steps to train")
+    if distributed is not None:  # DP-FedSGD under secure aggregation with distributed noise
+        return distributed_sgd_round(model, data, plan=distributed, clip_norm=privacy.max_grad_norm, ledger=ledger,
+                                     server_round=server_round, sampling=sampling, device=device, run=run)
     iterations = training.local_steps
     if privacy.enabled:
         assert ledger is not None, "DP training needs the site's ledger"
@@ -280,18 +284,13 @@ def _distributed_release_round(model: Releasing, data: SiteData, *, release: Dis
     n = len(data)
     if ledger is None:
         raise ValueError("a distributed release needs DP (privacy.enabled) and the site's ledger")
-    if n > release.max_records:
-        raise ValueError(f"the site holds {n} records, more than secure_aggregation.max_records "
-                         f"{release.max_records}, which bounds the sum against wrap-around; raise it")
     shape = tuple(model.state_dict()[model.release_buffer].shape)
     if shape[-1] != release.dim or int(np.prod(shape)) != release.size:
         raise ValueError(f"the distributed release is planned for {release.size} values of {release.dim}, "
                          f"the model's release has shape {list(shape)}")
-    planned = site_spend(release, ledger)
-    if planned is None:
-        return RoundResult(status="budget_exhausted", num_examples=n, message=(
-            f"site {ledger.site} refuses to release again: the distributed release would exceed its target "
-            f"epsilon {ledger.target_epsilon} (spent {ledger.epsilon:.4g})"))
+    planned = _distributed_spend(release, ledger, n, refusal="refuses to release again: the distributed release")
+    if isinstance(planned, RoundResult):
+        return planned
     own, spend = planned
     integer_sum = model.statistic_sum(  # type: ignore[call-arg] -- mmd only (contract/scenario.py)
         data.x.to(device), None if data.y is None else data.y.to(device),
@@ -299,6 +298,68 @@ def _distributed_release_round(model: Releasing, data: SiteData, *, release: Dis
     noised = noised_integer_sum(integer_sum, own, noise_rng)
     charge_distributed(ledger, spend, round=server_round, run=run)
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=1, release=noised.ravel())
+
+
+def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: DistributedRelease, clip_norm: float,
+                          ledger: SiteLedger | None, server_round: int, sampling: torch.Generator,
+                          device: torch.device, run: str | None) -> RoundResult:
+    """One round of DP-FedSGD under secure aggregation with distributed noise: exactly one
+    private step. The site Poisson-samples its records at the plan's rate, takes every
+    sampled record's gradient alone (per-example, one backward pass each), divides it by the
+    clip norm ``C`` and rounds it (``round_records``: projected to norm <= 1, i.e. clipped to
+    ``C``, scaled by gamma, conditionally rounded), sums the integers and adds its Skellam
+    share (privacy/skellam.py). It charges the Poisson-subsampled Skellam mechanism before
+    the vector leaves (the secagg mod marks it pending, client/app.py). The model is not
+    updated: the server takes the optimizer step on the decoded sum. ``sampling`` (CPU, the
+    site's secret generator: OS entropy unless the simulation opted into seeded noise) draws
+    the sample, the rounding and the seed of the share."""
+    n = len(data)
+    if ledger is None:
+        raise ValueError("DP-FedSGD with distributed noise needs DP (privacy.enabled) and the site's ledger")
+    model.check_dp_compatible()
+    step = the_private_step(model)
+    params = private_step_parameters(model)
+    size = sum(p.numel() for p in params)
+    if size != plan.dim or size != plan.size:
+        raise ValueError(f"the distributed noise is planned for {plan.size} values, the model's private step "
+                         f"has {size} parameters")
+    if isinstance(planned := _distributed_spend(plan, ledger, n, refusal="refuses to train: one more DP-FedSGD round"),
+                  RoundResult):
+        return planned  # the site's budget cannot afford the round
+    own, spend = planned
+    idx = poisson_sample(n, plan.sample_rate, sampling)
+    rows, loss_sum = [], 0.0
+    for i in idx.tolist():  # per-example gradients: one record per backward pass
+        batch = Batch(x=data.x[i:i + 1].to(device), y=None if data.y is None else data.y[i:i + 1].to(device), size=1)
+        loss = step.loss(batch).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double()
+                               for p, g in zip(params, grads)]))
+        loss_sum += float(loss.detach())
+    if rows:
+        integer_sum = round_records(torch.stack(rows) / clip_norm, plan, sampling).sum(dim=0)
+    else:  # an empty Poisson sample: a noise-only round
+        integer_sum = torch.zeros(size, dtype=torch.float64)
+    noised = noised_integer_sum(integer_sum, own, sampling)
+    charge_distributed(ledger, spend, round=server_round, run=run, sample_rate=plan.sample_rate)
+    return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=1,
+                       train_loss=loss_sum / len(rows) if rows else float("nan"), release=noised)
+
+
+def _distributed_spend(plan: DistributedRelease, ledger: SiteLedger, n: int, *,
+                       refusal: str) -> tuple[float, dict[str, float]] | RoundResult:
+    """The site's Skellam share and spend for a round with distributed noise (a release or
+    DP-FedSGD), or the refusal when its budget cannot afford it; a site holding more records
+    than the plan's public bound cannot take part (its sum could wrap around)."""
+    if n > plan.max_records:
+        raise ValueError(f"the site holds {n} records, more than secure_aggregation.max_records "
+                         f"{plan.max_records}, which bounds the sum against wrap-around; raise it")
+    planned = site_spend(plan, ledger)
+    if planned is None:
+        return RoundResult(status="budget_exhausted", num_examples=n, message=(
+            f"site {ledger.site} {refusal} would exceed its target epsilon {ledger.target_epsilon} "
+            f"(spent {ledger.epsilon:.4g})"))
+    return planned
 
 
 @torch.no_grad()

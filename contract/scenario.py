@@ -119,11 +119,13 @@ class SecureAggregationConfig(_Section):
     neighbours: int | None = Field(None, ge=2, description="SecAgg+: share keys with this many ring neighbours "
                                    "(null = with every sampled site, as SecAgg)")
     noise: Literal["local", "distributed"] = Field(
-        "local", description="local: each site adds its full DP noise; distributed: a release (mmd) is rounded "
-        "to integers and each site adds only its Skellam share, the sum carrying the central noise "
-        "(privacy/skellam.py)")
+        "local", description="local: each site adds its full DP noise; distributed: a release (mmd), or one "
+        "DP-FedSGD step a round (vae, flow, diffusion; training.local_steps: 1), is rounded to integers and each "
+        "site adds only its Skellam share, the sum carrying the central noise (privacy/skellam.py, "
+        "privacy/dp_fedsgd.py)")
     max_records: int = Field(100_000, ge=1, description="noise: distributed: a public bound on one site's "
-                             "records, bounding the sum against wrap-around (a site holding more refuses)")
+                             "records, bounding the sum against wrap-around (a site holding more refuses); "
+                             "DP-FedSGD samples at q = training.batch_size / max_records")
 
 
 class FederationConfig(_Section):
@@ -466,6 +468,11 @@ class WarmStartConfig(_Section):
         return self
 
 
+#: DP-SGD families whose round is one private step (DP-FedSGD with distributed noise):
+#: not the GAN, whose generator step follows the discriminator's
+DP_FEDSGD_FAMILIES = ("vae", "flow", "diffusion")
+
+
 def family_has_site_loss(family: str) -> bool:
     """Whether a site can compute ``family``'s per-example training loss on its data (the
     federated evaluation's ``eval-loss``): the DP-SGD families can, release-only ones not."""
@@ -588,14 +595,16 @@ class Scenario(_Section):
         return self
 
     def _distributed_noise_fits(self, sec: SecureAggregationConfig) -> "Scenario":
-        """noise: distributed needs a pure release family under DP, and bits that hold the sum."""
-        if self.model.family != "mmd" or self.warm_start is not None:
-            raise ValueError(f"federation.secure_aggregation.noise: distributed is implemented for the mmd family's "
-                             f"release only, not {self.model.family} (DP-SGD updates are not one linear statistic); "
-                             "use noise: local")
+        """noise: distributed needs DP and either a pure release family (mmd) or a DP-SGD
+        family whose round is one private step (DP-FedSGD), and bits that hold the sum."""
         if not self.privacy.enabled or self.privacy.unit != "example":
             raise ValueError("federation.secure_aggregation.noise: distributed needs example-level DP "
                              "(privacy.enabled: true, unit: example); use noise: local")
+        if self.model.family != "mmd":
+            return self._dp_fedsgd_fits()
+        if self.warm_start is not None:
+            raise ValueError("federation.secure_aggregation.noise: distributed: the mmd release takes no warm start "
+                             "(remove warm_start or use noise: local)")
         if self.privacy.white_box is not None:
             # the distributed release takes no canaries (client/training.py) and the site's
             # own share is not the Gaussian release the release-canary audit tests: its bound
@@ -612,6 +621,25 @@ class Scenario(_Section):
                                      max_records=sec.max_records, dim=dim, size=dim * 1000)
         except BitsTooSmall as err:
             raise ValueError(f"federation.secure_aggregation.bits: {err}") from None
+        return self
+
+    def _dp_fedsgd_fits(self) -> "Scenario":
+        """DP-FedSGD (privacy/dp_fedsgd.py): one private step a round, a family whose round is
+        that one step (one linear statistic: the sum of clipped per-record gradients)."""
+        family = self.model.family
+        if family not in DP_FEDSGD_FAMILIES:
+            raise ValueError(f"federation.secure_aggregation.noise: distributed works for the mmd release and for "
+                             f"DP-FedSGD of {', '.join(DP_FEDSGD_FAMILIES)}, not {family} (its round is not one "
+                             "linear statistic); use noise: local")
+        if self.training.local_steps != 1:
+            raise ValueError(f"training.local_steps: noise: distributed with {family} runs DP-FedSGD, exactly one "
+                             f"private step a round; set training.local_steps: 1 (not {self.training.local_steps})")
+        if self.warm_start is not None:
+            raise ValueError("warm_start: DP-FedSGD with noise: distributed starts from the initial model for now; "
+                             "remove warm_start or use noise: local")
+        if self.privacy.white_box is not None:
+            raise ValueError("privacy.white_box: the white-box audit adds its canaries to local DP-SGD steps; "
+                             "it does not audit DP-FedSGD with noise: distributed (remove privacy.white_box)")
         return self
 
     def resolved(self) -> dict[str, Any]:

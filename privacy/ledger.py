@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from .accounting import HistoryEntry, epsilon_of
-from .skellam import gaussian_rdp, rdp_epsilon, skellam_rdp
+from .skellam import gaussian_rdp, rdp_epsilon, subsampled_skellam_rdp
 
 
 #: secure aggregation (docs/aggregation.md, "Aborted rounds"): a spend whose masked input left
@@ -36,10 +36,12 @@ def charged(history: list["RoundSpend"]) -> list["RoundSpend"]:
 
 
 def skellam_ledger_epsilon(history: list["RoundSpend"], delta: float) -> float:
-    """Epsilon of a history holding a distributed Skellam release: every entry's RDP (the
-    Skellam bound, or the subsampled Gaussian's) composed at integer orders and converted
-    as ``privacy/accounting.py`` does (module docstring of ``privacy/skellam.py``)."""
-    rdp = sum((skellam_rdp(h.skellam["mu"], h.skellam["l1"], h.skellam["l2"]) * h.steps if h.skellam
+    """Epsilon of a history holding a distributed Skellam entry: every entry's RDP (the
+    Skellam bound -- Poisson-subsampled at the entry's ``sample_rate`` when it is below 1,
+    a DP-FedSGD round -- or the subsampled Gaussian's) composed at integer orders and
+    converted as ``privacy/accounting.py`` does (module docstring of ``privacy/skellam.py``)."""
+    rdp = sum((subsampled_skellam_rdp(float(h.skellam["mu"]), float(h.skellam["l1"]), float(h.skellam["l2"]),
+                                      float(h.sample_rate)) * h.steps if h.skellam
                else gaussian_rdp(float(h.noise_multiplier), float(h.sample_rate)) * h.steps)
               for h in charged(history) if h.steps > 0)
     return rdp_epsilon(rdp, delta) if not isinstance(rdp, int) else 0.0

@@ -48,6 +48,7 @@ from typing import Callable
 import numpy as np
 import torch
 from opacus.accountants.analysis import rdp as rdp_analysis
+from scipy.special import gammaln
 from torch import Tensor
 
 from .accounting import quiet_opacus
@@ -97,8 +98,8 @@ def poisson_subsampled_rdp(rdp_at: Callable[[np.ndarray], np.ndarray], sample_ra
                            + 3 sum_{l=3..alpha} C(alpha,l) q^l (1-q)^(alpha-l) e^((l-1) eps(l)) } / (alpha - 1),
 
     in log space; never above the mechanism's own RDP (sampling is a mixture, and Renyi
-    divergence is jointly quasi-convex). Not used by any ledger yet: it is the accountant a
-    DP-FedSGD round with distributed Skellam noise needs (docs/aggregation.md)."""
+    divergence is jointly quasi-convex). The accountant of a DP-FedSGD round with distributed
+    Skellam noise (:func:`subsampled_skellam_rdp`, docs/aggregation.md)."""
     if not 0.0 <= sample_rate <= 1.0:
         raise ValueError(f"sample rate {sample_rate} is not in [0, 1]")
     alphas = np.asarray(orders, dtype=np.int64)
@@ -121,7 +122,7 @@ def poisson_subsampled_rdp(rdp_at: Callable[[np.ndarray], np.ndarray], sample_ra
     out = np.empty(len(alphas))
     for i, a in enumerate(alphas):
         l = ls[: a - 1]  # 2 .. alpha
-        log_binom = np.array([math.lgamma(a + 1) - math.lgamma(k + 1) - math.lgamma(a - k + 1) for k in l])
+        log_binom = gammaln(a + 1.0) - gammaln(l + 1.0) - gammaln(a - l + 1.0)
         terms = log_binom + l * log_q + (a - l) * log_1q + log_excess[: a - 1]
         top = float(terms.max())
         log_sum = top + math.log(float(np.exp(terms - top).sum()))
@@ -136,20 +137,40 @@ def rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
     return float(eps)
 
 
-def skellam_epsilon(mu: float, l1: float, l2: float, delta: float) -> float:
-    return rdp_epsilon(skellam_rdp(mu, l1, l2), delta)
+@lru_cache(maxsize=4096)
+def subsampled_skellam_rdp(mu: float, l1: float, l2: float, sample_rate: float) -> np.ndarray:
+    """RDP at :data:`ORDERS` of one Skellam mechanism run on a Poisson sample of the records
+    at ``sample_rate`` (a DP-FedSGD round): :func:`poisson_subsampled_rdp` fed
+    :func:`skellam_rdp`; at ``sample_rate`` 1 the Skellam mechanism itself (a release)."""
+    if sample_rate >= 1.0:
+        return skellam_rdp(mu, l1, l2)
+    out = poisson_subsampled_rdp(lambda a: skellam_rdp(mu, l1, l2, a), sample_rate)
+    out.setflags(write=False)  # cached: shared by every caller
+    return out
 
 
-def calibrate_mu(*, epsilon: float, delta: float, l1: float, l2: float) -> float:
-    """The smallest variance ``mu`` (to 0.01 %) whose Skellam mechanism spends at most ``epsilon``."""
+def skellam_epsilon(mu: float, l1: float, l2: float, delta: float, sample_rate: float = 1.0,
+                    steps: int = 1) -> float:
+    """Epsilon of ``steps`` compositions of the (Poisson-subsampled at ``sample_rate``) Skellam mechanism."""
+    return rdp_epsilon(subsampled_skellam_rdp(mu, l1, l2, sample_rate) * steps, delta)
+
+
+def calibrate_mu(*, epsilon: float, delta: float, l1: float, l2: float, sample_rate: float = 1.0,
+                 steps: int = 1) -> float:
+    """The smallest variance ``mu`` (to 0.01 %) such that ``steps`` rounds of the Skellam
+    mechanism, each on a Poisson sample at ``sample_rate``, spend at most ``epsilon``."""
+
+    def spent(mu: float) -> float:
+        return skellam_epsilon(mu, l1, l2, delta, sample_rate, steps)
+
     low, high = 1e-6 * l2 * l2, l2 * l2
-    while skellam_epsilon(high, l1, l2, delta) > epsilon:
+    while spent(high) > epsilon:
         low, high = high, high * 4.0
         if high > 1e40:
             raise ValueError(f"no Skellam variance reaches epsilon {epsilon:g} at delta {delta:g}")
     while high - low > _CALIBRATION_TOLERANCE * high:
         mid = math.sqrt(low * high) if low > 0 else high / 2
-        if skellam_epsilon(mid, l1, l2, delta) > epsilon:
+        if spent(mid) > epsilon:
             low = mid
         else:
             high = mid
@@ -244,6 +265,12 @@ class DistributedRelease:
     ``scale``: gamma; ``dim``: coordinates of one record's vector (its class block);
     ``size``: coordinates of the whole statistic; ``mu``: the variance per coordinate the
     sum carries when exactly ``threshold`` sites' shares are in it; ``bits``: the modulus.
+
+    DP-FedSGD (one private step per round, a DP-SGD family): ``dim`` = ``size`` = the private
+    step's parameter count, one record's vector is its clipped gradient divided by the clip
+    norm (norm <= 1), every site samples its records at ``sample_rate`` (Poisson) and
+    ``mu`` is calibrated so that ``rounds`` such rounds spend the target; a release samples
+    everyone once (``sample_rate`` 1, ``rounds`` 1).
     """
 
     scale: float
@@ -254,6 +281,8 @@ class DistributedRelease:
     num_sites: int
     bits: int
     max_records: int
+    sample_rate: float = 1.0
+    rounds: int = 1
 
     @property
     def l2(self) -> float:
@@ -269,7 +298,8 @@ class DistributedRelease:
         return self.mu / self.threshold
 
     def epsilon(self, delta: float, mu: float | None = None) -> float:
-        return skellam_epsilon(self.mu if mu is None else mu, self.l1, self.l2, delta)
+        """Epsilon of the planned ``rounds`` (at ``mu``, the planned variance by default)."""
+        return skellam_epsilon(self.mu if mu is None else mu, self.l1, self.l2, delta, self.sample_rate, self.rounds)
 
     def site_share(self, target_epsilon: float, delta: float) -> tuple[float, float]:
         """A site's own share and the variance its records are then protected by: ``mu / t``,
@@ -277,7 +307,8 @@ class DistributedRelease:
         sum holds ``t - 1`` other shares of ``mu / t`` and this one."""
         if self.epsilon(delta) <= target_epsilon * (1 + 1e-9):
             return self.share, self.mu
-        wanted = calibrate_mu(epsilon=target_epsilon, delta=delta, l1=self.l1, l2=self.l2)
+        wanted = calibrate_mu(epsilon=target_epsilon, delta=delta, l1=self.l1, l2=self.l2,
+                              sample_rate=self.sample_rate, steps=self.rounds)
         own = max(self.share, wanted - self.share * (self.threshold - 1))
         return own, own + self.share * (self.threshold - 1)
 
@@ -303,21 +334,27 @@ class DistributedRelease:
         d = json.loads(text)
         return cls(scale=float(d["scale"]), dim=int(d["dim"]), size=int(d["size"]), mu=float(d["mu"]),
                    threshold=int(d["threshold"]), num_sites=int(d["num_sites"]), bits=int(d["bits"]),
-                   max_records=int(d["max_records"]))
+                   max_records=int(d["max_records"]), sample_rate=float(d.get("sample_rate", 1.0)),
+                   rounds=int(d.get("rounds", 1)))
 
 
 def plan_distributed_release(*, epsilon: float, delta: float, bits: int, num_sites: int, threshold: int,
-                             max_records: int, dim: int, size: int) -> DistributedRelease:
+                             max_records: int, dim: int, size: int, sample_rate: float = 1.0,
+                             rounds: int = 1) -> DistributedRelease:
     """The largest scale whose sum cannot wrap around (module docstring), and the variance
-    calibrated to ``epsilon`` at that scale. Raises :class:`BitsTooSmall` when even the
+    calibrated to ``epsilon`` at that scale (for DP-FedSGD: ``rounds`` rounds, each on a
+    Poisson sample at ``sample_rate``; a site's sampled records are at most its records, so
+    ``max_records`` bounds the data part of the sum as for a release). Raises :class:`BitsTooSmall` when even the
     coarsest useful scale (``gamma^2 >= dim``: rounding adds at most about a quarter to the
     squared sensitivity) does not fit."""
 
     def at(scale: float) -> DistributedRelease:
         l2 = rounded_l2_bound(scale, dim)
-        mu = calibrate_mu(epsilon=epsilon, delta=delta, l1=rounded_l1_bound(l2, dim), l2=l2)
+        mu = calibrate_mu(epsilon=epsilon, delta=delta, l1=rounded_l1_bound(l2, dim), l2=l2,
+                          sample_rate=sample_rate, steps=rounds)
         return DistributedRelease(scale=scale, dim=dim, size=size, mu=mu, threshold=threshold,
-                                  num_sites=num_sites, bits=bits, max_records=max_records)
+                                  num_sites=num_sites, bits=bits, max_records=max_records,
+                                  sample_rate=sample_rate, rounds=rounds)
 
     coarsest = math.sqrt(dim)
     if not at(coarsest).fits():
@@ -352,17 +389,20 @@ def site_spend(release: DistributedRelease, ledger) -> tuple[float, dict[str, fl
                          "epsilon")
     spend = {"mu": protected, "l1": release.l1, "l2": release.l2}
     trial = type(ledger).from_dict(ledger.to_dict())
-    trial.record_round(round=-1, steps=1, noise_multiplier=1.0, sample_rate=1.0, run="affordability", skellam=spend)
+    trial.record_round(round=-1, steps=1, noise_multiplier=1.0, sample_rate=release.sample_rate,
+                       run="affordability", skellam=spend)
     if trial.epsilon > ledger.target_epsilon * (1 + 1e-6):
         return None
     return own, spend
 
 
-def charge_distributed(ledger, spend: dict[str, float], *, round: int, run: str | int | None):
-    """Record the release in the site's ledger: one Skellam mechanism (its Gaussian-equivalent
-    noise multiplier ``sqrt(mu) / l2`` beside it, for reading)."""
+def charge_distributed(ledger, spend: dict[str, float], *, round: int, run: str | int | None,
+                       sample_rate: float = 1.0):
+    """Record the release (or DP-FedSGD round, Poisson-sampled at ``sample_rate``) in the
+    site's ledger: one Skellam mechanism (its Gaussian-equivalent noise multiplier
+    ``sqrt(mu) / l2`` beside it, for reading)."""
     return ledger.record_round(round=round, steps=1, noise_multiplier=math.sqrt(spend["mu"]) / spend["l2"],
-                               sample_rate=1.0, run=run, skellam=spend)
+                               sample_rate=sample_rate, run=run, skellam=spend)
 
 
 def noised_integer_sum(integer_sum: Tensor, own_share: float, generator: torch.Generator) -> np.ndarray:

@@ -22,6 +22,7 @@ from fedgen.contract.scenario import Scenario
 from fedgen.privacy.ledger import PrivacyLedger, atomic_write_text
 from fedgen.shared_models import GenerativeModel
 
+from .dpfedsgd import CHECKPOINT_KEY as SERVER_OPTIMIZER
 from .strategies import load_strategy_state, strategy_state
 
 
@@ -53,17 +54,22 @@ def latest_path(run_dir: Path) -> Path:
     return Path(run_dir) / rundir.CHECKPOINTS / "latest.pt"
 
 
-def save(run_dir: Path, state: RunState, *, model: GenerativeModel, strategy: Any, scenario: Scenario) -> None:
-    """Commit a round: ``latest.pt`` (what resume reads) and the round's model weights."""
+def save(run_dir: Path, state: RunState, *, model: GenerativeModel, strategy: Any, scenario: Scenario,
+         server_optimizer: Any = None) -> None:
+    """Commit a round: ``latest.pt`` (what resume reads) and the round's model weights.
+    ``server_optimizer``: DP-FedSGD's (server/dpfedsgd.py), kept beside the strategy's arrays."""
     folder = Path(run_dir) / rundir.CHECKPOINTS
     folder.mkdir(exist_ok=True)
+    strategy_arrays = strategy_state(strategy)
+    if server_optimizer is not None:
+        strategy_arrays[SERVER_OPTIMIZER] = server_optimizer.state_tensors()
     rundir.write_checkpoint(latest_path(run_dir), model=model.state_dict(), state=state.to_dict(),
-                            strategy=strategy_state(strategy), scenario=scenario.resolved())
+                            strategy=strategy_arrays, scenario=scenario.resolved())
     torch.save(model.state_dict(), folder / f"model-round-{state.next_round - 1:04d}.pt")
 
 
 def restore(path: Path, *, model: GenerativeModel, strategy: Any,
-            noise_rng: np.random.Generator | None) -> tuple[RunState, PrivacyLedger]:
+            noise_rng: np.random.Generator | None, server_optimizer: Any = None) -> tuple[RunState, PrivacyLedger]:
     """Load the checkpoint at ``path`` into ``model``, ``strategy``, Python's ``random``
     and (seeded noise only) ``noise_rng``; its state and ledger. One that does not fit
     the run is a one-line :class:`rundir.CheckpointError`."""
@@ -75,7 +81,13 @@ def restore(path: Path, *, model: GenerativeModel, strategy: Any,
         random.setstate(state.python_random_state)
         if state.noise_rng_state is not None and noise_rng is not None:
             noise_rng.bit_generator.state = state.noise_rng_state
-        load_strategy_state(strategy, ckpt["strategy"])
+        strategy_arrays = dict(ckpt["strategy"])
+        optimizer_state = strategy_arrays.pop(SERVER_OPTIMIZER, None)
+        if (optimizer_state is None) != (server_optimizer is None):
+            raise ValueError("the server's DP-FedSGD optimizer state and the run's training mode differ")
+        if server_optimizer is not None:
+            server_optimizer.load_state_tensors(optimizer_state)
+        load_strategy_state(strategy, strategy_arrays)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise rundir.CheckpointError(f"{path}: does not fit this run ({type(err).__name__}: {first})") from None

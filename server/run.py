@@ -28,6 +28,7 @@ from fedgen.contract import rundir
 from fedgen.contract.task import build_global_model, example_level, site_level_mechanism, task_from_scenario
 from fedgen.privacy.ledger import PrivacyLedger, SiteLedger, site_sort_key
 from fedgen.privacy.site_level import SiteLevelDP
+from fedgen.privacy.dp_fedsgd import plan_dp_fedsgd
 from fedgen.privacy.skellam import DistributedRelease, plan_distributed_release
 from fedgen.shared_models.warm_start import ReleaseWarmStart
 
@@ -37,6 +38,7 @@ from .evaluate import GlobalEvaluator
 from .fit_cache import GeneratorFitCache
 from .hooks import RunHooks
 from .record import RoundRecord, ServerUpdate, short_reason
+from .dpfedsgd import ServerOptimizer
 from .secagg import SecAggRound, SecAggWorkflow
 from .site_level import SiteLevelDPStrategy
 from .strategies import ROBUST, build_strategy
@@ -82,6 +84,10 @@ class FederatedRun:
             threshold=sec.threshold, bits=sec.bits, clip_norm=sec.clip_norm, num_neighbours=sec.neighbours,
             timeout=self.fed.round_timeout_s, rng=self.sampling_rng,
             distributed=self._distributed_release() if sec.noise == "distributed" else None)
+        #: DP-FedSGD with distributed noise (server/dpfedsgd.py): the server takes the optimizer step
+        self.server_optimizer = (ServerOptimizer(self.model, lr=self.scenario.training.lr)
+                                 if self.secagg is not None and self.secagg.distributed is not None
+                                 and self.model.training_mode == "sgd" else None)
         #: DP-FedAvg (server/site_level.py) when the scenario asks for site-level DP, else None
         self.site_dp = self.strategy if isinstance(self.strategy, SiteLevelDPStrategy) else None
         if self.site_dp is not None:
@@ -113,7 +119,8 @@ class FederatedRun:
         if not self._ckpt.exists():
             return
         state, self.ledger = checkpoint.restore(self._ckpt, model=self.model, strategy=self.strategy,
-                                                noise_rng=self.noise_rng if self.seeded_noise else None)
+                                                noise_rng=self.noise_rng if self.seeded_noise else None,
+                                                server_optimizer=self.server_optimizer)
         self.exhausted = set(state.exhausted_sites)
         self.start_round = state.next_round
         self.wall_before = state.wall_seconds
@@ -133,7 +140,8 @@ class FederatedRun:
                                     # OS-entropy noise stays secret: its generator's state would
                                     # let a checkpoint's reader recompute the noise of every round
                                     noise_rng_state=self.noise_rng.bit_generator.state if self.seeded_noise else None)
-        checkpoint.save(self.run_dir, state, model=self.model, strategy=self.strategy, scenario=self.scenario)
+        checkpoint.save(self.run_dir, state, model=self.model, strategy=self.strategy, scenario=self.scenario,
+                        server_optimizer=self.server_optimizer)
 
     # -- the run --------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
@@ -312,7 +320,11 @@ class FederatedRun:
         elif (dist := self.secagg.distributed) is not None:  # a release with distributed noise: only its sum
             if (total := self.secagg.unmask_sum(self.grid, rnd, ok, dist.size)) is not None:
                 self.model.load_state_dict(arrays.to_torch_state_dict())
-                record.release_noise_variance = self.secagg.release_from_sum(rnd, total, self.model)
+                if self.server_optimizer is not None:  # DP-FedSGD: the decoded sum is a gradient
+                    self.server_optimizer.step(self.secagg.gradient_from_sum(
+                        rnd, total, ok, clip_norm=self.privacy_cfg.max_grad_norm))
+                else:
+                    record.release_noise_variance = self.secagg.release_from_sum(rnd, total, self.model)
                 released = True
         elif (new_arrays := self.secagg.unmask(self.grid, rnd, ok, arrays)) is not None:
             self.model.load_state_dict(new_arrays.to_torch_state_dict())
@@ -346,6 +358,10 @@ class FederatedRun:
         planned once before round 1 from the scenario: every site's epsilon target, the bit
         width, the threshold and the model's release shape."""
         sec, cfg = self.fed.secure_aggregation, self.privacy_cfg
+        if self.model.training_mode == "sgd":  # DP-FedSGD: one private step a round (privacy/dp_fedsgd.py)
+            return plan_dp_fedsgd(self.model, epsilon=cfg.target_epsilon, delta=cfg.delta, bits=sec.bits,
+                                  num_sites=self.fed.num_sites, threshold=sec.threshold, max_records=sec.max_records,
+                                  batch_size=self.scenario.training.batch_size, rounds=self.fed.rounds)
         shape = tuple(self.model.state_dict()[self.model.release_buffer].shape)
         return plan_distributed_release(epsilon=cfg.target_epsilon, delta=cfg.delta, bits=sec.bits,
                                         num_sites=self.fed.num_sites, threshold=sec.threshold,

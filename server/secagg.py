@@ -42,6 +42,7 @@ import torch
 from flwr.serverapp import Grid
 
 from fedgen.contract import secagg as sa
+from fedgen.privacy import dp_fedsgd
 from fedgen.privacy.skellam import DistributedRelease
 
 log = logging.getLogger(__name__)
@@ -262,6 +263,25 @@ class SecAggWorkflow:
         rnd.distributed = {"scale": rel.scale, "skellam_variance": rel.share * rnd.sites_aggregated,
                            "guaranteed_variance": rel.mu, "noise_std": sigma, "noisy_count": count}
         return model.combine_releases(sums.unsqueeze(0), torch.tensor([sigma], dtype=torch.float64), count)
+
+    def gradient_from_sum(self, rnd: SecAggRound, total: np.ndarray, accepted: list[Message], *,
+                          clip_norm: float) -> np.ndarray:
+        """DP-FedSGD with distributed noise (privacy/dp_fedsgd.py): the noisy mean gradient
+        from the unmasked sum -- divided by the scale, times the clip norm, divided by the
+        expected batch ``q N``, with ``N`` the records the aggregated sites declared (their
+        ``num-examples``, in the clear as in every mode) -- and the round's noise report."""
+        rel = self.distributed
+        assert rel is not None
+        records = sum(float(next(iter(m.content.metric_records.values()))["num-examples"]) for m in accepted
+                      if rnd.index_of(m.metadata.src_node_id) in rnd.masked)
+        expected = rel.sample_rate * records
+        variance = rel.share * rnd.sites_aggregated
+        rnd.distributed = {"scale": rel.scale, "sample_rate": rel.sample_rate, "expected_batch": expected,
+                           "skellam_variance": variance, "guaranteed_variance": rel.mu,
+                           "noise_std": dp_fedsgd.noise_std(rel, variance, clip_norm=clip_norm,
+                                                            expected_batch=expected)}
+        return dp_fedsgd.decode_gradient(sa.decode_signed(total, rnd.params.bits), rel, clip_norm=clip_norm,
+                                         expected_batch=expected)
 
     def _abort(self, grid: Grid, rnd: SecAggRound) -> None:
         """Tell every site sent the masked-input stage that the round is aborted before any

@@ -117,7 +117,14 @@ def guarantees(scenario: Scenario, model: GenerativeModel, privacy: RunPrivacy) 
     if example_level(scenario):
         if model.release_epsilon is not None:  # a hybrid: release round, then DP-SGD
             mechanism = "a Gaussian release of per-class sums, then DP-SGD, at every site"
-        elif (sec := scenario.federation.secure_aggregation) is not None and sec.noise == "distributed":
+        elif ((sec := scenario.federation.secure_aggregation) is not None and sec.noise == "distributed"
+              and model.training_mode == "sgd"):
+            mechanism = ("DP-FedSGD with distributed Skellam noise: each round one step on a Poisson sample of "
+                         "every site's records, per-record gradients clipped and rounded to integers, each site "
+                         "adding a share of the noise under secure aggregation; the server sees only the sum, "
+                         f"which carries the full noise whenever at least {sec.threshold} sites are in it; RDP of "
+                         "the Poisson-subsampled Skellam mechanism (Zhu & Wang's bound)")
+        elif sec is not None and sec.noise == "distributed":
             mechanism = ("one distributed Skellam release of a per-class statistic: every record rounded to "
                          "integers, each site adding a share of the noise under secure aggregation; the "
                          f"server sees only the sum, which carries the full noise whenever at least {sec.threshold} "

@@ -1,0 +1,345 @@
+"""DP-FedSGD under secure aggregation with distributed Skellam noise (docs/aggregation.md,
+"DP-SGD with distributed noise"): the accountant of a Poisson-subsampled Skellam round in
+the ledger, the calibration of mu over the planned rounds and the wrap-around bound for a
+rounded clipped gradient."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mpmath as mp
+import numpy as np
+import pytest
+from opacus.accountants.analysis import rdp as rdp_analysis
+
+from fedgen.contract import secagg as sa
+from fedgen.privacy import skellam as sk
+from fedgen.privacy.ledger import SiteLedger
+
+DELTA = 1e-5
+
+
+def _zhu_wang_thm6(mu: float, l1: float, l2: float, q: float, alpha: int) -> float:
+    """Zhu & Wang 2019, Thm 6, summed directly in 50-digit arithmetic (not in log space),
+    fed the Skellam RDP of Agarwal et al. 2021 (Thm 3.5): an independent recomputation."""
+    def eps(a: int) -> mp.mpf:
+        a = mp.mpf(a)
+        return a * l2 * l2 / (2 * mu) + min(((2 * a - 1) * l2 * l2 + 6 * l1) / (4 * mu * mu), 3 * l1 / (2 * mu))
+
+    with mp.workdps(50):
+        q_ = mp.mpf(q)
+        total = (1 - q_) ** (alpha - 1) * (alpha * q_ - q_ + 1)
+        total += mp.binomial(alpha, 2) * q_ ** 2 * (1 - q_) ** (alpha - 2) * mp.e ** eps(2)
+        total += 3 * mp.fsum(mp.binomial(alpha, l) * q_ ** l * (1 - q_) ** (alpha - l) * mp.e ** ((l - 1) * eps(l))
+                             for l in range(3, alpha + 1))
+        return min(float(mp.log(total) / (alpha - 1)), float(eps(alpha)))
+
+
+def _plan(**kw) -> sk.DistributedRelease:
+    args = dict(epsilon=2.0, delta=DELTA, bits=48, num_sites=5, threshold=3, max_records=500, dim=200, size=200,
+                sample_rate=0.05, rounds=40)
+    return sk.plan_distributed_release(**{**args, **kw})
+
+
+def test_the_ledger_composes_subsampled_skellam_rounds_as_a_fresh_recomputation():
+    """40 DP-FedSGD rounds charged one by one: the ledger's epsilon equals the planned one
+    and an independent 50-digit evaluation of Zhu & Wang's bound (within 1 %), and is below
+    the target; the same rounds without subsampling cost far more."""
+    plan = _plan()
+    ledger = SiteLedger(site="0", accountant="prv", delta=DELTA, target_epsilon=2.0, max_grad_norm=1.0)
+    spend = {"mu": plan.mu, "l1": plan.l1, "l2": plan.l2}
+    for r in range(1, plan.rounds + 1):
+        sk.charge_distributed(ledger, spend, round=r, run=None, sample_rate=plan.sample_rate)
+    orders = list(range(2, 65))  # a subset of the accountant's orders: never below its epsilon
+    fresh_rdp = np.array([_zhu_wang_thm6(plan.mu, plan.l1, plan.l2, plan.sample_rate, a) for a in orders])
+    fresh, _ = rdp_analysis.get_privacy_spent(orders=[float(a) for a in orders], rdp=fresh_rdp * plan.rounds,
+                                              delta=DELTA)
+    assert ledger.epsilon == pytest.approx(fresh, rel=0.01)
+    assert ledger.epsilon == pytest.approx(plan.epsilon(DELTA), rel=1e-9)
+    assert 0.99 * 2.0 <= ledger.epsilon <= 2.0 * (1 + 1e-9)
+    # read back from JSON (what the server's privacy.json holds) it is the same
+    assert SiteLedger.from_json(ledger.to_json()).epsilon == pytest.approx(ledger.epsilon, rel=1e-12)
+    unsampled = sk.skellam_epsilon(plan.mu, plan.l1, plan.l2, DELTA, 1.0, plan.rounds)
+    assert unsampled > 5 * ledger.epsilon
+
+
+@pytest.mark.parametrize("epsilon, q, rounds", [(1.0, 0.01, 100), (4.0, 0.1, 20), (0.5, 0.02, 10)])
+def test_the_calibration_reaches_the_target_and_not_above(epsilon, q, rounds):
+    l2 = sk.rounded_l2_bound(3000.0, 500)
+    l1 = sk.rounded_l1_bound(l2, 500)
+    mu = sk.calibrate_mu(epsilon=epsilon, delta=DELTA, l1=l1, l2=l2, sample_rate=q, steps=rounds)
+    assert sk.skellam_epsilon(mu, l1, l2, DELTA, q, rounds) <= epsilon
+    assert sk.skellam_epsilon(mu * (1 - 2e-4), l1, l2, DELTA, q, rounds) > epsilon  # the smallest such mu
+    # more rounds need more noise; subsampling needs less than sampling everyone
+    assert sk.calibrate_mu(epsilon=epsilon, delta=DELTA, l1=l1, l2=l2, sample_rate=q, steps=2 * rounds) > mu
+    assert sk.calibrate_mu(epsilon=epsilon, delta=DELTA, l1=l1, l2=l2, sample_rate=1.0, steps=rounds) > mu
+
+
+def test_the_plan_of_a_rounded_gradient_never_wraps_the_sum_and_twice_its_scale_would():
+    """A d-dimensional clipped gradient, Poisson-sampled: at most max_records sampled records
+    a site. The worst data sum (every record's whole L2 bound on every coordinate) plus the
+    noise of all shares decodes to itself through the modular encoding over 100 draws; at
+    twice the planned scale the worst data sum alone leaves the signed range."""
+    plan = _plan(bits=30, num_sites=4, threshold=2, max_records=50_000, dim=400, size=400, rounds=30)
+    assert plan.fits() and plan.scale >= math.sqrt(plan.dim)
+    assert plan.data_bound() + plan.noise_bound() < 2 ** 29
+    worst = np.full(plan.size, math.floor(plan.data_bound()), dtype=np.int64)
+    rng = np.random.default_rng(7)
+    for sign in (1, -1):
+        for _ in range(50):
+            noisy = sign * worst + sum(sk.skellam_noise((plan.size,), plan.share, rng) for _ in range(plan.num_sites))
+            total = sa.encode_signed(noisy, plan.bits)
+            assert np.array_equal(sa.decode_signed(total, plan.bits), noisy)
+    assert 2 * plan.num_sites * plan.max_records * sk.rounded_l2_bound(2 * plan.scale, plan.dim) >= 2 ** 29
+    with pytest.raises(sk.BitsTooSmall, match="raise secure_aggregation.bits to at least"):
+        _plan(bits=16, dim=55376, size=55376)
+
+
+def test_the_quickstart_vae_gradient_fits_62_bits_and_the_parameters_round_trip():
+    """The quickstart VAE (55 376 parameters, sqrt(d) ~ 235): 10 sites of <= 200 records at
+    62 bits leave room for a scale well above sqrt(d), so rounding adds little to l2."""
+    plan = _plan(bits=62, num_sites=10, threshold=6, max_records=200, dim=55376, size=55376, sample_rate=0.16,
+                 epsilon=1.0, rounds=20)
+    assert plan.scale > 50 * math.sqrt(plan.dim)
+    assert plan.l2 < 1.01 * plan.scale
+    assert sk.DistributedRelease.from_json(plan.to_json()) == plan
+    old = sk.DistributedRelease.from_json(plan.to_json().replace('"rounds": 20', '"x": 0'))
+    assert old.rounds == 1  # a release's parameters (no rounds) read as one round
+
+
+# -- the site's round and the server's decode, through the real SecAgg+ ------------------
+
+import torch  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from fedgen.client.data import SiteData  # noqa: E402
+from fedgen.client.secagg import secagg_mod  # noqa: E402
+from fedgen.client.training import distributed_sgd_round  # noqa: E402
+from fedgen.contract.errors import ScenarioError  # noqa: E402
+from fedgen.contract.scenario import scenario_from_dict  # noqa: E402
+from fedgen.privacy.dp_fedsgd import private_step_parameters, the_private_step  # noqa: E402
+from fedgen.privacy.dp_sgd import poisson_sample  # noqa: E402
+from fedgen.server.dpfedsgd import ServerOptimizer  # noqa: E402
+from fedgen.server.secagg import SecAggWorkflow  # noqa: E402
+from fedgen.shared_models import Batch, build_model  # noqa: E402
+from fedgen.simulations.inprocess_engine import InProcessGrid, SimulatedNode, _task_identity  # noqa: E402
+from fedgen.contract.scenario import load_scenario  # noqa: E402
+from fedgen.server.run import FederatedRun  # noqa: E402
+from fedgen.simulations.prepare import write_run_dir  # noqa: E402
+from fedgen.simulations.runner import run_simulation_dir  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from .conftest import REPO  # noqa: E402
+from .test_simulation_flower import fedgen  # noqa: E402
+
+CLIP = 0.5
+
+
+def _vae():
+    torch.manual_seed(0)
+    return build_model("vae", data_shape=(1, 8, 8), num_classes=10, hidden=16, latent_dim=4)
+
+
+def _site_data(k: int, n: int = 40) -> SiteData:
+    g = torch.Generator().manual_seed(100 + k)
+    return SiteData(x=torch.rand(n, 1, 8, 8, generator=g), y=torch.randint(0, 10, (n,), generator=g),
+                    num_classes=10, source="test")
+
+
+def _plaintext_clipped_sum(model, data: SiteData, idx, seed: int) -> np.ndarray:
+    step, params = the_private_step(model), private_step_parameters(model)
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    torch.manual_seed(seed)  # the VAE's z draws, record by record as at the site
+    for i in idx.tolist():
+        loss = step.loss(Batch(x=data.x[i:i + 1], y=data.y[i:i + 1], size=1)).sum()
+        g = torch.cat([gr.reshape(-1).double() for gr in torch.autograd.grad(loss, params)])
+        total += g * min(1.0, CLIP / float(g.norm()))
+    return total.numpy()
+
+
+def test_the_servers_decoded_gradient_is_the_plaintext_clipped_sum_within_the_rounding_bound(monkeypatch):
+    """Three sites run the real DP-FedSGD round (Poisson sample, per-example gradients,
+    clipping, conditional rounding, a share of ~zero noise) under the real secagg mod; the
+    server unmasks the sum and decodes it: the clipped plaintext sum over the same samples,
+    divided by q N, within the rounding's bound (one unit per coordinate and record)."""
+    model = _vae()
+    size = sum(p.numel() for p in private_step_parameters(model))
+    plan = sk.DistributedRelease(scale=2.0 ** 14, dim=size, size=size, mu=1e-9, threshold=2, num_sites=3, bits=62,
+                                 max_records=40, sample_rate=0.3, rounds=5)
+    datas = [_site_data(k) for k in range(3)]
+    app = ClientApp(mods=[secagg_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        k = int(context.node_config["partition-id"])
+        site = _vae()
+        torch.manual_seed(1000 + k)  # the VAE's z draws
+        ledger = SiteLedger(site=str(k), accountant="rdp", delta=DELTA, target_epsilon=1e30, max_grad_norm=CLIP)
+        res = distributed_sgd_round(site, datas[k], plan=sk.DistributedRelease.from_json(
+            str(msg.content["config"][sa.DISTRIBUTED])), clip_norm=CLIP, ledger=ledger, server_round=1,
+            sampling=torch.Generator().manual_seed(k), device=torch.device("cpu"), run=None)
+        assert res.status == "trained" and ledger.history[-1].sample_rate == plan.sample_rate
+        return Message(content=RecordDict({"arrays": ArrayRecord({sa.DISTRIBUTED: Array(res.release)}),
+                                           "metrics": MetricRecord({"num-examples": len(datas[k])})}),
+                       reply_to=msg)
+
+    with _task_identity(11):
+        grid = InProcessGrid(SimulatedNode(8000 + i, i, 3, 11, {}, app) for i in range(3))
+        wf = SecAggWorkflow(threshold=2, bits=62, clip_norm=1.0, distributed=plan)
+        arrays = ArrayRecord({"w": Array(np.zeros(3))})
+        msgs = [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                        message_type=MessageType.TRAIN, dst_node_id=node) for node in grid.get_node_ids()]
+        rnd, _, replies = wf.collect(grid, 1, msgs)
+        ok = [r for r in replies if not r.has_error()]
+        assert len(ok) == 3, [r.error.reason for r in replies if r.has_error()]
+        total = wf.unmask_sum(grid, rnd, ok, plan.size)
+        decoded = wf.gradient_from_sum(rnd, total, ok, clip_norm=CLIP)
+    expected_batch = plan.sample_rate * 120
+    assert rnd.distributed["expected_batch"] == pytest.approx(expected_batch)
+    plain, sampled = np.zeros(size), 0
+    for k in range(3):  # the same Poisson samples (the site's generator draws the sample first)
+        idx = poisson_sample(40, plan.sample_rate, torch.Generator().manual_seed(k))
+        sampled += len(idx)
+        plain += _plaintext_clipped_sum(_vae(), datas[k], idx, 1000 + k)
+    plain /= expected_batch
+    # per coordinate: each record's rounding moves it by < 1 unit of C / scale
+    bound = sampled * CLIP / plan.scale / expected_batch
+    err = np.abs(decoded - plain)
+    assert err.max() <= bound
+    assert np.linalg.norm(plain) > 100 * np.linalg.norm(decoded - plain)  # the signal, far above the error
+
+
+def test_the_server_optimizer_state_round_trips_through_its_checkpoint_tensors():
+    """Resume: a fresh optimizer loaded with the saved state takes the same next step."""
+    a, b = _vae(), _vae()
+    opt_a = ServerOptimizer(a, lr=0.01)
+    size = sum(p.numel() for p in opt_a.params)
+    g = np.random.default_rng(0).normal(size=(3, size))
+    opt_a.step(g[0])
+    opt_a.step(g[1])
+    b.load_state_dict(a.state_dict())
+    opt_b = ServerOptimizer(b, lr=0.01)
+    opt_b.load_state_tensors({k: v.clone() for k, v in opt_a.state_tensors().items()})
+    opt_a.step(g[2])
+    opt_b.step(g[2])
+    for pa, pb in zip(opt_a.params, opt_b.params):
+        assert torch.equal(pa, pb)
+    fresh = _vae()
+    ServerOptimizer(fresh, lr=0.01).step(g[2])  # without the state the step differs
+    assert not torch.equal(next(iter(fresh.parameters())), opt_a.params[0])
+
+
+# -- the scenario's checks -----------------------------------------------------------------
+
+_DIST = {"threshold": 3, "noise": "distributed", "bits": 62, "max_records": 400}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"model": {"family": "gan"}}, "noise: distributed works for the mmd release and for DP-FedSGD of vae, flow, "
+     "diffusion, not gan"),
+    ({"training": {"local_steps": 5}}, "training.local_steps: noise: distributed with vae runs DP-FedSGD, exactly "
+     "one private step a round; set training.local_steps: 1 (not 5)"),
+    ({"warm_start": {"release": {"epsilon_fraction": 0.2}}}, "warm_start: DP-FedSGD with noise: distributed"),
+    ({"privacy": {"enabled": True, "unit": "both"}}, "site-level DP (privacy.unit: both)"),
+    ({"privacy": {"enabled": False}}, "noise: distributed needs example-level DP"),
+])
+def test_dp_fedsgd_scenario_keys_are_checked_with_one_line(extra, message):
+    doc = {"federation": {"num_sites": 5, "secure_aggregation": _DIST}, "privacy": {"enabled": True},
+           "model": {"family": "vae"}, "training": {"local_steps": 1}, **extra}
+    with pytest.raises(ScenarioError) as err:
+        scenario_from_dict(doc, source="s.yaml")
+    text = str(err.value)
+    assert message in text and "\n" not in text
+
+
+@pytest.mark.parametrize("family", ["vae", "flow", "diffusion"])
+def test_a_one_step_family_is_accepted_with_distributed_noise(family):
+    s = scenario_from_dict({"federation": {"num_sites": 5, "secure_aggregation": _DIST}, "model": {"family": family},
+                            "training": {"local_steps": 1}, "privacy": {"enabled": True}}, source="s.yaml")
+    assert s.federation.secure_aggregation.noise == "distributed"
+
+
+# -- a whole run: the real ClientApp and ServerApp ----------------------------------------
+
+#: the quickstart VAE (digits, 5 sites of ~287 records) by DP-FedSGD: 3 rounds of one
+#: private step, q = 60 / 300, distributed noise under SecAgg+ (threshold 3), seeded
+DP_FEDSGD = ["warm_start=null", "training.local_steps=1", "training.batch_size=60", "federation.rounds=3",
+             "federation.secure_aggregation.threshold=3", "federation.secure_aggregation.bits=62",
+             "federation.secure_aggregation.noise=distributed", "federation.secure_aggregation.max_records=300",
+             "evaluation.every=0", "evaluation.num_samples=100", "privacy.seeded_noise=true",
+             "simulation.engine=inprocess"]
+
+
+def _quickstart_rows(out, sets: list[str], *, cwd) -> list[dict]:
+    """``fedgen simulate`` of the quickstart with ``sets`` into ``out``: its metrics rows."""
+    res = fedgen("simulate", REPO / "scenarios" / "quickstart.yaml", "--out", out,
+                 *[a for item in sets for a in ("--set", item)], cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_dp_fedsgd_run_moves_the_model_charges_the_subsampled_skellam_and_resumes(tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    rows = _quickstart_rows(ref, DP_FEDSGD, cwd=tmp_path)
+    assert [r["secure_aggregation"]["released"] for r in rows] == [True] * 3
+    noise = rows[-1]["secure_aggregation"]["distributed_noise"]
+    assert noise["sample_rate"] == pytest.approx(0.2)
+    assert noise["skellam_variance"] == pytest.approx(noise["guaranteed_variance"] * 5 / 3, rel=1e-9)
+    # the model moves, and its loss falls
+    first, last = (torch.load(ref / "checkpoints" / f"model-round-000{r}.pt") for r in (1, 3))
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # every site's epsilon is a fresh recomputation of its ledger (50-digit Zhu & Wang), at most the target
+    privacy = json.loads((ref / "privacy.json").read_text())
+    assert len(privacy["sites"]) == 5
+    for site in privacy["sites"].values():
+        spends = [h for h in site["history"] if h["steps"] > 0]
+        assert [h["secagg"] for h in site["history"]] == ["pending", "released"] * 3
+        assert len({json.dumps(h["skellam"], sort_keys=True) for h in spends}) == 1
+        sp, q = spends[0]["skellam"], spends[0]["sample_rate"]
+        orders = list(range(2, 65))
+        fresh_rdp = np.array([_zhu_wang_thm6(sp["mu"], sp["l1"], sp["l2"], q, a) for a in orders])
+        fresh, _ = rdp_analysis.get_privacy_spent(orders=[float(a) for a in orders], rdp=fresh_rdp * 3, delta=DELTA)
+        assert site["epsilon"] == pytest.approx(fresh, rel=0.01)
+        assert site["epsilon"] <= 10.0 * (1 + 1e-6)
+    summary = json.loads((ref / "summary.json").read_text())
+    assert "DP-FedSGD with distributed Skellam noise" in summary["guarantees"][0]["mechanism"]
+
+    # the same run, stopped (Ctrl-C) right after round 2's checkpoint, resumed: the same model and ledger
+    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", DP_FEDSGD)
+    run_dir = tmp_path / "resumed"
+    write_run_dir(scenario, run_dir)
+    commit = FederatedRun._checkpoint
+
+    def commit_then_stop(self, next_round: int, wall: float) -> None:
+        commit(self, next_round, wall)
+        if next_round == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(FederatedRun, "_checkpoint", commit_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_simulation_dir(run_dir, scenario, console=Console(quiet=True))
+    monkeypatch.undo()
+    assert [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    res = fedgen("simulate", "--resume", run_dir, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = torch.load(run_dir / "checkpoints" / "model-round-0003.pt")
+    for k in last:
+        assert torch.allclose(resumed[k], last[k], rtol=0, atol=1e-6), k
+    again = json.loads((run_dir / "privacy.json").read_text())
+    assert again["epsilon"] == pytest.approx(privacy["epsilon"], rel=1e-12)
+
+
+def test_a_site_refuses_a_sample_rate_outside_0_1():
+    from fedgen.client.secagg import _check_distributed
+
+    plan = _plan()
+    params = sa.SecAggParams(threshold=plan.threshold, bits=plan.bits, clip_norm=1.0, num_sites=plan.num_sites)
+    _check_distributed(plan.to_json(), params)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(sa.SecAggError, match="no valid sample rate"):
+            _check_distributed(plan.to_json().replace(f'"sample_rate": {plan.sample_rate}', f'"sample_rate": {bad}'),
+                               params)
