@@ -238,6 +238,17 @@ def test_white_box_audit_run_end_to_end(fedgen, tmp_path):
     verdict = next(v for v in audit["verdicts"] if v["topic"] == "white_box_canaries")
     assert verdict["level"] == "ok" and not audit["accounting_violation"]
     assert "white-box canaries: epsilon lower bound" in out
+    # batch 20 of 200 records: subsampled, so the (ε, δ) curve; a ledger at sample rate 1
+    # would make `fedgen audit` use the Gaussian-DP bound (dirac.gaussian_composition)
+    from fedgen.simulations.audit_cli import _white_box_site
+
+    assert wb["bound_basis"] == "epsilon-delta"
+    assert _white_box_site(run_dir, rundir.read_scenario(run_dir))["white_box_gaussian"] is False
+    ledger = json.loads((run_dir / rundir.PRIVACY).read_text())
+    for h in ledger["sites"]["0"]["history"]:
+        h["sample_rate"] = 1.0
+    (run_dir / rundir.PRIVACY).write_text(json.dumps(ledger))
+    assert _white_box_site(run_dir, rundir.read_scenario(run_dir))["white_box_gaussian"] is True
     # the white-box canaries and the membership attacks share the violation level (5 % in all)
     levels = audit["settings"]["violation_levels"]
     assert set(levels) == {"white_box_canaries", "membership"} and abs(sum(levels.values()) - 0.05) < 1e-12
