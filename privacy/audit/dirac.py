@@ -33,7 +33,8 @@ Protocol, at one site, for an audit run (scenario ``privacy.white_box: {canaries
   apart (clipping off). The count of correct guesses is turned into
   a bound by the f-DP test of Mahloujifar, Melis & Chaudhuri (2024, :mod:`.fdp`) on the
   (ε, δ) curve (the verdict's), and reported beside it: Steinke et al.'s (ε, δ) theorem
-  and the Gaussian-DP bound (the verdict's for a Gaussian release, ``gaussian=True``). :func:`audit` also reports the largest
+  and the Gaussian-DP bound (the verdict's for a Gaussian release and for DP-SGD at sample rate 1,
+  :func:`gaussian_composition`; ``gaussian=True``). :func:`audit` also reports the largest
   bound this number of canaries could give at all (every guess right): if it is below
   the claimed ε, no outcome of this audit could refute the claim.
 """
