@@ -62,7 +62,7 @@ from fedgen.contract.scenario import Scenario, scenario_from_dict
 from fedgen.contract.task import build_global_model
 from fedgen.privacy.audit import (AuditSettings, WhiteBoxScores, dirac, release_canaries, render_html, run_audit,
                                   to_json)
-from fedgen.privacy.ledger import SiteLedger, atomic_write_text, charged
+from fedgen.privacy.ledger import RoundSpend, SiteLedger, atomic_write_text, charged
 from fedgen.shared_models import Batch, DPSGDTrainable, GenerativeModel
 
 from .errors import AuditError
@@ -100,6 +100,7 @@ class AuditInputs:
     white_box_dir: Path | None = None  # a white-box audit run's site state (privacy/audit/dirac.py)
     white_box_claim: float | None = None  # that site's epsilon
     white_box_received: Path | None = None  # the server's copy of that site's updates, if it kept one
+    white_box_gaussian: bool = False  # that site's DP-SGD ran at sample rate 1: exactly Gaussian (dirac)
 
 
 # -- the white-box statistic ---------------------------------------------------------
@@ -260,12 +261,15 @@ def _white_box_site(run_dir: Path, scenario: Scenario) -> dict[str, Any]:
         return {}
     site = str(scenario.privacy.white_box.site)
     try:
-        claim = json.loads((run_dir / rundir.PRIVACY).read_text())["sites"][site]["epsilon"]
+        entry = json.loads((run_dir / rundir.PRIVACY).read_text())["sites"][site]
+        claim = entry["epsilon"]
+        history = [RoundSpend(**h) for h in entry.get("history", [])]
     except (OSError, ValueError, KeyError, TypeError):
         raise AuditError(f"{run_dir}: privacy.white_box site {site} has no epsilon in {rundir.PRIVACY}; "
                          "the white-box audit run finished no round at that site") from None
     return {"white_box_dir": run_dir / "sites" / site, "white_box_claim": float(claim),
-            "white_box_received": run_dir / dirac.RECEIVED_DIR / site}
+            "white_box_received": run_dir / dirac.RECEIVED_DIR / site,
+            "white_box_gaussian": dirac.gaussian_composition(history)}
 
 
 #: file suffix -> format, for --train/--holdout given without --format or --node-config
@@ -609,11 +613,13 @@ def _audit_with(inputs: AuditInputs, stats: _Statistics, *, seed: int, settings:
         confidence = settings.confidence if share is None else 1 - share
         found = dirac.audit_state_dir(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
                                       delta=inputs.delta, confidence=confidence,
-                                      received_dir=inputs.white_box_received)
+                                      received_dir=inputs.white_box_received,
+                                      gaussian=inputs.white_box_gaussian)
         if found is None:  # a release family's audit run
             found = release_canaries.audit_site(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
                                                 delta=inputs.delta, confidence=confidence,
-                                                received_dir=inputs.white_box_received)
+                                                received_dir=inputs.white_box_received,
+                                      gaussian=inputs.white_box_gaussian)
         if found is None:
             raise AuditError(f"{inputs.white_box_dir}: no {dirac.FILE_NAME} or recorded updates; the white-box "
                              "audit site trained no round")

@@ -75,3 +75,25 @@ def test_the_gdp_epsilon_equivalent_is_never_above_the_exact_one():
             eps = fdp.gdp_epsilon(mu, delta)
             assert eps > 0 and fdp.gdp_delta(mu, eps) > delta  # mu-GDP is not (eps, delta)-DP
             assert fdp.gdp_delta(mu, eps + 2e-6) <= delta
+
+
+def test_only_an_unsubsampled_noisy_dp_sgd_history_is_a_gaussian_composition_and_its_claim_covers_the_gdp_curve():
+    """dirac.gaussian_composition: every charged entry with steps at sample rate 1 and
+    sigma > 0, no Skellam. For such a history every accountant's ε is at least the exact
+    ε of sqrt(T)/sigma-GDP, so a Gaussian-DP bound below the truth stays below the claim."""
+    from fedgen.privacy.accounting import epsilon_of
+    from fedgen.privacy.ledger import RoundSpend
+
+    def spend(q, sigma=5.3, steps=20, **kw):
+        return RoundSpend(round=1, steps=steps, noise_multiplier=sigma, sample_rate=q, epsilon=0.0, **kw)
+
+    assert dirac.gaussian_composition([spend(1.0), spend(1.0, sigma=4.0)])
+    assert not dirac.gaussian_composition([])
+    assert not dirac.gaussian_composition([spend(1.0), spend(0.5)])  # one subsampled round
+    assert not dirac.gaussian_composition([spend(1.0, sigma=0.0)])  # no noise
+    assert not dirac.gaussian_composition([spend(1.0, skellam={"mu": 1.0, "l1": 1.0, "l2": 1.0})])
+    assert dirac.gaussian_composition([spend(1.0), spend(0.1, steps=0)])  # a zero-step entry charges nothing
+    for sigma, steps in ((5.3, 100), (40.6, 100), (2.37, 20)):
+        exact = fdp.gdp_epsilon(fdp.gaussian_mu([sigma] * steps), 1e-5)
+        for accountant in ("rdp", "prv"):
+            assert exact <= epsilon_of([(sigma, 1.0, steps)], delta=1e-5, accountant=accountant)

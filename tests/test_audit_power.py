@@ -97,13 +97,15 @@ from fedgen.shared_models.vae import VAE  # noqa: E402
 ROUNDS, STEPS, BATCH, LR = 3, 20, 20, 1e-2
 
 
-def white_box_run(epsilon: float, broken: _BrokenDP | None = None) -> tuple[dirac.DiracAudit, dict]:
+def white_box_run(epsilon: float, broken: _BrokenDP | None = None, batch: int = BATCH) -> tuple[dirac.DiracAudit, dict]:
     """A tiny DP-SGD VAE (3,608 parameters, a canary on each) trained by the one local
-    training loop for 3 rounds of 20 steps; the auditor reads the 3 per-round updates."""
+    training loop for 3 rounds of 20 steps; the auditor reads the 3 per-round updates. With
+    ``batch`` 200 (every record in every step) the verdict uses the Gaussian-DP bound, as
+    `fedgen audit` does for such a ledger (dirac.gaussian_composition)."""
     torch.manual_seed(0)
     model = VAE((16,), latent_dim=4, hidden=32)
     data = SiteData(x=torch.rand(200, 16), y=None, num_classes=None, source="test")
-    training = TrainingConfig(local_steps=STEPS, batch_size=BATCH, lr=LR)
+    training = TrainingConfig(local_steps=STEPS, batch_size=batch, lr=LR)
     privacy = PrivacyConfig(enabled=True, target_epsilon=epsilon, delta=1e-5, max_grad_norm=1.0,
                             planned_rounds=ROUNDS, grad_sample_mode="ghost")
     ledger = new_site_ledger("0", privacy)
@@ -120,9 +122,9 @@ def white_box_run(epsilon: float, broken: _BrokenDP | None = None) -> tuple[dira
     if broken is not None and broken.known_noise_seed is not None:
         known = dirac.known_noise_replay(shapes, [STEPS] * ROUNDS,
                                          [broken.known_noise_seed + r for r in range(1, ROUNDS + 1)],
-                                         noise_std=ledger.noise_multiplier * 1.0 / BATCH, lr=LR)
+                                         noise_std=ledger.noise_multiplier * 1.0 / batch, lr=LR)
     result = dirac.audit(dirac.scores(updates, canaries, shapes, known_noise=known), canaries.included,
-                         delta=1e-5)
+                         delta=1e-5, gaussian=dirac.gaussian_composition(ledger.history))
     assert ledger.epsilon <= epsilon + 1e-9  # the accountant charged what it claims
     return result, dirac.verdict(result, claimed_epsilon=epsilon)
 
@@ -140,6 +142,18 @@ def test_broken_dp_sgd_is_a_violation_at_a_claimed_epsilon_of_one(broken):
     result, verdict = white_box_run(1.0, broken)
     assert verdict["level"] == "violation", verdict["text"]
     assert result.epsilon_lower_bound > 1.5
+
+
+def test_full_batch_dp_sgd_is_audited_with_gaussian_dp_sound_below_the_claim_and_catches_broken_noise():
+    """At sample rate 1 (batch = the 200 records) DP-SGD is exactly sqrt(T)/sigma-GDP, so the
+    verdict's bound is the Gaussian-DP one: below the claim when correct, a violation with
+    ten times too little noise; at rate 0.1 it stays the (ε, δ) curve's."""
+    correct, verdict = white_box_run(10.0, batch=200)
+    assert correct.basis == "gdp" and correct.epsilon_lower_bound == correct.gdp_epsilon_equivalent
+    assert verdict["level"] == "ok" and 0 < correct.epsilon_lower_bound <= 10.0
+    broken, verdict = white_box_run(1.0, _BrokenDP(noise_scale=0.1), batch=200)
+    assert broken.basis == "gdp" and verdict["level"] == "violation" and broken.epsilon_lower_bound > 1.5
+    assert white_box_run(1.0)[0].basis == "epsilon-delta"
 
 
 def test_claim_above_the_attainable_bound_is_inconclusive_never_ok_or_violation():
@@ -224,6 +238,17 @@ def test_white_box_audit_run_end_to_end(fedgen, tmp_path):
     verdict = next(v for v in audit["verdicts"] if v["topic"] == "white_box_canaries")
     assert verdict["level"] == "ok" and not audit["accounting_violation"]
     assert "white-box canaries: epsilon lower bound" in out
+    # batch 20 of 200 records: subsampled, so the (ε, δ) curve; a ledger at sample rate 1
+    # would make `fedgen audit` use the Gaussian-DP bound (dirac.gaussian_composition)
+    from fedgen.simulations.audit_cli import _white_box_site
+
+    assert wb["bound_basis"] == "epsilon-delta"
+    assert _white_box_site(run_dir, rundir.read_scenario(run_dir))["white_box_gaussian"] is False
+    ledger = json.loads((run_dir / rundir.PRIVACY).read_text())
+    for h in ledger["sites"]["0"]["history"]:
+        h["sample_rate"] = 1.0
+    (run_dir / rundir.PRIVACY).write_text(json.dumps(ledger))
+    assert _white_box_site(run_dir, rundir.read_scenario(run_dir))["white_box_gaussian"] is True
     # the white-box canaries and the membership attacks share the violation level (5 % in all)
     levels = audit["settings"]["violation_levels"]
     assert set(levels) == {"white_box_canaries", "membership"} and abs(sum(levels.values()) - 0.05) < 1e-12

@@ -33,7 +33,8 @@ Protocol, at one site, for an audit run (scenario ``privacy.white_box: {canaries
   apart (clipping off). The count of correct guesses is turned into
   a bound by the f-DP test of Mahloujifar, Melis & Chaudhuri (2024, :mod:`.fdp`) on the
   (ε, δ) curve (the verdict's), and reported beside it: Steinke et al.'s (ε, δ) theorem
-  and the Gaussian-DP bound (the verdict's for a Gaussian release, ``gaussian=True``). :func:`audit` also reports the largest
+  and the Gaussian-DP bound (the verdict's for a Gaussian release and for DP-SGD at sample rate 1,
+  :func:`gaussian_composition`; ``gaussian=True``). :func:`audit` also reports the largest
   bound this number of canaries could give at all (every guess right): if it is below
   the claimed ε, no outcome of this audit could refute the claim.
 """
@@ -175,12 +176,31 @@ def read_updates(state_dir: Path) -> tuple[list[np.ndarray], list[tuple[int, ...
     return updates, shapes
 
 
+def gaussian_composition(history) -> bool:
+    """True when a site's DP-SGD history (its ledger's ``RoundSpend`` entries) is exactly a
+    composition of Gaussian mechanisms: every charged entry that took steps ran at sample
+    rate 1 with noise, and none is a Skellam release. Each such step adds N(0, (sigma C)^2)
+    to a sum of sensitivity C over the whole data (no subsampling), so it is exactly
+    1/sigma-GDP, and T of them, chosen adaptively, are exactly sqrt(T)/sigma-GDP (Dong, Roth
+    & Su 2022, Corollary 3.3). Every accountant's ε at δ is then at least that curve's, so
+    the Gaussian-DP bound tests the claim soundly (``audit(..., gaussian=True)``). With
+    q < 1 the subsampled mechanism is not Gaussian, and only the (ε, δ) curve is sound."""
+    from ..ledger import charged
+
+    spent = [h for h in charged(history) if h.steps > 0]
+    return bool(spent) and all(float(h.sample_rate) >= 1.0 and float(h.noise_multiplier) > 0 and not h.skellam
+                               for h in spent)
+
+
 def audit_state_dir(state_dir: Path, *, claimed_epsilon: float | None, delta: float,
-                    confidence: float = 0.95, received_dir: Path | None = None) -> tuple[dict, dict] | None:
+                    confidence: float = 0.95, received_dir: Path | None = None,
+                    gaussian: bool = False) -> tuple[dict, dict] | None:
     """The white-box audit of a site's state folder (its canaries and recorded updates):
     ``(result dict, verdict)``, or None when the folder holds no white-box audit run.
     ``received_dir``: the server's copy of the updates (:data:`RECEIVED_DIR`), read instead
-    of the site's own when it holds any."""
+    of the site's own when it holds any. ``gaussian``: the site's DP-SGD is exactly a
+    Gaussian composition (:func:`gaussian_composition` of its ledger), so the verdict uses
+    the Gaussian-DP bound."""
     path = Path(state_dir) / FILE_NAME
     updates, shapes = read_updates(received_dir) if received_dir is not None else ([], [])
     source = "server (the updates it received)"
@@ -190,7 +210,8 @@ def audit_state_dir(state_dir: Path, *, claimed_epsilon: float | None, delta: fl
     if not path.exists() or not updates:
         return None
     canaries = load(path)
-    result = audit(scores(updates, canaries, shapes), canaries.included, delta=delta, confidence=confidence)
+    result = audit(scores(updates, canaries, shapes), canaries.included, delta=delta, confidence=confidence,
+                   gaussian=gaussian and claimed_epsilon is not None)
     out = {**result.to_dict(), "state_dir": str(state_dir), "rounds_read": len(updates),
            "updates_read_from": source, "claimed_epsilon": claimed_epsilon}
     if claimed_epsilon is None:
