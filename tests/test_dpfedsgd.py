@@ -343,3 +343,23 @@ def test_a_site_refuses_a_sample_rate_outside_0_1():
         with pytest.raises(sa.SecAggError, match="no valid sample rate"):
             _check_distributed(plan.to_json().replace(f'"sample_rate": {plan.sample_rate}', f'"sample_rate": {bad}'),
                                params)
+
+
+def test_optimizer_state_of_another_shape_is_refused_at_load_not_in_a_later_step():
+    opt = ServerOptimizer(_vae(), lr=0.01)
+    opt.step(np.zeros(sum(p.numel() for p in opt.params)))
+    state = opt.state_tensors()
+    state["0.exp_avg"] = torch.zeros(3)  # a damaged or foreign checkpoint
+    with pytest.raises(ValueError, match="does not fit the model"):
+        ServerOptimizer(_vae(), lr=0.01).load_state_tensors(state)
+
+
+def test_a_site_refuses_distributed_parameters_with_an_overflowing_count():
+    from fedgen.client.secagg import _check_distributed
+
+    params = sa.SecAggParams(threshold=3, bits=62, clip_norm=1.0, num_sites=5)
+    text = json.dumps({**json.loads(sk.DistributedRelease(
+        scale=4.0, dim=3, size=3, mu=5.0, threshold=3, num_sites=5, bits=62, max_records=10).to_json()),
+        "rounds": 1e400})  # JSON's Infinity: int() raises OverflowError, not ValueError
+    with pytest.raises(sa.SecAggError, match="malformed distributed-noise parameters"):
+        _check_distributed(text, params)
