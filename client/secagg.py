@@ -204,7 +204,7 @@ def _check_distributed(text: str, params: sa.SecAggParams) -> None:
     releases anything: the same modulus and threshold, and a scale whose sum cannot wrap."""
     try:
         release = DistributedRelease.from_json(text)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: a count of 1e400
         raise sa.SecAggError("malformed distributed-noise parameters") from None
     if release.bits != params.bits or release.threshold != params.threshold:
         raise sa.SecAggError("the distributed-noise parameters do not match the round's bits and threshold")

@@ -284,6 +284,9 @@ def _distributed_release_round(model: Releasing, data: SiteData, *, release: Dis
     n = len(data)
     if ledger is None:
         raise ValueError("a distributed release needs DP (privacy.enabled) and the site's ledger")
+    if release.sample_rate != 1.0:  # its share and budget check would use a q the site does not sample at
+        raise ValueError(f"the distributed release's parameters name sample rate {release.sample_rate:g}, but a "
+                         "release sums every record (sample rate 1); the site refuses them")
     shape = tuple(model.state_dict()[model.release_buffer].shape)
     if shape[-1] != release.dim or int(np.prod(shape)) != release.size:
         raise ValueError(f"the distributed release is planned for {release.size} values of {release.dim}, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from functools import lru_cache
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -137,11 +137,16 @@ def affordable_steps(
     delta: float,
     target_epsilon: float,
     accountant: str,
+    spent: Callable[[int], float] | None = None,
 ) -> int:
     """The largest ``k <= wanted`` such that adding ``k`` steps at (sigma, q) to ``history``
-    keeps epsilon <= ``target_epsilon`` (binary search; epsilon is monotone in k)."""
+    keeps epsilon <= ``target_epsilon`` (binary search; epsilon is monotone in k).
+    ``spent(k)``: epsilon after the ``k`` steps when ``history`` is not the whole story (a
+    site ledger with distributed Skellam entries: ``SiteLedger.epsilon_with``)."""
 
     def fits(k: int) -> bool:
+        if spent is not None:
+            return spent(k) <= target_epsilon
         entries = history + [(noise_multiplier, sample_rate, k)]
         return epsilon_of(entries, delta=delta, accountant=accountant) <= target_epsilon
 

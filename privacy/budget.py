@@ -43,7 +43,8 @@ def affordable_dp_sgd_steps(ledger: SiteLedger, *, wanted: int) -> int:
         raise ValueError(f"site {ledger.site}: DP-SGD sigma not calibrated yet (call dp_sgd_noise_multiplier)")
     return affordable_steps(
         ledger.accountant_history(), noise_multiplier=ledger.noise_multiplier, sample_rate=ledger.sample_rate,
-        wanted=wanted, delta=ledger.delta, target_epsilon=ledger.target_epsilon, accountant=ledger.accountant)
+        wanted=wanted, delta=ledger.delta, target_epsilon=ledger.target_epsilon, accountant=ledger.accountant,
+        spent=lambda k: ledger.epsilon_with(ledger.noise_multiplier, ledger.sample_rate, k))
 
 
 def charge_dp_sgd_round(ledger: SiteLedger, *, round: int, steps: int, run: str | int | None) -> RoundSpend:

@@ -95,6 +95,18 @@ class SiteLedger:
             return skellam_ledger_epsilon(self.history, self.delta)
         return epsilon_of(self.accountant_history(), delta=self.delta, accountant=self.accountant)
 
+    def epsilon_with(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Epsilon after ``steps`` more Gaussian steps at (sigma, q): what a site checks before
+        a DP-SGD round or a release. Distributed Skellam entries (from another run of the same
+        site) count as in :attr:`epsilon`, not as their Gaussian-equivalent ``noise_multiplier``
+        (which under-counts them: no l1 term, and the exact subsampled Gaussian bound)."""
+        if not any(h.skellam for h in charged(self.history)):
+            return epsilon_of(self.accountant_history() + [(noise_multiplier, sample_rate, steps)],
+                              delta=self.delta, accountant=self.accountant)
+        step = RoundSpend(round=-1, steps=steps, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                          epsilon=0.0)
+        return skellam_ledger_epsilon([*self.history, step], self.delta)
+
     def rounds(self, run: str | None = None) -> set[int]:
         """Rounds recorded for ``run`` (``None``: entries without a run, i.e. simulation)."""
         return {h.round for h in self.history if h.run == run}

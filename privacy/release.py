@@ -44,7 +44,9 @@ class GaussianRelease:
         """Whether the site's history plus this release stays within its target epsilon."""
         return affordable_steps(ledger.accountant_history(), noise_multiplier=self.noise_multiplier,
                                 sample_rate=RELEASE_SAMPLE_RATE, wanted=RELEASE_STEPS, delta=ledger.delta,
-                                target_epsilon=ledger.target_epsilon, accountant=ledger.accountant) == RELEASE_STEPS
+                                target_epsilon=ledger.target_epsilon, accountant=ledger.accountant,
+                                spent=lambda k: ledger.epsilon_with(self.noise_multiplier, RELEASE_SAMPLE_RATE, k)
+                                ) == RELEASE_STEPS
 
     def noised(self, statistic_sum: Tensor, generator: torch.Generator) -> Tensor:
         """``statistic_sum + N(0, sigma^2 I)``. The noise is drawn on ``generator``'s device

@@ -48,8 +48,9 @@ class ServerOptimizer:
         for name, v in tensors.items():
             i, k = name.split(".", 1)
             state.setdefault(int(i), {})[k] = v.clone()
-        if not set(state) <= set(range(len(self.params))):
-            raise ValueError("the optimizer state does not fit the model")
+        if not set(state) <= set(range(len(self.params))) or any(
+                v.shape not in (self.params[i].shape, torch.Size([])) for i, st in state.items() for v in st.values()):
+            raise ValueError("the optimizer state does not fit the model")  # else Adam fails in a later round
         full = self.optimizer.state_dict()
         full["state"] = state
         self.optimizer.load_state_dict(full)

@@ -380,3 +380,27 @@ def test_the_planned_shares_stay_in_the_exact_range_of_the_poisson_sampler(epsil
     big = sk.skellam_noise((20000,), 20 * sk.MAX_POISSON_RATE, np.random.default_rng(1))  # drawn in 10 parts
     assert big.std() == pytest.approx(math.sqrt(20 * sk.MAX_POISSON_RATE), rel=0.03)
     assert {int(v) for v in np.unique(big % 4)} == {0, 1, 2, 3}
+
+
+def test_a_release_refuses_parameters_that_claim_a_sample_rate_below_one():
+    """A distributed release sums every record (q = 1) and is charged at q = 1. A server whose
+    parameters claim q < 1 would have the site size its share and check its budget by the
+    subsampled bound (a tiny mu), then charge the true q = 1 spend: far above its max-epsilon.
+    The site refuses such parameters before anything leaves and spends nothing."""
+    from fedgen.client.data import SiteData
+    from fedgen.client.training import _distributed_release_round
+
+    model = build_model("mmd", data_shape=(1, 8, 8), num_classes=3, architecture="mlp", num_features=64)
+    shape = tuple(model.state_dict()[model.release_buffer].shape)
+    lying = sk.plan_distributed_release(epsilon=4.0, delta=DELTA, bits=48, num_sites=5, threshold=3,
+                                        max_records=100, dim=shape[-1], size=int(np.prod(shape)), sample_rate=0.01)
+    gen = torch.Generator().manual_seed(2)
+    data = SiteData(x=torch.rand(40, 1, 8, 8, generator=gen), y=torch.arange(40) % 3, num_classes=3, source="test")
+    ledger = SiteLedger(site="a", accountant="rdp", delta=DELTA, target_epsilon=4.0, max_grad_norm=1.0)
+    try:
+        _distributed_release_round(model, data, release=lying, ledger=ledger, server_round=1,
+                                   noise_rng=torch.Generator().manual_seed(3), device=torch.device("cpu"), run=None)
+    except ValueError as err:
+        assert "sample rate" in str(err)
+    assert ledger.epsilon <= 4.0 * (1 + 1e-6)  # on main: the round went through and charged eps >> 4
+    assert not ledger.history  # refused: nothing charged, nothing released

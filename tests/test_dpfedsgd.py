@@ -343,3 +343,48 @@ def test_a_site_refuses_a_sample_rate_outside_0_1():
         with pytest.raises(sa.SecAggError, match="no valid sample rate"):
             _check_distributed(plan.to_json().replace(f'"sample_rate": {plan.sample_rate}', f'"sample_rate": {bad}'),
                                params)
+
+
+def test_optimizer_state_of_another_shape_is_refused_at_load_not_in_a_later_step():
+    opt = ServerOptimizer(_vae(), lr=0.01)
+    opt.step(np.zeros(sum(p.numel() for p in opt.params)))
+    state = opt.state_tensors()
+    state["0.exp_avg"] = torch.zeros(3)  # a damaged or foreign checkpoint
+    with pytest.raises(ValueError, match="does not fit the model"):
+        ServerOptimizer(_vae(), lr=0.01).load_state_tensors(state)
+
+
+def test_a_site_refuses_distributed_parameters_with_an_overflowing_count():
+    from fedgen.client.secagg import _check_distributed
+
+    params = sa.SecAggParams(threshold=3, bits=62, clip_norm=1.0, num_sites=5)
+    text = json.dumps({**json.loads(sk.DistributedRelease(
+        scale=4.0, dim=3, size=3, mu=5.0, threshold=3, num_sites=5, bits=62, max_records=10).to_json()),
+        "rounds": 1e400})  # JSON's Infinity: int() raises OverflowError, not ValueError
+    with pytest.raises(sa.SecAggError, match="malformed distributed-noise parameters"):
+        _check_distributed(text, params)
+
+
+def test_a_later_dp_sgd_run_or_release_counts_the_ledgers_skellam_entries_in_full():
+    """A deployed site's ledger outlives runs. After a DP-FedSGD run (Skellam entries at q < 1),
+    a local DP-SGD round or a Gaussian release must check its budget against the Skellam
+    bound, not the entries' Gaussian-equivalent sigma (which reads 3.4 for an eps of 5 here):
+    on main the site trained 200 steps and ended at eps 10.4 against its target 10."""
+    from fedgen.privacy.budget import affordable_dp_sgd_steps, charge_dp_sgd_round, dp_sgd_noise_multiplier
+    from fedgen.privacy.release import GaussianRelease
+
+    l2 = sk.rounded_l2_bound(100.0, 1000)
+    l1 = sk.rounded_l1_bound(l2, 1000)
+    mu = sk.calibrate_mu(epsilon=5.0, delta=DELTA, l1=l1, l2=l2, sample_rate=0.2, steps=20)
+    ledger = SiteLedger(site="a", accountant="rdp", delta=DELTA, target_epsilon=10.0, max_grad_norm=1.0)
+    for r in range(1, 21):
+        sk.charge_distributed(ledger, {"mu": mu, "l1": l1, "l2": l2}, round=r, run="1", sample_rate=0.2)
+    assert ledger.epsilon == pytest.approx(5.0, rel=1e-3)
+    release = GaussianRelease(noise_multiplier=0.6)  # the Gaussian view: eps 9.36 after it; in full 10.03
+    assert not release.affordable(ledger)
+    assert GaussianRelease(noise_multiplier=0.7).affordable(ledger)  # 8.92 in full
+    dp_sgd_noise_multiplier(ledger, sample_rate=0.1, planned_steps=200, target_epsilon=10.0, delta=DELTA,
+                            accountant="rdp")
+    steps = affordable_dp_sgd_steps(ledger, wanted=200)
+    charge_dp_sgd_round(ledger, round=1, steps=steps, run="2")
+    assert 0 < steps < 200 and 9.5 < ledger.epsilon <= 10.0
