@@ -81,12 +81,20 @@ def _train(msg: Message, context: Context, task: TaskConfig, site: str, server_r
         "dp-steps": result.dp_steps,
         "epsilon": ledger.epsilon if ledger is not None else 0.0,
     }
-    if result.status == "trained" and math.isfinite(result.train_loss):  # a release round has no loss
+    if (result.status == "trained" and math.isfinite(result.train_loss)  # a release round has no loss
+            and not _loss_withheld(msg, context)):
         metrics["train-loss"] = result.train_loss
     arrays = ArrayRecord(model.state_dict()) if result.status == "trained" else None
     if arrays is not None and result.release is not None:  # only the noised integer sum, for masking
         arrays = ArrayRecord({sa.DISTRIBUTED: Array(np.ascontiguousarray(result.release))})
     return site_reply(msg, site, metrics, ledger=ledger, message=result.message, arrays=arrays)
+
+
+def _loss_withheld(msg: Message, context: Context) -> bool:
+    """Under secure aggregation the server is to see only sums (docs/aggregation.md), so a
+    deployed site (``data-path`` in its node config) keeps its training loss, a statistic of
+    its private data outside ε, to itself; a simulated site reports it to its harness."""
+    return bool(msg.content["config"].get(sa.PENDING)) and "data-path" in context.node_config
 
 
 def _white_box_state(context: Context, task: TaskConfig, site: str, run_dir: str):

@@ -314,5 +314,6 @@ def test_a_deployed_round_with_secure_aggregation(tmp_path, digits):
         row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
         assert row["secure_aggregation"]["released"] is True and row["secure_aggregation"]["sites_aggregated"] == 2
         assert sorted(row["sites_trained"]) == ["site0", "site1"]
+        assert row["train_loss"] is None  # a deployed site under secure aggregation sends only the masked sum
     finally:
         dep.close()
