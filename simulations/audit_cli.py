@@ -618,8 +618,7 @@ def _audit_with(inputs: AuditInputs, stats: _Statistics, *, seed: int, settings:
         if found is None:  # a release family's audit run
             found = release_canaries.audit_site(inputs.white_box_dir, claimed_epsilon=inputs.white_box_claim,
                                                 delta=inputs.delta, confidence=confidence,
-                                                received_dir=inputs.white_box_received,
-                                      gaussian=inputs.white_box_gaussian)
+                                                received_dir=inputs.white_box_received)
         if found is None:
             raise AuditError(f"{inputs.white_box_dir}: no {dirac.FILE_NAME} or recorded updates; the white-box "
                              "audit site trained no round")
