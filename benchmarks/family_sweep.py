@@ -1,0 +1,152 @@
+"""The per-family MNIST sweep (issue 18): vae, gan, flow and diffusion at epsilon 10 and 1 on
+the `mnist-utility` federation, the `mmd` release alone beside them. Runs nothing: it reads
+the summaries already in benchmarks/results/ and draws the table and the plot of
+docs/benchmarks.md, "The per-family MNIST sweep".
+
+    # after `fedgen simulate scenarios/gan-mnist.yaml [--set privacy.target_epsilon=1] --out RUN`:
+    python benchmarks/family_sweep.py --collect gan 10 RUN   # summary + last grid into place
+    python benchmarks/family_sweep.py                        # table (stdout), plot, json
+
+``--collect`` copies RUN/summary.json to benchmarks/results/{family}-mnist-eps{E}-summary.json
+and RUN's last per-class grid (row i = class i) to docs/img/{family}-mnist-eps{E}.png (grey,
+to keep it small). The plain form writes docs/img/family-sweep-tstr.png (TSTR against epsilon,
+one line a family, `mmd` dashed, the 90 % target dotted) and
+benchmarks/results/family_sweep.json, and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedgen.privacy.ledger import atomic_write, atomic_write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+IMG = ROOT / "docs" / "img"
+FAMILIES = ("vae", "gan", "flow", "diffusion")
+EPSILONS = (1, 10)
+TARGET_TSTR = 0.90
+#: the `mmd` release alone on the same federation (docs/benchmarks.md, "Privacy-utility on MNIST")
+MMD = {10: RESULTS / "mnist-utility-eps10-summary.json", 1: RESULTS / "mnist-utility-eps1-summary.json"}
+COLUMNS = ("epsilon", "tstr_accuracy", "trtr_accuracy", "fid_domain", "precision", "recall", "label_agreement",
+           "wall_seconds")
+
+
+def summary_path(family: str, epsilon: int) -> Path:
+    return RESULTS / f"{family}-mnist-eps{epsilon}-summary.json"
+
+
+def collect(family: str, epsilon: int, run: Path) -> None:
+    """Copy a finished run's summary and last sample grid into place."""
+    if not (run / "summary.json").exists():
+        raise SystemExit(f"{run}: no summary.json; let the run finish first (or pass its run directory)")
+    grids = sorted((run / "samples").glob("round-*.png"))
+    if not grids:
+        raise SystemExit(f"{run}/samples: no round-*.png grid; the run wrote no samples")
+    text = (run / "summary.json").read_text()
+    atomic_write_text(summary_path(family, epsilon), text)
+    from PIL import Image  # matplotlib's dependency
+
+    grey = Image.open(grids[-1]).convert("L")
+    atomic_write(IMG / f"{family}-mnist-eps{epsilon}.png", lambda fh: grey.save(fh, format="PNG", optimize=True))
+
+
+def row(summary: dict) -> dict:
+    m = summary.get("metrics", {})
+    return {"epsilon": summary.get("epsilon"), "wall_seconds": summary.get("wall_seconds"),
+            **{k: m.get(k) for k in COLUMNS if k in m}}
+
+
+def table() -> dict[str, dict[int, dict]]:
+    """{name: {epsilon: row}} for every summary present (families, then `mmd`)."""
+    out: dict[str, dict[int, dict]] = {}
+    for name, paths in [*((f, {e: summary_path(f, e) for e in EPSILONS}) for f in FAMILIES), ("mmd", MMD)]:
+        rows = {e: row(json.loads(p.read_text())) for e, p in paths.items() if p.exists()}
+        if rows:
+            out[name] = rows
+    return out
+
+
+def _fmt(value: float | None, kind: str) -> str:
+    if value is None:
+        return ""
+    if kind in ("tstr_accuracy", "trtr_accuracy"):
+        return f"{100 * value:.1f} %"
+    if kind == "fid_domain":
+        return f"{value:.1f}"
+    if kind == "epsilon":
+        return f"{value:.2f}"
+    if kind == "wall_seconds":
+        return f"{value:,.0f} s".replace(",", " ")
+    return f"{value:.2f}"
+
+
+def markdown(rows: dict[str, dict[int, dict]]) -> str:
+    head = "| family | ε target | ε reached | TSTR | TRTR | domain FID | precision | recall | label agreement | wall |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, by_eps in rows.items():
+        for eps in sorted(by_eps, reverse=True):
+            r = by_eps[eps]
+            cells = [_fmt(r.get(k), k) for k in COLUMNS]
+            lines.append(f"| {name} | {eps} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict[int, dict]], path: Path) -> Path | None:
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, by_eps in rows.items():
+        pts = sorted((e, r["tstr_accuracy"]) for e, r in by_eps.items() if r.get("tstr_accuracy") is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=4, label=name,
+                    linestyle="--" if name == "mmd" else "-", color="black" if name == "mmd" else None)
+    ax.axhline(100 * TARGET_TSTR, color="grey", linestyle=":", linewidth=1, label="target 90 %")
+    ax.set_xscale("log")
+    ax.set_xticks(list(EPSILONS), [str(e) for e in EPSILONS])
+    ax.set_xlabel("ε (δ = 1e-5)")
+    ax.set_ylabel("TSTR accuracy, %")
+    ax.set_title("MNIST, 10 sites, Dirichlet 0.5: TSTR per family", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+
+    def write(fh) -> None:
+        fig.savefig(fh, format="png", dpi=90)
+
+    atomic_write(path, write)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--collect", nargs=3, action="append", default=[], metavar=("FAMILY", "EPSILON", "RUN"),
+                        help="copy a finished run's summary.json and last grid into place (repeatable)")
+    args = parser.parse_args(argv)
+    for family, eps, run in args.collect:
+        if family not in FAMILIES:
+            raise SystemExit(f"--collect: unknown family {family!r}; one of {', '.join(FAMILIES)}")
+        if eps not in {str(e) for e in EPSILONS}:
+            raise SystemExit(f"--collect: epsilon {eps!r} is not in the sweep; one of {', '.join(map(str, EPSILONS))}")
+        collect(family, int(eps), Path(run))
+    rows = table()
+    plot(rows, IMG / "family-sweep-tstr.png")
+    atomic_write_text(RESULTS / "family_sweep.json", json.dumps(
+        {name: {str(e): r for e, r in by_eps.items()} for name, by_eps in rows.items()}, indent=2) + "\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BrokenPipeError:  # `| head`
+        sys.exit(0)
