@@ -110,6 +110,7 @@ def plot(rows: dict[str, dict[int, dict]], path: Path) -> Path | None:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=4, label=name,
                     linestyle="--" if name == "mmd" else "-", color="black" if name == "mmd" else None)
     ax.axhline(100 * TARGET_TSTR, color="grey", linestyle=":", linewidth=1, label="target 90 %")
+    ax.set_ylim(0, 100)
     ax.set_xscale("log")
     ax.set_xticks(list(EPSILONS), [str(e) for e in EPSILONS])
     ax.set_xlabel("ε (δ = 1e-5)")
