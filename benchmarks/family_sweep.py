@@ -31,6 +31,14 @@ EPSILONS = (1, 10)
 TARGET_TSTR = 0.90
 #: the `mmd` release alone on the same federation (docs/benchmarks.md, "Privacy-utility on MNIST")
 MMD = {10: RESULTS / "mnist-utility-eps10-summary.json", 1: RESULTS / "mnist-utility-eps1-summary.json"}
+#: where the sweep has no full-size run yet: the closest earlier figure, marked in the table and
+#: drawn hollow in the plot (docs/benchmarks.md says what each was)
+EARLIER = {
+    ("vae", 10): ("vae-mnist-eps10-first-summary.json", "first run (00:09, release init before the seed-only fix)"),
+    ("flow", 10): ("flow-mnist-eps10-first-summary.json", "first run (00:44, release init before the seed-only fix)"),
+    ("diffusion", 10): ("diffusion-mnist-reduced-eps10-summary.json", "reduced (200-step generator fit)"),
+    ("gan", 10): ("gan-mnist-reduced-eps10-summary.json", "reduced (200-step generator fit)"),
+}
 COLUMNS = ("epsilon", "tstr_accuracy", "trtr_accuracy", "fid_domain", "precision", "recall", "label_agreement",
            "wall_seconds")
 
@@ -54,17 +62,24 @@ def collect(family: str, epsilon: int, run: Path) -> None:
     atomic_write(IMG / f"{family}-mnist-eps{epsilon}.png", lambda fh: grey.save(fh, format="PNG", optimize=True))
 
 
-def row(summary: dict) -> dict:
+def row(summary: dict, run: str = "full size") -> dict:
     m = summary.get("metrics", {})
-    return {"epsilon": summary.get("epsilon"), "wall_seconds": summary.get("wall_seconds"),
+    return {"run": run, "epsilon": summary.get("epsilon"), "wall_seconds": summary.get("wall_seconds"),
             **{k: m.get(k) for k in COLUMNS if k in m}}
 
 
 def table() -> dict[str, dict[int, dict]]:
-    """{name: {epsilon: row}} for every summary present (families, then `mmd`)."""
+    """{name: {epsilon: row}} for every summary present (families, then `mmd`); a family
+    without a full-size run at an epsilon gets its :data:`EARLIER` figure, marked."""
     out: dict[str, dict[int, dict]] = {}
-    for name, paths in [*((f, {e: summary_path(f, e) for e in EPSILONS}) for f in FAMILIES), ("mmd", MMD)]:
-        rows = {e: row(json.loads(p.read_text())) for e, p in paths.items() if p.exists()}
+    for name in (*FAMILIES, "mmd"):
+        rows = {}
+        for e in EPSILONS:
+            path = MMD.get(e) if name == "mmd" else summary_path(name, e)
+            if path is not None and path.exists():
+                rows[e] = row(json.loads(path.read_text()))
+            elif (name, e) in EARLIER and (RESULTS / EARLIER[name, e][0]).exists():
+                rows[e] = row(json.loads((RESULTS / EARLIER[name, e][0]).read_text()), EARLIER[name, e][1])
         if rows:
             out[name] = rows
     return out
@@ -85,13 +100,13 @@ def _fmt(value: float | None, kind: str) -> str:
 
 
 def markdown(rows: dict[str, dict[int, dict]]) -> str:
-    head = "| family | ε target | ε reached | TSTR | TRTR | domain FID | precision | recall | label agreement | wall |"
+    head = "| family | run | ε target | ε reached | TSTR | TRTR | domain FID | precision | recall | label agreement | wall |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, by_eps in rows.items():
         for eps in sorted(by_eps, reverse=True):
             r = by_eps[eps]
             cells = [_fmt(r.get(k), k) for k in COLUMNS]
-            lines.append(f"| {name} | {eps} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {r['run']} | {eps} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -105,17 +120,22 @@ def plot(rows: dict[str, dict[int, dict]], path: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, by_eps in rows.items():
-        pts = sorted((e, r["tstr_accuracy"]) for e, r in by_eps.items() if r.get("tstr_accuracy") is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=4, label=name,
-                    linestyle="--" if name == "mmd" else "-", color="black" if name == "mmd" else None)
+        pts = sorted((e, 100 * r["tstr_accuracy"], r["run"] == "full size") for e, r in by_eps.items()
+                     if r.get("tstr_accuracy") is not None)
+        if not pts:
+            continue
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name,
+                          linestyle="--" if name == "mmd" else "-", color="black" if name == "mmd" else None)
+        for e, tstr, full in pts:  # hollow: an earlier or reduced run, not the sweep's
+            ax.plot([e], [tstr], marker="o", ms=5, color=line.get_color(),
+                    markerfacecolor=line.get_color() if full else "white")
     ax.axhline(100 * TARGET_TSTR, color="grey", linestyle=":", linewidth=1, label="target 90 %")
     ax.set_ylim(0, 100)
     ax.set_xscale("log")
     ax.set_xticks(list(EPSILONS), [str(e) for e in EPSILONS])
     ax.set_xlabel("ε (δ = 1e-5)")
     ax.set_ylabel("TSTR accuracy, %")
-    ax.set_title("MNIST, 10 sites, Dirichlet 0.5: TSTR per family", fontsize=9)
+    ax.set_title("MNIST, 10 sites, Dirichlet 0.5: TSTR per family (hollow: earlier/reduced run)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -49,8 +49,8 @@ def test_collect_table_and_plot(sweep, tmp_path, capsys):
     grid = Image.open(tmp_path / "img" / "gan-mnist-eps10.png")
     assert grid.mode == "L" and grid.getpixel((0, 0)) == 255  # the last round's grid, grey
     out = capsys.readouterr().out.splitlines()
-    assert out[2] == "| gan | 10 | 10.00 | 81.2 % | 92.9 % | 20.2 | 0.70 | 0.80 | 0.75 | 1 234 s |"
-    assert out[3].startswith("| mmd | 10 | 10.00 | 86.6 %")
+    assert out[2] == "| gan | full size | 10 | 10.00 | 81.2 % | 92.9 % | 20.2 | 0.70 | 0.80 | 0.75 | 1 234 s |"
+    assert out[3].startswith("| mmd | full size | 10 | 10.00 | 86.6 %")
     assert (tmp_path / "img" / "family-sweep-tstr.png").stat().st_size > 0
     table = json.loads((tmp_path / "results" / "family_sweep.json").read_text())
     assert table["gan"]["10"]["tstr_accuracy"] == 0.812 and set(table) == {"gan", "mmd"}
