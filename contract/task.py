@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
+import numpy as np
+
+from fedgen.privacy.dp_fedsgd import plan_dp_fedsgd
 from fedgen.privacy.site_level import SiteLevelDP
+from fedgen.privacy.skellam import DistributedRelease, plan_distributed_release
 from fedgen.shared_models import GenerativeModel, build_model
 
 from .rundir import DataSpec
@@ -214,3 +218,22 @@ def site_level_mechanism(scenario: Scenario, num_sites: int) -> SiteLevelDP | No
                                   sample_rate=cfg.sample_rate, num_sites=num_sites,
                                   planned_rounds=scenario.federation.rounds, accountant=scenario.privacy.accountant,
                                   noise_multiplier=cfg.noise_multiplier)
+
+
+def distributed_noise_plan(scenario: Scenario, model: GenerativeModel) -> DistributedRelease | None:
+    """The public parameters of the distributed Skellam noise (privacy/skellam.py), planned
+    once before round 1 from the scenario and the round-1 model: every site's epsilon
+    target, the bit width, the threshold and the shape of what a site sums -- the release
+    buffer of a release family, or one private step's gradient for DP-FedSGD
+    (privacy/dp_fedsgd.py). None unless ``noise: distributed``; raises
+    :class:`~fedgen.privacy.skellam.BitsTooSmall` when the bit width cannot hold the sum."""
+    fed, cfg = scenario.federation, scenario.privacy
+    sec = fed.secure_aggregation
+    if sec is None or sec.noise != "distributed":
+        return None
+    common = dict(epsilon=cfg.target_epsilon, delta=cfg.delta, bits=sec.bits, num_sites=fed.num_sites,
+                  threshold=sec.threshold, max_records=sec.max_records)
+    if model.training_mode == "sgd":  # DP-FedSGD: one private step a round
+        return plan_dp_fedsgd(model, batch_size=scenario.training.batch_size, rounds=fed.rounds, **common)
+    shape = tuple(model.state_dict()[model.release_buffer].shape)
+    return plan_distributed_release(dim=shape[-1], size=int(np.prod(shape)), **common)

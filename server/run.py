@@ -25,11 +25,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedgen.contract import rundir
-from fedgen.contract.task import build_global_model, example_level, site_level_mechanism, task_from_scenario
+from fedgen.contract.task import (build_global_model, distributed_noise_plan, example_level, site_level_mechanism,
+                                  task_from_scenario)
 from fedgen.privacy.ledger import PrivacyLedger, SiteLedger, site_sort_key
 from fedgen.privacy.site_level import SiteLevelDP
-from fedgen.privacy.dp_fedsgd import plan_dp_fedsgd
-from fedgen.privacy.skellam import DistributedRelease, plan_distributed_release
 from fedgen.shared_models.warm_start import ReleaseWarmStart
 
 from . import checkpoint
@@ -83,7 +82,7 @@ class FederatedRun:
         self.secagg = None if sec is None else SecAggWorkflow(
             threshold=sec.threshold, bits=sec.bits, clip_norm=sec.clip_norm, num_neighbours=sec.neighbours,
             timeout=self.fed.round_timeout_s, rng=self.sampling_rng,
-            distributed=self._distributed_release() if sec.noise == "distributed" else None)
+            distributed=distributed_noise_plan(self.scenario, self.model))
         #: DP-FedSGD with distributed noise (server/dpfedsgd.py): the server takes the optimizer step
         self.server_optimizer = (ServerOptimizer(self.model, lr=self.scenario.training.lr)
                                  if self.secagg is not None and self.secagg.distributed is not None
@@ -352,20 +351,6 @@ class FederatedRun:
                             rnd.round, site, err)
         if rnd.ledgers and example_level(self.scenario):
             record.epsilon = self.ledger.epsilon
-
-    def _distributed_release(self) -> DistributedRelease:
-        """The public parameters of the distributed Skellam release (privacy/skellam.py),
-        planned once before round 1 from the scenario: every site's epsilon target, the bit
-        width, the threshold and the model's release shape."""
-        sec, cfg = self.fed.secure_aggregation, self.privacy_cfg
-        if self.model.training_mode == "sgd":  # DP-FedSGD: one private step a round (privacy/dp_fedsgd.py)
-            return plan_dp_fedsgd(self.model, epsilon=cfg.target_epsilon, delta=cfg.delta, bits=sec.bits,
-                                  num_sites=self.fed.num_sites, threshold=sec.threshold, max_records=sec.max_records,
-                                  batch_size=self.scenario.training.batch_size, rounds=self.fed.rounds)
-        shape = tuple(self.model.state_dict()[self.model.release_buffer].shape)
-        return plan_distributed_release(epsilon=cfg.target_epsilon, delta=cfg.delta, bits=sec.bits,
-                                        num_sites=self.fed.num_sites, threshold=sec.threshold,
-                                        max_records=sec.max_records, dim=shape[-1], size=int(np.prod(shape)))
 
     def _prepare_updates(self, ok: list[Message], arrays: ArrayRecord, record: RoundRecord) -> None:
         """Norm bounding and the robust rules' report, before a plain strategy aggregates.

@@ -22,9 +22,10 @@ import yaml
 from fedgen.client.data import SiteData, declared_table, load_data
 from fedgen.evaluation.features import default_cache_dir
 from fedgen.privacy.audit import plan_canaries
+from fedgen.privacy.skellam import BitsTooSmall
 from fedgen.contract import rundir
 from fedgen.contract.data_formats import recorded_options
-from fedgen.contract.task import build_global_model, site_level_mechanism
+from fedgen.contract.task import build_global_model, distributed_noise_plan, site_level_mechanism
 
 from .errors import PartitionError, ScenarioError
 from .warm_start import public_set
@@ -102,7 +103,11 @@ def check_scenario(scenario: Scenario) -> tuple[SiteData, list[np.ndarray], np.n
     sites, holdout = split_sites(scenario, data)
     site_feature_skew(scenario, data)  # feature skew on data that are not images fails here
     spec = _spec(scenario, data)
-    _build_model(scenario, spec, f"the data ({data.source})")  # a release share is checked by the contract
+    model = _build_model(scenario, spec, f"the data ({data.source})")  # a release share is checked by the contract
+    try:  # the sum of what the sites add under distributed noise must fit the bit width
+        distributed_noise_plan(scenario, model)
+    except BitsTooSmall as err:
+        raise ScenarioError(f"federation.secure_aggregation.bits: {err}") from None
     check_delta(scenario, max(len(s) for s in sites))
     public_set(scenario, spec.shape, spec.num_classes)  # a warm start's public set must fit the model
     site_level_mechanism(scenario, spec.num_sites)  # a site-level budget that cannot be met fails here

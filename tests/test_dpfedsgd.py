@@ -388,3 +388,15 @@ def test_a_later_dp_sgd_run_or_release_counts_the_ledgers_skellam_entries_in_ful
     steps = affordable_dp_sgd_steps(ledger, wanted=200)
     charge_dp_sgd_round(ledger, round=1, steps=steps, run="2")
     assert 0 < steps < 200 and 9.5 < ledger.epsilon <= 10.0
+
+
+def test_a_bit_width_too_small_for_the_gradient_is_one_line_before_any_run_directory(tmp_path):
+    """The plan needs the model's parameter count, so the scenario alone cannot check it:
+    the run's preparation builds the round-1 model and plans before it writes anything."""
+    from fedgen.simulations.prepare import prepare_run
+
+    overrides = ["federation.secure_aggregation.threshold=3", "federation.secure_aggregation.noise=distributed",
+                 "federation.secure_aggregation.bits=24", "training.local_steps=1", "warm_start=null"]
+    with pytest.raises(ScenarioError, match=r"^federation.secure_aggregation.bits: 24 bits cannot hold .* at least \d+$"):
+        prepare_run(REPO / "scenarios" / "quickstart.yaml", tmp_path / "runs", overrides)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
