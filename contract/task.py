@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass
 from enum import IntEnum
 from typing import Any
 
-import torch
-
 import numpy as np
+import torch
 
 from fedgen.privacy.dp_fedsgd import plan_dp_fedsgd
 from fedgen.privacy.site_level import SiteLevelDP
