@@ -137,19 +137,17 @@ def affordable_steps(
     delta: float,
     target_epsilon: float,
     accountant: str,
-    spent: Callable[[int], float] | None = None,
 ) -> int:
     """The largest ``k <= wanted`` such that adding ``k`` steps at (sigma, q) to ``history``
-    keeps epsilon <= ``target_epsilon`` (binary search; epsilon is monotone in k).
-    ``spent(k)``: epsilon after the ``k`` steps when ``history`` is not the whole story (a
-    site ledger with distributed Skellam entries: ``SiteLedger.epsilon_with``)."""
+    keeps epsilon <= ``target_epsilon``."""
+    return largest_affordable(
+        lambda k: epsilon_of(history + [(noise_multiplier, sample_rate, k)], delta=delta,
+                             accountant=accountant) <= target_epsilon, wanted)
 
-    def fits(k: int) -> bool:
-        if spent is not None:
-            return spent(k) <= target_epsilon
-        entries = history + [(noise_multiplier, sample_rate, k)]
-        return epsilon_of(entries, delta=delta, accountant=accountant) <= target_epsilon
 
+def largest_affordable(fits: Callable[[int], bool], wanted: int) -> int:
+    """The largest ``k <= wanted`` with ``fits(k)`` (0 if none), by binary search: ``fits``
+    is monotone (epsilon grows with the number of steps)."""
     if wanted <= 0 or not fits(1):
         return 0
     if fits(wanted):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from .accounting import affordable_steps, calibrate_after
+from .accounting import calibrate_after
 from .ledger import RoundSpend, SiteLedger
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,7 @@ def affordable_dp_sgd_steps(ledger: SiteLedger, *, wanted: int) -> int:
     target epsilon (0: the site must refuse). Call :func:`dp_sgd_noise_multiplier` first."""
     if ledger.noise_multiplier is None or ledger.sample_rate is None:
         raise ValueError(f"site {ledger.site}: DP-SGD sigma not calibrated yet (call dp_sgd_noise_multiplier)")
-    return affordable_steps(
-        ledger.accountant_history(), noise_multiplier=ledger.noise_multiplier, sample_rate=ledger.sample_rate,
-        wanted=wanted, delta=ledger.delta, target_epsilon=ledger.target_epsilon, accountant=ledger.accountant,
-        spent=lambda k: ledger.epsilon_with(ledger.noise_multiplier, ledger.sample_rate, k))
+    return ledger.affordable_steps(ledger.noise_multiplier, ledger.sample_rate, wanted=wanted)
 
 
 def charge_dp_sgd_round(ledger: SiteLedger, *, round: int, steps: int, run: str | int | None) -> RoundSpend:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from .accounting import HistoryEntry, epsilon_of
+from .accounting import HistoryEntry, epsilon_of, largest_affordable
 from .skellam import gaussian_rdp, rdp_epsilon, subsampled_skellam_rdp
 
 
@@ -91,21 +91,32 @@ class SiteLedger:
 
     @property
     def epsilon(self) -> float:
-        if any(h.skellam for h in charged(self.history)):
-            return skellam_ledger_epsilon(self.history, self.delta)
-        return epsilon_of(self.accountant_history(), delta=self.delta, accountant=self.accountant)
+        return self._epsilon(self.history)
 
-    def epsilon_with(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Epsilon after ``steps`` more Gaussian steps at (sigma, q): what a site checks before
-        a DP-SGD round or a release. Distributed Skellam entries (from another run of the same
+    def epsilon_after(self, *, steps: int, noise_multiplier: float, sample_rate: float,
+                      skellam: dict[str, float] | None = None) -> float:
+        """Epsilon once one more spend is added (not recorded): what a site checks before a
+        DP-SGD round or a release. Distributed Skellam entries (from another run of the same
         site) count as in :attr:`epsilon`, not as their Gaussian-equivalent ``noise_multiplier``
         (which under-counts them: no l1 term, and the exact subsampled Gaussian bound)."""
-        if not any(h.skellam for h in charged(self.history)):
-            return epsilon_of(self.accountant_history() + [(noise_multiplier, sample_rate, steps)],
-                              delta=self.delta, accountant=self.accountant)
-        step = RoundSpend(round=-1, steps=steps, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
-                          epsilon=0.0)
-        return skellam_ledger_epsilon([*self.history, step], self.delta)
+        spend = RoundSpend(round=-1, steps=steps, noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                           epsilon=0.0, skellam=skellam)
+        return self._epsilon([*self.history, spend])
+
+    def affordable_steps(self, noise_multiplier: float, sample_rate: float, *, wanted: int) -> int:
+        """The largest ``k <= wanted`` steps at (sigma, q) that keep the site within its target."""
+        return largest_affordable(
+            lambda k: self.epsilon_after(steps=k, noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+            <= self.target_epsilon, wanted)
+
+    def _epsilon(self, history: list[RoundSpend]) -> float:
+        """Epsilon of ``history``'s charged entries: the Skellam-aware RDP composition when any
+        is a distributed Skellam entry, else the ledger's accountant."""
+        counted = charged(history)
+        if any(h.skellam for h in counted):
+            return skellam_ledger_epsilon(history, self.delta)
+        return epsilon_of([(h.noise_multiplier, h.sample_rate, h.steps) for h in counted],
+                          delta=self.delta, accountant=self.accountant)
 
     def rounds(self, run: str | None = None) -> set[int]:
         """Rounds recorded for ``run`` (``None``: entries without a run, i.e. simulation)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .accounting import affordable_steps, calibrate_noise_multiplier
+from .accounting import calibrate_noise_multiplier
 from .ledger import RoundSpend, SiteLedger
 
 RELEASE_SAMPLE_RATE = 1.0  # every record is in the sum: no amplification by subsampling
@@ -42,11 +42,8 @@ class GaussianRelease:
 
     def affordable(self, ledger: SiteLedger) -> bool:
         """Whether the site's history plus this release stays within its target epsilon."""
-        return affordable_steps(ledger.accountant_history(), noise_multiplier=self.noise_multiplier,
-                                sample_rate=RELEASE_SAMPLE_RATE, wanted=RELEASE_STEPS, delta=ledger.delta,
-                                target_epsilon=ledger.target_epsilon, accountant=ledger.accountant,
-                                spent=lambda k: ledger.epsilon_with(self.noise_multiplier, RELEASE_SAMPLE_RATE, k)
-                                ) == RELEASE_STEPS
+        wanted = RELEASE_STEPS
+        return ledger.affordable_steps(self.noise_multiplier, RELEASE_SAMPLE_RATE, wanted=wanted) == wanted
 
     def noised(self, statistic_sum: Tensor, generator: torch.Generator) -> Tensor:
         """``statistic_sum + N(0, sigma^2 I)``. The noise is drawn on ``generator``'s device

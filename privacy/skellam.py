@@ -388,10 +388,8 @@ def site_spend(release: DistributedRelease, ledger) -> tuple[float, dict[str, fl
                          "(or 64 draws of the exact sampler) can hold; align the site's policy with the scenario's "
                          "epsilon")
     spend = {"mu": protected, "l1": release.l1, "l2": release.l2}
-    trial = type(ledger).from_dict(ledger.to_dict())
-    trial.record_round(round=-1, steps=1, noise_multiplier=1.0, sample_rate=release.sample_rate,
-                       run="affordability", skellam=spend)
-    if trial.epsilon > ledger.target_epsilon * (1 + 1e-6):
+    if ledger.epsilon_after(steps=1, noise_multiplier=1.0, sample_rate=release.sample_rate,
+                            skellam=spend) > ledger.target_epsilon * (1 + 1e-6):
         return None
     return own, spend
 
