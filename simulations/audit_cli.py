@@ -191,22 +191,25 @@ def load_checkpoint_model(path: Path, *, data_shape: tuple[int, ...], num_classe
 
 
 def _run_privacy(run_dir: Path, scenario: Scenario,
-                 canaries: Canaries | None) -> tuple[float | None, float | None, str]:
-    """(claimed epsilon, delta, where the claim comes from). With canaries the claim is
-    the canary site's own epsilon (<= the run's max over sites): the tighter comparison."""
+                 canaries: Canaries | None) -> tuple[float | None, float | None, str, float | None]:
+    """(claimed epsilon, delta, where the claim comes from, the claim that covers every
+    member). With canaries the claim is the canary site's own epsilon (<= the run's max
+    over sites): the tighter comparison. A membership attack tests the sites' records
+    together, so under several sites' claims it tests the largest (the max over sites)."""
     if not scenario.privacy.enabled:
-        return None, scenario.privacy.delta, "no DP in this run: nothing claimed"
+        return None, scenario.privacy.delta, "no DP in this run: nothing claimed", None
     path = run_dir / rundir.PRIVACY
     if not path.exists():
         raise AuditError(f"{run_dir}: DP was on but {rundir.PRIVACY} is missing; the run finished no round")
     try:
         ledger = json.loads(path.read_text())
         site = ledger.get("sites", {}).get(str(canaries.site)) if canaries is not None else None
+        epsilon = None if ledger.get("epsilon") is None else float(ledger["epsilon"])
         if site is not None:
-            return float(site["epsilon"]), float(ledger["delta"]), f"privacy.json sites.{canaries.site}.epsilon"
-        epsilon = ledger.get("epsilon")
-        return (None if epsilon is None else float(epsilon)), float(ledger["delta"]), \
-            "privacy.json epsilon (max over sites)"
+            claimed = float(site["epsilon"])
+            return (claimed, float(ledger["delta"]), f"privacy.json sites.{canaries.site}.epsilon",
+                    claimed if epsilon is None else max(claimed, epsilon))
+        return epsilon, float(ledger["delta"]), "privacy.json epsilon (max over sites)", epsilon
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise AuditError(f"{path}: unreadable privacy ledger ({type(err).__name__}: {err}); the run directory "
                          "is damaged") from None
@@ -224,7 +227,7 @@ def run_dir_inputs(run_dir: Path, *, n_samples: int = DEFAULT_SAMPLES, seed: int
                          "`fedgen audit --samples S.npz --train T --holdout H --model CKPT`")
     scenario = rundir.read_scenario(run_dir)
     canaries = read_canaries(str(run_dir))
-    claimed, delta, claim_source = _run_privacy(run_dir, scenario, canaries)  # before the slow part
+    claimed, delta, claim_source, members_epsilon = _run_privacy(run_dir, scenario, canaries)  # before the slow part
     model = load_run_model(run_dir)
     data = load_data(spec.format, spec.path, spec.options)
     data = data if model.conditional and data.y is not None else data.without_labels()
@@ -240,19 +243,12 @@ def run_dir_inputs(run_dir: Path, *, n_samples: int = DEFAULT_SAMPLES, seed: int
     return AuditInputs(
         synthetic=synthetic, train=data.subset(np.sort(members)), holdout=data.subset(holdout_idx), model=model,
         canaries=canaries, claimed_epsilon=claimed, delta=delta,
-        members_epsilon=None if claimed is None else _members_claim(run_dir, claimed),
+        members_epsilon=members_epsilon,
         source={"mode": "run_dir", "run_dir": str(run_dir.resolve()), "model_family": scenario.model.family,
                 "members": "union of the sites' training partitions (canaries excluded)",
                 "nonmembers": "the run's held-out split", "n_samples": n_samples, "sample_seed": seed,
                 "claimed_epsilon_source": claim_source},
         **_white_box_site(run_dir, scenario))
-
-
-def _members_claim(run_dir: Path, claimed: float) -> float:
-    """The ε that covers every member (the ledger's max over sites): a membership attack
-    tests the sites' records together, so under several sites' claims it tests the largest."""
-    epsilon = json.loads((run_dir / rundir.PRIVACY).read_text()).get("epsilon")
-    return claimed if epsilon is None else max(claimed, float(epsilon))
 
 
 def _white_box_site(run_dir: Path, scenario: Scenario) -> dict[str, Any]:
