@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator, model_validator)
 
 from fedgen.shared_models import DPSGDTrainable, list_models, model_options
+from fedgen.shared_models.perceptual import perceptual_dim
 from fedgen.shared_models.registry import get_model_builder
 
 from .data_formats import DATA_FORMATS, TableSchema, data_format
@@ -390,36 +391,49 @@ class DeploymentConfig(_Section):
 
 
 PUBLIC_DIGITS_28 = "digits-28"
+PUBLIC_DIGITS_FONTS_28 = "digits-fonts-28"
+EMBEDDED_PUBLIC_SETS = {  # embedded (offline, no path): what each holds, for docs and errors
+    PUBLIC_DIGITS_28: "scikit-learn's 1 797 digits resized from 8 x 8 to the model's shape",
+    PUBLIC_DIGITS_FONTS_28: "scikit-learn's digits and the digits 0-9 printed in the fonts matplotlib ships, "
+                            "each fitted into MNIST's 20 x 20 box centred by mass in 28 x 28",
+}
 
 
 class PublicDataConfig(_Section):
     """A dataset the scenario declares public: the server pretrains on it before round 1,
-    charged nothing (docs/models.md, "Warm starts"). ``digits-28``: scikit-learn's digits
-    resized to 28 x 28 (or to the model's data shape); any other name is a data format of
-    the ``data`` section, read with its ``path`` and ``options``."""
+    charged nothing (docs/models.md, "Warm starts"). Embedded sets (no path, offline):
+    ``digits-28``, scikit-learn's digits resized to 28 x 28 (or to the model's data shape);
+    ``digits-fonts-28``, those digits and printed ones, in MNIST's geometry. Any other name
+    is a data format of the ``data`` section, read with its ``path`` and ``options``."""
 
-    format: str = Field(PUBLIC_DIGITS_28, description=f"{PUBLIC_DIGITS_28} or one of: {', '.join(DATA_FORMATS)}")
+    format: str = Field(PUBLIC_DIGITS_28, description=f"{' or '.join(EMBEDDED_PUBLIC_SETS)}, or one of: "
+                        f"{', '.join(DATA_FORMATS)}")
     path: str | None = None
     options: dict[str, Any] = Field(default_factory=dict, description="the format's reader options")
 
     @field_validator("format")
     @classmethod
     def _known(cls, value: str) -> str:
-        return value if value == PUBLIC_DIGITS_28 else data_format(value).name
+        if value in EMBEDDED_PUBLIC_SETS:
+            return value
+        if value not in DATA_FORMATS:
+            raise ValueError(f"unknown public set {value!r}; embedded: {', '.join(EMBEDDED_PUBLIC_SETS)}; or a data "
+                             f"format: {', '.join(sorted(DATA_FORMATS))}")
+        return data_format(value).name
 
     @field_validator("options")
     @classmethod
     def _accepted_by_format(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         fmt = info.data.get("format")
-        if fmt is None or fmt == PUBLIC_DIGITS_28:  # the format's own error / the check below
+        if fmt is None or fmt in EMBEDDED_PUBLIC_SETS:  # the format's own error / the check below
             return value
         return data_format(fmt).parse(value).model_dump(mode="json")
 
     @model_validator(mode="after")
     def _path_as_the_format_needs(self) -> "PublicDataConfig":
-        if self.format == PUBLIC_DIGITS_28:
+        if self.format in EMBEDDED_PUBLIC_SETS:
             if self.options or self.path:
-                raise ValueError(f"format {PUBLIC_DIGITS_28} is embedded: it takes no path and no options")
+                raise ValueError(f"format {self.format} is embedded: it takes no path and no options")
         elif data_format(self.format).needs_path and not self.path:
             raise ValueError(f"path is required for format {self.format!r}")
         return self
@@ -602,9 +616,10 @@ class Scenario(_Section):
                              "(privacy.enabled: true, unit: example); use noise: local")
         if self.model.family != "mmd":
             return self._dp_fedsgd_fits()
-        if self.warm_start is not None:
-            raise ValueError("federation.secure_aggregation.noise: distributed: the mmd release takes no warm start "
-                             "(remove warm_start or use noise: local)")
+        # The only warm start an mmd scenario takes (_warm_start_fits) is the public set of its
+        # perceptual features: it trains the feature network, and the site still bounds each
+        # record's whole vector to norm 1, so the distributed plan below is unchanged.
+        perceptual = float(self.model.options.get("perceptual_weight") or 0.0) > 0.0
         if self.privacy.white_box is not None:
             # the distributed release takes no canaries (client/training.py) and the site's
             # own share is not the Gaussian release the release-canary audit tests: its bound
@@ -614,7 +629,7 @@ class Scenario(_Section):
                              "privacy.white_box or use noise: local)")
         from fedgen.privacy.skellam import BitsTooSmall, plan_distributed_release
 
-        dim = int(self.model.options.get("num_features", 4000)) + 1
+        dim = int(self.model.options.get("num_features", 4000)) + 1 + (perceptual_dim() if perceptual else 0)
         try:  # 1 000 classes: a generous size, so the server's plan for the real one fits too
             plan_distributed_release(epsilon=self.privacy.target_epsilon, delta=self.privacy.delta, bits=sec.bits,
                                      num_sites=self.federation.num_sites, threshold=sec.threshold,

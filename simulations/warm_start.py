@@ -9,12 +9,14 @@ naming ``warm_start.public``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fedgen.client.data import read_digits, load_data
-from fedgen.contract.scenario import PUBLIC_DIGITS_28, Scenario
+from fedgen.contract.scenario import EMBEDDED_PUBLIC_SETS, PUBLIC_DIGITS_28, PUBLIC_DIGITS_FONTS_28, Scenario
 
 from .errors import ScenarioError
 
@@ -42,6 +44,71 @@ def digits_28(shape: tuple[int, ...] = (1, 28, 28)) -> tuple[np.ndarray, np.ndar
     return _resize(d.x.numpy(), shape), d.y.numpy()
 
 
+# Fonts matplotlib ships whose digits are not symbols (its size variants, non-Unicode and
+# math-symbol fonts draw other glyphs); the rest of its ttf folder, sorted, is used.
+_NOT_DIGIT_FONTS = ("Siz", "NonUni", "cmex", "cmsy", "LastResort", "Display")
+
+
+def printed_digits(canvas: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The digits 0-9 printed in every text font matplotlib ships (DejaVu, STIX, Computer
+    Modern: 22 fonts in matplotlib 3.8-3.10), white on black, cropped to their ink: a list
+    of ``[h, w]`` arrays in [0, 1] and their labels. Public by construction (no person's
+    data), embedded (no download)."""
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    glyphs, labels = [], []
+    for path in sorted(folder.glob("*.ttf")):
+        if any(tag in path.name for tag in _NOT_DIGIT_FONTS):
+            continue
+        font = ImageFont.truetype(str(path), canvas * 3 // 4)
+        for digit in range(10):
+            image = Image.new("L", (canvas, canvas), 0)
+            ImageDraw.Draw(image).text((canvas // 2, canvas // 2), str(digit), fill=255, font=font, anchor="mm")
+            ink = np.asarray(image, dtype=np.float32) / 255.0
+            rows, cols = np.nonzero(ink > 0.1)
+            if len(rows):
+                glyphs.append(ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
+                labels.append(digit)
+    return glyphs, np.asarray(labels, dtype=np.int64)
+
+
+def mnist_geometry(glyph: np.ndarray, box: int = 20, side: int = 28) -> np.ndarray:
+    """``glyph`` (an ``[h, w]`` image cropped to its ink) as MNIST drew its digits (LeCun et
+    al. 1998): scaled, keeping its aspect, to fit a ``box`` x ``box`` square, then placed in a
+    ``side`` x ``side`` frame with its centre of mass at the centre."""
+    h, w = glyph.shape
+    s = box / max(h, w)
+    t = torch.from_numpy(np.ascontiguousarray(glyph, dtype=np.float32))[None, None]
+    t = F.interpolate(t, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear", antialias=True,
+                      align_corners=False)[0, 0].clamp(0.0, 1.0).numpy()
+    mass = t.sum()
+    rows, cols = np.mgrid[:t.shape[0], :t.shape[1]]
+    top = int(round(side / 2 - (rows * t).sum() / mass)) if mass > 0 else (side - t.shape[0]) // 2
+    left = int(round(side / 2 - (cols * t).sum() / mass)) if mass > 0 else (side - t.shape[1]) // 2
+    top, left = min(max(top, 0), side - t.shape[0]), min(max(left, 0), side - t.shape[1])
+    out = np.zeros((side, side), dtype=np.float32)
+    out[top:top + t.shape[0], left:left + t.shape[1]] = t
+    return out
+
+
+def digits_fonts_28() -> tuple[np.ndarray, np.ndarray]:
+    """``digits-fonts-28``: scikit-learn's 1 797 handwritten digits and the printed digits of
+    :func:`printed_digits`, each in MNIST's geometry (:func:`mnist_geometry`): ``[N, 1, 28,
+    28]`` in [0, 1] and the labels."""
+    d = read_digits()
+    handwritten = [mnist_geometry(_crop_to_ink(img)) for img in _resize(d.x.numpy(), (1, 64, 64))[:, 0]]
+    glyphs, printed_labels = printed_digits()
+    images = handwritten + [mnist_geometry(g) for g in glyphs]
+    return np.stack(images)[:, None], np.concatenate([d.y.numpy().astype(np.int64), printed_labels])
+
+
+def _crop_to_ink(image: np.ndarray, threshold: float = 0.1) -> np.ndarray:
+    rows, cols = np.nonzero(image > threshold)
+    return image[rows.min():rows.max() + 1, cols.min():cols.max() + 1] if len(rows) else image
+
+
 def public_set(scenario: Scenario, shape: tuple[int, ...], num_classes: int | None) -> dict[str, np.ndarray] | None:
     """The arrays of ``inputs/public.npz`` for a public warm start (``x`` in the model's
     data shape, ``y`` for a conditional model), or ``None`` when the scenario has none.
@@ -57,6 +124,12 @@ def public_set(scenario: Scenario, shape: tuple[int, ...], num_classes: int | No
                                 f"{list(shape)}; declare a public set of that shape instead")
         x, y = digits_28(shape)
         name = f"{PUBLIC_DIGITS_28} (scikit-learn digits resized to {shape[1]}x{shape[2]})"
+    elif cfg.format == PUBLIC_DIGITS_FONTS_28:
+        if shape != (1, 28, 28):
+            raise ScenarioError(f"{KEY}: {PUBLIC_DIGITS_FONTS_28} holds grey 28 x 28 images, but the model's data "
+                                f"have shape {list(shape)}; use {PUBLIC_DIGITS_28} (resized to any shape) instead")
+        x, y = digits_fonts_28()
+        name = f"{PUBLIC_DIGITS_FONTS_28} ({EMBEDDED_PUBLIC_SETS[PUBLIC_DIGITS_FONTS_28]}; {len(x)} images)"
     else:
         try:
             data = load_data(cfg.format, cfg.path, cfg.options)

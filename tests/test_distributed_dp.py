@@ -274,6 +274,11 @@ _DIST = {"threshold": 3, "noise": "distributed", "bits": 48}
      "federation.secure_aggregation.noise: Input should be 'local' or 'distributed'"),
     ({"model": {"family": "mmd"}, "privacy": {"enabled": True, "white_box": {"canaries": 64}}},
      "privacy.white_box: the release-canary audit tests a Gaussian release with noise: local"),
+    ({"model": {"family": "mmd"}, "warm_start": {"public": {"format": "digits-28"}}},
+     "warm_start: the mmd family is fitted by a release, not by training steps"),
+    ({"model": {"family": "mmd", "perceptual_weight": 0.5},
+      "warm_start": {"public": {"format": "digits-28"}, "release": {"epsilon_fraction": 0.5}}},
+     "warm_start: give exactly one"),
 ])
 def test_distributed_noise_keys_are_checked_with_one_line(extra, message):
     doc = {"federation": {"num_sites": 5, "secure_aggregation": _DIST}, "privacy": {"enabled": True}, **extra}
@@ -287,6 +292,15 @@ def test_the_mmd_release_is_accepted_with_distributed_noise():
     s = scenario_from_dict({"federation": {"num_sites": 5, "secure_aggregation": _DIST},
                             "model": {"family": "mmd"}, "privacy": {"enabled": True}}, source="s.yaml")
     assert s.federation.secure_aggregation.noise == "distributed"
+
+
+def test_the_mmd_release_with_perceptual_features_is_accepted_with_distributed_noise():
+    """Its public set trains the feature network only (charged nothing); the site still
+    bounds every record's vector to norm 1, so the distributed plan is unchanged."""
+    s = scenario_from_dict({"federation": {"num_sites": 5, "secure_aggregation": _DIST},
+                            "model": {"family": "mmd", "perceptual_weight": 0.5}, "privacy": {"enabled": True},
+                            "warm_start": {"public": {"format": "digits-fonts-28"}}}, source="s.yaml")
+    assert s.warm_start.public.format == "digits-fonts-28"
 
 
 # -- a whole run --------------------------------------------------------------------------
