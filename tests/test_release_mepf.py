@@ -31,7 +31,7 @@ from fedgen.simulations.prepare import write_public_set
 
 from .conftest import REPO
 from .test_perceptual import _hostile
-from .test_warm_start import _quickstart, _rows, _site_ledgers, _simulate, _spy
+from .test_warm_start import _quickstart, _rows, _site_ledgers, _simulate, _split_digits, _spy
 
 SPEC = DataSpec(format="digits", path=None, shape=(1, 8, 8), num_classes=10, num_sites=2)
 FLOW = {"family": "flow", "levels": 17, "hidden": 16}
@@ -173,17 +173,24 @@ def test_a_federated_run_with_a_perceptual_release_charges_what_one_without_does
     """Through fedgen simulate: the perceptual network trains on the public set only, the
     family on the generator's draws only, summary.json and the report keep both records,
     and every site's ledger equals that of the run without perceptual features."""
+    private, public = _split_digits(tmp_path, digits)
+    data = {"format": "npz", "path": str(private), "holdout_fraction": 0.2}
     features = _spy(monkeypatch, shared_mmd, name="train_on_public")
     family = _spy(monkeypatch, shared_warm_start)
-    plain = _simulate(tmp_path, "plain", _mepf(perceptual=0.0, public=False))
+    plain = _simulate(tmp_path, "plain", _mepf(perceptual=0.0, public=False, data=data))
     assert features == [] and len(family) == 1
-    mepf = _simulate(tmp_path, "mepf", _mepf())
+    raw = _mepf(data=data)
+    raw["warm_start"]["public"] = {"format": "npz", "path": str(public)}
+    mepf = _simulate(tmp_path, "mepf", raw)
     assert len(features) == 1 and len(family) == 2
-    with np.load(mepf / rundir.PUBLIC) as z:  # the network saw exactly the public set
-        np.testing.assert_array_equal(features[0][0], z["x"])
-        assert not _rows(family[1][0]) & _rows(z["x"])  # the family: the generator's draws, not the public set
-    assert not _rows(features[0][0]) & _rows(digits.x.numpy())
-    assert family[1][0].shape == (50, 1, 8, 8)
+    with np.load(public) as z, np.load(private) as p:
+        # the network saw exactly the declared-public set, and no private record
+        np.testing.assert_array_equal(features[0][0].reshape(len(z["x"]), -1), z["x"].reshape(len(z["x"]), -1))
+        np.testing.assert_array_equal(features[0][1], z["y"])
+        assert not _rows(features[0][0]) & _rows(p["x"])
+        # the family: the release generator's draws, neither private nor public records
+        assert family[1][0].shape == (50, 1, 8, 8)
+        assert not _rows(family[1][0]) & (_rows(p["x"]) | _rows(z["x"]))
 
     assert _site_ledgers(mepf) == _site_ledgers(plain)
     summary = json.loads((mepf / "summary.json").read_text())
@@ -192,5 +199,5 @@ def test_a_federated_run_with_a_perceptual_release_charges_what_one_without_does
     assert record["public"]["epsilon_charged"] == 0.0 and record["epsilon"] == pytest.approx(3.0)
     assert summary["status"] == "completed" and summary["epsilon"] <= 10.0 + 1e-6
     report = (mepf / "report.html").read_text()
-    assert "a DP release (epsilon 3.0 per site)" in report and "public set digits-28" in report
+    assert "a DP release (epsilon 3.0 per site)" in report and f"trained on the public set npz {public}" in report
     assert json.loads((plain / "summary.json").read_text())["warm_start"]["kind"] == "release"
