@@ -207,8 +207,8 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
         ``perceptual_weight > 0``): the declared-public set trains the release head's
         perceptual network only (DP-MEPF; the server, before round 1). The wrapped family is
         not trained on it: it pretrains on the generator's samples after the release."""
-        return self.head.fit_public_features(x, y, steps=steps, batch_size=batch_size, lr=lr,  # type: ignore[attr-defined]
-                                             seed=seed)
+        fit = self.head.fit_public_features  # type: ignore[attr-defined]
+        return fit(x, y, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
 
     @torch.no_grad()
     def generator_samples(self) -> tuple[Tensor, Tensor | None]:

@@ -8,7 +8,6 @@ without perceptual features; and the site still bounds each record's vector to n
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,7 +109,8 @@ def test_the_public_set_trains_the_release_heads_network_only_and_both_records_a
     after = model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.startswith("head.perceptual.") for k in changed)  # the feature network, nothing else
-    assert public["kind"] == "public" and public["public_data"].startswith("digits-28") and public["epsilon_charged"] == 0.0
+    assert public["kind"] == "public" and public["public_data"].startswith("digits-28")
+    assert public["epsilon_charged"] == 0.0
     assert public["trained"] == "the perceptual feature network of the release's generator"
     assert read_record(tmp_path) == public
 
