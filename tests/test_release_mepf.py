@@ -27,6 +27,7 @@ from fedgen.shared_models import warm_start as shared_warm_start
 from fedgen.shared_models.warm_start import ReleaseWarmStart
 from fedgen.simulations.cli import main as fedgen
 from fedgen.simulations.prepare import write_public_set
+from fedgen.simulations.warm_start import public_set
 
 from .conftest import REPO
 from .test_perceptual import _hostile
@@ -93,6 +94,21 @@ def test_flow_mnist_mepf_validates_against_mnist(mnist_dir, capsys):
                    "--set", f"data.path={mnist_dir}"]) == 0
     assert "public set digits-fonts-28 trains the release generator's perceptual features only" in \
         capsys.readouterr().out
+
+
+def test_the_perceptual_network_gets_the_public_labels_even_for_an_unconditional_model(tmp_path, digits):
+    """It is trained as a classifier: an unconditional family's public set keeps its labels,
+    and one without labels is refused before the run, with one line naming the key."""
+    scenario = scenario_from_dict(_mepf(data={"format": "digits", "conditional": False, "holdout_fraction": 0.2}))
+    arrays = public_set(scenario, SPEC.shape, None)
+    assert arrays is not None and sorted(set(arrays["y"].tolist())) == list(range(10))
+    np.savez(tmp_path / "unlabelled.npz", x=digits.x.numpy()[:50])
+    raw = _mepf(data={"format": "digits", "conditional": False, "holdout_fraction": 0.2})
+    raw["warm_start"]["public"] = {"format": "npz", "path": str(tmp_path / "unlabelled.npz")}
+    with pytest.raises(ScenarioError) as err:
+        public_set(scenario_from_dict(raw), SPEC.shape, None)
+    assert str(err.value).startswith("warm_start.public: the perceptual features are trained as a classifier")
+    assert "\n" not in str(err.value)
 
 
 # -- the server -----------------------------------------------------------------------------
