@@ -467,7 +467,10 @@ class ReleaseWarmStartConfig(_Section):
 
 class WarmStartConfig(_Section):
     """Start the global model from something already good before round 1: ``public`` data
-    (charged nothing) or a DP ``release`` (charged to the sites' ledgers). One of the two."""
+    (charged nothing) or a DP ``release`` (charged to the sites' ledgers). One of the two --
+    or both when the release's generator has perceptual features
+    (``release.generator.perceptual_weight > 0``): then the public set trains that
+    generator's perceptual network only, and the family pretrains on the generator's samples."""
 
     public: PublicDataConfig | None = None
     release: ReleaseWarmStartConfig | None = None
@@ -475,10 +478,16 @@ class WarmStartConfig(_Section):
     batch_size: int = Field(128, ge=1, description="pretraining batch size")
     lr: float = Field(1e-3, gt=0.0, description="pretraining learning rate (Adam)")
 
+    @property
+    def release_perceptual(self) -> bool:
+        """Whether the release's generator has perceptual features (trained on ``public``)."""
+        return self.release is not None and float(self.release.generator.get("perceptual_weight") or 0.0) > 0.0
+
     @model_validator(mode="after")
     def _one_source(self) -> "WarmStartConfig":
-        if (self.public is None) == (self.release is None):
-            raise ValueError("give exactly one of public: {format: ...} or release: {epsilon_fraction: ...}")
+        if (self.public is None) == (self.release is None) and not (self.public and self.release_perceptual):
+            raise ValueError("give exactly one of public: {format: ...} or release: {epsilon_fraction: ...} (both "
+                             "only with release.generator.perceptual_weight > 0)")
         return self
 
 
@@ -568,10 +577,11 @@ class Scenario(_Section):
         if perceptual and (ws is None or ws.public is None):
             raise ValueError("model.perceptual_weight: the perceptual features are trained on a declared-public "
                              "set; add warm_start: {public: {format: digits-28}} (or set perceptual_weight: 0)")
-        if ws is not None and ws.release is not None and float(ws.release.generator.get("perceptual_weight") or 0):
+        if ws is not None and ws.release_perceptual and ws.public is None:
             raise ValueError("warm_start.release.generator.perceptual_weight: a release warm start's generator has no "
-                             "public set to train perceptual features on; leave it out")
-        if ws is None or perceptual:  # mmd with perceptual features: its public set trains the feature network
+                             "public set to train perceptual features on; add warm_start.public: {format: "
+                             "digits-fonts-28} beside release (or leave perceptual_weight out)")
+        if ws is None or (perceptual and ws.release is None):  # mmd's perceptual features: the public set trains them
             return self
         if not family_has_site_loss(self.model.family):
             raise ValueError(f"warm_start: the {self.model.family} family is fitted by a release, not by training "

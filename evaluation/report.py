@@ -83,7 +83,8 @@ def write_run_report(run_dir: Path) -> Path:
              "<p class='note'>Quality scores use fedgen's domain feature extractor (a small classifier "
              "trained on the held-out split), not Inception: compare them across fedgen runs only.</p>"]
     if warm := run.summary.get("warm_start"):  # docs/models.md, "Warm starts"
-        source = warm.get("public_data") or f"a DP release (epsilon {warm.get('epsilon', warm.get('epsilon_share'))} per site)"
+        release = f"a DP release (epsilon {warm.get('epsilon', warm.get('epsilon_share'))} per site)"
+        source = release if warm.get("kind") == "public+release" else warm.get("public_data") or release
         parts.append(f"<p><strong>Warm start:</strong> pretrained before round 1 on {html.escape(str(source))} "
                      f"({warm.get('examples')} examples, {warm.get('steps')} steps); "
                      f"{html.escape(str(warm.get('guarantee', '')))}.</p>")

@@ -42,7 +42,7 @@ from .secagg import SecAggRound, SecAggWorkflow
 from .site_level import SiteLevelDPStrategy
 from .strategies import ROBUST, build_strategy
 from .summary import RunFailedError, RunPrivacy, failure_line, write_summary
-from .warm_start import public_warm_start, release_record, write_record
+from .warm_start import public_warm_start, read_record, release_record, write_record
 from .updates import (DEFAULT_MAX_SITE_EXAMPLES, ReplyError, RoundReplies, check_metrics, read_site_ledger, site_info,
                       site_releases, sort_replies, weighted_mean)
 
@@ -367,7 +367,7 @@ class FederatedRun:
         t = time.time()
         info = self.model.server_update(release_noise_variance=record.release_noise_variance)
         if "pretrain_steps" in info:  # a release warm start pretrained the family (server/warm_start.py)
-            write_record(self.run_dir, release_record(self.scenario, info))
+            write_record(self.run_dir, release_record(self.scenario, info, read_record(self.run_dir)))
             info = {k: v for k, v in info.items() if not k.startswith("pretrain_")}
         if info:
             record.server_update = ServerUpdate(**info, server_update_seconds=time.time() - t)

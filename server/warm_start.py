@@ -11,6 +11,13 @@ sites' private data only (``summary.json`` and the report say so, from ``warm_st
 its pretraining runs in :meth:`server_update` after the release round, on samples of the
 generator fitted to the sites' combined release (post-processing). This module records it.
 
+Both, when the release's generator has perceptual features
+(``warm_start.release.generator.perceptual_weight > 0``): before round 1 the public set
+trains the release head's perceptual network only (the model's ``fit_public_features``),
+recorded as ``kind: "public"``; after the release round the record becomes one of
+``kind: "public+release"``: the release's fields at the top level, the public step's record
+whole under ``public`` (and its set's name in ``public_data``), so neither is lost.
+
 The training step itself is :func:`fedgen.shared_models.warm_start.pretrain`: shared_models
 is below both server/ and client/ (docs/architecture.md §1), and it runs the family's own
 steps, so one mechanism serves every DP-SGD family.
@@ -58,28 +65,40 @@ def public_warm_start(model: GenerativeModel, run_dir: Path, scenario: Scenario)
         return None
     x, y, name = public_inputs(run_dir)
     xt, yt = torch.from_numpy(x), None if y is None else torch.from_numpy(y)
-    fit = getattr(model, "fit_public_features", None)  # mmd's perceptual features (DP-MEPF), else the family
+    # mmd's perceptual features (DP-MEPF), or a release head's (ReleaseWarmStart), else the family itself
+    fit = getattr(model, "fit_public_features", None)
     info = (fit(xt, yt, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr, seed=scenario.seed) if fit is not None
             else pretrain(model, xt, yt, steps=ws.steps, batch_size=ws.batch_size, lr=ws.lr,  # type: ignore[arg-type]
                           seed=scenario.seed))
-    record = {"kind": "public", "public_data": name, "examples": int(x.shape[0]), "steps": ws.steps,
-              "loss": info["pretrain_loss"], "seconds": info["pretrain_seconds"],
+    trained = ("the model" if fit is None else "the perceptual feature network of the release's generator"
+               if ws.release is not None else "the perceptual feature network of the mmd release")
+    record = {"kind": "public", "public_data": name, "trained": trained, "examples": int(x.shape[0]),
+              "steps": ws.steps, "loss": info["pretrain_loss"], "seconds": info["pretrain_seconds"],
               "epsilon_charged": 0.0, "guarantee": PUBLIC_GUARANTEE}
     write_record(run_dir, record)
-    log.info("warm start: pretrained on %s (%d examples, %d steps, %.1f s), charged nothing",
-             name, record["examples"], ws.steps, record["seconds"])
+    log.info("warm start: trained %s on %s (%d examples, %d steps, %.1f s), charged nothing",
+             trained, name, record["examples"], ws.steps, record["seconds"])
     return record
 
 
-def release_record(scenario: Scenario, info: dict[str, float]) -> dict[str, Any]:
-    """``warm_start.json`` for a release warm start, from the model's ``server_update`` info."""
+def release_record(scenario: Scenario, info: dict[str, float], public: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """``warm_start.json`` for a release warm start, from the model's ``server_update`` info.
+    ``public``: the record :func:`public_warm_start` wrote before round 1 (what
+    :func:`read_record` finds), kept whole in a ``kind: "public+release"`` record when the
+    scenario has both (the public set trained the release generator's perceptual network)."""
     ws = scenario.warm_start
     assert ws is not None and ws.release is not None
-    return {"kind": "release", "public_data": None, "epsilon_fraction": ws.release.epsilon_fraction,
-            "epsilon": ws.release.epsilon_fraction * scenario.privacy.target_epsilon,
-            "examples": int(info.get("pretrain_examples", 0)), "steps": ws.steps,
-            "loss": info.get("pretrain_loss"), "seconds": info.get("pretrain_seconds"),
-            "guarantee": RELEASE_GUARANTEE}
+    record: dict[str, Any] = {
+        "kind": "release", "public_data": None, "epsilon_fraction": ws.release.epsilon_fraction,
+        "epsilon": ws.release.epsilon_fraction * scenario.privacy.target_epsilon,
+        "examples": int(info.get("pretrain_examples", 0)), "steps": ws.steps,
+        "loss": info.get("pretrain_loss"), "seconds": info.get("pretrain_seconds"), "guarantee": RELEASE_GUARANTEE}
+    if ws.public is not None and public is not None and public.get("kind") == "public":
+        record.update(kind="public+release", public_data=public["public_data"], public=public,
+                      guarantee=f"{RELEASE_GUARANTEE}; {public['trained']} was trained on the public set "
+                                f"{public['public_data']}: {PUBLIC_GUARANTEE}")
+    return record
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:

@@ -201,6 +201,15 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
         self.pretrained.fill_(1.0)
         return info
 
+    def fit_public_features(self, x: Tensor, y: Tensor | None, *, steps: int, batch_size: int, lr: float,
+                            seed: int) -> dict[str, float]:
+        """A public warm start beside the release (``warm_start.public`` with the generator's
+        ``perceptual_weight > 0``): the declared-public set trains the release head's
+        perceptual network only (DP-MEPF; the server, before round 1). The wrapped family is
+        not trained on it: it pretrains on the generator's samples after the release."""
+        fit = self.head.fit_public_features  # type: ignore[attr-defined]
+        return fit(x, y, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+
     @torch.no_grad()
     def generator_samples(self) -> tuple[Tensor, Tensor | None]:
         """What the wrapped family is pretrained on: draws of the release's generator only."""

@@ -89,8 +89,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
           f"({'%d classes' % data.num_classes if data.num_classes else 'unlabelled'}), "
           f"{len(sites)} sites of {min(sizes)}-{max(sizes)} examples, {len(holdout)} held out; "
           f"model {scenario.model.family}, {scenario.federation.rounds} rounds, "
-          + _privacy_line(scenario))
+          + _privacy_line(scenario) + _warm_start_line(scenario))
     return 0
+
+
+def _warm_start_line(scenario) -> str:
+    """What the warm start does, in the validate line (docs/models.md, "Warm starts")."""
+    ws = scenario.warm_start
+    if ws is None:
+        return ""
+    parts = []
+    if ws.release is not None:
+        parts.append(f"release of epsilon {ws.release.epsilon_fraction * scenario.privacy.target_epsilon:g} per site, "
+                     "the model pretrained on its generator's samples")
+    if ws.public is not None:
+        use = ("trains the release generator's perceptual features only" if ws.release is not None
+               else "trains the perceptual features" if scenario.model.family == "mmd" else "pretrains the model")
+        parts.append(f"public set {ws.public.path or ws.public.format} {use}, charged nothing")
+    return "; warm start: " + "; ".join(parts)
 
 
 def _privacy_line(scenario) -> str:

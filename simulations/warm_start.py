@@ -141,12 +141,19 @@ def public_set(scenario: Scenario, shape: tuple[int, ...], num_classes: int | No
         x, y = data.x.numpy(), None if data.y is None else data.y.numpy()
         name = f"{cfg.format} {cfg.path}" if cfg.path else cfg.format
     arrays: dict[str, np.ndarray] = {"x": x.astype(np.float32), "name": np.str_(name)}
-    if num_classes is not None:
+    # perceptual features (mmd's, or a release generator's) train their network as a classifier
+    # of the public set (shared_models/perceptual.py): labels, within its >= 10 outputs
+    perceptual = float(scenario.model.options.get("perceptual_weight") or 0.0) > 0.0 or ws.release_perceptual
+    if num_classes is not None or perceptual:
         if y is None:
             raise ScenarioError(f"{KEY}: the model is class-conditional but the public set has no labels; "
-                                "give a labelled set or set data.conditional: false")
-        if int(y.min()) < 0 or int(y.max()) >= num_classes:
+                                "give a labelled set or set data.conditional: false" if num_classes is not None else
+                                f"{KEY}: the perceptual features are trained as a classifier of the public set, "
+                                "which has no labels; give a labelled set")
+        classes = num_classes if num_classes is not None else 10
+        if int(y.min()) < 0 or int(y.max()) >= classes:
             raise ScenarioError(f"{KEY}: public labels span {int(y.min())}..{int(y.max())}, "
-                                f"the model has {num_classes} classes")
+                                f"the {'model' if num_classes is not None else 'perceptual network'} has {classes} "
+                                "classes")
         arrays["y"] = y.astype(np.int64)
     return arrays

@@ -54,7 +54,7 @@ def _trained_server_model(seed: int = 0):
 
 def _hostile(state: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
     state = {k: v.clone() for k, v in state.items()}
-    for key in [k for k in state if k.startswith("perceptual.")]:
+    for key in [k for k in state if k.startswith("perceptual.") or ".perceptual." in k]:  # mmd's, a release head's
         if how == "huge":
             state[key] = torch.full_like(state[key], 1e30)
         elif how == "nan":

@@ -60,16 +60,16 @@ def _simulate(tmp_path: Path, name: str, scenario: dict) -> Path:
     return out
 
 
-def _spy(monkeypatch, module) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Record the arrays every call of ``module.pretrain`` trains on (then run it as is)."""
+def _spy(monkeypatch, module, name: str = "pretrain") -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Record the arrays every call of ``module.<name>`` trains on (then run it as is)."""
     seen: list[tuple[np.ndarray, np.ndarray | None]] = []
-    real = module.pretrain
+    real = getattr(module, name)
 
     def recording(model, x, y, **kw):
         seen.append((x.detach().cpu().numpy().copy(), None if y is None else y.detach().cpu().numpy().copy()))
         return real(model, x, y, **kw)
 
-    monkeypatch.setattr(module, "pretrain", recording)
+    monkeypatch.setattr(module, name, recording)
     return seen
 
 
