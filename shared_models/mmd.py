@@ -52,6 +52,13 @@ model). The site does not trust that network: :func:`bounded_rows` scales every 
 vector to norm <= 1 (and zeroes one that is not finite) before it is summed, so the sum's
 sensitivity stays 1 whatever weights arrive, and the release, its accountant, the precision
 combine and the distributed (Skellam) path are unchanged.
+
+The same network is a classifier of the public set, so with ``public_filter`` it also
+screens the generator's samples (rejection sampling: a sample whose requested class the
+public classifier does not recognise is drawn again). That is post-processing of the
+release with public data only -- no epsilon -- and it trades diversity for class fidelity,
+as discriminator rejection sampling does for GANs (Azadi et al., ICLR 2019) with a
+classifier in place of the discriminator.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ from .release import precision_weighted_release
 
 _SMOOTHING = 0.95  # of the fit loss's moving average (about the last 20 steps)
 _WARMUP_STEPS = 20  # steps before the moving average may stop the fit
+FILTER_ROUNDS = 20  # redraws of a sample the public classifier rejects (public_filter)
 
 
 def bounded_rows(rows: Tensor) -> Tensor:
@@ -135,6 +143,12 @@ class MMDGenerator(Releasing):
             docstring; images only); 0 (default) releases random features alone. Needs a
             declared-public set (``warm_start.public``) the server trains the network on;
             ``count_weight^2 + p^2`` must stay below 1.
+        public_filter: with perceptual features and classes, keep a sample only when the
+            perceptual network -- a classifier trained on the public set alone -- gives its
+            requested class a probability >= ``public_filter``; a rejected sample is drawn
+            again (rejection sampling, at most ``FILTER_ROUNDS`` times; a slot no draw passes
+            keeps its last draw). Post-processing of the DP release with public data only:
+            it costs no epsilon. 0 (default): off.
     """
 
     release_buffer = "embedding"
@@ -145,7 +159,7 @@ class MMDGenerator(Releasing):
                  fit_batch: int = 500, fit_lr: float = 1e-3, feature_seed: int = 0,
                  pool_sizes: tuple[int, ...] = (1,), count_weight: float = 1 / math.sqrt(2.0),
                  fit_tolerance: float | None = 1.0, temperature: float = 1.0, combine: str = "precision",
-                 fit_unbiased: bool = False, perceptual_weight: float = 0.0) -> None:
+                 fit_unbiased: bool = False, perceptual_weight: float = 0.0, public_filter: float = 0.0) -> None:
         super().__init__(data_shape, num_classes)
         pool_sizes = tuple(pool_sizes)
         if not pool_sizes or num_features < 2 * len(pool_sizes) or num_features % (2 * len(pool_sizes)):
@@ -164,6 +178,11 @@ class MMDGenerator(Releasing):
         if perceptual_weight > 0 and not is_image_shape(self.data_shape):
             raise ValueError(f"perceptual_weight needs images (channels, H, W), got shape {self.data_shape}; "
                              "use perceptual_weight: 0")
+        if not 0.0 <= public_filter < 1.0:
+            raise ValueError(f"public_filter must lie in [0, 1), got {public_filter}")
+        if public_filter > 0 and (perceptual_weight <= 0 or num_classes is None):
+            raise ValueError("public_filter: the filter is the perceptual network's classifier, trained on the public "
+                             "set; it needs perceptual_weight > 0 and class labels (or set public_filter: 0)")
         if combine not in ("precision", "fedavg"):
             raise ValueError(f"unknown combine {combine!r}; choose 'precision' or 'fedavg'")
         if temperature <= 0:
@@ -173,7 +192,7 @@ class MMDGenerator(Releasing):
         self.latent_dim, self.fit_steps, self.fit_batch, self.fit_lr = latent_dim, fit_steps, fit_batch, fit_lr
         self.pool_sizes, self.count_weight, self.fit_tolerance = pool_sizes, count_weight, fit_tolerance
         self.temperature, self.combine, self.fit_unbiased = temperature, combine, fit_unbiased
-        self.perceptual_weight = perceptual_weight
+        self.perceptual_weight, self.public_filter = perceptual_weight, public_filter
         self.dim = flat_dim(self.data_shape)
         classes = num_classes or 1
         gen = torch.Generator().manual_seed(feature_seed)
@@ -314,4 +333,22 @@ class MMDGenerator(Releasing):
 
     @torch.no_grad()
     def sample(self, n: int, labels: Tensor | None = None, temperature: float | None = None) -> Tensor:
-        return self._generate(n, self.check_labels(n, labels), self.temperature if temperature is None else temperature)
+        labels = self.check_labels(n, labels)
+        temperature = self.temperature if temperature is None else temperature
+        x = self._generate(n, labels, temperature)
+        if self.public_filter <= 0 or labels is None:
+            return x
+        pending = torch.nonzero(~self.publicly_recognised(x, labels)).flatten()
+        for _ in range(FILTER_ROUNDS):  # rejection sampling: redraw what the public classifier rejects
+            if not len(pending):
+                break
+            draw = self._generate(len(pending), labels[pending], temperature)
+            x[pending] = draw
+            pending = pending[~self.publicly_recognised(draw, labels[pending])]
+        return x
+
+    def publicly_recognised(self, x: Tensor, labels: Tensor) -> Tensor:
+        """Whether the public classifier gives each sample's requested class a probability
+        of at least ``public_filter``."""
+        probs = torch.softmax(self.perceptual(x.reshape(len(x), *self.data_shape)), dim=1)
+        return probs[torch.arange(len(x), device=x.device), labels.to(x.device)] >= self.public_filter
