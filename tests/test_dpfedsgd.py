@@ -517,3 +517,34 @@ def test_a_private_step_with_a_layer_opacus_cannot_sample_takes_the_loop():
         (model.lin(x[i:i + 1] * model.scaled.w).squeeze() ** 2).backward()
         expected = torch.cat([p.grad.reshape(-1).double() for p in model.parameters()])
         torch.testing.assert_close(rows[i], expected)
+
+
+def _plain_conditional_round(rows: torch.Tensor, bound: float, generator: torch.Generator) -> torch.Tensor:
+    """Conditional randomized rounding written plainly (Kairouz et al. 2021, §4.1): round
+    up iff u < frac, every row not yet within ``bound`` drawn again, in row order."""
+    low = torch.floor(rows)
+    out, todo = torch.empty_like(rows), torch.arange(len(rows))
+    while len(todo):
+        cand = low[todo] + (torch.rand(rows[todo].shape, generator=generator, dtype=torch.float64)
+                            < rows[todo] - low[todo])
+        ok = cand.norm(dim=1) <= bound
+        out[todo[ok]] = cand[ok]
+        todo = todo[~ok]
+    return out
+
+
+@pytest.mark.parametrize("bound_slack", [0.0, 1e9])
+def test_the_in_place_conditional_rounding_is_the_plain_one_draw_for_draw(bound_slack):
+    """The same generator, the same integers as the plain formula, also when rows are drawn
+    again (a bound at the rows' own norm rejects many of the first draws)."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(40, 300, generator=g, dtype=torch.float64)
+    rows *= 200 / rows.norm(dim=1, keepdim=True)  # every row at norm 200
+    bound = 200 + bound_slack
+    first = torch.floor(rows) + (torch.rand(rows.shape, generator=torch.Generator().manual_seed(5),
+                                            dtype=torch.float64) < rows - torch.floor(rows))
+    assert bound_slack > 0 or 5 < int((first.norm(dim=1) > bound).sum()) < 35  # rows are drawn again
+    fast = sk.conditional_round(rows, bound, torch.Generator().manual_seed(5))
+    assert torch.equal(fast, _plain_conditional_round(rows, bound, torch.Generator().manual_seed(5)))
+    assert float(fast.norm(dim=1).max()) <= bound and torch.all(fast == torch.round(fast))
+    assert float((fast - rows).abs().max()) < 1
