@@ -305,7 +305,7 @@ def _distributed_release_round(model: Releasing, data: SiteData, *, release: Dis
 
 def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: DistributedRelease, clip_norm: float,
                           ledger: SiteLedger | None, server_round: int, sampling: torch.Generator,
-                          device: torch.device, run: str | None) -> RoundResult:
+                          device: torch.device, run: str | None, gradients: str | None = None) -> RoundResult:
     """One round of DP-FedSGD under secure aggregation with distributed noise: exactly one
     private step. The site Poisson-samples its records at the plan's rate, takes every
     sampled record's gradient alone (one forward pass over the sample, then Opacus'
@@ -316,7 +316,8 @@ def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: Distri
     the vector leaves (the secagg mod marks it pending, client/app.py). The model is not
     updated: the server takes the optimizer step on the decoded sum. ``sampling`` (CPU, the
     site's secret generator: OS entropy unless the simulation opted into seeded noise) draws
-    the sample, the rounding and the seed of the share."""
+    the sample, the rounding and the seed of the share. ``gradients``: ``"vectorised"`` or
+    ``"loop"`` (benchmarks/dpfedsgd_speed.py); by default the one ``gradient_method`` chooses."""
     n = len(data)
     if ledger is None:
         raise ValueError("DP-FedSGD with distributed noise needs DP (privacy.enabled) and the site's ledger")
@@ -334,7 +335,7 @@ def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: Distri
     loss = float("nan")
     if len(idx):
         batch = Batch(x=data.x[idx].to(device), y=None if data.y is None else data.y[idx].to(device), size=len(idx))
-        rows, losses = per_record_gradients(model, batch, gradient_method(model))
+        rows, losses = per_record_gradients(model, batch, gradients or gradient_method(model))
         integer_sum = round_records(rows / clip_norm, plan, sampling).sum(dim=0)
         loss = float(losses.mean())
     else:  # an empty Poisson sample: a noise-only round

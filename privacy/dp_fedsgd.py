@@ -26,6 +26,8 @@ step's layers; both read the same forward pass, so they consume the same random 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -83,7 +85,9 @@ def per_record_gradients(model: DPSGDTrainable, batch: Batch, method: str) -> tu
     gsm = GradSampleModule(step.module, batch_first=True, loss_reduction="sum")
     try:
         losses = step.loss(batch)
-        losses.sum().backward()
+        with warnings.catch_warnings():  # the data need no gradient: the first layer's hook says so each time
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            losses.sum().backward()
         rows = _flat(params, [getattr(p, "grad_sample", None) for p in params], batch=len(losses))
     finally:
         gsm._close()  # removes the hooks and every p.grad_sample
