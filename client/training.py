@@ -310,8 +310,9 @@ def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: Distri
     private step. The site Poisson-samples its records at the plan's rate, takes every
     sampled record's gradient alone (one forward pass over the sample, then Opacus'
     per-sample gradients, or one backward pass a record for a layer without a grad sampler:
-    ``privacy.dp_fedsgd.per_record_gradients``), divides it by the clip norm ``C`` and rounds it (``round_records``: projected to norm <= 1, i.e. clipped to
-    ``C``, scaled by gamma, conditionally rounded), sums the integers and adds its Skellam
+    ``privacy.dp_fedsgd.per_record_gradients``), divides it by the clip norm ``C`` and
+    rounds it (``round_records``: projected to norm <= 1, i.e. clipped to ``C``, scaled by
+    gamma, conditionally rounded), sums the integers and adds its Skellam
     share (privacy/skellam.py). It charges the Poisson-subsampled Skellam mechanism before
     the vector leaves (the secagg mod marks it pending, client/app.py). The model is not
     updated: the server takes the optimizer step on the decoded sum. ``sampling`` (CPU, the
