@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fedgen.contract.task import PrivacyConfig, TrainingConfig
 from fedgen.privacy.budget import affordable_dp_sgd_steps, charge_dp_sgd_round, dp_sgd_noise_multiplier
-from fedgen.privacy.dp_fedsgd import private_step_parameters, the_private_step
+from fedgen.privacy.dp_fedsgd import gradient_method, per_record_gradients, private_step_parameters
 from fedgen.privacy.dp_sgd import DPSettings, PrivateStepOptimizer, paused_hooks, poisson_sample
 from fedgen.privacy.ledger import SiteLedger
 from fedgen.privacy.randomness import dp_generator
@@ -305,22 +305,24 @@ def _distributed_release_round(model: Releasing, data: SiteData, *, release: Dis
 
 def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: DistributedRelease, clip_norm: float,
                           ledger: SiteLedger | None, server_round: int, sampling: torch.Generator,
-                          device: torch.device, run: str | None) -> RoundResult:
+                          device: torch.device, run: str | None, gradients: str | None = None) -> RoundResult:
     """One round of DP-FedSGD under secure aggregation with distributed noise: exactly one
     private step. The site Poisson-samples its records at the plan's rate, takes every
-    sampled record's gradient alone (per-example, one backward pass each), divides it by the
-    clip norm ``C`` and rounds it (``round_records``: projected to norm <= 1, i.e. clipped to
-    ``C``, scaled by gamma, conditionally rounded), sums the integers and adds its Skellam
+    sampled record's gradient alone (one forward pass over the sample, then Opacus'
+    per-sample gradients, or one backward pass a record for a layer without a grad sampler:
+    ``privacy.dp_fedsgd.per_record_gradients``), divides it by the clip norm ``C`` and
+    rounds it (``round_records``: projected to norm <= 1, i.e. clipped to ``C``, scaled by
+    gamma, conditionally rounded), sums the integers and adds its Skellam
     share (privacy/skellam.py). It charges the Poisson-subsampled Skellam mechanism before
     the vector leaves (the secagg mod marks it pending, client/app.py). The model is not
     updated: the server takes the optimizer step on the decoded sum. ``sampling`` (CPU, the
     site's secret generator: OS entropy unless the simulation opted into seeded noise) draws
-    the sample, the rounding and the seed of the share."""
+    the sample, the rounding and the seed of the share. ``gradients``: ``"vectorised"`` or
+    ``"loop"`` (benchmarks/dpfedsgd_speed.py); by default the one ``gradient_method`` chooses."""
     n = len(data)
     if ledger is None:
         raise ValueError("DP-FedSGD with distributed noise needs DP (privacy.enabled) and the site's ledger")
     model.check_dp_compatible()
-    step = the_private_step(model)
     params = private_step_parameters(model)
     size = sum(p.numel() for p in params)
     if size != plan.dim or size != plan.size:
@@ -331,22 +333,18 @@ def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: Distri
         return planned  # the site's budget cannot afford the round
     own, spend = planned
     idx = poisson_sample(n, plan.sample_rate, sampling)
-    rows, loss_sum = [], 0.0
-    for i in idx.tolist():  # per-example gradients: one record per backward pass
-        batch = Batch(x=data.x[i:i + 1].to(device), y=None if data.y is None else data.y[i:i + 1].to(device), size=1)
-        loss = step.loss(batch).sum()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double()
-                               for p, g in zip(params, grads)]))
-        loss_sum += float(loss.detach())
-    if rows:
-        integer_sum = round_records(torch.stack(rows) / clip_norm, plan, sampling).sum(dim=0)
+    loss = float("nan")
+    if len(idx):
+        batch = Batch(x=data.x[idx].to(device), y=None if data.y is None else data.y[idx].to(device), size=len(idx))
+        rows, losses = per_record_gradients(model, batch, gradients or gradient_method(model))
+        integer_sum = round_records(rows / clip_norm, plan, sampling).sum(dim=0)
+        loss = float(losses.mean())
     else:  # an empty Poisson sample: a noise-only round
         integer_sum = torch.zeros(size, dtype=torch.float64)
     noised = noised_integer_sum(integer_sum, own, sampling)
     charge_distributed(ledger, spend, round=server_round, run=run, sample_rate=plan.sample_rate)
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=1,
-                       train_loss=loss_sum / len(rows) if rows else float("nan"), release=noised)
+                       train_loss=loss, release=noised)
 
 
 def _distributed_spend(plan: DistributedRelease, ledger: SiteLedger, n: int, *,

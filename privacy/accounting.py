@@ -162,29 +162,43 @@ def largest_affordable(fits: Callable[[int], bool], wanted: int) -> int:
 def calibrate_after(
     history: list[HistoryEntry], *, target_epsilon: float, delta: float, sample_rate: float, steps: int,
     accountant: str, tolerance: float = 0.01,
+    composed: tuple[float, Callable[[float], float]] | None = None,
 ) -> float:
     """The smallest sigma (to ``tolerance``, relative) such that ``history`` followed by
     ``steps`` steps at (sigma, q) stays within ``target_epsilon``, composed by the
     accountant. Bisection between the sigma that ignores ``history`` (too small) and the
     one calibrated to what basic composition leaves (``target - epsilon(history)``:
-    enough, since the composed epsilon never exceeds the sum)."""
-    if not history:
-        return calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant=accountant)
-    spent = epsilon_of(history, delta=delta, accountant=accountant)
+    enough, since the composed epsilon never exceeds the sum).
+
+    ``composed = (spent, epsilon_with)``: the history's epsilon and ``epsilon_with(sigma)``,
+    the epsilon of the history followed by those steps, read by the caller -- a site passes
+    its ledger's (``SiteLedger.epsilon`` and ``epsilon_after``, which count distributed
+    Skellam entries in full, not as their Gaussian-equivalent sigma), so the sigma it picks
+    is composed by the same reader as its budget check; ``history`` is then not read."""
+    if composed is None:
+        if not history:
+            return calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+                                              steps=steps, accountant=accountant)
+
+        def epsilon_with(sigma: float) -> float:
+            return epsilon_of(history + [(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+
+        spent = epsilon_of(history, delta=delta, accountant=accountant)
+    else:
+        spent, epsilon_with = composed
     if spent >= target_epsilon:
         raise PrivacyConfigError(f"epsilon {spent:.4g} is already spent of the target {target_epsilon}; "
                                  "nothing is left to calibrate DP-SGD for")
 
     def fits(sigma: float) -> bool:
-        return epsilon_of(history + [(sigma, sample_rate, steps)], delta=delta, accountant=accountant) <= target_epsilon
+        return epsilon_with(sigma) <= target_epsilon
 
     lo = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
                                     steps=steps, accountant=accountant)
     hi = calibrate_noise_multiplier(target_epsilon=target_epsilon - spent, delta=delta, sample_rate=sample_rate,
                                     steps=steps, accountant=accountant)
     while not fits(hi):  # basic composition guarantees it; guard against the accountants' rounding
-        hi *= 1.01
+        lo, hi = hi, hi * 1.1
     while hi / lo > 1.0 + tolerance:
         mid = (lo * hi) ** 0.5
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)

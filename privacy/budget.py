@@ -23,13 +23,17 @@ def dp_sgd_noise_multiplier(ledger: SiteLedger, *, sample_rate: float, planned_s
 
     Calibration composes with what the history already spent (a hybrid's release): sigma is
     the smallest that keeps the history plus ``planned_steps`` steps at (sigma, q) within
-    ``target_epsilon`` (:func:`~privacy.accounting.calibrate_after`). Later rounds keep that
+    ``target_epsilon`` (:func:`~privacy.accounting.calibrate_after`), the history read as the
+    ledger's budget check reads it (a distributed Skellam entry by its own bound, not as its
+    Gaussian-equivalent sigma). Later rounds keep that
     sigma; if the site's data changed size, its steps are accounted at the new rate.
     """
     if ledger.noise_multiplier is None:
+        composed = (ledger.epsilon, lambda sigma: ledger.epsilon_after(
+            steps=planned_steps, noise_multiplier=sigma, sample_rate=sample_rate))
         ledger.noise_multiplier = calibrate_after(
             ledger.accountant_history(), target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
-            steps=planned_steps, accountant=accountant)
+            steps=planned_steps, accountant=accountant, composed=composed if ledger.history else None)
         log.info("site %s: sigma=%.4g calibrated for eps=%g, q=%.4g, %d steps", ledger.site,
                  ledger.noise_multiplier, target_epsilon, sample_rate, planned_steps)
     ledger.sample_rate = sample_rate

@@ -13,14 +13,27 @@ Wang 2019's bound (``poisson_subsampled_rdp``), composed over the planned rounds
 ledger. The plan's public parameters are those of :class:`DistributedRelease` with
 ``dim`` = ``size`` = the private step's parameter count, ``sample_rate`` = ``q`` and
 ``rounds`` = the federation's rounds.
+
+A site takes its sampled records' gradients in one forward pass over the sample (the
+records' losses are independent: no layer mixes records, which the DP-SGD path needs too),
+then each record's gradient either by Opacus' per-sample gradient hooks, the machinery of
+the DP-SGD path's ``hooks`` mode (``VECTORISED``: one backward pass for the whole sample),
+or by one backward pass per record (``LOOP``), the fallback for a private step holding a
+layer without an Opacus grad sampler. :func:`gradient_method` chooses once, from the
+step's layers; both read the same forward pass, so they consume the same random draws
+(a VAE's z, a diffusion model's t and noise) and give the same rows.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+from opacus.grad_sample import GradSampleModule
+from torch import Tensor
 
-from fedgen.shared_models import DPSGDTrainable
+from fedgen.shared_models import Batch, DPSGDTrainable
 
 from .skellam import DistributedRelease, plan_distributed_release
 
@@ -39,6 +52,56 @@ def private_step_parameters(model: DPSGDTrainable) -> list[torch.nn.Parameter]:
     """The parameters one DP-FedSGD gradient covers, in the order of its flat vector (the
     site's sum and the server's optimizer step use the same order)."""
     return [p for p in the_private_step(model).module.parameters() if p.requires_grad]
+
+
+#: how a site takes its sampled records' gradients (:func:`gradient_method`)
+VECTORISED, LOOP = "vectorised", "loop"
+
+
+def gradient_method(model: DPSGDTrainable) -> str:
+    """``VECTORISED`` when every layer with trainable parameters of the private step has an
+    Opacus grad sampler (Linear, Conv, GroupNorm, LayerNorm, ...: the quickstart VAE, the
+    flows and the diffusion models), else ``LOOP``."""
+    layers = [m for m in the_private_step(model).module.modules()
+              if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return VECTORISED if all(type(m) in GradSampleModule.GRAD_SAMPLERS for m in layers) else LOOP
+
+
+def per_record_gradients(model: DPSGDTrainable, batch: Batch, method: str) -> tuple[Tensor, Tensor]:
+    """Every record's gradient of the private step's loss, flat in the order of
+    :func:`private_step_parameters`, as rows ``[B, d]`` in float64, and the records'
+    losses ``[B]``: one forward pass over ``batch``, then Opacus' per-sample gradients
+    (``VECTORISED``) or one backward pass a record (``LOOP``). The model's ``.grad`` are
+    left as they were (the site does not update its model)."""
+    step, params = the_private_step(model), private_step_parameters(model)
+    if method == LOOP:
+        losses = step.loss(batch)
+        rows = torch.stack([_flat(params, torch.autograd.grad(losses[i], params, retain_graph=i + 1 < len(losses),
+                                                              allow_unused=True)) for i in range(len(losses))])
+        return rows, losses.detach()
+    if method != VECTORISED:
+        raise ValueError(f"unknown per-record gradient method {method!r}; choose {VECTORISED!r} or {LOOP!r}")
+    grads = [p.grad for p in params]
+    gsm = GradSampleModule(step.module, batch_first=True, loss_reduction="sum")
+    try:
+        losses = step.loss(batch)
+        with warnings.catch_warnings():  # the data need no gradient: the first layer's hook says so each time
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            losses.sum().backward()
+        rows = _flat(params, [getattr(p, "grad_sample", None) for p in params], batch=len(losses))
+    finally:
+        gsm._close()  # removes the hooks and every p.grad_sample
+        for p, g in zip(params, grads):
+            p.grad = g
+    return rows, losses.detach()
+
+
+def _flat(params: list[torch.nn.Parameter], grads, batch: int | None = None) -> Tensor:
+    """One record's gradients (``batch`` None) or ``batch`` records' per-sample gradients,
+    flattened and concatenated in float64; a parameter the loss does not reach gives zeros."""
+    lead = () if batch is None else (batch,)
+    return torch.cat([(torch.zeros(*lead, p.numel(), dtype=torch.float64, device=p.device) if g is None
+                       else g.reshape(*lead, -1).double()) for p, g in zip(params, grads)], dim=-1)
 
 
 def sample_rate(batch_size: int, max_records: int) -> float:

@@ -194,20 +194,31 @@ def rounded_l1_bound(l2: float, dim: int) -> float:
 
 def conditional_round(rows: Tensor, bound: float, generator: torch.Generator) -> Tensor:
     """Each row (already scaled) to integers by unbiased stochastic rounding, redrawn until
-    its L2 norm is at most ``bound`` (conditional randomized rounding). float64 in and out."""
+    its L2 norm is at most ``bound`` (conditional randomized rounding). float64 in and out.
+
+    A coordinate ``x`` rounds up to ``floor(x) + 1`` iff a uniform draw ``u < x - floor(x)``,
+    computed in place as ``floor(x) - floor(u - frac)`` (``u - frac`` is negative exactly
+    when ``u < frac``: the sign of a float64 difference is exact), so the draws and the result
+    are those of the plain ``floor(x) + (u < frac)``. The first draw covers every row without
+    copying; only the rare rows above the bound are drawn again."""
     rows = rows.double()
     low = torch.floor(rows)
     frac = rows - low
-    out = torch.empty_like(rows)
-    todo = torch.arange(len(rows), device=rows.device)
+    todo: Tensor | None = None  # None: every row
+    out = low
     for _ in range(1000):
+        f = frac if todo is None else frac[todo]
+        cand = torch.rand(f.shape, generator=generator, dtype=torch.float64).to(rows.device)
+        cand.sub_(f).floor_().neg_().add_(low if todo is None else low[todo])  # floor(x) + (u < frac)
+        ok = cand.norm(dim=1) <= bound
+        if todo is None:
+            out = cand
+            todo = torch.nonzero(~ok).flatten()
+        else:
+            out[todo[ok]] = cand[ok]
+            todo = todo[~ok]
         if not len(todo):
             return out
-        up = torch.rand(frac[todo].shape, generator=generator, dtype=torch.float64).to(rows.device) < frac[todo]
-        cand = low[todo] + up
-        ok = cand.norm(dim=1) <= bound
-        out[todo[ok]] = cand[ok]
-        todo = todo[~ok]
     raise RuntimeError(f"conditional rounding: {len(todo)} rows still above the bound {bound:g} after 1000 draws")
 
 
