@@ -82,9 +82,11 @@ def test_flow_mnist_mepf_is_flow_mnist_with_public_perceptual_features():
     scenario = scenario_from_dict(mepf, source="flow-mnist-mepf.yaml")
     assert scenario.warm_start.public.format == "digits-fonts-28"
     assert scenario.warm_start.release.generator["perceptual_weight"] == 0.7
+    assert scenario.warm_start.release.generator["public_filter"] == 0.5
     # nothing else differs from flow-mnist.yaml
     mepf["warm_start"].pop("public")
-    mepf["warm_start"]["release"]["generator"].pop("perceptual_weight")
+    for key in ("perceptual_weight", "public_filter"):
+        mepf["warm_start"]["release"]["generator"].pop(key)
     assert {**mepf, "name": plain["name"]} == plain
 
 
