@@ -347,6 +347,7 @@ class MMDGenerator(Releasing):
             pending = pending[~self.publicly_recognised(draw, labels[pending])]
         return x
 
+    @torch.no_grad()
     def publicly_recognised(self, x: Tensor, labels: Tensor) -> Tensor:
         """Whether the public classifier gives each sample's requested class a probability
         of at least ``public_filter``."""
