@@ -49,7 +49,7 @@ def digits_28(shape: tuple[int, ...] = (1, 28, 28)) -> tuple[np.ndarray, np.ndar
 _NOT_DIGIT_FONTS = ("Siz", "NonUni", "cmex", "cmsy", "LastResort", "Display")
 
 
-def printed_digits(canvas: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def printed_digits(canvas: int = 64) -> tuple[list[np.ndarray], np.ndarray]:
     """The digits 0-9 printed in every text font matplotlib ships (DejaVu, STIX, Computer
     Modern: 22 fonts in matplotlib 3.8-3.10), white on black, cropped to their ink: a list
     of ``[h, w]`` arrays in [0, 1] and their labels. Public by construction (no person's
