@@ -30,7 +30,7 @@ from _common import environment, load_average, write_result
 from fedgen.contract import rundir
 from fedgen.evaluation.tstr import train_synthetic_test_real
 from fedgen.server.evaluate import GlobalEvaluator
-from fedgen.shared_models.perceptual import _augment
+from fedgen.shared_models.perceptual import distort
 from fedgen.simulations.sampling import load_run_model
 from fedgen.simulations.warm_start import digits_fonts_28
 
@@ -43,7 +43,7 @@ def public_only_tstr(reference: tuple[np.ndarray, np.ndarray], n: int, seed: int
     x, y = digits_fonts_28()
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(x), (n,), generator=generator)
-    images = _augment(torch.from_numpy(x)[idx], generator)
+    images = distort(torch.from_numpy(x)[idx], generator)
     result = train_synthetic_test_real(images, torch.from_numpy(y)[idx], torch.from_numpy(reference[0]).float(),
                                        torch.from_numpy(reference[1]).long(), num_classes=10, seed=seed)
     return result.tstr_accuracy

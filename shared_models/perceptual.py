@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 POOL = 4  # every conv layer's activations are average-pooled to POOL x POOL before release
-MIN_DISTORTED_SIDE = 20  # public images smaller than this are not distorted (_augment)
+MIN_DISTORTED_SIDE = 20  # public images smaller than this are not distorted (distort)
 
 
 def perceptual_dim(width_mult: int = 16, hidden: int = 128) -> int:
@@ -75,7 +75,7 @@ def _ink_extent(mask: Tensor) -> Tensor:
     return (last - first + 1).clamp_min(0)
 
 
-def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
+def distort(x: Tensor, generator: torch.Generator) -> Tensor:
     """Random distortions of public digit images toward handwriting in MNIST's geometry:
     affine and elastic distortions (Simard, Steinkraus & Platt, ICDAR 2003, §2: a smooth
     random displacement field) and stroke-width changes. Each image's ink is scaled to a
@@ -143,7 +143,7 @@ def train_on_public(net: PerceptualFeatures, x: Tensor, y: Tensor | None, *, ste
         net.train()
         for step in range(steps):
             idx = torch.randint(n, (min(batch_size, n),), generator=generator).to(device)
-            loss = F.cross_entropy(net(_augment(x[idx], generator)), y[idx])
+            loss = F.cross_entropy(net(distort(x[idx], generator)), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -13,7 +13,7 @@ import yaml
 from fedgen.client.data import read_mnist
 from fedgen.contract.errors import ScenarioError
 from fedgen.contract.scenario import scenario_from_dict
-from fedgen.shared_models.perceptual import PerceptualFeatures, _augment, train_on_public
+from fedgen.shared_models.perceptual import PerceptualFeatures, distort, train_on_public
 from fedgen.simulations.cli import main as fedgen
 from fedgen.simulations.warm_start import digits_28, digits_fonts_28, mnist_geometry, printed_digits
 
@@ -59,14 +59,14 @@ def test_the_augmentation_brings_either_framing_to_mnists_digit_size(source):
     each image's own ink, so both land near MNIST's 20 px (a fixed zoom would leave one of
     them at 12-18 px or 17-25 px)."""
     x = torch.from_numpy(digits_28()[0][:300] if source.startswith("digits-28") else digits_fonts_28()[0][-300:])
-    out = _augment(x, torch.Generator().manual_seed(0))
+    out = distort(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
     sizes = np.array([max(_ink_box(img)) for img in out[:, 0].numpy()])
     assert 18.0 <= np.median(sizes) <= 23.0  # 16-22 px, widened by rotation, shear and strokes
     assert np.percentile(sizes, 10) >= 14 and np.percentile(sizes, 90) <= 26
-    again = _augment(x, torch.Generator().manual_seed(0))
+    again = distort(x, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)  # deterministic given the generator
-    assert not torch.equal(out, _augment(x, torch.Generator().manual_seed(1)))
+    assert not torch.equal(out, distort(x, torch.Generator().manual_seed(1)))
 
 
 def _scenario(tmp_path, public: str, **model) -> str:
