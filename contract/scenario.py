@@ -172,6 +172,12 @@ class FederationConfig(_Section):
         return self
 
 
+def has_perceptual_features(options: dict[str, Any]) -> bool:
+    """Whether mmd options (a model's, or a release warm start's generator's) ask for
+    perceptual features (``perceptual_weight > 0``), whose network a public set trains."""
+    return float(options.get("perceptual_weight") or 0.0) > 0.0
+
+
 class ModelConfig(BaseModel):
     """``family`` plus that family's own options (checked against its builder)."""
 
@@ -199,6 +205,11 @@ class ModelConfig(BaseModel):
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def perceptual(self) -> bool:
+        """Whether the model has perceptual features (``perceptual_weight > 0``)."""
+        return has_perceptual_features(self.options)
 
 
 class TrainingConfigSection(_Section):
@@ -481,7 +492,7 @@ class WarmStartConfig(_Section):
     @property
     def release_perceptual(self) -> bool:
         """Whether the release's generator has perceptual features (trained on ``public``)."""
-        return self.release is not None and float(self.release.generator.get("perceptual_weight") or 0.0) > 0.0
+        return self.release is not None and has_perceptual_features(self.release.generator)
 
     @model_validator(mode="after")
     def _one_source(self) -> "WarmStartConfig":
@@ -573,7 +584,7 @@ class Scenario(_Section):
     @model_validator(mode="after")
     def _warm_start_fits(self) -> "Scenario":
         ws = self.warm_start
-        perceptual = float(self.model.options.get("perceptual_weight") or 0.0) > 0.0
+        perceptual = self.model.perceptual
         if perceptual and (ws is None or ws.public is None):
             raise ValueError("model.perceptual_weight: the perceptual features are trained on a declared-public "
                              "set; add warm_start: {public: {format: digits-28}} (or set perceptual_weight: 0)")
@@ -629,7 +640,7 @@ class Scenario(_Section):
         # The only warm start an mmd scenario takes (_warm_start_fits) is the public set of its
         # perceptual features: it trains the feature network, and the site still bounds each
         # record's whole vector to norm 1, so the distributed plan below is unchanged.
-        perceptual = float(self.model.options.get("perceptual_weight") or 0.0) > 0.0
+        perceptual = self.model.perceptual
         if self.privacy.white_box is not None:
             # the distributed release takes no canaries (client/training.py) and the site's
             # own share is not the Gaussian release the release-canary audit tests: its bound

@@ -47,6 +47,7 @@ def digits_28(shape: tuple[int, ...] = (1, 28, 28)) -> tuple[np.ndarray, np.ndar
 # Fonts matplotlib ships whose digits are not symbols (its size variants, non-Unicode and
 # math-symbol fonts draw other glyphs); the rest of its ttf folder, sorted, is used.
 _NOT_DIGIT_FONTS = ("Siz", "NonUni", "cmex", "cmsy", "LastResort", "Display")
+INK = 0.1  # a pixel above this is part of a digit's stroke (cropping to the ink)
 
 
 def printed_digits(canvas: int = 64) -> tuple[list[np.ndarray], np.ndarray]:
@@ -67,9 +68,8 @@ def printed_digits(canvas: int = 64) -> tuple[list[np.ndarray], np.ndarray]:
             image = Image.new("L", (canvas, canvas), 0)
             ImageDraw.Draw(image).text((canvas // 2, canvas // 2), str(digit), fill=255, font=font, anchor="mm")
             ink = np.asarray(image, dtype=np.float32) / 255.0
-            rows, cols = np.nonzero(ink > 0.1)
-            if len(rows):
-                glyphs.append(ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
+            if ink.max() > INK:
+                glyphs.append(_crop_to_ink(ink))
                 labels.append(digit)
     return glyphs, np.asarray(labels, dtype=np.int64)
 
@@ -104,8 +104,8 @@ def digits_fonts_28() -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images)[:, None], np.concatenate([d.y.numpy().astype(np.int64), printed_labels])
 
 
-def _crop_to_ink(image: np.ndarray, threshold: float = 0.1) -> np.ndarray:
-    rows, cols = np.nonzero(image > threshold)
+def _crop_to_ink(image: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(image > INK)
     return image[rows.min():rows.max() + 1, cols.min():cols.max() + 1] if len(rows) else image
 
 
@@ -143,7 +143,7 @@ def public_set(scenario: Scenario, shape: tuple[int, ...], num_classes: int | No
     arrays: dict[str, np.ndarray] = {"x": x.astype(np.float32), "name": np.str_(name)}
     # perceptual features (mmd's, or a release generator's) train their network as a classifier
     # of the public set (shared_models/perceptual.py): labels, within its >= 10 outputs
-    perceptual = float(scenario.model.options.get("perceptual_weight") or 0.0) > 0.0 or ws.release_perceptual
+    perceptual = scenario.model.perceptual or ws.release_perceptual
     if num_classes is not None or perceptual:
         if y is None:
             raise ScenarioError(f"{KEY}: the model is class-conditional but the public set has no labels; "
