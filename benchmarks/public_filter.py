@@ -28,25 +28,21 @@ import torch
 
 from _common import environment, load_average, write_result
 from fedgen.contract import rundir
-from fedgen.evaluation.tstr import train_synthetic_test_real
+from fedgen.evaluation.tstr import public_only_tstr
 from fedgen.server.evaluate import GlobalEvaluator
-from fedgen.shared_models.perceptual import distort
 from fedgen.simulations.sampling import load_run_model
 from fedgen.simulations.warm_start import digits_fonts_28
 
 METRICS = ("tstr_accuracy", "fid_domain", "precision", "recall", "coverage", "label_agreement")
 
 
-def public_only_tstr(reference: tuple[np.ndarray, np.ndarray], n: int, seed: int) -> float:
+def public_alone(reference: tuple[np.ndarray, np.ndarray], n: int, seed: int) -> float:
     """TSTR's classifier trained on ``n`` distorted ``digits-fonts-28`` images, tested on the
-    same real-test half as every run's TSTR."""
+    same real-test half as every run's TSTR (evaluation/tstr.py, ``public_only_tstr``: what a
+    run that declares this public set records in ``summary.json``)."""
     x, y = digits_fonts_28()
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(x), (n,), generator=generator)
-    images = distort(torch.from_numpy(x)[idx], generator)
-    result = train_synthetic_test_real(images, torch.from_numpy(y)[idx], torch.from_numpy(reference[0]).float(),
-                                       torch.from_numpy(reference[1]).long(), num_classes=10, seed=seed)
-    return result.tstr_accuracy
+    return public_only_tstr(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(reference[0]).float(),
+                            torch.from_numpy(reference[1]).long(), n=n, num_classes=10, seed=seed).tstr_accuracy
 
 
 def score_run(run_dir: Path, threshold: float) -> dict:
@@ -86,7 +82,7 @@ def main() -> int:
     rows = [score_run(run, args.threshold) for run in args.runs]
     first = np.load(args.runs[0] / "inputs" / "reference.npz")
     scenario = rundir.read_scenario(args.runs[0])
-    public = public_only_tstr((first["x"], first["y"]), scenario.evaluation.num_samples, scenario.seed)
+    public = public_alone((first["x"], first["y"]), scenario.evaluation.num_samples, scenario.seed)
     print(f"public set alone (digits-fonts-28, distorted, {scenario.evaluation.num_samples} images): "
           f"TSTR {public:.1%}")
     print("| run | ε | accepted | TSTR unfiltered → filtered | ratio | FID | precision | recall | label agreement |")

@@ -88,6 +88,10 @@ def write_run_report(run_dir: Path) -> Path:
         parts.append(f"<p><strong>Warm start:</strong> pretrained before round 1 on {html.escape(str(source))} "
                      f"({warm.get('examples')} examples, {warm.get('steps')} steps); "
                      f"{html.escape(str(warm.get('guarantee', '')))}.</p>")
+        if alone := warm.get("public_only"):  # server/warm_start.py: the floor a run's TSTR is read against
+            parts.append(f"<p><strong>The public set alone:</strong> TSTR {_fmt(alone.get('tstr_accuracy'))} "
+                         f"(the TSTR classifier trained on {alone.get('records')} public records, no private data, "
+                         f"tested on the same real half); this run's TSTR is worth its budget only above it.</p>")
     if run.summary.get("warning"):  # e.g. seeded noise: the privacy guarantee does not hold
         parts.append(f"<p class='warning'><strong>Privacy warning:</strong> {html.escape(run.summary['warning'])}</p>")
     for g in run.summary.get("guarantees") or []:  # server/summary.py: which guarantee, against whom

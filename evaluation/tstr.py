@@ -15,6 +15,12 @@ the reference, the schedule and the seed, so it is memoised per process.
 
 Both numbers are plain accuracies; TRTR trains on only half the reference, so it is
 a conservative ceiling.
+
+When a run declares a public set (``warm_start.public``), :func:`public_only_tstr` gives the
+floor beside that ceiling: the same classifier trained on the public data alone (as many
+records, images distorted as the perceptual network is trained on them), tested on the same
+real-test half -- what a user gets without any private data, the figure the private
+pipeline has to beat to be worth its budget.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from fedgen.shared_models.layers import is_image_shape
+from fedgen.shared_models.perceptual import distort
 
 from .classifier import TSTR_CONFIG, ClassifierConfig, accuracy, fit_classifier
 from .context import EvaluationContext
@@ -104,6 +113,34 @@ def train_synthetic_test_real(
         n_real_train=int(train.numel()),
         n_real_test=int(test.numel()),
     )
+
+
+def public_only_tstr(
+    public_x: Tensor,
+    public_y: Tensor,
+    real_x: Tensor,
+    real_y: Tensor,
+    *,
+    n: int,
+    num_classes: int | None = None,
+    config: ClassifierConfig | None = None,
+    test_fraction: float = 0.5,
+    seed: int = 0,
+) -> TSTRResult:
+    """TSTR with a public set in place of the synthetic samples: ``n`` records drawn from
+    ``public_x / public_y`` with replacement (seeded), square images of side >=
+    ``MIN_DISTORTED_SIDE`` distorted by :func:`~fedgen.shared_models.perceptual.distort` (the
+    augmentation the public network trains with; smaller images and vectors as they are),
+    tested on the same real-test half as :func:`train_synthetic_test_real`."""
+    px, py = public_x.detach().float().cpu(), public_y.detach().long().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(px), (n,), generator=generator)
+    records = px[idx]
+    shape = tuple(records.shape[1:])
+    if is_image_shape(shape) and shape[1] == shape[2]:
+        records = distort(records, generator)
+    return train_synthetic_test_real(records, py[idx], real_x, real_y, num_classes=num_classes, config=config,
+                                     test_fraction=test_fraction, seed=seed)
 
 
 # -- registered metrics ------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 
 from fedgen.evaluation import DomainFeatureExtractor, evaluate_samples
 from fedgen.evaluation.plots import rows_by_class, save_sample_grid
+from fedgen.evaluation.tstr import public_only_tstr
 from fedgen.shared_models import GenerativeModel
 
 
@@ -66,3 +67,16 @@ class GlobalEvaluator:
                 out["class_histogram"] = np.bincount(predicted, minlength=self.extractor.num_classes).tolist()
         model.train()
         return out
+
+    def public_only(self, x: np.ndarray, y: np.ndarray | None, *, num_samples: int) -> dict[str, Any] | None:
+        """The public set alone on this reference (evaluation/tstr.py, :func:`public_only_tstr`):
+        TSTR's classifier trained on ``num_samples`` public records, the figure a run's TSTR is
+        read against; ``None`` without labels on both sides."""
+        if self.ref_x is None or self.ref_y is None or y is None:
+            return None
+        result = public_only_tstr(torch.from_numpy(x), torch.from_numpy(y), self.ref_x, self.ref_y, n=num_samples,
+                                  num_classes=int(max(int(y.max()), int(self.ref_y.max()))) + 1, seed=self.seed)
+        return {"tstr_accuracy": result.tstr_accuracy, "trtr_accuracy": result.trtr_accuracy,
+                "records": result.n_synthetic,
+                "meaning": "TSTR's classifier trained on the public set alone (no private data), tested on the "
+                           "same real half as the run's TSTR"}

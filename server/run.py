@@ -146,7 +146,7 @@ class FederatedRun:
     def execute(self) -> dict[str, Any]:
         t_start = time.time() - self.wall_before
         if self.start_round == 1:  # before round 1, never again on resume (docs/models.md, "Warm starts")
-            public_warm_start(self.model, self.run_dir, self.scenario)
+            public_warm_start(self.model, self.run_dir, self.scenario, self.evaluator)
         arrays = ArrayRecord(self.model.state_dict())
         config_json = task_from_scenario(self.scenario, self.spec).to_json()
         stopped_reason = "completed"

@@ -39,6 +39,8 @@ from fedgen.privacy.ledger import atomic_write_text
 from fedgen.shared_models import GenerativeModel
 from fedgen.shared_models.warm_start import pretrain
 
+from .evaluate import GlobalEvaluator
+
 log = logging.getLogger(__name__)
 
 PUBLIC_GUARANTEE = ("the DP guarantee covers the sites' private data only; the public set was used without "
@@ -57,9 +59,12 @@ def public_inputs(run_dir: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
     return public["x"], public.get("y"), str(public.get("name", "public"))
 
 
-def public_warm_start(model: GenerativeModel, run_dir: Path, scenario: Scenario) -> dict[str, Any] | None:
+def public_warm_start(model: GenerativeModel, run_dir: Path, scenario: Scenario,
+                      evaluator: GlobalEvaluator | None = None) -> dict[str, Any] | None:
     """Pretrain ``model`` in place on the run's declared-public set (before round 1) and
-    write ``warm_start.json``; its record, or ``None`` when the scenario has no public warm start."""
+    write ``warm_start.json``; its record, or ``None`` when the scenario has no public warm start.
+    With ``evaluator`` and ``evaluation.tstr``, the record's ``public_only`` is what the public
+    set gives alone (:meth:`GlobalEvaluator.public_only`), read beside the run's TSTR."""
     ws = scenario.warm_start
     if ws is None or ws.public is None:
         return None
@@ -75,6 +80,10 @@ def public_warm_start(model: GenerativeModel, run_dir: Path, scenario: Scenario)
     record = {"kind": "public", "public_data": name, "trained": trained, "examples": int(x.shape[0]),
               "steps": ws.steps, "loss": info["pretrain_loss"], "seconds": info["pretrain_seconds"],
               "epsilon_charged": 0.0, "guarantee": PUBLIC_GUARANTEE}
+    if evaluator is not None and scenario.evaluation.tstr:
+        baseline = evaluator.public_only(x, y, num_samples=scenario.evaluation.num_samples)
+        if baseline is not None:
+            record["public_only"] = baseline
     write_record(run_dir, record)
     log.info("warm start: trained %s on %s (%d examples, %d steps, %.1f s), charged nothing",
              trained, name, record["examples"], ws.steps, record["seconds"])
@@ -96,6 +105,7 @@ def release_record(scenario: Scenario, info: dict[str, float], public: dict[str,
         "loss": info.get("pretrain_loss"), "seconds": info.get("pretrain_seconds"), "guarantee": RELEASE_GUARANTEE}
     if ws.public is not None and public is not None and public.get("kind") == "public":
         record.update(kind="public+release", public_data=public["public_data"], public=public,
+                      **({"public_only": public["public_only"]} if "public_only" in public else {}),
                       guarantee=f"{RELEASE_GUARANTEE}; {public['trained']} was trained on the public set "
                                 f"{public['public_data']}: {PUBLIC_GUARANTEE}")
     return record

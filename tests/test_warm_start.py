@@ -112,6 +112,45 @@ def test_public_warm_start_sees_only_the_public_set_and_changes_no_sites_epsilon
     assert "warm_start" not in json.loads((cold / "summary.json").read_text())
 
 
+def test_the_public_set_alone_is_scored_beside_the_runs_tstr(tmp_path, digits):
+    """A run that declares a public set records what that set gives alone: TSTR's classifier
+    trained on it instead of the samples, tested on the same real half (the floor the run's
+    TSTR is read against), in warm_start.json, summary.json and the report."""
+    from fedgen.contract import rundir
+    from fedgen.evaluation.tstr import public_only_tstr
+
+    private, public = _split_digits(tmp_path, digits)
+    run = _simulate(tmp_path, "floor", _quickstart(
+        data={"format": "npz", "path": str(private), "holdout_fraction": 0.3},
+        warm_start={"public": {"format": "npz", "path": str(public)}, "steps": 20},
+        evaluation={"every": 0, "num_samples": 300, "tstr": True}))
+    summary = json.loads((run / "summary.json").read_text())
+    alone = summary["warm_start"]["public_only"]
+    # the same figure, recomputed from the run's own inputs
+    ref, pub = rundir.read_reference(run), rundir.read_public(run)
+    expected = public_only_tstr(torch.from_numpy(pub["x"]), torch.from_numpy(pub["y"]), torch.from_numpy(ref[0]),
+                                torch.from_numpy(ref[1]), n=300, num_classes=10, seed=0)
+    assert alone["records"] == 300
+    assert alone["tstr_accuracy"] == pytest.approx(expected.tstr_accuracy)
+    assert alone["trtr_accuracy"] == pytest.approx(summary["metrics"]["trtr_accuracy"])  # the same real half
+    assert alone["tstr_accuracy"] > 0.7  # 600 real digits do teach the classifier
+    assert "The public set alone" in (run / "report.html").read_text()
+
+
+def test_public_only_tstr_scores_the_public_records_not_the_reference(digits):
+    from fedgen.evaluation.classifier import ClassifierConfig
+    from fedgen.evaluation.tstr import public_only_tstr
+
+    x, y = digits.x[:900], digits.y[:900]
+    ref_x, ref_y = digits.x[900:], digits.y[900:]
+    config = ClassifierConfig(max_steps=200)
+    right = public_only_tstr(x, y, ref_x, ref_y, n=900, config=config, seed=0)
+    wrong = public_only_tstr(x, (y + 1) % 10, ref_x, ref_y, n=900, config=config, seed=0)
+    assert right.tstr_accuracy > 0.8 and right.n_synthetic == 900
+    assert wrong.tstr_accuracy < 0.2  # every public label shifted by one: the classifier learns the shift
+    assert right.trtr_accuracy == wrong.trtr_accuracy
+
+
 def test_digits_28_fits_a_28x28_model(tmp_path):
     from fedgen.simulations.warm_start import digits_28
 
