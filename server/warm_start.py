@@ -80,7 +80,7 @@ def public_warm_start(model: GenerativeModel, run_dir: Path, scenario: Scenario,
     record = {"kind": "public", "public_data": name, "trained": trained, "examples": int(x.shape[0]),
               "steps": ws.steps, "loss": info["pretrain_loss"], "seconds": info["pretrain_seconds"],
               "epsilon_charged": 0.0, "guarantee": PUBLIC_GUARANTEE}
-    if evaluator is not None and scenario.evaluation.tstr:
+    if evaluator is not None and scenario.evaluation.tstr and model.conditional:  # a run with a TSTR to read
         baseline = evaluator.public_only(x, y, num_samples=scenario.evaluation.num_samples)
         if baseline is not None:
             record["public_only"] = baseline
