@@ -75,7 +75,7 @@ class GlobalEvaluator:
         if self.ref_x is None or self.ref_y is None or y is None:
             return None
         result = public_only_tstr(torch.from_numpy(x), torch.from_numpy(y), self.ref_x, self.ref_y, n=num_samples,
-                                  num_classes=int(max(int(y.max()), int(self.ref_y.max()))) + 1, seed=self.seed)
+                                  seed=self.seed)
         return {"tstr_accuracy": result.tstr_accuracy, "trtr_accuracy": result.trtr_accuracy,
                 "records": result.n_synthetic,
                 "meaning": "TSTR's classifier trained on the public set alone (no private data), tested on the "
