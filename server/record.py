@@ -33,6 +33,7 @@ class ServerUpdate:
     server_update_seconds: float
     server_fit_mmd: float | None = None
     server_fit_steps: int | None = None
+    server_fit_noise_reached: int | None = None  # the step that reached the noise level (then the cooldown)
     release_noise_energy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:

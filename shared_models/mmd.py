@@ -124,6 +124,12 @@ class MMDGenerator(Releasing):
         fit_tolerance: stop the fit once its smoothed loss is at most this multiple of the
             release's expected noise energy (the discrepancy principle, module docstring);
             ``None`` always runs ``fit_steps``.
+        fit_cooldown: ``c``: having reached the noise level at step ``s``, go on for
+            ``ceil(c * s)`` more steps with the learning rate falling linearly to 0 (``0``:
+            stop there). The cosine schedule spans ``fit_steps``, so a fit the noise stops
+            early stops at a high rate. MNIST under secure aggregation at epsilon 1, one
+            release: 4 000 steps stopping at the noise level (step 661) 86.9 % TSTR, refitted
+            with ``c = 0.25`` 89.1 % (2 000 steps without: 88.8 %; docs/benchmarks.md).
         temperature: default sampling temperature T, ``z ~ N(0, T^2 I)`` (the fit always
             uses T = 1). T < 1 trades diversity for typical samples -- the truncation trick
             of BigGAN (Brock, Donahue & Simonyan 2019) in its simplest form. On MNIST (FedAvg's
@@ -158,8 +164,9 @@ class MMDGenerator(Releasing):
                  bandwidth: float = 5.0, latent_dim: int = 10, hidden: int = 256, fit_steps: int = 2000,
                  fit_batch: int = 500, fit_lr: float = 1e-3, feature_seed: int = 0,
                  pool_sizes: tuple[int, ...] = (1,), count_weight: float = 1 / math.sqrt(2.0),
-                 fit_tolerance: float | None = 1.0, temperature: float = 1.0, combine: str = "precision",
-                 fit_unbiased: bool = False, perceptual_weight: float = 0.0, public_filter: float = 0.0) -> None:
+                 fit_tolerance: float | None = 1.0, fit_cooldown: float = 0.0, temperature: float = 1.0,
+                 combine: str = "precision", fit_unbiased: bool = False, perceptual_weight: float = 0.0,
+                 public_filter: float = 0.0) -> None:
         super().__init__(data_shape, num_classes)
         pool_sizes = tuple(pool_sizes)
         if not pool_sizes or num_features < 2 * len(pool_sizes) or num_features % (2 * len(pool_sizes)):
@@ -189,8 +196,11 @@ class MMDGenerator(Releasing):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if fit_tolerance is not None and fit_tolerance <= 0:
             raise ValueError(f"fit_tolerance must be positive (or null to always run fit_steps), got {fit_tolerance}")
+        if not 0.0 <= fit_cooldown < math.inf:
+            raise ValueError(f"fit_cooldown must be a finite number >= 0 (0: stop at the noise level), got {fit_cooldown}")
         self.latent_dim, self.fit_steps, self.fit_batch, self.fit_lr = latent_dim, fit_steps, fit_batch, fit_lr
         self.pool_sizes, self.count_weight, self.fit_tolerance = pool_sizes, count_weight, fit_tolerance
+        self.fit_cooldown = fit_cooldown
         self.temperature, self.combine, self.fit_unbiased = temperature, combine, fit_unbiased
         self.perceptual_weight, self.public_filter = perceptual_weight, public_filter
         self.dim = flat_dim(self.data_shape)
@@ -303,26 +313,41 @@ class MMDGenerator(Releasing):
 
     def server_update(self, release_noise_variance: float | None = None) -> dict[str, float]:
         """Fit the generator to the released embedding: at most ``fit_steps`` Adam steps,
-        fewer once the fit reaches the release's noise level (module docstring)."""
+        fewer once the fit reaches the release's noise level (module docstring). With
+        ``fit_cooldown`` ``c > 0`` the fit, having reached that level at step ``s``, goes on
+        for ``ceil(c * s)`` more steps (never past ``fit_steps``) with the learning rate
+        falling linearly from where the cosine schedule stood to 0, instead of stopping at a
+        rate the schedule had planned for a much longer fit."""
         if not bool(self.embedding.abs().sum() > 0):
             return {}
         noise_energy = (release_noise_variance or 0.0) * self.embedding[:, :-1].numel()
         stop_below = self.fit_tolerance * noise_energy if self.fit_tolerance is not None else 0.0
         opt = torch.optim.Adam(self.generator.parameters(), lr=self.fit_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.fit_steps)
-        smoothed = None
-        for step in range(1, self.fit_steps + 1):
+        smoothed, step, end = None, 0, self.fit_steps
+        reached: int | None = None  # the step whose smoothed loss first reached the noise level
+        peaks: list[float] = []  # each group's rate at that step, where the cooldown starts
+        while step < end:
+            step += 1
             opt.zero_grad(set_to_none=True)
             loss = self.mmd_loss(self.fit_batch)
             loss.backward()
             opt.step()
-            sched.step()
+            if reached is None:
+                sched.step()
+            else:  # the cooldown: linear decay to 0 at ``end``
+                for group, peak in zip(opt.param_groups, peaks):
+                    group["lr"] = peak * (end - step) / (end - reached)
             # an exponential moving average: one batch's loss carries the fit batch's sampling noise
             value = float(loss.detach())
             smoothed = value if smoothed is None else _SMOOTHING * smoothed + (1.0 - _SMOOTHING) * value
-            if step > _WARMUP_STEPS and smoothed <= stop_below:
-                break
-        return {"server_fit_mmd": value, "server_fit_steps": step, "release_noise_energy": noise_energy}
+            if reached is None and step > _WARMUP_STEPS and smoothed <= stop_below:
+                reached, end = step, min(self.fit_steps, step + math.ceil(self.fit_cooldown * step))
+                peaks = [group["lr"] for group in opt.param_groups]
+        info = {"server_fit_mmd": value, "server_fit_steps": step, "release_noise_energy": noise_energy}
+        if reached is not None:
+            info["server_fit_noise_reached"] = reached
+        return info
 
     # -- sampling ---------------------------------------------------------------------
     def _generate(self, n: int, labels: Tensor | None, temperature: float = 1.0) -> Tensor:

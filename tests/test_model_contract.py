@@ -3,6 +3,7 @@ family up with no change here."""
 
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -295,6 +296,27 @@ def test_mmd_fit_stops_once_it_reaches_the_release_noise_level(digits):
     model.fit_tolerance = None  # the rule switched off
     assert model.server_update(release_noise_variance=1.0)["server_fit_steps"] == 60
 
+
+
+def test_mmd_fit_cooldown_anneals_past_the_noise_level_and_never_past_fit_steps(digits):
+    from fedgen.server.record import ServerUpdate
+    from fedgen.shared_models.mmd import _WARMUP_STEPS
+    data = digits.subset(range(600))
+    fits = {}
+    for cooldown, fit_steps in ((0.0, 60), (0.25, 60), (0.25, 200), (1.0, 30)):
+        model = _build("mmd", digits, fit_steps=fit_steps, fit_cooldown=cooldown)
+        run_local_round(model, data, training=TrainingConfig(local_steps=1, batch_size=32, lr=1e-3), privacy=NO_DP,
+                        ledger=None, server_round=1, seed=0)
+        torch.manual_seed(0)
+        fits[cooldown, fit_steps] = info = model.server_update(release_noise_variance=1.0)  # reached at once
+        assert info["server_fit_noise_reached"] == _WARMUP_STEPS + 1
+        ServerUpdate(**info, server_update_seconds=0.0)  # the round record takes every field
+    assert fits[0.0, 60]["server_fit_steps"] == _WARMUP_STEPS + 1  # no cooldown: stop there
+    assert fits[0.25, 60]["server_fit_steps"] == _WARMUP_STEPS + 1 + math.ceil(0.25 * (_WARMUP_STEPS + 1))
+    assert fits[0.25, 200]["server_fit_steps"] == fits[0.25, 60]["server_fit_steps"]  # the cosine span does not matter
+    assert fits[1.0, 30]["server_fit_steps"] == 30  # capped at fit_steps
+    with pytest.raises(ValueError, match="fit_cooldown"):
+        _build("mmd", digits, fit_cooldown=-0.5)
 
 def test_mmd_temperature_scales_the_latent_and_zero_spread_gives_one_sample_per_class(digits):
     model = _build("mmd", digits, temperature=0.5)
