@@ -201,7 +201,8 @@ OLD_ROUND_KEYS = {"round", "clients_sampled", "clients_ok", "clients_failed", "c
                   "faults", "server_fit_mmd", "server_fit_steps", "release_noise_variance",
                   "release_noise_energy", "server_update_seconds",
                   "sites_trained", "sites_refused",  # issue #23: the summary's per-site table
-                  "secure_aggregation"}  # issue #19: the round's SecAgg+ report
+                  "secure_aggregation",  # issue #19: the round's SecAgg+ report
+                  "server_fit_noise_reached"}  # mmd's fit_cooldown: the step that reached the noise level
 
 
 def _record(**fields) -> RoundRecord:
