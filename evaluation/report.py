@@ -65,6 +65,15 @@ def _fmt(value: Any) -> str:
     return html.escape(json.dumps(value) if isinstance(value, (dict, list)) else str(value))
 
 
+def _cell(flat: dict[str, Any], key: str) -> str:
+    """One table cell: the value, and TSTR with its 95 % interval (evaluation/tstr.py) when known."""
+    value = flat.get(key, "")
+    low, high = flat.get("tstr_ci95_low"), flat.get("tstr_ci95_high")
+    if key == "tstr_accuracy" and isinstance(value, float) and isinstance(low, float) and isinstance(high, float):
+        return f"{_fmt(value)} (95 % interval {low:.3f}–{high:.3f})"
+    return _fmt(value)
+
+
 def _label(key: str) -> str:
     direction = metric_directions().get(key)
     return key + {"minimize": " (lower is better)", "maximize": " (higher is better)"}.get(direction, "")
@@ -103,7 +112,7 @@ def write_run_report(run_dir: Path) -> Path:
                      f"threshold {_fmt(sec.get('threshold'))}). Threat model: "
                      f"{html.escape(str(sec.get('threat_model', '')))}.</p>")
     flat = run.flat()
-    rows = "".join(f"<tr><th>{html.escape(_label(k))}</th><td>{_fmt(flat[k])}</td></tr>" for k in TABLE_KEYS if k in flat)
+    rows = "".join(f"<tr><th>{html.escape(_label(k))}</th><td>{_cell(flat, k)}</td></tr>" for k in TABLE_KEYS if k in flat)
     parts.append(f"<h2>Summary</h2><table>{rows}</table>")
     parts.append(f"<h2>Per round</h2>{_img(plot_curves(run.rows, CURVES, figures / 'curves.png'))}")
     grids = sorted(figures.glob("round-*.png"))
@@ -129,7 +138,7 @@ def write_comparison(run_dirs: list[Path], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = [k for k in TABLE_KEYS if any(k in r.flat() for r in runs)]
     head = "".join(f"<th>{html.escape(r.name)}</th>" for r in runs)
-    body = "".join(f"<tr><th>{html.escape(_label(k))}</th>" + "".join(f"<td>{_fmt(r.flat().get(k, ''))}</td>" for r in runs)
+    body = "".join(f"<tr><th>{html.escape(_label(k))}</th>" + "".join(f"<td>{_cell(r.flat(), k)}</td>" for r in runs)
                    + "</tr>" for k in keys)
     parts = [f"<h1>fedgen comparison of {len(runs)} runs</h1>", f"<table><tr><th></th>{head}</tr>{body}</table>"]
     for key in CURVES:
@@ -138,7 +147,7 @@ def write_comparison(run_dirs: list[Path], out_dir: Path) -> Path:
         if png is not None:
             parts.append(f"<h2>{html.escape(_label(key))}</h2>{_img(png)}")
     md = ["| metric | " + " | ".join(r.name for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
-    md += [f"| {k} | " + " | ".join(_fmt(r.flat().get(k, "")) for r in runs) + " |" for k in keys]
+    md += [f"| {k} | " + " | ".join(_cell(r.flat(), k) for r in runs) + " |" for k in keys]
     (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
     out = out_dir / "comparison.html"
     out.write_text(_page("fedgen comparison", parts))

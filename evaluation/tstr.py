@@ -14,7 +14,11 @@ real-test part**, so the two accuracies are directly comparable. TRTR depends on
 the reference, the schedule and the seed, so it is memoised per process.
 
 Both numbers are plain accuracies; TRTR trains on only half the reference, so it is
-a conservative ceiling.
+a conservative ceiling. ``tstr_ci95_low`` / ``tstr_ci95_high`` bound TSTR by the Wilson score
+interval of a binomial proportion (Wilson 1927; Brown, Cai & DasGupta 2001 recommend it
+over the normal approximation) over the real-test records: the spread that testing on a
+finite set alone puts on the figure (the classifier's and the sampler's seeds add to it).
+On MNIST's 1 000 real-test images an accuracy of 0.920 has the interval [0.902, 0.935].
 
 When a run declares a public set (``warm_start.public``), :func:`public_only_tstr` gives the
 floor beside that ceiling: the same classifier trained on the public data alone (as many
@@ -52,6 +56,18 @@ class TSTRResult:
     n_synthetic: int
     n_real_train: int
     n_real_test: int
+
+    def tstr_interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """The Wilson score interval of ``tstr_accuracy`` over the ``n_real_test`` records."""
+        return wilson_interval(round(self.tstr_accuracy * self.n_real_test), self.n_real_test, confidence)
+
+
+def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (``successes`` of ``trials``)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def split_reference(labels: Tensor, *, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -164,6 +180,20 @@ def _tstr_accuracy(ctx: EvaluationContext) -> float | None:
     """Accuracy on real test data of a classifier trained on labelled synthetic samples."""
     result = _tstr(ctx)
     return None if result is None else result.tstr_accuracy
+
+
+@register_metric("tstr_ci95_low", direction="maximize", units="accuracy", group="utility")
+def _tstr_ci95_low(ctx: EvaluationContext) -> float | None:
+    """Lower end of TSTR's 95 % Wilson interval over the real-test records (module docstring)."""
+    result = _tstr(ctx)
+    return None if result is None else result.tstr_interval()[0]
+
+
+@register_metric("tstr_ci95_high", direction="maximize", units="accuracy", group="utility")
+def _tstr_ci95_high(ctx: EvaluationContext) -> float | None:
+    """Upper end of TSTR's 95 % Wilson interval over the real-test records (module docstring)."""
+    result = _tstr(ctx)
+    return None if result is None else result.tstr_interval()[1]
 
 
 @register_metric("trtr_accuracy", direction="maximize", units="accuracy", group="utility")

@@ -34,6 +34,8 @@ from fedgen.evaluation import (
     train_synthetic_test_real,
 )
 from fedgen.evaluation.fid import polynomial_kernel
+from fedgen.evaluation.report import write_comparison
+from fedgen.evaluation.tstr import wilson_interval
 
 MNIST_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
 
@@ -243,6 +245,35 @@ def test_tstr_on_real_digits_beats_chance_and_noise_does_not(digits):
     noise = train_synthetic_test_real(noise_x, noise_y, digits["x_ref"], digits["y_ref"], seed=0)
     assert noise.tstr_accuracy < 0.25
     assert noise.trtr_accuracy == real.trtr_accuracy  # same reference split and seed
+    low, high = real.tstr_interval()
+    assert low < real.tstr_accuracy < high
+    assert (low, high) == wilson_interval(round(real.tstr_accuracy * real.n_real_test), real.n_real_test)
+
+
+@pytest.mark.parametrize("successes,trials", [(920, 1000), (3, 40), (0, 50), (50, 50)])
+def test_wilson_interval_matches_its_closed_form(successes, trials):
+    # Wilson (1927): (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z the normal 97.5 % point
+    z, n, p = 1.959963984540054, trials, successes / trials
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low, high = wilson_interval(successes, trials)
+    assert low == pytest.approx(max(0.0, (centre - half) / (1 + z * z / n)), abs=1e-12)
+    assert high == pytest.approx(min(1.0, (centre + half) / (1 + z * z / n)), abs=1e-12)
+    assert wilson_interval(successes, trials, 0.99)[0] <= low  # wider at higher confidence
+
+
+def test_reports_print_tstr_with_its_interval(tmp_path):
+    runs = []
+    for name, tstr in (("a", 0.931), ("b", 0.5)):
+        run = tmp_path / name
+        run.mkdir()
+        metrics = {"tstr_accuracy": tstr, "tstr_ci95_low": 0.9136, "tstr_ci95_high": 0.9451} if name == "a" else {
+            "tstr_accuracy": tstr}
+        (run / "summary.json").write_text(json.dumps({"rounds_completed": 1, "metrics": metrics}))
+        (run / "metrics.jsonl").write_text(json.dumps({"round": 1, **metrics}) + "\n")
+        runs.append(run)
+    write_comparison(runs, tmp_path / "cmp")
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| tstr_accuracy | 0.931 (95 % interval 0.914–0.945) | 0.5 |" in table
 
 
 # -- feature extractor ---------------------------------------------------------------------
@@ -303,7 +334,7 @@ def test_suite_output_is_flat_json_with_known_directions(digits, extractor):
     expected = {
         "fid_domain", "kid_domain", "kid_domain_std", "precision", "recall", "density", "coverage",
         "is_domain", "classes_covered", "class_entropy", "diversity_ratio", "collapsed",
-        "label_agreement", "tstr_accuracy", "trtr_accuracy",
+        "label_agreement", "tstr_accuracy", "tstr_ci95_low", "tstr_ci95_high", "trtr_accuracy",
     }
     assert set(m) == expected
     assert set(m) <= set(metric_directions())
