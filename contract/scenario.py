@@ -661,7 +661,9 @@ class Scenario(_Section):
 
     def _dp_fedsgd_fits(self) -> "Scenario":
         """DP-FedSGD (privacy/dp_fedsgd.py): one private step a round, a family whose round is
-        that one step (one linear statistic: the sum of clipped per-record gradients)."""
+        that one step (one linear statistic: the sum of clipped per-record gradients); after a
+        public warm start, or a release warm start whose release is summed with distributed
+        noise too (contract/task.py, DistributedNoise)."""
         family = self.model.family
         if family not in DP_FEDSGD_FAMILIES:
             raise ValueError(f"federation.secure_aggregation.noise: distributed works for the mmd release and for "
@@ -670,9 +672,12 @@ class Scenario(_Section):
         if self.training.local_steps != 1:
             raise ValueError(f"training.local_steps: noise: distributed with {family} runs DP-FedSGD, exactly one "
                              f"private step a round; set training.local_steps: 1 (not {self.training.local_steps})")
-        if self.warm_start is not None:
-            raise ValueError("warm_start: DP-FedSGD with noise: distributed starts from the initial model for now; "
-                             "remove warm_start or use noise: local")
+        release = None if self.warm_start is None else self.warm_start.release
+        if release is not None and release.family_share > 0 and family == "flow":
+            # the distributed release rounds each record's row of the head's embedding; the
+            # flow's class means beside it in one joint row are not wired to that rounding
+            raise ValueError("warm_start.release.family_share: with noise: distributed the release is the "
+                             "generator's embedding alone; set warm_start.release.family_share: 0")
         if self.privacy.white_box is not None:
             raise ValueError("privacy.white_box: the white-box audit adds its canaries to local DP-SGD steps; "
                              "it does not audit DP-FedSGD with noise: distributed (remove privacy.white_box)")

@@ -219,20 +219,45 @@ def site_level_mechanism(scenario: Scenario, num_sites: int) -> SiteLevelDP | No
                                   noise_multiplier=cfg.noise_multiplier)
 
 
-def distributed_noise_plan(scenario: Scenario, model: GenerativeModel) -> DistributedRelease | None:
-    """The public parameters of the distributed Skellam noise (privacy/skellam.py), planned
-    once before round 1 from the scenario and the round-1 model: every site's epsilon
-    target, the bit width, the threshold and the shape of what a site sums -- the release
-    buffer of a release family, or one private step's gradient for DP-FedSGD
-    (privacy/dp_fedsgd.py). None unless ``noise: distributed``; raises
-    :class:`~fedgen.privacy.skellam.BitsTooSmall` when the bit width cannot hold the sum."""
+@dataclass(frozen=True)
+class DistributedNoise:
+    """The public parameters of a run's distributed Skellam noise (privacy/skellam.py),
+    planned once before round 1: the ``release`` a release family (mmd) or a release warm
+    start makes in round 1, and the ``sgd`` plan of the DP-FedSGD rounds
+    (privacy/dp_fedsgd.py) -- after a release warm start planned so that the release and
+    every fine-tuning round compose to the target (its ``prior``). A round uses the plan of
+    what the global model asks of it (:meth:`for_model`)."""
+
+    release: DistributedRelease | None = None
+    sgd: DistributedRelease | None = None
+
+    def for_model(self, model: GenerativeModel) -> DistributedRelease | None:
+        """The plan of the round ``model`` starts: its release, or one DP-FedSGD step
+        (``None`` for a DP-FedSGD round after a warm start that planned no rounds)."""
+        return self.release if model.wants_release() else self.sgd
+
+
+def distributed_noise_plan(scenario: Scenario, model: GenerativeModel) -> DistributedNoise | None:
+    """The run's :class:`DistributedNoise`, from the scenario and the round-1 model: every
+    site's epsilon target, the bit width, the threshold and the shape of what a site sums
+    -- the release buffer of a release family or warm start (its ``release_epsilon``, for a
+    warm start), one private step's gradient for DP-FedSGD. None unless ``noise:
+    distributed``; raises :class:`~fedgen.privacy.skellam.BitsTooSmall` when the bit width
+    cannot hold the sum."""
     fed, cfg = scenario.federation, scenario.privacy
     sec = fed.secure_aggregation
     if sec is None or sec.noise != "distributed":
         return None
-    common = dict(epsilon=cfg.target_epsilon, delta=cfg.delta, bits=sec.bits, num_sites=fed.num_sites,
-                  threshold=sec.threshold, max_records=sec.max_records)
-    if model.training_mode == "sgd":  # DP-FedSGD: one private step a round
-        return plan_dp_fedsgd(model, batch_size=scenario.training.batch_size, rounds=fed.rounds, **common)
-    shape = tuple(model.state_dict()[model.release_buffer].shape)
-    return plan_distributed_release(dim=shape[-1], size=int(np.prod(shape)), **common)
+    common = dict(delta=cfg.delta, bits=sec.bits, num_sites=fed.num_sites, threshold=sec.threshold,
+                  max_records=sec.max_records)
+    release = None
+    if model.wants_release():
+        shape = tuple(model.state_dict()[model.release_buffer].shape)
+        release = plan_distributed_release(epsilon=model.release_epsilon or cfg.target_epsilon,
+                                           dim=shape[-1], size=int(np.prod(shape)), **common)
+        if model.release_epsilon is None:  # a pure release family: the release is the whole run
+            return DistributedNoise(release=release)
+    rounds = fed.rounds - int(release is not None)  # a warm start's release takes round 1
+    sgd = None if rounds < 1 else plan_dp_fedsgd(model, epsilon=cfg.target_epsilon, rounds=rounds, after=release,
+                                                  batch_size=scenario.training.batch_size, **common)
+    return DistributedNoise(release=release, sgd=sgd)

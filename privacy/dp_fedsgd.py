@@ -111,12 +111,14 @@ def sample_rate(batch_size: int, max_records: int) -> float:
 
 
 def plan_dp_fedsgd(model: DPSGDTrainable, *, epsilon: float, delta: float, bits: int, num_sites: int,
-                   threshold: int, max_records: int, batch_size: int, rounds: int) -> DistributedRelease:
-    """The public parameters of ``rounds`` DP-FedSGD rounds spending ``epsilon`` at ``delta``."""
+                   threshold: int, max_records: int, batch_size: int, rounds: int,
+                   after: DistributedRelease | None = None) -> DistributedRelease:
+    """The public parameters of ``rounds`` DP-FedSGD rounds spending ``epsilon`` at ``delta``
+    (``after``: a distributed release every site made first, which ``epsilon`` covers too)."""
     size = sum(p.numel() for p in private_step_parameters(model))
     return plan_distributed_release(epsilon=epsilon, delta=delta, bits=bits, num_sites=num_sites,
                                     threshold=threshold, max_records=max_records, dim=size, size=size,
-                                    sample_rate=sample_rate(batch_size, max_records), rounds=rounds)
+                                    sample_rate=sample_rate(batch_size, max_records), rounds=rounds, prior=after)
 
 
 def decode_gradient(signed_sum: np.ndarray, plan: DistributedRelease, *, clip_norm: float,

@@ -150,18 +150,25 @@ def subsampled_skellam_rdp(mu: float, l1: float, l2: float, sample_rate: float) 
 
 
 def skellam_epsilon(mu: float, l1: float, l2: float, delta: float, sample_rate: float = 1.0,
-                    steps: int = 1) -> float:
-    """Epsilon of ``steps`` compositions of the (Poisson-subsampled at ``sample_rate``) Skellam mechanism."""
-    return rdp_epsilon(subsampled_skellam_rdp(mu, l1, l2, sample_rate) * steps, delta)
+                    steps: int = 1, prior: np.ndarray | None = None) -> float:
+    """Epsilon of ``steps`` compositions of the (Poisson-subsampled at ``sample_rate``) Skellam
+    mechanism, after mechanisms whose RDP at :data:`ORDERS` sums to ``prior`` (RDP composes
+    by addition at every order, Mironov 2017, Prop. 1)."""
+    rdp = subsampled_skellam_rdp(mu, l1, l2, sample_rate) * steps
+    return rdp_epsilon(rdp if prior is None else rdp + prior, delta)
 
 
 def calibrate_mu(*, epsilon: float, delta: float, l1: float, l2: float, sample_rate: float = 1.0,
-                 steps: int = 1) -> float:
+                 steps: int = 1, prior: np.ndarray | None = None) -> float:
     """The smallest variance ``mu`` (to 0.01 %) such that ``steps`` rounds of the Skellam
-    mechanism, each on a Poisson sample at ``sample_rate``, spend at most ``epsilon``."""
+    mechanism, each on a Poisson sample at ``sample_rate``, spend at most ``epsilon`` --
+    composed with ``prior`` (RDP at :data:`ORDERS`; a release before DP-FedSGD) when given.
+    Raises ValueError when ``prior`` alone leaves no room."""
+    if prior is not None and rdp_epsilon(prior, delta) >= epsilon:
+        raise ValueError(f"what was spent before already reaches epsilon {epsilon:g} at delta {delta:g}")
 
     def spent(mu: float) -> float:
-        return skellam_epsilon(mu, l1, l2, delta, sample_rate, steps)
+        return skellam_epsilon(mu, l1, l2, delta, sample_rate, steps, prior)
 
     low, high = 1e-6 * l2 * l2, l2 * l2
     while spent(high) > epsilon:
@@ -281,7 +288,9 @@ class DistributedRelease:
     step's parameter count, one record's vector is its clipped gradient divided by the clip
     norm (norm <= 1), every site samples its records at ``sample_rate`` (Poisson) and
     ``mu`` is calibrated so that ``rounds`` such rounds spend the target; a release samples
-    everyone once (``sample_rate`` 1, ``rounds`` 1).
+    everyone once (``sample_rate`` 1, ``rounds`` 1). ``prior``: the public plan's ``(mu, l1,
+    l2)`` of a Skellam release every site made before these rounds (a release warm start's
+    round 1); the target covers it and these rounds together.
     """
 
     scale: float
@@ -294,6 +303,12 @@ class DistributedRelease:
     max_records: int
     sample_rate: float = 1.0
     rounds: int = 1
+    prior: tuple[float, float, float] | None = None
+
+    @property
+    def prior_rdp(self) -> np.ndarray | None:
+        """RDP at :data:`ORDERS` of the release before these rounds (None: nothing before)."""
+        return None if self.prior is None else skellam_rdp(*self.prior)
 
     @property
     def l2(self) -> float:
@@ -309,17 +324,21 @@ class DistributedRelease:
         return self.mu / self.threshold
 
     def epsilon(self, delta: float, mu: float | None = None) -> float:
-        """Epsilon of the planned ``rounds`` (at ``mu``, the planned variance by default)."""
-        return skellam_epsilon(self.mu if mu is None else mu, self.l1, self.l2, delta, self.sample_rate, self.rounds)
+        """Epsilon of the planned ``rounds`` after the ``prior`` release (at ``mu``, the planned
+        variance by default)."""
+        return skellam_epsilon(self.mu if mu is None else mu, self.l1, self.l2, delta, self.sample_rate, self.rounds,
+                               self.prior_rdp)
 
     def site_share(self, target_epsilon: float, delta: float) -> tuple[float, float]:
         """A site's own share and the variance its records are then protected by: ``mu / t``,
         or more when the site's target is stricter (its policy wins): in the worst case the
-        sum holds ``t - 1`` other shares of ``mu / t`` and this one."""
+        sum holds ``t - 1`` other shares of ``mu / t`` and this one. A ``prior`` release is
+        counted at the plan's variance (a stricter site's own release carried more noise: the
+        count is conservative). ValueError when the prior alone reaches the site's target."""
         if self.epsilon(delta) <= target_epsilon * (1 + 1e-9):
             return self.share, self.mu
         wanted = calibrate_mu(epsilon=target_epsilon, delta=delta, l1=self.l1, l2=self.l2,
-                              sample_rate=self.sample_rate, steps=self.rounds)
+                              sample_rate=self.sample_rate, steps=self.rounds, prior=self.prior_rdp)
         own = max(self.share, wanted - self.share * (self.threshold - 1))
         return own, own + self.share * (self.threshold - 1)
 
@@ -338,7 +357,10 @@ class DistributedRelease:
                 and self.data_bound() + self.noise_bound() < 2.0 ** (self.bits - 1))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if d["prior"] is None:  # the wire format of a plan without a prior stays as it was
+            del d["prior"]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "DistributedRelease":
@@ -346,26 +368,38 @@ class DistributedRelease:
         return cls(scale=float(d["scale"]), dim=int(d["dim"]), size=int(d["size"]), mu=float(d["mu"]),
                    threshold=int(d["threshold"]), num_sites=int(d["num_sites"]), bits=int(d["bits"]),
                    max_records=int(d["max_records"]), sample_rate=float(d.get("sample_rate", 1.0)),
-                   rounds=int(d.get("rounds", 1)))
+                   rounds=int(d.get("rounds", 1)),
+                   prior=None if d.get("prior") is None else _prior(d["prior"]))
+
+
+def _prior(value) -> tuple[float, float, float]:
+    mu, l1, l2 = (float(v) for v in value)
+    if not all(math.isfinite(v) and v > 0 for v in (mu, l1, l2)):
+        raise ValueError("a prior release needs a positive, finite (mu, l1, l2)")
+    return mu, l1, l2
 
 
 def plan_distributed_release(*, epsilon: float, delta: float, bits: int, num_sites: int, threshold: int,
                              max_records: int, dim: int, size: int, sample_rate: float = 1.0,
-                             rounds: int = 1) -> DistributedRelease:
+                             rounds: int = 1, prior: DistributedRelease | None = None) -> DistributedRelease:
     """The largest scale whose sum cannot wrap around (module docstring), and the variance
     calibrated to ``epsilon`` at that scale (for DP-FedSGD: ``rounds`` rounds, each on a
     Poisson sample at ``sample_rate``; a site's sampled records are at most its records, so
-    ``max_records`` bounds the data part of the sum as for a release). Raises :class:`BitsTooSmall` when even the
+    ``max_records`` bounds the data part of the sum as for a release; after ``prior``, a
+    planned release every site makes first, ``epsilon`` covers both). Raises :class:`BitsTooSmall` when even the
     coarsest useful scale (``gamma^2 >= dim``: rounding adds at most about a quarter to the
     squared sensitivity) does not fit."""
+
+    before = None if prior is None else (prior.mu, prior.l1, prior.l2)
+    prior_rdp = None if before is None else skellam_rdp(*before)
 
     def at(scale: float) -> DistributedRelease:
         l2 = rounded_l2_bound(scale, dim)
         mu = calibrate_mu(epsilon=epsilon, delta=delta, l1=rounded_l1_bound(l2, dim), l2=l2,
-                          sample_rate=sample_rate, steps=rounds)
+                          sample_rate=sample_rate, steps=rounds, prior=prior_rdp)
         return DistributedRelease(scale=scale, dim=dim, size=size, mu=mu, threshold=threshold,
                                   num_sites=num_sites, bits=bits, max_records=max_records,
-                                  sample_rate=sample_rate, rounds=rounds)
+                                  sample_rate=sample_rate, rounds=rounds, prior=before)
 
     coarsest = math.sqrt(dim)
     if not at(coarsest).fits():
@@ -391,7 +425,10 @@ def site_spend(release: DistributedRelease, ledger) -> tuple[float, dict[str, fl
     """The Skellam share a site adds and the spend its ledger records (``{"mu", "l1", "l2"}``),
     or ``None`` when its budget cannot afford the release. The site's own target (its
     policy) wins: a stricter one makes it add a larger share (:meth:`DistributedRelease.site_share`)."""
-    own, protected = release.site_share(ledger.target_epsilon, ledger.delta)
+    try:
+        own, protected = release.site_share(ledger.target_epsilon, ledger.delta)
+    except ValueError:  # the plan's prior release alone reaches the site's (stricter) target
+        return None
     noise = skellam_tail(release.share * (release.num_sites - 1) + own, OVERFLOW_PROBABILITY / max(release.size, 1))
     if release.data_bound() + noise >= 2.0 ** (release.bits - 1) or own / 2.0 > 64 * MAX_POISSON_RATE:
         raise ValueError(f"site {ledger.site}: its target epsilon {ledger.target_epsilon:g} needs a noise share "

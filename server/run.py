@@ -81,12 +81,12 @@ class FederatedRun:
         #: SecAgg+ (server/secagg.py) when the scenario asks for it: the server sees only sums
         self.secagg = None if sec is None else SecAggWorkflow(
             threshold=sec.threshold, bits=sec.bits, clip_norm=sec.clip_norm, num_neighbours=sec.neighbours,
-            timeout=self.fed.round_timeout_s, rng=self.sampling_rng,
-            distributed=distributed_noise_plan(self.scenario, self.model))
+            timeout=self.fed.round_timeout_s, rng=self.sampling_rng)
+        #: noise: distributed -- the public plans of the release and DP-FedSGD rounds (contract/task.py)
+        self.noise = distributed_noise_plan(self.scenario, self.model)
         #: DP-FedSGD with distributed noise (server/dpfedsgd.py): the server takes the optimizer step
         self.server_optimizer = (ServerOptimizer(self.model, lr=self.scenario.training.lr)
-                                 if self.secagg is not None and self.secagg.distributed is not None
-                                 and self.model.training_mode == "sgd" else None)
+                                 if self.noise is not None and self.noise.sgd is not None else None)
         #: DP-FedAvg (server/site_level.py) when the scenario asks for site-level DP, else None
         self.site_dp = self.strategy if isinstance(self.strategy, SiteLevelDPStrategy) else None
         if self.site_dp is not None:
@@ -161,7 +161,8 @@ class FederatedRun:
             messages = list(self.strategy.configure_train(rnd, arrays, config, self.grid))
             secagg_round, trained = None, messages  # trained: the train messages sent
             if self.secagg is not None:  # stages 1-3; the replies carry masked inputs
-                secagg_round, trained, raw = self.secagg.collect(self.grid, rnd, messages)
+                secagg_round, trained, raw = self.secagg.collect(
+                    self.grid, rnd, messages, self.noise.for_model(self.model) if self.noise else None)
                 replies = self._collect(trained, arrays, raw)
                 replies.failed += [(self.node_sites.get(node, f"node {node}"),
                                     f"no answer at the secure-aggregation stage {stage}")
@@ -316,10 +317,10 @@ class FederatedRun:
         released = False
         if rnd.aborted:
             pass
-        elif (dist := self.secagg.distributed) is not None:  # a release with distributed noise: only its sum
+        elif (dist := rnd.plan) is not None:  # distributed noise: the server learns only the noised sum
             if (total := self.secagg.unmask_sum(self.grid, rnd, ok, dist.size)) is not None:
                 self.model.load_state_dict(arrays.to_torch_state_dict())
-                if self.server_optimizer is not None:  # DP-FedSGD: the decoded sum is a gradient
+                if dist is self.noise.sgd:  # DP-FedSGD: the decoded sum is a gradient
                     self.server_optimizer.step(self.secagg.gradient_from_sum(
                         rnd, total, ok, clip_norm=self.privacy_cfg.max_grad_norm))
                 else:

@@ -65,7 +65,10 @@ class SecAggRound:
     total: np.ndarray | None = None  # the unmasked integer sum: all the server learns of the inputs
     sites_aggregated: int = 0
     sites_recovered: int = 0  # dropped after sharing keys, masks removed via their key shares
-    distributed: dict[str, float] | None = None  # noise: distributed, what the released sum carries
+    #: noise: distributed -- the round's public plan (the sites sum integers with their Skellam
+    #: shares instead of quantised updates) and what the released sum carries
+    plan: DistributedRelease | None = None
+    distributed: dict[str, float] | None = None
     collected: list[int] = field(default_factory=list)  # node ids sent the masked-input stage
     ledgers: dict[int, str] = field(default_factory=dict)  # node -> its ledger (JSON) from unmask / abort
     abort_acknowledged: int = 0  # sites that erased their secrets on the abort (their spend withdrawn)
@@ -97,25 +100,24 @@ class SecAggWorkflow:
     """SecAgg+ over a ``Grid``; ``rng`` orders the sites (a ``random.SystemRandom`` by default)."""
 
     def __init__(self, *, threshold: int, bits: int, clip_norm: float, num_neighbours: int | None = None,
-                 timeout: float | None = None, rng: Any = None, distributed: DistributedRelease | None = None) -> None:
+                 timeout: float | None = None, rng: Any = None) -> None:
         self.threshold, self.bits, self.clip_norm = threshold, bits, clip_norm
-        #: ``noise: distributed``: the release's public parameters (privacy/skellam.py); the
-        #: sites then send their noised integer release sums instead of quantised updates
-        self.distributed = distributed
         self.num_neighbours = num_neighbours
         self.timeout = timeout
         self.rng = rng if rng is not None else random.SystemRandom()
 
     # -- stages 1-3 ---------------------------------------------------------------------
-    def collect(self, grid: Grid, server_round: int, train_messages: list[Message]
-                ) -> tuple[SecAggRound, list[Message], list[Message]]:
+    def collect(self, grid: Grid, server_round: int, train_messages: list[Message],
+                distributed: DistributedRelease | None = None) -> tuple[SecAggRound, list[Message], list[Message]]:
         """Stages 1-3 for the sites ``train_messages`` go to: the round's state, the
-        masked-input messages sent and their replies (masked inputs, metrics, ledgers)."""
+        masked-input messages sent and their replies (masked inputs, metrics, ledgers).
+        ``distributed``: the round's plan of distributed noise (privacy/skellam.py), sent with
+        the train task; the sites then mask noised integer sums instead of quantised updates."""
         nodes = [m.metadata.dst_node_id for m in train_messages]
         self.rng.shuffle(nodes)
         params = sa.SecAggParams(threshold=self.threshold, bits=self.bits, clip_norm=self.clip_norm,
                                  num_sites=max(len(nodes), 1), num_neighbours=self.num_neighbours)
-        rnd = SecAggRound(round=server_round, params=params, order=nodes)
+        rnd = SecAggRound(round=server_round, params=params, order=nodes, plan=distributed)
         if len(nodes) < self.threshold:
             rnd.aborted = f"{len(nodes)} sites sampled, fewer than the threshold {self.threshold}"
             return rnd, [], []
@@ -168,8 +170,8 @@ class SecAggWorkflow:
         for node in (nodes[i] for i in sorted(rnd.shared)):
             train = by_node[node]
             collect = {"stage": sa.COLLECT, "src": inbox[node][0], "ct": inbox[node][1]}
-            if self.distributed is not None:
-                collect["distributed"] = self.distributed.to_json()
+            if distributed is not None:
+                collect["distributed"] = distributed.to_json()
             content = RecordDict({"arrays": train.content["arrays"], "config": train.content["config"],
                                   sa.RECORD: ConfigRecord(collect)})
             sent.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
@@ -254,7 +256,7 @@ class SecAggWorkflow:
         -- (the sum of every record's rounded vector + Skellam noise) / the noisy record
         count read off the release's own count feature, the central DP-MERF release -- and
         return the per-coordinate variance of the noise it carries (all post-processing)."""
-        rel = self.distributed
+        rel = rnd.plan
         assert rel is not None
         sums = torch.from_numpy(sa.decode_signed(total, rnd.params.bits).astype(np.float64) / rel.scale)
         sums = sums.reshape(model.state_dict()[model.release_buffer].shape)
@@ -270,7 +272,7 @@ class SecAggWorkflow:
         from the unmasked sum -- divided by the scale, times the clip norm, divided by the
         expected batch ``q N``, with ``N`` the records the aggregated sites declared (their
         ``num-examples``, in the clear as in every mode) -- and the round's noise report."""
-        rel = self.distributed
+        rel = rnd.plan
         assert rel is not None
         records = sum(float(next(iter(m.content.metric_records.values()))["num-examples"]) for m in accepted
                       if rnd.index_of(m.metadata.src_node_id) in rnd.masked)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -138,8 +138,22 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
     def wants_release(self) -> bool:
         return not bool(self.released)
 
+    @property
+    def count_weight(self) -> float:
+        """The norm share of the class-count column in the released rows (the head's, times
+        ``a`` in the joint rows): a distributed release reads its noisy count off it."""
+        return self._scales[0] * float(getattr(self.head, "count_weight"))
+
     @torch.no_grad()
-    def statistic_sum(self, x: Tensor, y: Tensor | None) -> Tensor:
+    def statistic_sum(self, x: Tensor, y: Tensor | None,
+                      transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """The release's sum over ``(x, y)``; ``transform`` maps each record's row before
+        summing (the distributed release's integer rounding, privacy/skellam.py): the head's
+        embedding alone only (``family_share`` 0, as contract/scenario.py requires)."""
+        if transform is not None:
+            if self.family_share:
+                raise ValueError("a distributed release takes the head's embedding alone (family_share 0)")
+            return self.head.statistic_sum(x, y, transform=transform)  # type: ignore[call-arg]
         head = self.head.statistic_sum(x, y)
         if not self.family_share:
             return head
@@ -169,7 +183,7 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
         a, _ = self._scales
         if getattr(self.head, "combine", "precision") == "precision":
             release, variance = precision_weighted_release(sums, noise_multipliers, total_examples,
-                                                           a * float(getattr(self.head, "count_weight")))
+                                                           self.count_weight)
             self.set_release(release)
         else:  # the protocol's default: FedAvg's average, into the joint rows
             variance = Releasing.combine_releases(self, sums, noise_multipliers, total_examples)
@@ -181,7 +195,7 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
         a, b = self._scales
         joint, head_width = self.joint, self.joint.shape[1] - self.inner.release_width
         self.head.set_release(torch.cat([joint[:, :head_width - 1], joint[:, -1:]], dim=1) / a)
-        share = (joint[:, -1] / (a * float(getattr(self.head, "count_weight")))).clamp_min(1e-6)
+        share = (joint[:, -1] / self.count_weight).clamp_min(1e-6)
         self.inner.adopt_release(joint[:, head_width - 1:-1] / b / share.unsqueeze(1))
 
     def server_update(self, release_noise_variance: float | None = None) -> dict[str, float]:

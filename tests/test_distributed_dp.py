@@ -191,11 +191,11 @@ class ReleasingSites:
         return call_next(msg, context)
 
     def round(self, rel: sk.DistributedRelease):
-        wf = SecAggWorkflow(threshold=rel.threshold, bits=rel.bits, clip_norm=1.0, distributed=rel)
+        wf = SecAggWorkflow(threshold=rel.threshold, bits=rel.bits, clip_norm=1.0)
         arrays = ArrayRecord({"w": Array(np.zeros(3))})
         msgs = [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                         message_type=MessageType.TRAIN, dst_node_id=node) for node in self.grid.get_node_ids()]
-        rnd, _, replies = wf.collect(self.grid, 1, msgs)
+        rnd, _, replies = wf.collect(self.grid, 1, msgs, rel)
         ok = [r for r in replies if not r.has_error()]
         total = None if rnd.aborted else wf.unmask_sum(self.grid, rnd, ok, rel.size)
         return rnd, total
@@ -237,11 +237,11 @@ def test_a_site_refuses_parameters_that_could_wrap_around():
     bad = sk.DistributedRelease(**{**json.loads(rel.to_json()), "scale": rel.scale * 1e5})
     assert not bad.fits()
     sites = ReleasingSites(5, rel)
-    wf = SecAggWorkflow(threshold=3, bits=rel.bits, clip_norm=1.0, distributed=bad)
+    wf = SecAggWorkflow(threshold=3, bits=rel.bits, clip_norm=1.0)
     arrays = ArrayRecord({"w": Array(np.zeros(3))})
     msgs = [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                     message_type=MessageType.TRAIN, dst_node_id=node) for node in sites.grid.get_node_ids()]
-    _, _, replies = wf.collect(sites.grid, 1, msgs)
+    _, _, replies = wf.collect(sites.grid, 1, msgs, bad)
     assert replies and all(r.has_error() for r in replies) and not sites.seen  # nothing left any site
 
 

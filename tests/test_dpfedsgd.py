@@ -189,11 +189,11 @@ def test_the_servers_decoded_gradient_is_the_plaintext_clipped_sum_within_the_ro
 
     with _task_identity(11):
         grid = InProcessGrid(SimulatedNode(8000 + i, i, 3, 11, {}, app) for i in range(3))
-        wf = SecAggWorkflow(threshold=2, bits=62, clip_norm=1.0, distributed=plan)
+        wf = SecAggWorkflow(threshold=2, bits=62, clip_norm=1.0)
         arrays = ArrayRecord({"w": Array(np.zeros(3))})
         msgs = [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                         message_type=MessageType.TRAIN, dst_node_id=node) for node in grid.get_node_ids()]
-        rnd, _, replies = wf.collect(grid, 1, msgs)
+        rnd, _, replies = wf.collect(grid, 1, msgs, plan)
         ok = [r for r in replies if not r.has_error()]
         assert len(ok) == 3, [r.error.reason for r in replies if r.has_error()]
         total = wf.unmask_sum(grid, rnd, ok, plan.size)
