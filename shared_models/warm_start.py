@@ -92,7 +92,11 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
     per-class pixel means), that statistic beside it in the same release. Each record's
     vector is ``[a u_head, b u_family, a w]`` with ``a^2 + b^2 = 1`` (``b^2`` =
     ``family_share``; 0 releases the head's embedding alone), so its norm stays <= 1: one Gaussian mechanism of sensitivity 1, one
-    ledger entry. The server then hands the family its noisy class means
+    ledger entry. Under secure aggregation with ``noise: distributed`` the head's embedding
+    alone (``family_share`` 0) is released instead as the central Skellam release of the
+    sites' integer sums (privacy/skellam.py; contract/task.py plans it, :meth:`statistic_sum`
+    takes the sites' rounding), and the fine-tuning is DP-FedSGD planned after it. The
+    server then hands the family its noisy class means
     (:meth:`~shared_models.DPSGDTrainable.adopt_release`), fits the release's generator and
     pretrains the wrapped family on ``samples`` of its draws (:func:`pretrain`;
     post-processing: it never sees a record). From round 2 the sites fine-tune the wrapped
