@@ -115,20 +115,23 @@ def guarantees(scenario: Scenario, model: GenerativeModel, privacy: RunPrivacy) 
     """Each DP guarantee of the run in words: what it protects, at which (epsilon, delta)."""
     out = []
     if example_level(scenario):
-        if model.release_epsilon is not None:  # a hybrid: release round, then DP-SGD
+        sec = scenario.federation.secure_aggregation
+        threshold = sec.threshold if sec is not None else 0
+        sums = (f"each site adding a share of the noise under secure aggregation; the server sees only the sum, "
+                f"which carries the full noise whenever at least {threshold} sites are in it")
+        fedsgd = ("DP-FedSGD with distributed Skellam noise: each round one step on a Poisson sample of every "
+                  f"site's records, per-record gradients clipped and rounded to integers, {sums}")
+        distributed = sec is not None and sec.noise == "distributed"
+        if model.release_epsilon is not None and distributed:  # a release warm start, then DP-FedSGD
+            mechanism = (f"one distributed Skellam release of a per-class statistic, then {fedsgd}; the release and "
+                         "the rounds composed in RDP (the Skellam and Poisson-subsampled Skellam mechanisms)")
+        elif model.release_epsilon is not None:  # a hybrid: release round, then DP-SGD
             mechanism = "a Gaussian release of per-class sums, then DP-SGD, at every site"
-        elif ((sec := scenario.federation.secure_aggregation) is not None and sec.noise == "distributed"
-              and model.training_mode == "sgd"):
-            mechanism = ("DP-FedSGD with distributed Skellam noise: each round one step on a Poisson sample of "
-                         "every site's records, per-record gradients clipped and rounded to integers, each site "
-                         "adding a share of the noise under secure aggregation; the server sees only the sum, "
-                         f"which carries the full noise whenever at least {sec.threshold} sites are in it; RDP of "
-                         "the Poisson-subsampled Skellam mechanism (Zhu & Wang's bound)")
-        elif sec is not None and sec.noise == "distributed":
+        elif distributed and model.training_mode == "sgd":
+            mechanism = f"{fedsgd}; RDP of the Poisson-subsampled Skellam mechanism (Zhu & Wang's bound)"
+        elif distributed:
             mechanism = ("one distributed Skellam release of a per-class statistic: every record rounded to "
-                         "integers, each site adding a share of the noise under secure aggregation; the "
-                         f"server sees only the sum, which carries the full noise whenever at least {sec.threshold} "
-                         "sites are in it (fewer abort the round: nothing released); RDP of the Skellam mechanism")
+                         f"integers, {sums} (fewer abort the round: nothing released); RDP of the Skellam mechanism")
         elif model.training_mode == "release":
             mechanism = "one Gaussian release of a per-class statistic at every site"
         else:

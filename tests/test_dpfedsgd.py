@@ -243,7 +243,8 @@ _DIST = {"threshold": 3, "noise": "distributed", "bits": 62, "max_records": 400}
      "diffusion, not gan"),
     ({"training": {"local_steps": 5}}, "training.local_steps: noise: distributed with vae runs DP-FedSGD, exactly "
      "one private step a round; set training.local_steps: 1 (not 5)"),
-    ({"warm_start": {"release": {"epsilon_fraction": 0.2}}}, "warm_start: DP-FedSGD with noise: distributed"),
+    ({"model": {"family": "flow"}, "warm_start": {"release": {"epsilon_fraction": 0.2}}},
+     "warm_start.release.family_share: with noise: distributed the release is the generator's embedding alone"),
     ({"privacy": {"enabled": True, "unit": "both"}}, "site-level DP (privacy.unit: both)"),
     ({"privacy": {"enabled": False}}, "noise: distributed needs example-level DP"),
 ])
