@@ -303,6 +303,12 @@ def _distributed_release_round(model: Releasing, data: SiteData, *, release: Dis
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=1, release=noised.ravel())
 
 
+#: at most this many per-record gradient values (float64) in memory at once in a DP-FedSGD
+#: round: the sample is taken in chunks of ``GRADIENT_ROWS_VALUES // parameters`` records
+#: (256 MB of rows; the quickstart VAE's whole sample in one chunk, the MNIST flow's 6 a chunk)
+GRADIENT_ROWS_VALUES = 2 ** 25
+
+
 def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: DistributedRelease, clip_norm: float,
                           ledger: SiteLedger | None, server_round: int, sampling: torch.Generator,
                           device: torch.device, run: str | None, gradients: str | None = None) -> RoundResult:
@@ -313,7 +319,8 @@ def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: Distri
     ``privacy.dp_fedsgd.per_record_gradients``), divides it by the clip norm ``C`` and
     rounds it (``round_records``: projected to norm <= 1, i.e. clipped to ``C``, scaled by
     gamma, conditionally rounded), sums the integers and adds its Skellam
-    share (privacy/skellam.py). It charges the Poisson-subsampled Skellam mechanism before
+    share (privacy/skellam.py); the sample is taken in chunks that bound the rows in memory
+    (:data:`GRADIENT_ROWS_VALUES`). It charges the Poisson-subsampled Skellam mechanism before
     the vector leaves (the secagg mod marks it pending, client/app.py). The model is not
     updated: the server takes the optimizer step on the decoded sum. ``sampling`` (CPU, the
     site's secret generator: OS entropy unless the simulation opted into seeded noise) draws
@@ -333,14 +340,16 @@ def distributed_sgd_round(model: DPSGDTrainable, data: SiteData, *, plan: Distri
         return planned  # the site's budget cannot afford the round
     own, spend = planned
     idx = poisson_sample(n, plan.sample_rate, sampling)
-    loss = float("nan")
-    if len(idx):
-        batch = Batch(x=data.x[idx].to(device), y=None if data.y is None else data.y[idx].to(device), size=len(idx))
-        rows, losses = per_record_gradients(model, batch, gradients or gradient_method(model))
-        integer_sum = round_records(rows / clip_norm, plan, sampling).sum(dim=0)
-        loss = float(losses.mean())
-    else:  # an empty Poisson sample: a noise-only round
-        integer_sum = torch.zeros(size, dtype=torch.float64)
+    integer_sum = torch.zeros(size, dtype=torch.float64)  # an empty Poisson sample: a noise-only round
+    losses = []
+    method = gradients or gradient_method(model)
+    for chunk in idx.split(max(1, GRADIENT_ROWS_VALUES // size)):  # [records, size] float64 rows at a time
+        batch = Batch(x=data.x[chunk].to(device), y=None if data.y is None else data.y[chunk].to(device),
+                      size=len(chunk))
+        rows, chunk_losses = per_record_gradients(model, batch, method)
+        integer_sum += round_records(rows / clip_norm, plan, sampling).sum(dim=0).cpu()
+        losses.append(chunk_losses)
+    loss = float(torch.cat(losses).mean()) if losses else float("nan")
     noised = noised_integer_sum(integer_sum, own, sampling)
     charge_distributed(ledger, spend, round=server_round, run=run, sample_rate=plan.sample_rate)
     return RoundResult(status="trained", num_examples=n, iterations=1, dp_steps=1,

@@ -116,6 +116,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedgen.client.data import SiteData  # noqa: E402
 from fedgen.client.secagg import secagg_mod  # noqa: E402
+from fedgen.client import training  # noqa: E402
 from fedgen.client.training import distributed_sgd_round  # noqa: E402
 from fedgen.contract.errors import ScenarioError  # noqa: E402
 from fedgen.contract.scenario import scenario_from_dict  # noqa: E402
@@ -148,26 +149,32 @@ def _site_data(k: int, n: int = 40) -> SiteData:
                     num_classes=10, source="test")
 
 
-def _plaintext_clipped_sum(model, data: SiteData, idx, seed: int) -> np.ndarray:
-    """The clipped sum by hand: the sample's forward pass (the VAE's z drawn as at the site),
-    then one autograd pass per record."""
+def _plaintext_clipped_sum(model, data: SiteData, idx, seed: int, chunk: int) -> np.ndarray:
+    """The clipped sum by hand: the sample's forward passes, ``chunk`` records at a time (the
+    VAE's z drawn as at the site), then one autograd pass per record."""
     step, params = the_private_step(model), private_step_parameters(model)
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
-    torch.manual_seed(seed)  # the VAE's z draws, for the sample at once as at the site
-    losses = step.loss(Batch(x=data.x[idx], y=data.y[idx], size=len(idx)))
-    for i in range(len(idx)):
-        g = torch.cat([gr.reshape(-1).double() for gr in torch.autograd.grad(losses[i], params, retain_graph=True)])
-        total += g * min(1.0, CLIP / float(g.norm()))
+    torch.manual_seed(seed)  # the VAE's z draws, chunk after chunk as at the site
+    for part in idx.split(chunk):
+        losses = step.loss(Batch(x=data.x[part], y=data.y[part], size=len(part)))
+        for i in range(len(part)):
+            g = torch.cat([gr.reshape(-1).double()
+                           for gr in torch.autograd.grad(losses[i], params, retain_graph=True)])
+            total += g * min(1.0, CLIP / float(g.norm()))
     return total.numpy()
 
 
-def test_the_servers_decoded_gradient_is_the_plaintext_clipped_sum_within_the_rounding_bound(monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_the_servers_decoded_gradient_is_the_plaintext_clipped_sum_within_the_rounding_bound(monkeypatch, chunk):
     """Three sites run the real DP-FedSGD round (Poisson sample, per-example gradients,
     clipping, conditional rounding, a share of ~zero noise) under the real secagg mod; the
     server unmasks the sum and decodes it: the clipped plaintext sum over the same samples,
-    divided by q N, within the rounding's bound (one unit per coordinate and record)."""
+    divided by q N, within the rounding's bound (one unit per coordinate and record). With
+    ``chunk``, each site takes its sample 3 records at a time (the memory bound on its rows)."""
     model = _vae()
     size = sum(p.numel() for p in private_step_parameters(model))
+    if chunk is not None:
+        monkeypatch.setattr(training, "GRADIENT_ROWS_VALUES", chunk * size)
     plan = sk.DistributedRelease(scale=2.0 ** 14, dim=size, size=size, mu=1e-9, threshold=2, num_sites=3, bits=62,
                                  max_records=40, sample_rate=0.3, rounds=5)
     datas = [_site_data(k) for k in range(3)]
@@ -204,7 +211,7 @@ def test_the_servers_decoded_gradient_is_the_plaintext_clipped_sum_within_the_ro
     for k in range(3):  # the same Poisson samples (the site's generator draws the sample first)
         idx = poisson_sample(40, plan.sample_rate, torch.Generator().manual_seed(k))
         sampled += len(idx)
-        plain += _plaintext_clipped_sum(_vae(), datas[k], idx, 1000 + k)
+        plain += _plaintext_clipped_sum(_vae(), datas[k], idx, 1000 + k, chunk or len(idx) or 1)
     plain /= expected_batch
     # per coordinate: each record's rounding moves it by < 1 unit of C / scale
     bound = sampled * CLIP / plan.scale / expected_batch
