@@ -466,6 +466,17 @@ class ReleaseWarmStartConfig(_Section):
     samples: int = Field(10000, ge=10, description="generator samples the model is pretrained on")
     generator: dict[str, Any] = Field(default_factory=dict, description="further options of the release's mmd "
                                       "generator (e.g. count_weight, bandwidth, hidden, fit_batch; docs/models.md)")
+    screen_samples: bool = Field(False, description="screen the model's samples with the generator's public "
+                                 "classifier (generator.public_filter > 0): a sample not recognised as its class "
+                                 "is drawn again; post-processing, no epsilon")
+
+    @model_validator(mode="after")
+    def _screen_needs_the_public_classifier(self) -> "ReleaseWarmStartConfig":
+        if self.screen_samples and not float(self.generator.get("public_filter", 0) or 0) > 0:
+            raise ValueError("screen_samples: the screen is the generator's public classifier; set "
+                             "warm_start.release.generator.public_filter (e.g. 0.5, with perceptual_weight and "
+                             "warm_start.public) or screen_samples: false")
+        return self
 
     @field_validator("epsilon_fraction")
     @classmethod

@@ -203,6 +203,7 @@ def _with_warm_start(model: GenerativeModel, ws: WarmStartConfig | None, *, seed
     r = ws.release
     return with_release_warm_start(model, release_epsilon=r.epsilon_fraction * target_epsilon,  # type: ignore[arg-type]
                                    num_features=r.num_features, family_share=r.family_share,
+                                   screen_samples=r.screen_samples,
                                    generator_steps=r.generator_steps, samples=r.samples, steps=ws.steps,
                                    batch_size=ws.batch_size, lr=ws.lr, seed=seed, **r.generator)
 

@@ -82,6 +82,22 @@ _WARMUP_STEPS = 20  # steps before the moving average may stop the fit
 FILTER_ROUNDS = 20  # redraws of a sample the public classifier rejects (public_filter)
 
 
+def screened_draws(draw: Callable[[int, Tensor], Tensor], recognised: Callable[[Tensor, Tensor], Tensor],
+                   labels: Tensor) -> Tensor:
+    """``draw(len(labels), labels)``, each sample the public classifier does not recognise
+    (``recognised(x, labels)`` False) drawn again, up to :data:`FILTER_ROUNDS` times
+    (rejection sampling; post-processing: the classifier saw public data only)."""
+    x = draw(len(labels), labels)
+    pending = torch.nonzero(~recognised(x, labels)).flatten()
+    for _ in range(FILTER_ROUNDS):
+        if not len(pending):
+            break
+        again = draw(len(pending), labels[pending])
+        x[pending] = again
+        pending = pending[~recognised(again, labels[pending])]
+    return x
+
+
 def bounded_rows(rows: Tensor) -> Tensor:
     """Every record's vector scaled to L2 norm <= 1, a non-finite one replaced by zeros: the
     site's own guarantee of sensitivity 1, whatever feature network the server sent."""
@@ -360,17 +376,9 @@ class MMDGenerator(Releasing):
     def sample(self, n: int, labels: Tensor | None = None, temperature: float | None = None) -> Tensor:
         labels = self.check_labels(n, labels)
         temperature = self.temperature if temperature is None else temperature
-        x = self._generate(n, labels, temperature)
         if self.public_filter <= 0 or labels is None:
-            return x
-        pending = torch.nonzero(~self.publicly_recognised(x, labels)).flatten()
-        for _ in range(FILTER_ROUNDS):  # rejection sampling: redraw what the public classifier rejects
-            if not len(pending):
-                break
-            draw = self._generate(len(pending), labels[pending], temperature)
-            x[pending] = draw
-            pending = pending[~self.publicly_recognised(draw, labels[pending])]
-        return x
+            return self._generate(n, labels, temperature)
+        return screened_draws(lambda k, lab: self._generate(k, lab, temperature), self.publicly_recognised, labels)
 
     @torch.no_grad()
     def publicly_recognised(self, x: Tensor, labels: Tensor) -> Tensor:

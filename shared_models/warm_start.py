@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from .mmd import screened_draws
 from .protocol import Batch, DPSGDTrainable, Releasing, TrainingStep
 from .registry import build_model
 from .release import precision_weighted_release
@@ -110,7 +111,8 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
     fit_cache = None
 
     def __init__(self, inner: DPSGDTrainable, head: Releasing, *, release_epsilon: float, steps: int,
-                 batch_size: int, lr: float, samples: int, seed: int = 0, family_share: float = 0.5) -> None:
+                 batch_size: int, lr: float, samples: int, seed: int = 0, family_share: float = 0.5,
+                 screen_samples: bool = False) -> None:
         super().__init__(inner.data_shape, inner.num_classes)
         if release_epsilon <= 0:
             raise ValueError(f"release_epsilon must be > 0, got {release_epsilon}")
@@ -121,6 +123,10 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
         self.epsilon, self.pretrain_steps, self.pretrain_batch = release_epsilon, steps, batch_size
         self.pretrain_lr, self.pretrain_samples, self.seed = lr, samples, seed
         self.family_share = family_share if width else 0.0
+        if screen_samples and not (getattr(head, "public_filter", 0.0) > 0 and inner.num_classes is not None):
+            raise ValueError("screen_samples: the screen is the release generator's public classifier; it needs the "
+                             "generator's public_filter > 0 (with perceptual features) and class labels")
+        self.screen_samples = screen_samples
         self.register_buffer("released", torch.zeros(()))  # 1 once the combined release is in
         self.register_buffer("pretrained", torch.zeros(()))  # 1 once the inner model is warm
         if width:  # the site's noisy mean of [a u_head, b u_family, a w], per class
@@ -244,7 +250,14 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
 
     @torch.no_grad()
     def sample(self, n: int, labels: Tensor | None = None) -> Tensor:
-        return self.inner.sample(n, labels)
+        """The wrapped family's samples; with ``screen_samples``, each one the release
+        generator's public classifier does not recognise as its class (at the generator's
+        ``public_filter``) drawn again, as the mmd family screens its own (post-processing:
+        the classifier saw the declared-public set only)."""
+        if not self.screen_samples:
+            return self.inner.sample(n, labels)
+        return screened_draws(self.inner.sample, self.head.publicly_recognised,  # type: ignore[attr-defined]
+                              self.check_labels(n, labels))
 
     def log_likelihood(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         return self.inner.log_likelihood(x, y)
@@ -253,7 +266,7 @@ class ReleaseWarmStart(DPSGDTrainable, Releasing):
 def with_release_warm_start(inner: DPSGDTrainable, *, release_epsilon: float, num_features: int = 2000,
                             generator_steps: int = 1500, samples: int = 10000, steps: int = 500,
                             batch_size: int = 128, lr: float = 1e-3, seed: int = 0, family_share: float = 0.5,
-                            **generator: object) -> ReleaseWarmStart:
+                            screen_samples: bool = False, **generator: object) -> ReleaseWarmStart:
     """``inner`` wrapped for a release warm start (``warm_start.release``): an mmd release
     head on the same data (conv generator for images whose sides 4 divides, else MLP;
     ``generator``: its further options), the family inside. ``release_epsilon``: what the
@@ -268,4 +281,5 @@ def with_release_warm_start(inner: DPSGDTrainable, *, release_epsilon: float, nu
                            architecture="conv" if conv else "mlp", num_features=num_features,
                            fit_steps=generator_steps, feature_seed=seed, **generator)
     return ReleaseWarmStart(inner, head, release_epsilon=release_epsilon, steps=steps,  # type: ignore[arg-type]
-                            batch_size=batch_size, lr=lr, samples=samples, seed=seed, family_share=family_share)
+                            batch_size=batch_size, lr=lr, samples=samples, seed=seed, family_share=family_share,
+                            screen_samples=screen_samples)

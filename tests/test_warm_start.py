@@ -330,6 +330,39 @@ def test_pretrain_refuses_a_conditional_model_without_labels():
         pretrain(model, torch.rand(8, 1, 8, 8), None, steps=1, batch_size=4, lr=1e-3, seed=0)
 
 
+def test_screened_samples_are_the_familys_draws_the_public_classifier_recognises(monkeypatch):
+    """``screen_samples``: every sample the generator's public classifier rejects is drawn
+    again from the family (here a classifier that accepts a draw whose mean pixel is above
+    its class's median), so all returned samples pass; without it the family's draws come
+    back as they are, about half of them rejected."""
+    def build(screen: bool) -> ReleaseWarmStart:
+        torch.manual_seed(0)
+        inner = build_model("vae", data_shape=(1, 28, 28), num_classes=10, hidden=16, latent_dim=4)
+        return shared_warm_start.with_release_warm_start(
+            inner, release_epsilon=1.0, num_features=64, perceptual_weight=0.5, public_filter=0.5,
+            screen_samples=screen)
+
+    plain, screened = build(False), build(True)
+    reference = plain.inner.sample(1000, torch.arange(1000) % 10).flatten(1).mean(1)
+    medians = torch.stack([reference[c::10].median() for c in range(10)])
+
+    def recognised(x, labels):
+        return x.flatten(1).mean(1) > medians[labels]
+
+    for model in (plain, screened):
+        monkeypatch.setattr(model.head, "publicly_recognised", recognised)
+    labels = torch.arange(200) % 10
+    torch.manual_seed(1)
+    rejected = (~recognised(plain.sample(200, labels), labels)).float().mean()
+    torch.manual_seed(1)
+    out = screened.sample(200, labels)
+    assert 0.2 < rejected < 0.8
+    assert out.shape == (200, 1, 28, 28) and bool(recognised(out, labels).all())
+    with pytest.raises(ValueError, match="screen_samples: the screen is the release generator's public classifier"):
+        shared_warm_start.with_release_warm_start(plain.inner, release_epsilon=1.0, num_features=64,
+                                                  screen_samples=True)
+
+
 # -- validation ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("warm_start, message", [
@@ -349,6 +382,9 @@ def test_pretrain_refuses_a_conditional_model_without_labels():
     ({"public": {"format": "digits-28", "path": "x"}}, "warm_start.public: format digits-28 is embedded"),
     ({"public": {"format": "npz", "path": "p.npz", "options": {"label_column": "y"}}},
      "warm_start.public.options: option(s) label_column not accepted by data format 'npz'"),
+    ({"release": {"epsilon_fraction": 0.5, "screen_samples": True}},
+     "warm_start.release: screen_samples: the screen is the generator's public classifier; set "
+     "warm_start.release.generator.public_filter"),
 ])
 def test_scenario_refuses_a_bad_warm_start(warm_start, message):
     with pytest.raises(ScenarioError) as err:
