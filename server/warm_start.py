@@ -108,6 +108,11 @@ def release_record(scenario: Scenario, info: dict[str, float], public: dict[str,
                       **({"public_only": public["public_only"]} if "public_only" in public else {}),
                       guarantee=f"{RELEASE_GUARANTEE}; {public['trained']} was trained on the public set "
                                 f"{public['public_data']}: {PUBLIC_GUARANTEE}")
+    if ws.release.screen_samples:
+        record["samples_screened"] = (
+            "the model's samples are screened by the release generator's public classifier (a sample it does not "
+            f"recognise as its class at probability {ws.release.generator.get('public_filter')} is drawn again): "
+            "post-processing, charged nothing")
     return record
 
 

@@ -361,6 +361,14 @@ def test_screened_samples_are_the_familys_draws_the_public_classifier_recognises
     with pytest.raises(ValueError, match="screen_samples: the screen is the release generator's public classifier"):
         shared_warm_start.with_release_warm_start(plain.inner, release_epsilon=1.0, num_features=64,
                                                   screen_samples=True)
+    # the run's warm_start.json (and summary.json) say the samples are screened, and at what probability
+    release = {"epsilon_fraction": 0.5, "generator": {"perceptual_weight": 0.7, "public_filter": 0.5}}
+    for screen in (False, True):
+        scenario = scenario_from_dict(_quickstart(warm_start={"public": {"format": "digits-fonts-28"},
+                                                              "release": {**release, "screen_samples": screen}}))
+        record = server_warm_start.release_record(scenario, {"pretrain_examples": 10.0})
+        assert ("samples_screened" in record) == screen
+    assert "at probability 0.5 is drawn again" in record["samples_screened"]
 
 
 # -- validation ---------------------------------------------------------------------------
