@@ -39,12 +39,19 @@ def _plans(target: float = 10.0, release_epsilon: float = 8.0, rounds: int = 20)
     return release, sgd
 
 
-def _fresh_epsilon(release: sk.DistributedRelease, sgd: sk.DistributedRelease, rounds: int) -> float:
-    """The release (the Skellam RDP at q = 1) plus ``rounds`` subsampled rounds, each RDP
-    evaluated in 50-digit arithmetic (tests/test_dpfedsgd.py), composed and converted."""
-    rdp = np.array([_zhu_wang_thm6(release.mu, release.l1, release.l2, 1.0, a)
-                    + rounds * _zhu_wang_thm6(sgd.mu, sgd.l1, sgd.l2, sgd.sample_rate, a) for a in ORDERS])
+def _fresh_epsilon(release: dict[str, float], rounds_spend: dict[str, float], sample_rate: float,
+                   rounds: int) -> float:
+    """A release ``{"mu", "l1", "l2"}`` (the Skellam RDP at q = 1) plus ``rounds`` rounds of
+    ``rounds_spend`` subsampled at ``sample_rate``, each RDP evaluated in 50-digit arithmetic
+    (tests/test_dpfedsgd.py), composed and converted."""
+    rdp = np.array([_zhu_wang_thm6(release["mu"], release["l1"], release["l2"], 1.0, a)
+                    + rounds * _zhu_wang_thm6(rounds_spend["mu"], rounds_spend["l1"], rounds_spend["l2"],
+                                              sample_rate, a) for a in ORDERS])
     return rdp_analysis.get_privacy_spent(orders=[float(a) for a in ORDERS], rdp=rdp, delta=DELTA)[0]
+
+
+def _spend(plan: sk.DistributedRelease) -> dict[str, float]:
+    return {"mu": plan.mu, "l1": plan.l1, "l2": plan.l2}
 
 
 def _ledger(target: float) -> SiteLedger:
@@ -66,7 +73,8 @@ def test_release_and_fine_tuning_compose_to_the_target_as_a_fresh_accountant_fed
         assert own == pytest.approx(sgd.share) and spend["mu"] == pytest.approx(sgd.mu)
         sk.charge_distributed(ledger, spend, round=r, run=None, sample_rate=sgd.sample_rate)
     assert ledger.epsilon == pytest.approx(sgd.epsilon(DELTA), rel=1e-9)
-    assert ledger.epsilon == pytest.approx(_fresh_epsilon(release, sgd, sgd.rounds), rel=0.01)
+    assert ledger.epsilon == pytest.approx(_fresh_epsilon(_spend(release), _spend(sgd), sgd.sample_rate, sgd.rounds),
+                                           rel=0.01)
     assert 0.99 * 10.0 <= ledger.epsilon <= 10.0 * (1 + 1e-9)
     assert sk.site_spend(sgd, ledger) is None  # one more round would pass the target
     alone = sk.plan_distributed_release(epsilon=10.0, delta=DELTA, bits=48, num_sites=5, threshold=3,
@@ -194,10 +202,7 @@ def test_a_release_warm_start_then_dp_fedsgd_under_distributed_noise_end_to_end(
         spends = [h for h in site["history"] if h["steps"] > 0]
         assert [h["sample_rate"] for h in spends] == [1.0, pytest.approx(0.2), pytest.approx(0.2)]
         rel, rounds = spends[0]["skellam"], spends[1]["skellam"]
-        rdp = np.array([_zhu_wang_thm6(rel["mu"], rel["l1"], rel["l2"], 1.0, a)
-                        + 2 * _zhu_wang_thm6(rounds["mu"], rounds["l1"], rounds["l2"], 0.2, a) for a in ORDERS])
-        fresh = rdp_analysis.get_privacy_spent(orders=[float(a) for a in ORDERS], rdp=rdp, delta=DELTA)[0]
-        assert site["epsilon"] == pytest.approx(fresh, rel=0.01)
+        assert site["epsilon"] == pytest.approx(_fresh_epsilon(rel, rounds, 0.2, 2), rel=0.01)
         assert 0.99 * 10.0 <= site["epsilon"] <= 10.0 * (1 + 1e-6)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["guarantees"][0]["mechanism"].startswith(
