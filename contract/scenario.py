@@ -513,9 +513,9 @@ class WarmStartConfig(_Section):
         return self
 
 
-#: DP-SGD families whose round is one private step (DP-FedSGD with distributed noise):
-#: not the GAN, whose generator step follows the discriminator's
-DP_FEDSGD_FAMILIES = ("vae", "flow", "diffusion")
+#: DP-SGD families whose round is one private step, then steps that see no data (DP-FedSGD
+#: with distributed noise; the GAN's generator step runs at the server, privacy/dp_fedsgd.py)
+DP_FEDSGD_FAMILIES = ("vae", "gan", "flow", "diffusion")
 
 
 def family_has_site_loss(family: str) -> bool:
@@ -683,6 +683,9 @@ class Scenario(_Section):
         if self.training.local_steps != 1:
             raise ValueError(f"training.local_steps: noise: distributed with {family} runs DP-FedSGD, exactly one "
                              f"private step a round; set training.local_steps: 1 (not {self.training.local_steps})")
+        if (d_steps := self.model.options.get("d_steps_per_g_step", 1)) != 1 and family == "gan":
+            raise ValueError(f"model.d_steps_per_g_step: noise: distributed runs DP-FedSGD, one private "
+                             f"(discriminator) step a round; set model.d_steps_per_g_step: 1 (not {d_steps})")
         release = None if self.warm_start is None else self.warm_start.release
         if release is not None and release.family_share > 0 and family == "flow":
             # the distributed release rounds each record's row of the head's embedding; the

@@ -1,12 +1,16 @@
 """DP-FedSGD under secure aggregation with distributed Skellam noise (docs/aggregation.md,
 "DP-SGD with distributed noise").
 
-A DP-SGD family whose round is exactly one private step (VAE, flow, diffusion; not a GAN,
-whose generator step follows the discriminator's) makes each round one linear statistic:
+A DP-SGD family whose round is one private step, followed by steps that see no data (VAE,
+flow and diffusion: the private step alone; a GAN: the discriminator's private step, then
+the generator's, which reads only the discriminator), makes each round one linear statistic:
 the sum over a Poisson sample of the site's records of every record's gradient clipped to
-``C``. Each site divides the clipped gradients by ``C`` (norm <= 1), rounds them as the
-distributed release rounds its vectors (``privacy/skellam.py``), adds its Skellam share and
-masks the integer sum; the server decodes the federation's sum and takes the optimizer step.
+``C``. The server takes the private step on the decoded sum and then runs the steps that see
+no data itself (:func:`public_steps`; post-processing, server/dpfedsgd.py): for a GAN,
+only the discriminator's gradient is privatised (Xie et al. 2018, DPGAN, Alg. 1). Each site
+divides the clipped gradients by ``C`` (norm <= 1), rounds them as the distributed release
+rounds its vectors (``privacy/skellam.py``), adds its Skellam share and masks the integer
+sum; the server decodes the federation's sum and takes the optimizer step.
 
 One round is the Skellam mechanism on a Poisson sample at rate ``q``; its RDP is Zhu &
 Wang 2019's bound (``poisson_subsampled_rdp``), composed over the planned rounds by the
@@ -39,13 +43,23 @@ from .skellam import DistributedRelease, plan_distributed_release
 
 
 def the_private_step(model: DPSGDTrainable):
-    """The family's one step when it is a single private step (a round of DP-FedSGD is
-    then one linear statistic: the sum of clipped per-record gradients); else ValueError."""
+    """The family's private step when its round is one private step followed only by steps
+    that see no data (a round of DP-FedSGD is then one linear statistic: the sum of clipped
+    per-record gradients); else ValueError."""
     steps = model.steps()
-    if len(steps) != 1 or not steps[0].private:
-        raise ValueError(f"{type(model).__name__} trains by {len(steps)} steps a round, not one private step: "
-                         "its round is not one linear statistic, so it cannot take distributed noise")
+    if not steps or not steps[0].private or any(s.private for s in steps[1:]):
+        private = sum(1 for s in steps if s.private)
+        raise ValueError(f"{type(model).__name__} trains by {private} private steps a round, not one private step "
+                         "first: its round is not one linear statistic, so it cannot take distributed noise"
+                         + (" (a GAN: set d_steps_per_g_step: 1)" if private > 1 else ""))
     return steps[0]
+
+
+def public_steps(model: DPSGDTrainable):
+    """The steps after the private one, which see no data (a GAN's generator step): the
+    server runs them after its step on the decoded gradient (post-processing)."""
+    the_private_step(model)
+    return model.steps()[1:]
 
 
 def private_step_parameters(model: DPSGDTrainable) -> list[torch.nn.Parameter]:

@@ -85,7 +85,8 @@ class FederatedRun:
         #: noise: distributed -- the public plans of the release and DP-FedSGD rounds (contract/task.py)
         self.noise = distributed_noise_plan(self.scenario, self.model)
         #: DP-FedSGD with distributed noise (server/dpfedsgd.py): the server takes the optimizer step
-        self.server_optimizer = (ServerOptimizer(self.model, lr=self.scenario.training.lr)
+        self.server_optimizer = (ServerOptimizer(self.model, lr=self.scenario.training.lr,
+                                                 batch_size=self.scenario.training.batch_size)
                                  if self.noise is not None and self.noise.sgd is not None else None)
         #: DP-FedAvg (server/site_level.py) when the scenario asks for site-level DP, else None
         self.site_dp = self.strategy if isinstance(self.strategy, SiteLevelDPStrategy) else None
@@ -322,7 +323,7 @@ class FederatedRun:
                 self.model.load_state_dict(arrays.to_torch_state_dict())
                 if dist is self.noise.sgd:  # DP-FedSGD: the decoded sum is a gradient
                     self.server_optimizer.step(self.secagg.gradient_from_sum(
-                        rnd, total, ok, clip_norm=self.privacy_cfg.max_grad_norm))
+                        rnd, total, ok, clip_norm=self.privacy_cfg.max_grad_norm), seed=self.scenario.seed + rnd.round)
                 else:
                     record.release_noise_variance = self.secagg.release_from_sum(rnd, total, self.model)
                 released = True

@@ -26,7 +26,7 @@ from fedgen.contract.task import example_level
 from fedgen.privacy.ledger import PrivacyLedger, atomic_write_text, site_sort_key
 from fedgen.privacy.randomness import NOT_A_GUARANTEE
 from fedgen.privacy.site_level import SiteLevelDP
-from fedgen.shared_models import GenerativeModel
+from fedgen.shared_models import DPSGDTrainable, GenerativeModel
 
 from .record import jsonable, quality_metrics
 
@@ -121,6 +121,8 @@ def guarantees(scenario: Scenario, model: GenerativeModel, privacy: RunPrivacy) 
                 f"which carries the full noise whenever at least {threshold} sites are in it")
         fedsgd = ("DP-FedSGD with distributed Skellam noise: each round one step on a Poisson sample of every "
                   f"site's records, per-record gradients clipped and rounded to integers, {sums}")
+        if public := [s.name for s in model.steps()[1:]] if isinstance(model, DPSGDTrainable) else []:
+            fedsgd += f" (the {' and '.join(public)} step, which sees no data, taken by the server)"
         distributed = sec is not None and sec.noise == "distributed"
         if model.release_epsilon is not None and distributed:  # a release warm start, then DP-FedSGD
             mechanism = (f"one distributed Skellam release of a per-class statistic, then {fedsgd}; the release and "

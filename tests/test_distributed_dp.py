@@ -265,8 +265,8 @@ _DIST = {"threshold": 3, "noise": "distributed", "bits": 48}
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"model": {"family": "gan"}}, "noise: distributed works for the mmd release and for DP-FedSGD of vae, flow, "
-     "diffusion, not gan"),
+    ({"model": {"family": "gan"}}, "training.local_steps: noise: distributed with gan runs DP-FedSGD, exactly one "
+     "private step a round; set training.local_steps: 1 (not 20)"),
     ({"model": {"family": "mmd"}, "privacy": {"enabled": False}}, "noise: distributed needs example-level DP"),
     ({"model": {"family": "mmd"}, "federation": {"num_sites": 5, "secure_aggregation": {**_DIST, "bits": 24}}},
      "federation.secure_aggregation.bits: 24 bits cannot hold the sum of 5 sites x 100000 records"),

@@ -220,24 +220,69 @@ def test_the_servers_decoded_gradient_is_the_plaintext_clipped_sum_within_the_ro
     assert np.linalg.norm(plain) > 100 * np.linalg.norm(decoded - plain)  # the signal, far above the error
 
 
-def test_the_server_optimizer_state_round_trips_through_its_checkpoint_tensors():
-    """Resume: a fresh optimizer loaded with the saved state takes the same next step."""
-    a, b = _vae(), _vae()
-    opt_a = ServerOptimizer(a, lr=0.01)
+@pytest.mark.parametrize("family", ["vae", "gan"])
+def test_the_server_optimizer_state_round_trips_through_its_checkpoint_tensors(family):
+    """Resume: a fresh optimizer loaded with the saved state (a GAN's: the discriminator's
+    and the generator's) takes the same next step, the generator's included."""
+    a, b = _small(family), _small(family)
+    opt_a = ServerOptimizer(a, lr=0.01, batch_size=8)
     size = sum(p.numel() for p in opt_a.params)
     g = np.random.default_rng(0).normal(size=(3, size))
-    opt_a.step(g[0])
-    opt_a.step(g[1])
+    opt_a.step(g[0], seed=1)
+    opt_a.step(g[1], seed=2)
     b.load_state_dict(a.state_dict())
-    opt_b = ServerOptimizer(b, lr=0.01)
-    opt_b.load_state_tensors({k: v.clone() for k, v in opt_a.state_tensors().items()})
-    opt_a.step(g[2])
-    opt_b.step(g[2])
-    for pa, pb in zip(opt_a.params, opt_b.params):
-        assert torch.equal(pa, pb)
-    fresh = _vae()
-    ServerOptimizer(fresh, lr=0.01).step(g[2])  # without the state the step differs
-    assert not torch.equal(next(iter(fresh.parameters())), opt_a.params[0])
+    opt_b = ServerOptimizer(b, lr=0.01, batch_size=8)
+    saved = opt_a.state_tensors()
+    assert any("/" in k for k in saved) == (family == "gan")
+    opt_b.load_state_tensors({k: v.clone() for k, v in saved.items()})
+    opt_a.step(g[2], seed=3)
+    opt_b.step(g[2], seed=3)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    fresh = _small(family)
+    ServerOptimizer(fresh, lr=0.01, batch_size=8).step(g[2], seed=3)  # without the state the step differs
+    assert not torch.equal(next(iter(fresh.parameters())), next(iter(a.parameters())))
+
+
+def test_the_servers_gan_round_steps_the_discriminator_on_the_gradient_then_the_generator_on_no_data():
+    """A GAN's DP-FedSGD round at the server: the discriminator takes exactly Adam's step on
+    the decoded gradient; the generator step follows (post-processing: the updated
+    discriminator, the round's seed) and is the same for the same seed."""
+    model, twin = _small("gan"), _small("gan")
+    opt = ServerOptimizer(model, lr=0.01, batch_size=8)
+    assert [p.data_ptr() for p in opt.params] == [p.data_ptr() for p in model.discriminator.parameters()]
+    g = np.random.default_rng(1).normal(size=sum(p.numel() for p in opt.params))
+    d_params = list(twin.discriminator.parameters())
+    reference = torch.optim.Adam(d_params, lr=model.lr_d, betas=model.betas)
+    offset = 0
+    for p in d_params:
+        p.grad = torch.from_numpy(g[offset:offset + p.numel()]).reshape(p.shape).float()
+        offset += p.numel()
+    reference.step()
+    g_before = [p.detach().clone() for p in model.generator.parameters()]
+    opt.step(g, seed=5)
+    for pa, pb in zip(model.discriminator.parameters(), d_params):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-7)
+    assert all(not torch.equal(a, b) for a, b in zip(model.generator.parameters(), g_before))
+    assert all(p.grad is None for p in model.parameters())
+    again = _small("gan")
+    ServerOptimizer(again, lr=0.01, batch_size=8).step(g, seed=5)
+    other = _small("gan")
+    ServerOptimizer(other, lr=0.01, batch_size=8).step(g, seed=6)
+    for pm, pa, po in zip(model.generator.parameters(), again.generator.parameters(), other.generator.parameters()):
+        assert torch.equal(pm, pa)
+    assert any(not torch.equal(pm, po) for pm, po in zip(model.generator.parameters(), other.generator.parameters()))
+
+
+def test_a_round_of_two_private_steps_is_refused_with_the_fix():
+    from fedgen.privacy.dp_fedsgd import public_steps
+
+    torch.manual_seed(0)
+    gan = build_model("gan", data_shape=(1, 8, 8), num_classes=10, architecture="conv", hidden=8, d_steps_per_g_step=2)
+    with pytest.raises(ValueError, match="2 private steps a round.*set d_steps_per_g_step: 1"):
+        public_steps(gan)
+    assert [s.name for s in public_steps(_small("gan"))] == ["generator"]
+    assert public_steps(_vae()) == []
 
 
 # -- the scenario's checks -----------------------------------------------------------------
@@ -246,8 +291,8 @@ _DIST = {"threshold": 3, "noise": "distributed", "bits": 62, "max_records": 400}
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"model": {"family": "gan"}}, "noise: distributed works for the mmd release and for DP-FedSGD of vae, flow, "
-     "diffusion, not gan"),
+    ({"model": {"family": "gan", "d_steps_per_g_step": 2}}, "model.d_steps_per_g_step: noise: distributed runs "
+     "DP-FedSGD, one private (discriminator) step a round; set model.d_steps_per_g_step: 1 (not 2)"),
     ({"training": {"local_steps": 5}}, "training.local_steps: noise: distributed with vae runs DP-FedSGD, exactly "
      "one private step a round; set training.local_steps: 1 (not 5)"),
     ({"model": {"family": "flow"}, "warm_start": {"release": {"epsilon_fraction": 0.2}}},
@@ -264,7 +309,7 @@ def test_dp_fedsgd_scenario_keys_are_checked_with_one_line(extra, message):
     assert message in text and "\n" not in text
 
 
-@pytest.mark.parametrize("family", ["vae", "flow", "diffusion"])
+@pytest.mark.parametrize("family", ["vae", "gan", "flow", "diffusion"])
 def test_a_one_step_family_is_accepted_with_distributed_noise(family):
     s = scenario_from_dict({"federation": {"num_sites": 5, "secure_aggregation": _DIST}, "model": {"family": family},
                             "training": {"local_steps": 1}, "privacy": {"enabled": True}}, source="s.yaml")
@@ -290,18 +335,29 @@ def _quickstart_rows(out, sets: list[str], *, cwd) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+#: the same federation training the conv GAN: the discriminator's step private, the
+#: generator's taken by the server after it (privacy/dp_fedsgd.py)
+GAN = ["model.family=gan", "model.hidden=null", "model.latent_dim=32"]
+
+
 @pytest.mark.slow
-def test_a_dp_fedsgd_run_moves_the_model_charges_the_subsampled_skellam_and_resumes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["vae", "gan"])
+def test_a_dp_fedsgd_run_moves_the_model_charges_the_subsampled_skellam_and_resumes(tmp_path, monkeypatch, family):
+    sets = DP_FEDSGD + (GAN if family == "gan" else [])
     ref = tmp_path / "ref"
-    rows = _quickstart_rows(ref, DP_FEDSGD, cwd=tmp_path)
+    rows = _quickstart_rows(ref, sets, cwd=tmp_path)
     assert [r["secure_aggregation"]["released"] for r in rows] == [True] * 3
     noise = rows[-1]["secure_aggregation"]["distributed_noise"]
     assert noise["sample_rate"] == pytest.approx(0.2)
     assert noise["skellam_variance"] == pytest.approx(noise["guaranteed_variance"] * 5 / 3, rel=1e-9)
     # the model moves, and its loss falls
     first, last = (torch.load(ref / "checkpoints" / f"model-round-000{r}.pt") for r in (1, 3))
-    assert any(not torch.equal(first[k], last[k]) for k in first)
-    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    if family == "vae":
+        assert any(not torch.equal(first[k], last[k]) for k in first)
+        assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    else:  # both networks move: the discriminator on the decoded gradient, the generator at the server
+        for net in ("discriminator.", "generator."):
+            assert all(not torch.equal(first[k], last[k]) for k in first if k.startswith(net)), net
     # every site's epsilon is a fresh recomputation of its ledger (50-digit Zhu & Wang), at most the target
     privacy = json.loads((ref / "privacy.json").read_text())
     assert len(privacy["sites"]) == 5
@@ -316,10 +372,12 @@ def test_a_dp_fedsgd_run_moves_the_model_charges_the_subsampled_skellam_and_resu
         assert site["epsilon"] == pytest.approx(fresh, rel=0.01)
         assert site["epsilon"] <= 10.0 * (1 + 1e-6)
     summary = json.loads((ref / "summary.json").read_text())
-    assert "DP-FedSGD with distributed Skellam noise" in summary["guarantees"][0]["mechanism"]
+    mechanism = summary["guarantees"][0]["mechanism"]
+    assert "DP-FedSGD with distributed Skellam noise" in mechanism
+    assert ("the generator step, which sees no data, taken by the server" in mechanism) == (family == "gan")
 
     # the same run, stopped (Ctrl-C) right after round 2's checkpoint, resumed: the same model and ledger
-    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", DP_FEDSGD)
+    scenario = load_scenario(REPO / "scenarios" / "quickstart.yaml", sets)
     run_dir = tmp_path / "resumed"
     write_run_dir(scenario, run_dir)
     commit = FederatedRun._checkpoint
@@ -356,12 +414,12 @@ def test_a_site_refuses_a_sample_rate_outside_0_1():
 
 
 def test_optimizer_state_of_another_shape_is_refused_at_load_not_in_a_later_step():
-    opt = ServerOptimizer(_vae(), lr=0.01)
+    opt = ServerOptimizer(_vae(), lr=0.01, batch_size=8)
     opt.step(np.zeros(sum(p.numel() for p in opt.params)))
     state = opt.state_tensors()
     state["0.exp_avg"] = torch.zeros(3)  # a damaged or foreign checkpoint
     with pytest.raises(ValueError, match="does not fit the model"):
-        ServerOptimizer(_vae(), lr=0.01).load_state_tensors(state)
+        ServerOptimizer(_vae(), lr=0.01, batch_size=8).load_state_tensors(state)
 
 
 def test_a_site_refuses_distributed_parameters_with_an_overflowing_count():
@@ -462,10 +520,12 @@ def _small(family: str):
         return build_model("vae", data_shape=(1, 8, 8), num_classes=10, hidden=16, latent_dim=4)
     if family == "flow":
         return build_model("flow", data_shape=(1, 8, 8), num_classes=10, architecture="conv", hidden=8)
+    if family in ("gan", "gan-mlp"):  # conv: D runs twice per record (real, fake); mlp: once, on the pair
+        return build_model("gan", data_shape=(1, 8, 8), num_classes=10, architecture=family[4:] or "conv", hidden=8)
     return build_model("diffusion", data_shape=(1, 8, 8), num_classes=10, hidden=8, noise_multiplicity=2)
 
 
-@pytest.mark.parametrize("family", ["vae", "flow", "diffusion"])
+@pytest.mark.parametrize("family", ["vae", "gan", "gan-mlp", "flow", "diffusion"])
 def test_vectorised_per_record_gradients_equal_the_loops_rows_and_round_to_the_same_sum(family):
     """The same sample, the same seed: Opacus' per-sample gradients (one backward pass) equal
     one backward pass a record, row by row (float64, rtol 1e-5), and leave the model's .grad
@@ -480,8 +540,8 @@ def test_vectorised_per_record_gradients_equal_the_loops_rows_and_round_to_the_s
         torch.manual_seed(7)  # the family's own draws (z; t and noise): the same for both
         out[method] = per_record_gradients(model, batch, method)
     (loop, loop_losses), (vec, vec_losses) = out[LOOP], out[VECTORISED]
-    assert loop.dtype == vec.dtype == torch.float64 and vec.shape == (12, sum(p.numel() for p in model.parameters()
-                                                                              if p.requires_grad))
+    assert loop.dtype == vec.dtype == torch.float64
+    assert vec.shape == (12, sum(p.numel() for p in private_step_parameters(model)))
     assert torch.equal(loop_losses, vec_losses)
     assert float(loop.norm(dim=1).min()) > 0
     torch.testing.assert_close(vec, loop, rtol=1e-5, atol=1e-5 * float(loop.abs().max()))
