@@ -49,8 +49,9 @@ def the_private_step(model: DPSGDTrainable):
     steps = model.steps()
     if not steps or not steps[0].private or any(s.private for s in steps[1:]):
         private = sum(1 for s in steps if s.private)
-        raise ValueError(f"{type(model).__name__} trains by {private} private steps a round, not one private step "
-                         "first: its round is not one linear statistic, so it cannot take distributed noise"
+        raise ValueError(f"{type(model).__name__} trains by {private} private step{'' if private == 1 else 's'} a "
+                         "round, not one private step first then steps that see no data: its round is not one "
+                         "linear statistic, so it cannot take distributed noise"
                          + (" (a GAN: set d_steps_per_g_step: 1)" if private > 1 else ""))
     return steps[0]
 
