@@ -23,6 +23,7 @@ from fedgen.contract import rundir
 from fedgen.contract.scenario import Scenario
 from fedgen.contract.secagg import THREAT_MODEL
 from fedgen.contract.task import example_level
+from fedgen.privacy.dp_fedsgd import public_steps
 from fedgen.privacy.ledger import PrivacyLedger, atomic_write_text, site_sort_key
 from fedgen.privacy.randomness import NOT_A_GUARANTEE
 from fedgen.privacy.site_level import SiteLevelDP
@@ -121,9 +122,9 @@ def guarantees(scenario: Scenario, model: GenerativeModel, privacy: RunPrivacy) 
                 f"which carries the full noise whenever at least {threshold} sites are in it")
         fedsgd = ("DP-FedSGD with distributed Skellam noise: each round one step on a Poisson sample of every "
                   f"site's records, per-record gradients clipped and rounded to integers, {sums}")
-        if public := [s.name for s in model.steps()[1:]] if isinstance(model, DPSGDTrainable) else []:
-            fedsgd += f" (the {' and '.join(public)} step, which sees no data, taken by the server)"
         distributed = sec is not None and sec.noise == "distributed"
+        if distributed and isinstance(model, DPSGDTrainable) and (public := public_steps(model)):
+            fedsgd += f" (the {' and '.join(s.name for s in public)} step, which sees no data, taken by the server)"
         if model.release_epsilon is not None and distributed:  # a release warm start, then DP-FedSGD
             mechanism = (f"one distributed Skellam release of a per-class statistic, then {fedsgd}; the release and "
                          "the rounds composed in RDP (the Skellam and Poisson-subsampled Skellam mechanisms)")
