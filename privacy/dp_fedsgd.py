@@ -42,9 +42,9 @@ from fedgen.shared_models import Batch, DPSGDTrainable
 from .skellam import DistributedRelease, plan_distributed_release
 
 
-def the_private_step(model: DPSGDTrainable):
-    """The family's private step when its round is one private step followed only by steps
-    that see no data (a round of DP-FedSGD is then one linear statistic: the sum of clipped
+def _round_steps(model: DPSGDTrainable):
+    """The family's steps when its round is one private step followed only by steps that see
+    no data (a round of DP-FedSGD is then one linear statistic: the sum of clipped
     per-record gradients); else ValueError."""
     steps = model.steps()
     if not steps or not steps[0].private or any(s.private for s in steps[1:]):
@@ -53,14 +53,18 @@ def the_private_step(model: DPSGDTrainable):
                          "round, not one private step first then steps that see no data: its round is not one "
                          "linear statistic, so it cannot take distributed noise"
                          + (" (a GAN: set d_steps_per_g_step: 1)" if private > 1 else ""))
-    return steps[0]
+    return steps
+
+
+def the_private_step(model: DPSGDTrainable):
+    """The private step of a round DP-FedSGD can take (:func:`_round_steps`)."""
+    return _round_steps(model)[0]
 
 
 def public_steps(model: DPSGDTrainable):
     """The steps after the private one, which see no data (a GAN's generator step): the
     server runs them after its step on the decoded gradient (post-processing)."""
-    the_private_step(model)
-    return model.steps()[1:]
+    return _round_steps(model)[1:]
 
 
 def private_step_parameters(model: DPSGDTrainable) -> list[torch.nn.Parameter]:
