@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(torch.load(args.run / "checkpoints" / f"model-round-{rnd:04d}.pt", weights_only=True))
     model.eval()
     family = sampling_family(model, list(grid))
+    if model.num_classes is None:
+        raise SystemExit(f"sampler_selection: {args.run}: the model is unconditional; TSTR (and this choice) "
+                         "needs a class-conditional model")
 
     ref_x, ref_y = rundir.read_reference(args.run)
     rx, ry = torch.from_numpy(ref_x).float(), torch.from_numpy(ref_y).long()
