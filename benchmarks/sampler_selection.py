@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     grid = parse_grid(args.grid)
+    if not (args.run / "scenario.yaml").is_file():
+        raise SystemExit(f"sampler_selection: {args.run} is not a run directory (no scenario.yaml); "
+                         "pass the --out folder of a finished fedgen simulate")
     scenario, spec = rundir.read_scenario(args.run), rundir.DataSpec.read(args.run)
     checkpoints = sorted((args.run / "checkpoints").glob("model-round-*.pt"))
     if not checkpoints:
