@@ -5,11 +5,12 @@ its DDIM stochasticity ``ddim_eta`` and step count ``sample_steps``, the flow's 
 -- change what a trained model's samples are worth, and they cost no privacy (post-processing
 of a released model). Choosing them by the reported TSTR would flatter the figure (the best of
 many draws on one test set); this script keeps the two apart. The held-out reference of a run
-is split exactly as TSTR splits it (:func:`fedgen.evaluation.tstr.split_reference`, the run's
-seed): the real-test half is what TSTR reports on, and the *real-train* half -- which TSTR never
-tests on (only TRTR trains on it) -- is the validation set. For every setting of the grid the
-run's own evaluation draws (same sample count, same ``round_seed``) train TSTR's classifier
-(same configuration and seed); the setting with the best validation accuracy is chosen, and
+is split as TSTR splits it: the real-test half is what TSTR reports on, and the *real-train*
+half -- which TSTR never tests on (only TRTR trains on it) -- is the validation set. For every
+setting of the grid the run's own evaluation draws (:func:`fedgen.server.evaluate.evaluation_draws`:
+same sample count, same ``round_seed``) go through TSTR itself
+(:func:`fedgen.evaluation.tstr.train_synthetic_test_real`, the run's seed), whose classifier is
+also scored on the validation half; the setting with the best validation accuracy is chosen, and
 its test accuracy is the figure to report (it equals what ``fedgen simulate`` reports with that
 setting in the scenario's ``model`` block). Every setting's test accuracy is written beside it
 for the record, never used to choose.
@@ -39,8 +40,8 @@ from _common import environment, load_average, write_result  # noqa: E402
 
 from fedgen.contract import rundir  # noqa: E402
 from fedgen.contract.task import build_global_model  # noqa: E402
-from fedgen.evaluation.classifier import TSTR_CONFIG, accuracy, fit_classifier  # noqa: E402
-from fedgen.evaluation.tstr import split_reference, wilson_interval  # noqa: E402
+from fedgen.evaluation.tstr import train_synthetic_test_real, wilson_interval  # noqa: E402
+from fedgen.server.evaluate import evaluation_draws  # noqa: E402
 
 
 def parse_grid(items: list[str]) -> dict[str, list[float]]:
@@ -101,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
 
     ref_x, ref_y = rundir.read_reference(args.run)
     rx, ry = torch.from_numpy(ref_x).float(), torch.from_numpy(ref_y).long()
-    validation, test = split_reference(ry, test_fraction=0.5, seed=scenario.seed)  # TSTR's own split
-    n, k = scenario.evaluation.num_samples, model.num_classes
     rows: list[dict[str, Any]] = []
     load_start = load_average()
     for values in itertools.product(*grid.values()):
@@ -110,19 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         for knob, value in setting.items():
             current = getattr(family, knob)
             setattr(family, knob, type(current)(value))
-        torch.manual_seed(scenario.seed + rnd)  # the run's evaluation draws (server/evaluate.py)
-        labels = model.balanced_labels(n)
-        with torch.no_grad():
-            samples = model.sample(n, labels).cpu()
-        classifier = fit_classifier(samples, labels.cpu(), k, config=TSTR_CONFIG, seed=scenario.seed)
-        row = {**setting, "validation_accuracy": accuracy(classifier, rx[validation], ry[validation]),
-               "test_accuracy": accuracy(classifier, rx[test], ry[test])}
+        samples, labels = evaluation_draws(model, scenario.evaluation.num_samples, round_seed=scenario.seed + rnd)
+        result = train_synthetic_test_real(samples, labels.cpu(), rx, ry, num_classes=model.num_classes,
+                                           seed=scenario.seed)
+        row = {**setting, "validation_accuracy": result.validation_accuracy, "test_accuracy": result.tstr_accuracy}
         rows.append(row)
         print(" ".join(f"{key} {value:.4g}" for key, value in row.items()), flush=True)
     chosen = choose(rows)
-    low, high = wilson_interval(round(chosen["test_accuracy"] * len(test)), len(test))
+    low, high = wilson_interval(round(chosen["test_accuracy"] * result.n_real_test), result.n_real_test)
     payload = {"run": str(args.run), "scenario": scenario.name, "round": rnd, "grid": grid,
-               "validation_records": len(validation), "test_records": len(test), "rows": rows,
+               "validation_records": result.n_real_train, "test_records": result.n_real_test, "rows": rows,
                "chosen": chosen, "chosen_test_ci95": [low, high],
                "meaning": "chosen by validation accuracy (the real-train half TSTR never tests on); its "
                           "test_accuracy is the run's TSTR with that setting; the other rows' test accuracies "

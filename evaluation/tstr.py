@@ -56,6 +56,10 @@ class TSTRResult:
     n_synthetic: int
     n_real_train: int
     n_real_test: int
+    #: the same TSTR classifier's accuracy on the real-train half, which TSTR never tests on: a
+    #: validation figure for choosing post-processing settings (benchmarks/sampler_selection.py)
+    #: without looking at the reported one
+    validation_accuracy: float | None = None
 
     def tstr_interval(self, confidence: float = 0.95) -> tuple[float, float]:
         """The Wilson score interval of ``tstr_accuracy`` over the ``n_real_test`` records."""
@@ -115,6 +119,7 @@ def train_synthetic_test_real(
     train, test = split_reference(ry, test_fraction=test_fraction, seed=seed)
     tstr_model = fit_classifier(sx, sy, k, config=config, seed=seed)
     tstr = accuracy(tstr_model, rx[test], ry[test])
+    validation = accuracy(tstr_model, rx[train], ry[train])
 
     key = content_hash(rx, ry, extra=json.dumps([dataclasses.asdict(config), k, test_fraction, seed]))
     if key not in _TRTR_MEMO:
@@ -128,6 +133,7 @@ def train_synthetic_test_real(
         n_synthetic=int(sx.shape[0]),
         n_real_train=int(train.numel()),
         n_real_test=int(test.numel()),
+        validation_accuracy=validation,
     )
 
 

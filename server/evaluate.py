@@ -21,6 +21,15 @@ from fedgen.evaluation.tstr import public_only_tstr
 from fedgen.shared_models import GenerativeModel
 
 
+def evaluation_draws(model: GenerativeModel, num_samples: int, round_seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The samples an evaluation round scores: ``num_samples`` draws with balanced labels,
+    seeded by ``round_seed`` (the same draws for the same model, round and seed)."""
+    torch.manual_seed(round_seed)
+    labels = model.balanced_labels(num_samples)
+    with torch.no_grad():
+        return model.sample(num_samples, labels).cpu(), labels
+
+
 class GlobalEvaluator:
     def __init__(self, reference: tuple[np.ndarray, np.ndarray | None] | None, *, seed: int) -> None:
         self.seed = seed
@@ -40,10 +49,7 @@ class GlobalEvaluator:
                  tstr: bool = False) -> dict[str, Any]:
         """Sample the model, save a sample grid, and score the samples."""
         model.eval()
-        torch.manual_seed(round_seed)
-        labels = model.balanced_labels(num_samples)
-        with torch.no_grad():
-            samples = model.sample(num_samples, labels).cpu()
+        samples, labels = evaluation_draws(model, num_samples, round_seed)
         if labels is None:
             save_sample_grid(samples[:100], grid_path, nrow=10)
         else:  # one row per class (balanced labels: every class has num_samples // K or more)

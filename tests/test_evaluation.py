@@ -239,11 +239,13 @@ def test_collapse_diagnostics_on_synthetic_features():
 def test_tstr_on_real_digits_beats_chance_and_noise_does_not(digits):
     real = train_synthetic_test_real(digits["x_train"], digits["y_train"], digits["x_ref"], digits["y_ref"], seed=0)
     assert real.tstr_accuracy > 0.85 and real.trtr_accuracy > 0.85
+    assert real.validation_accuracy > 0.85  # the same classifier on the real-train half
     assert real.n_real_train + real.n_real_test == len(digits["y_ref"])
     g = torch.Generator().manual_seed(0)
     noise_x, noise_y = torch.rand(len(digits["y_train"]), 1, 8, 8, generator=g), torch.randint(0, 10, (len(digits["y_train"]),), generator=g)
     noise = train_synthetic_test_real(noise_x, noise_y, digits["x_ref"], digits["y_ref"], seed=0)
     assert noise.tstr_accuracy < 0.25
+    assert noise.validation_accuracy < 0.25
     assert noise.trtr_accuracy == real.trtr_accuracy  # same reference split and seed
     low, high = real.tstr_interval()
     assert low < real.tstr_accuracy < high
